@@ -1,0 +1,82 @@
+//! `vmshift convert`: copy an image into another format.
+
+use std::fs::OpenOptions;
+
+use anyhow::{bail, Context, Result};
+use vmshift_image::create::{create_writer, open_existing_writer, parse_options, CreateSpec};
+use vmshift_image::engine::{convert, ConvertOptions};
+use vmshift_image::output::AtomicOutput;
+use vmshift_model::{parse_size, DiskFormat};
+
+use crate::args::ConvertArgs;
+use crate::progress::Progress;
+
+pub fn run(args: &ConvertArgs) -> Result<i32> {
+    let min_sparse = parse_size(&args.sparse_size)?;
+    if min_sparse % 512 != 0 {
+        bail!("-S {}: must be a multiple of 512 bytes", args.sparse_size);
+    }
+    let src = super::open(&args.source, args.format, &args.gate, true)?;
+    if same_file(&args.source, &args.target) {
+        bail!(
+            "{}: source and target are the same file",
+            args.target.display()
+        );
+    }
+    let format: DiskFormat = args.output_format.into();
+    let spec = CreateSpec {
+        format,
+        size: src.size(),
+        options: parse_options(&args.options)?,
+        compress: args.compress,
+    };
+    if let Some(b) = spec.backing_file() {
+        // Validate the backing file the target will name, from its folder.
+        super::gate(&args.gate)
+            .resolve(&args.target, b, "backing file")
+            .context("the target's backing file")?;
+    }
+    let opts = ConvertOptions {
+        min_sparse,
+        target_is_zero: args.target_is_zero,
+        ..ConvertOptions::default()
+    };
+    let progress = Progress::new(src.size(), args.progress);
+    let report = |done, total| progress.update(done, total);
+    if args.no_create {
+        if !spec.options.is_empty() || args.compress {
+            bail!("-n writes into an existing image and takes no -o or -c");
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&args.target)
+            .with_context(|| {
+                format!(
+                    "{}: opening the existing target (-n)",
+                    args.target.display()
+                )
+            })?;
+        let mut writer =
+            open_existing_writer(file, &args.target, format, src.size(), args.target_is_zero)?;
+        convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
+        writer.finish()?;
+    } else {
+        spec.validate()?;
+        let (out, file) = AtomicOutput::create(&args.target, args.force)?;
+        let mut writer = create_writer(file, out.temp_path(), &spec)?;
+        convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
+        writer.finish()?;
+        out.commit()?;
+    }
+    progress.finish();
+    Ok(0)
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}

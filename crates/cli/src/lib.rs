@@ -1,0 +1,8 @@
+//! The `vmshift` command line: argument definitions (shared with the man
+//! page generator) and the subcommands.
+
+pub mod args;
+pub mod cmd;
+mod progress;
+
+pub use args::{command, Cli};

@@ -1,0 +1,24 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmshift::args::Command;
+use vmshift::{cmd, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (result, error_code) = match &cli.command {
+        Command::Info(a) => (cmd::info::run(a), 1),
+        Command::Create(a) => (cmd::create::run(a), 1),
+        Command::Convert(a) => (cmd::convert::run(a), 1),
+        Command::Compare(a) => (cmd::compare::run(a), 2),
+        Command::Map(a) => (cmd::map::run(a), 1),
+        Command::Check(a) => (cmd::check::run(a), 1),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("vmshift: {e:#}");
+            ExitCode::from(error_code)
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The traits every format driver implements, and what they exchange.
+//!
+//! A reader answers three questions about a guest-visible byte range: how
+//! big the disk is, where a range lives ([`ImageReader::map`]), and what its
+//! bytes are ([`ImageReader::read_at`]). Readers are `Send + Sync` and read
+//! through `&self`, so one reader can serve a guest's disk or a parallel copy
+//! from several threads.
+//!
+//! A writer takes data in two steps: [`Encoder::encode`] does the CPU work
+//! (compression) and may run on any thread; [`ImageWriter::write_encoded`]
+//! places the result, in order, on one thread. The copy engine drives both
+//! without knowing the format.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+use vmshift_model::DiskFormat;
+
+use crate::error::Result;
+
+/// What a guest range is made of, as far as the image says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Stored data (possibly reading as zero anyway).
+    Data,
+    /// Stored compressed; no single host offset.
+    Compressed,
+    /// Reads as zero by the image's own metadata (zero cluster, hole).
+    Zero,
+    /// Not allocated anywhere in the chain; reads as zero.
+    Unallocated,
+}
+
+/// One contiguous guest range with a single state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest byte.
+    pub start: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// What the range is made of.
+    pub state: BlockState,
+    /// 0 when the top image answers, 1 for its backing file, and so on; for
+    /// an unallocated range, the depth of the bottom of the chain + 1.
+    pub depth: u32,
+    /// Where the data lies in the file that holds it, when it is stored
+    /// uncompressed in one piece.
+    pub host_offset: Option<u64>,
+}
+
+impl Extent {
+    /// The first byte after the extent.
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// True when the range reads as zeros whatever the file holds.
+    pub fn reads_as_zero(&self) -> bool {
+        matches!(self.state, BlockState::Zero | BlockState::Unallocated)
+    }
+}
+
+/// A snapshot stored inside an image (qcow2 internal snapshots).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    /// The snapshot's numeric id, as a string.
+    pub id: String,
+    /// The snapshot's tag.
+    pub name: String,
+    /// Bytes of saved VM state.
+    pub vm_state_size: u64,
+    /// When it was taken, seconds since the epoch.
+    pub date_sec: u64,
+    /// Nanoseconds part of the date.
+    pub date_nsec: u64,
+    /// Guest clock at the snapshot, seconds.
+    pub vm_clock_sec: u64,
+    /// Guest clock at the snapshot, nanoseconds part.
+    pub vm_clock_nsec: u64,
+    /// Instruction count (record/replay), when stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+/// What `info` reports about one image (not its backing files).
+#[derive(Debug, Clone, Default)]
+pub struct ImageInfo {
+    /// Cluster or grain size, for formats that have one.
+    pub cluster_size: Option<u64>,
+    /// Backing file name exactly as stored in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file resolved to a path (when it could be).
+    pub full_backing_filename: Option<String>,
+    /// Backing format as stored in the image.
+    pub backing_format: Option<String>,
+    /// The backing format had to be guessed because the image stores none.
+    pub backing_format_probed: Option<String>,
+    /// Whether the image was not closed cleanly.
+    pub dirty: bool,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// `format-specific.data` of `qemu-img info`, as (key, value) pairs in
+    /// qemu-img's order.
+    pub format_specific: Vec<(&'static str, serde_json::Value)>,
+}
+
+/// Reads a disk image as the guest sees it.
+pub trait ImageReader: Send + Sync + fmt::Debug {
+    /// The format of this image.
+    fn format(&self) -> DiskFormat;
+
+    /// The file this reader reads.
+    fn path(&self) -> &Path;
+
+    /// The virtual disk size in bytes.
+    fn size(&self) -> u64;
+
+    /// Describes the range starting at `offset`: returns one extent that
+    /// starts there and covers at most `len` bytes (at least one byte unless
+    /// `offset` is at the end). `offset + len` must not exceed [`size`](Self::size).
+    fn map(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// Fills `buf` with the guest's bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Facts for `info`.
+    fn info(&self) -> ImageInfo;
+
+    /// Checks the image's metadata (`None`: the format has nothing to check).
+    fn check(&self) -> Option<Result<crate::check::CheckReport>> {
+        None
+    }
+
+    /// The next image down the backing chain, if any.
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        None
+    }
+}
+
+/// The result of [`Encoder::encode`]: data ready to be placed.
+#[derive(Debug)]
+pub struct Encoded {
+    /// Guest offset of the data.
+    pub offset: u64,
+    /// The data as given.
+    pub data: Vec<u8>,
+    /// Per cluster of `data`, its compressed form (empty where compression
+    /// did not pay); `None` when the writer stores data uncompressed.
+    pub compressed: Option<Vec<Vec<u8>>>,
+}
+
+/// The CPU-bound half of writing: safe to call from many threads at once.
+pub trait Encoder: Send + Sync {
+    /// Prepares `data` for guest offset `offset`.
+    fn encode(&self, offset: u64, data: Vec<u8>) -> Result<Encoded>;
+}
+
+/// An encoder that stores data as it is.
+#[derive(Debug, Default)]
+pub struct PlainEncoder;
+
+impl Encoder for PlainEncoder {
+    fn encode(&self, offset: u64, data: Vec<u8>) -> Result<Encoded> {
+        Ok(Encoded {
+            offset,
+            data,
+            compressed: None,
+        })
+    }
+}
+
+/// Writes a disk image.
+pub trait ImageWriter: Send + fmt::Debug {
+    /// The virtual disk size in bytes.
+    fn size(&self) -> u64;
+
+    /// The allocation unit: writes aligned to it never read back what is
+    /// already there. The copy engine aligns its chunks to it.
+    fn granularity(&self) -> u64;
+
+    /// True when every range not written reads as zero (a new image without a
+    /// backing file), so zeros need not be written.
+    fn zero_initialized(&self) -> bool;
+
+    /// The encoder to prepare data with (may be shared across threads).
+    fn encoder(&self) -> Arc<dyn Encoder>;
+
+    /// Places data prepared by this writer's encoder.
+    fn write_encoded(&mut self, encoded: Encoded) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zero.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+
+    /// Writes all metadata and syncs the file. Nothing written is durable or
+    /// readable as an image before this returns.
+    fn finish(self: Box<Self>) -> Result<()>;
+
+    /// Encodes and places `data` in one step.
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let encoded = self.encoder().encode(offset, data.to_vec())?;
+        self.write_encoded(encoded)
+    }
+}

@@ -1,0 +1,177 @@
+//! The compression codecs of qcow2 (raw deflate, zstd) and VMDK (zlib).
+
+use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// A codec and its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Raw deflate with a 4 KiB window, as qcow2 stores it.
+    RawDeflate,
+    /// Deflate in a zlib wrapper, as VMDK grains store it.
+    Zlib,
+    /// Zstandard, as qcow2 with compression_type=zstd stores it.
+    Zstd,
+}
+
+/// Decompresses `input` into exactly `out.len()` bytes. Trailing input after
+/// the end of the stream is ignored (the on-disk size is rounded to
+/// sectors); a stream that ends early or would produce more is an error.
+pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    match codec {
+        Codec::RawDeflate | Codec::Zlib => inflate(codec == Codec::Zlib, input, out),
+        Codec::Zstd => unzstd(input, out),
+    }
+}
+
+fn inflate(zlib_header: bool, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let mut d = Decompress::new(zlib_header);
+    let status = d
+        .decompress(input, out, FlushDecompress::Finish)
+        .map_err(|e| format!("deflate data is corrupt: {e}"))?;
+    let produced = d.total_out() as usize;
+    if produced < out.len() {
+        return Err(format!(
+            "deflate data ends after {produced} of {} bytes",
+            out.len()
+        ));
+    }
+    if status != Status::StreamEnd {
+        // Output is full: the stream must end here, producing nothing more.
+        let consumed = d.total_in() as usize;
+        let mut extra = [0u8; 1];
+        let st = d
+            .decompress(&input[consumed..], &mut extra, FlushDecompress::Finish)
+            .map_err(|e| format!("deflate data is corrupt: {e}"))?;
+        if d.total_out() as usize > produced {
+            return Err(format!(
+                "deflate data inflates to more than the {} bytes of a cluster",
+                out.len()
+            ));
+        }
+        if st != Status::StreamEnd
+            && !input[consumed..].is_empty()
+            && d.total_in() as usize == consumed
+        {
+            return Err("deflate stream does not end after a full cluster".into());
+        }
+    }
+    Ok(())
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut dec = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    loop {
+        let hint = dec
+            .run(&mut inb, &mut outb)
+            .map_err(|e| format!("zstd data is corrupt: {e}"))?;
+        let full = outb.pos() == outb.capacity();
+        if hint == 0 {
+            // A frame ended.
+            if full {
+                return Ok(());
+            }
+            if inb.pos() == input.len() {
+                break;
+            }
+            // Another frame follows (QEMU may write several).
+            continue;
+        }
+        if full {
+            // More output pending in this frame: it inflates past the cluster.
+            let mut extra = [0u8; 1];
+            let mut eb = OutBuffer::around(&mut extra[..]);
+            dec.run(&mut inb, &mut eb)
+                .map_err(|e| format!("zstd data is corrupt: {e}"))?;
+            if eb.pos() > 0 {
+                return Err(format!(
+                    "zstd data inflates to more than the {} bytes of a cluster",
+                    outb.capacity()
+                ));
+            }
+            return Ok(());
+        }
+        if inb.pos() == input.len() {
+            break;
+        }
+    }
+    Err(format!(
+        "zstd data ends after {} of {} bytes",
+        outb.pos(),
+        outb.capacity()
+    ))
+}
+
+/// Compresses `input`; returns `None` when the result would not be smaller
+/// than `limit` bytes (store the data uncompressed then).
+pub fn compress(codec: Codec, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    match codec {
+        Codec::RawDeflate | Codec::Zlib => {
+            // Window 2^12: QEMU inflates qcow2 clusters with that window.
+            let mut c = if codec == Codec::Zlib {
+                Compress::new(Level::default(), true)
+            } else {
+                Compress::new_with_window_bits(Level::default(), false, 12)
+            };
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) if out.len() < limit => Some(out),
+                _ => None,
+            }
+        }
+        Codec::Zstd => {
+            let out = zstd::bulk::compress(input, 3).ok()?;
+            (out.len() < limit).then_some(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..65536u32).map(|i| (i / 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn round_trip_every_codec() {
+        for codec in [Codec::RawDeflate, Codec::Zlib, Codec::Zstd] {
+            let data = sample();
+            let packed = compress(codec, &data, data.len()).unwrap();
+            let mut out = vec![0u8; data.len()];
+            decompress(codec, &packed, &mut out).unwrap();
+            assert_eq!(out, data, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn decompress_with_sector_padding_succeeds() {
+        let data = sample();
+        let mut packed = compress(Codec::RawDeflate, &data, data.len()).unwrap();
+        packed.resize(packed.len().div_ceil(512) * 512, 0);
+        let mut out = vec![0u8; data.len()];
+        decompress(Codec::RawDeflate, &packed, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn decompress_too_much_data_is_refused() {
+        let data = sample();
+        for codec in [Codec::RawDeflate, Codec::Zstd] {
+            let packed = compress(codec, &data, data.len()).unwrap();
+            let mut out = vec![0u8; data.len() / 2];
+            assert!(decompress(codec, &packed, &mut out).is_err(), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn decompress_truncated_stream_is_refused() {
+        let data = sample();
+        let packed = compress(Codec::RawDeflate, &data, data.len()).unwrap();
+        let mut out = vec![0u8; data.len()];
+        assert!(decompress(Codec::RawDeflate, &packed[..packed.len() / 2], &mut out).is_err());
+    }
+}

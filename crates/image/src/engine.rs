@@ -1,0 +1,345 @@
+//! The copy engine: convert, compare and map, through the block traits only.
+//!
+//! Convert walks the source in aligned windows. A window the source's map
+//! says reads as zero is skipped (or zeroed in a target that is not
+//! zero-initialized); any other window is read, split into data and zero
+//! units (zero detection at `-S` granularity, never finer than the target's
+//! allocation unit), and encoded — on worker threads, so decompression and
+//! compression use every core — then placed in order by one thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use crate::block::{BlockState, Encoded, Encoder, Extent, ImageReader, ImageWriter};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How `convert` treats zeros and parallelism.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Bytes that must be zero to be skipped (`-S`); 0 writes everything.
+    pub min_sparse: u64,
+    /// The target already reads as zero everywhere (`--target-is-zero`).
+    pub target_is_zero: bool,
+    /// Worker threads for reading and encoding.
+    pub threads: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            min_sparse: 4096,
+            target_is_zero: false,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+const WINDOW: u64 = 2 << 20;
+
+/// What one window of the source turned into.
+enum Piece {
+    Data(Encoded),
+    Zero { offset: u64, len: u64 },
+}
+
+/// Copies `src` into `dst` (which must be at least as large), calling
+/// `progress(done, total)` as windows complete.
+pub fn convert(
+    src: &dyn ImageReader,
+    dst: &mut dyn ImageWriter,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let size = src.size();
+    if dst.size() < size {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "target is {} bytes, smaller than the source's {size}",
+                dst.size()
+            ),
+        ));
+    }
+    let gran = dst.granularity().max(512);
+    let window = WINDOW.max(gran) / gran * gran;
+    let unit = if opts.min_sparse == 0 {
+        0
+    } else {
+        opts.min_sparse.max(gran)
+    };
+    let skip_zeros = dst.zero_initialized() || opts.target_is_zero;
+    let encoder = dst.encoder();
+    let windows = size.div_ceil(window);
+    let threads = opts.threads.max(1);
+    let failed = AtomicBool::new(false);
+    let next = Mutex::new(0u64);
+
+    // Tokens bound the windows in flight (and so the memory in use).
+    let in_flight = threads * 2 + 2;
+    let (token_tx, token_rx) = sync_channel::<()>(in_flight + threads);
+    for _ in 0..in_flight {
+        let _ = token_tx.send(());
+    }
+    let token_rx = Mutex::new(token_rx);
+    let (tx, rx) = sync_channel::<(u64, Result<Vec<Piece>>)>(in_flight);
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let encoder = encoder.clone();
+            let (next, failed, token_rx) = (&next, &failed, &token_rx);
+            scope.spawn(move || loop {
+                if token_rx
+                    .lock()
+                    .map(|r| r.recv())
+                    .map_or(true, |r| r.is_err())
+                {
+                    return;
+                }
+                let w = {
+                    let mut n = next.lock().unwrap_or_else(|p| p.into_inner());
+                    let w = *n;
+                    *n += 1;
+                    w
+                };
+                if w >= windows || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let start = w * window;
+                let len = window.min(size - start);
+                let result = process_window(src, &*encoder, start, len, unit);
+                if tx.send((w, result)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let outcome = commit_in_order(rx, windows, dst, skip_zeros, &token_tx, size, progress);
+        if outcome.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        // Unblock workers waiting for a token so the scope can end.
+        for _ in 0..threads {
+            let _ = token_tx.try_send(());
+        }
+        outcome
+    })
+}
+
+fn commit_in_order(
+    rx: Receiver<(u64, Result<Vec<Piece>>)>,
+    windows: u64,
+    dst: &mut dyn ImageWriter,
+    skip_zeros: bool,
+    tokens: &std::sync::mpsc::SyncSender<()>,
+    size: u64,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let mut pending = BTreeMap::new();
+    let mut want = 0u64;
+    let mut done = 0u64;
+    while want < windows {
+        let (w, result) = rx
+            .recv()
+            .map_err(|_| Error::new(ErrorKind::Io, "a copy worker stopped unexpectedly"))?;
+        pending.insert(w, result);
+        while let Some(result) = pending.remove(&want) {
+            for piece in result? {
+                match piece {
+                    Piece::Data(e) => {
+                        done += e.data.len() as u64;
+                        dst.write_encoded(e)?;
+                    }
+                    Piece::Zero { offset, len } => {
+                        done += len;
+                        if !skip_zeros {
+                            dst.write_zeroes(offset, len)?;
+                        }
+                    }
+                }
+            }
+            progress(done.min(size), size);
+            let _ = tokens.send(());
+            want += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Reads one window and splits it into data and zero pieces.
+fn process_window(
+    src: &dyn ImageReader,
+    encoder: &dyn Encoder,
+    start: u64,
+    len: u64,
+    unit: u64,
+) -> Result<Vec<Piece>> {
+    if unit != 0 && reads_as_zero(src, start, len)? {
+        return Ok(vec![Piece::Zero { offset: start, len }]);
+    }
+    let mut buf = vec![0u8; len as usize];
+    src.read_at(&mut buf, start)?;
+    if unit == 0 {
+        return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
+    }
+    // Runs of data units and zero units.
+    let mut pieces = Vec::new();
+    let mut run_start = 0usize;
+    let mut run_zero = None;
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let n = (unit as usize).min(buf.len() - pos);
+        let zero = is_zero(&buf[pos..pos + n]);
+        if run_zero != Some(zero) {
+            if let Some(z) = run_zero {
+                pieces.push((z, run_start, pos));
+            }
+            run_zero = Some(zero);
+            run_start = pos;
+        }
+        pos += n;
+    }
+    if let Some(z) = run_zero {
+        pieces.push((z, run_start, buf.len()));
+    }
+    if pieces.len() == 1 && !pieces[0].0 {
+        return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
+    }
+    pieces
+        .into_iter()
+        .map(|(zero, a, b)| {
+            let offset = start + a as u64;
+            if zero {
+                Ok(Piece::Zero {
+                    offset,
+                    len: (b - a) as u64,
+                })
+            } else {
+                encoder.encode(offset, buf[a..b].to_vec()).map(Piece::Data)
+            }
+        })
+        .collect()
+}
+
+/// True when the map says all of `[start, start+len)` reads as zero.
+fn reads_as_zero(src: &dyn ImageReader, start: u64, len: u64) -> Result<bool> {
+    let mut pos = start;
+    while pos < start + len {
+        let e = src.map(pos, start + len - pos)?;
+        if !e.reads_as_zero() || e.len == 0 {
+            return Ok(false);
+        }
+        pos += e.len;
+    }
+    Ok(true)
+}
+
+/// True when every byte is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any initialized bytes are valid u64s; align_to only
+        // reinterprets the aligned middle of the slice.
+        unsafe { buf.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Where two images first differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// Same content (a larger image's extra bytes are all zero).
+    Identical,
+    /// First differing guest offset.
+    DiffersAt(u64),
+}
+
+/// Compares the guest content of two images as `qemu-img compare` does:
+/// where sizes differ, the extra part of the larger one must read as zero.
+pub fn compare(
+    a: &dyn ImageReader,
+    b: &dyn ImageReader,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Comparison> {
+    let common = a.size().min(b.size());
+    let total = a.size().max(b.size());
+    let mut ba = vec![0u8; WINDOW as usize];
+    let mut bb = vec![0u8; WINDOW as usize];
+    let mut pos = 0;
+    while pos < common {
+        let n = WINDOW.min(common - pos);
+        if !(reads_as_zero(a, pos, n)? && reads_as_zero(b, pos, n)?) {
+            let (x, y) = (&mut ba[..n as usize], &mut bb[..n as usize]);
+            std::thread::scope(|s| -> Result<()> {
+                let h = s.spawn(|| a.read_at(x, pos));
+                b.read_at(y, pos)?;
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
+            })?;
+            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+                return Ok(Comparison::DiffersAt(pos + i as u64));
+            }
+        }
+        pos += n;
+        progress(pos, total);
+    }
+    let longer = if a.size() > b.size() { a } else { b };
+    while pos < total {
+        let n = WINDOW.min(total - pos);
+        if !reads_as_zero(longer, pos, n)? {
+            let x = &mut ba[..n as usize];
+            longer.read_at(x, pos)?;
+            if let Some(i) = x.iter().position(|&v| v != 0) {
+                return Ok(Comparison::DiffersAt(pos + i as u64));
+            }
+        }
+        pos += n;
+        progress(pos, total);
+    }
+    Ok(Comparison::Identical)
+}
+
+/// The whole map of an image, with neighbours of the same kind merged the
+/// way `qemu-img map` merges them.
+pub fn map_all(src: &dyn ImageReader) -> Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = 0;
+    let size = src.size();
+    while pos < size {
+        let e = src.map(pos, size - pos)?;
+        if e.len == 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("map made no progress at offset {pos:#x}"),
+            )
+            .at_path(src.path()));
+        }
+        pos += e.len;
+        if let Some(last) = out.last_mut() {
+            let same_kind = last.state == e.state && last.depth == e.depth;
+            let contiguous = match (last.host_offset, e.host_offset) {
+                (Some(a), Some(b)) => a + last.len == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if same_kind && contiguous {
+                last.len += e.len;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// `present`, `zero`, `data` of qemu-img's map for an extent.
+pub fn map_flags(e: &Extent) -> (bool, bool, bool) {
+    match e.state {
+        BlockState::Data | BlockState::Compressed => (true, false, true),
+        BlockState::Zero => (true, true, false),
+        BlockState::Unallocated => (false, true, false),
+    }
+}
+
+/// Shares a reader between threads by reference.
+pub type SharedReader = Arc<dyn ImageReader>;

@@ -1,0 +1,151 @@
+//! Opening images: format probing, backing chains, the gate.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use vmshift_model::DiskFormat;
+
+use crate::block::ImageReader;
+use crate::error::{Error, ErrorKind, Result};
+use crate::gate::Gate;
+use crate::qcow2::{ChainOpener, Qcow2Reader};
+use crate::raw::RawReader;
+
+/// The deepest backing chain vmshift follows.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// How to open an image and the files it names.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The gate for backing files, data files and extents.
+    pub gate: Gate,
+}
+
+/// Guesses the format of an open file from its first bytes.
+pub fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
+    let mut magic = [0u8; 32];
+    let n = crate::fileio::read_up_to_at(file, path, &mut magic, 0)?;
+    let magic = &magic[..n];
+    Ok(if magic.starts_with(b"QFI\xfb") {
+        DiskFormat::Qcow2
+    } else if magic.starts_with(b"KDMV")
+        || magic.starts_with(b"COWD")
+        || magic.starts_with(b"# Disk DescriptorFile")
+    {
+        DiskFormat::Vmdk
+    } else {
+        DiskFormat::Raw
+    })
+}
+
+/// Opens `path` read-only as `format`, or probes the format when `None`.
+/// Returns the reader and whether the format was probed.
+pub fn open_image(
+    path: &Path,
+    format: Option<DiskFormat>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn ImageReader>> {
+    let chain = Chain {
+        opts,
+        seen: vec![canonical(path)],
+    };
+    chain.open(path, format)
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Opens images one level of a chain at a time, remembering what it opened
+/// to catch loops and overlong chains.
+struct Chain<'a> {
+    opts: &'a OpenOptions,
+    seen: Vec<PathBuf>,
+}
+
+impl Chain<'_> {
+    fn open(&self, path: &Path, format: Option<DiskFormat>) -> Result<Box<dyn ImageReader>> {
+        let file = File::open(path).map_err(|e| Error::io(path, "opening the image", e))?;
+        let probed = probe(&file, path)?;
+        let format = match format {
+            Some(DiskFormat::Raw) => DiskFormat::Raw,
+            Some(f) if f != probed => {
+                return Err(Error::new(
+                    ErrorKind::InvalidFormat,
+                    format!("is not a {f} image (its first bytes look like {probed})"),
+                )
+                .at_path(path)
+                .field("magic")
+                .offset(0))
+            }
+            Some(f) => f,
+            None => probed,
+        };
+        Ok(match format {
+            DiskFormat::Raw => Box::new(RawReader::open(file, path)?),
+            DiskFormat::Qcow2 => Box::new(Qcow2Reader::open(file, path, self)?),
+            DiskFormat::Vmdk => {
+                return Err(
+                    Error::new(ErrorKind::Unsupported, "VMDK images are not supported yet")
+                        .at_path(path),
+                )
+            }
+        })
+    }
+}
+
+impl ChainOpener for Chain<'_> {
+    fn open_backing(
+        &self,
+        image: &Path,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<(Box<dyn ImageReader>, Option<String>)> {
+        let path = self.opts.gate.resolve(image, name, "backing file")?;
+        if self.seen.contains(&path) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "backing chain loops: '{name}' ({}) is already in the chain",
+                    path.display()
+                ),
+            )
+            .at_path(image)
+            .field("backing file"));
+        }
+        if self.seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
+            )
+            .at_path(image)
+            .field("backing file"));
+        }
+        let mut seen = self.seen.clone();
+        seen.push(path.clone());
+        let next = Chain {
+            opts: self.opts,
+            seen,
+        };
+        match format {
+            Some(f) => {
+                let f: DiskFormat = f.parse().map_err(|e: String| {
+                    Error::new(ErrorKind::Unsupported, e)
+                        .at_path(image)
+                        .field("backing format")
+                })?;
+                Ok((next.open(&path, Some(f))?, None))
+            }
+            None => {
+                let file = File::open(&path)
+                    .map_err(|e| Error::io(&path, "opening the backing file", e))?;
+                let f = probe(&file, &path)?;
+                Ok((next.open(&path, Some(f))?, Some(f.name().to_string())))
+            }
+        }
+    }
+
+    fn resolve_data_file(&self, image: &Path, name: &str) -> Result<PathBuf> {
+        self.opts.gate.resolve(image, name, "external data file")
+    }
+}

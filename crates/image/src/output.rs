@@ -1,0 +1,140 @@
+//! Atomic outputs: a temp file beside the target, renamed into place only
+//! once it is complete and synced.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A file being written that appears at its target path only on
+/// [`commit`](AtomicOutput::commit). Dropped uncommitted, it leaves nothing.
+#[derive(Debug)]
+pub struct AtomicOutput {
+    target: PathBuf,
+    temp: PathBuf,
+    force: bool,
+    committed: bool,
+}
+
+impl AtomicOutput {
+    /// Creates the temp file for `target`. An existing target is refused
+    /// unless `force`.
+    pub fn create(target: &Path, force: bool) -> Result<(Self, File)> {
+        if !force && target.symlink_metadata().is_ok() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                "already exists; pass --force to replace it (or -n to write into it)",
+            )
+            .at_path(target));
+        }
+        let dir = parent_dir(target);
+        let name = target.file_name().ok_or_else(|| {
+            Error::new(ErrorKind::InvalidInput, "is not a file name").at_path(target)
+        })?;
+        for attempt in 0..100u32 {
+            let temp = dir.join(format!(
+                ".{}.vmshift-{}-{attempt}.tmp",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&temp)
+            {
+                Ok(file) => {
+                    let out = AtomicOutput {
+                        target: target.to_path_buf(),
+                        temp,
+                        force,
+                        committed: false,
+                    };
+                    return Ok((out, file));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&temp, "creating the temporary output file", e)),
+            }
+        }
+        Err(Error::new(ErrorKind::Io, "could not find a free temporary file name").at_path(target))
+    }
+
+    /// The temp file's path.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Moves the (already synced) temp file to the target and syncs the
+    /// folder so the rename is durable.
+    pub fn commit(mut self) -> Result<()> {
+        if self.force {
+            std::fs::rename(&self.temp, &self.target)
+                .map_err(|e| Error::io(&self.target, "renaming the output into place", e))?;
+        } else {
+            // link() fails if the target appeared meanwhile: never clobber.
+            std::fs::hard_link(&self.temp, &self.target).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Error::new(ErrorKind::Exists, "appeared while converting; not replaced")
+                        .at_path(&self.target)
+                } else {
+                    Error::io(&self.target, "linking the output into place", e)
+                }
+            })?;
+            let _ = std::fs::remove_file(&self.temp);
+        }
+        self.committed = true;
+        let dir = parent_dir(&self.target);
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(&dir, "syncing the folder", e))
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_creates_target_and_drop_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        let (out, _f) = AtomicOutput::create(&target, false).unwrap();
+        drop(out);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let (out, f) = AtomicOutput::create(&target, false).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 0).unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn create_existing_target_is_refused_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        std::fs::write(&target, b"keep").unwrap();
+        let err = AtomicOutput::create(&target, false).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Exists);
+        let (out, _f) = AtomicOutput::create(&target, true).unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"");
+    }
+}

@@ -1,0 +1,10 @@
+//! qcow2: QEMU's copy-on-write format (docs/interop/qcow2.rst).
+
+pub mod check;
+pub(crate) mod header;
+mod reader;
+mod snapshot;
+pub mod writer;
+
+pub use reader::{ChainOpener, Qcow2Reader};
+pub use writer::{Qcow2Options, Qcow2Writer};

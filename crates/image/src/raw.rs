@@ -1,0 +1,196 @@
+//! Raw images: the guest's bytes, byte for byte (also block devices).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmshift_model::DiskFormat;
+
+use crate::block::{
+    BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlainEncoder,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fileio::{file_len, read_exact_at, seek_data_hole, write_all_at};
+
+/// A raw image opened for reading.
+#[derive(Debug)]
+pub struct RawReader {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl RawReader {
+    /// Wraps an open file; its length is the virtual size.
+    pub fn open(file: File, path: &Path) -> Result<Self> {
+        let size = file_len(&file, path)?;
+        Ok(RawReader {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+}
+
+impl ImageReader for RawReader {
+    fn format(&self) -> DiskFormat {
+        DiskFormat::Raw
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let end = offset + len;
+        let data = |n: u64| Extent {
+            start: offset,
+            len: n,
+            state: BlockState::Data,
+            depth: 0,
+            host_offset: Some(offset),
+        };
+        // Without SEEK_DATA (block devices, some file systems) all is data.
+        let Some(next_data) = seek_data_hole(&self.file, offset, true) else {
+            return Ok(data(len));
+        };
+        if next_data > offset {
+            return Ok(Extent {
+                state: BlockState::Zero,
+                ..data(next_data.min(end) - offset)
+            });
+        }
+        let next_hole = seek_data_hole(&self.file, offset, false).unwrap_or(end);
+        Ok(data(next_hole.clamp(offset + 1, end) - offset))
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "read of {} bytes at {offset:#x} past the end ({})",
+                    buf.len(),
+                    self.size
+                ),
+            )
+            .at_path(&self.path));
+        }
+        read_exact_at(&self.file, &self.path, buf, offset, "data")
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo::default()
+    }
+}
+
+/// Writes a raw image or device.
+#[derive(Debug)]
+pub struct RawWriter {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    zeroed: bool,
+    is_file: bool,
+}
+
+impl RawWriter {
+    /// A writer on `file`. A new file is sized to `size` (sparse); an
+    /// existing target (`-n`) keeps its length, which must be at least
+    /// `size`. `zeroed` says whether unwritten ranges read as zero.
+    pub fn new(file: File, path: &Path, size: u64, fresh: bool, zeroed: bool) -> Result<Self> {
+        let is_file = file
+            .metadata()
+            .map_err(|e| Error::io(path, "reading file metadata", e))?
+            .is_file();
+        if fresh {
+            file.set_len(size)
+                .map_err(|e| Error::io(path, format!("sizing the image to {size} bytes"), e))?;
+        } else {
+            let have = file_len(&file, path)?;
+            if have < size {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("target holds {have} bytes, fewer than the {size} bytes to write"),
+                )
+                .at_path(path));
+            }
+        }
+        Ok(RawWriter {
+            file,
+            path: path.to_path_buf(),
+            size,
+            zeroed: fresh || zeroed,
+            is_file,
+        })
+    }
+}
+
+impl ImageWriter for RawWriter {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn granularity(&self) -> u64 {
+        4096
+    }
+
+    fn zero_initialized(&self) -> bool {
+        self.zeroed
+    }
+
+    fn encoder(&self) -> Arc<dyn Encoder> {
+        Arc::new(PlainEncoder)
+    }
+
+    fn write_encoded(&mut self, e: Encoded) -> Result<()> {
+        write_all_at(&self.file, &self.path, &e.data, e.offset)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        if self.is_file && punch_hole(&self.file, offset, len) {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            write_all_at(&self.file, &self.path, &zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(&self.path, "syncing the image", e))
+    }
+}
+
+/// Deallocates a range of a regular file so it reads as zero.
+fn punch_hole(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return false;
+    };
+    // SAFETY: fallocate on a valid descriptor borrowed from `file`; it reads
+    // and writes no memory of ours.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    r == 0
+}
