@@ -1,1 +1,113 @@
+//! Helpers for the end-to-end tests: find the built `vmshift` binary, run
+//! it and its peers (`qemu-img`, `qemu-io`), and make patterned images.
+//!
+//! A missing peer is a test failure, never a skip: CI installs them.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `vmshift` binary cargo built beside this test executable.
+pub fn vmshift_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/vmshift
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("vmshift");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --workspace, or run the tests with `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `vmshift` with `args` in `dir`.
+pub fn vmshift(dir: &Path, args: &[&str]) -> Output {
+    Command::new(vmshift_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running vmshift")
+}
+
+/// Runs a peer tool in `dir`; panics (fails the test) if it is not installed.
+pub fn tool(dir: &Path, name: &str, args: &[&str]) -> Output {
+    Command::new(name)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{name} must be installed for this test (apt-get install qemu-utils): {e}")
+        })
+}
+
+/// Runs a peer tool and asserts it succeeded.
+pub fn tool_ok(dir: &Path, name: &str, args: &[&str]) -> Output {
+    let out = tool(dir, name, args);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `vmshift` and asserts it succeeded; returns stdout.
+pub fn vmshift_ok(dir: &Path, args: &[&str]) -> String {
+    let out = vmshift(dir, args);
+    assert!(
+        out.status.success(),
+        "vmshift {args:?} failed ({:?}): {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// `qemu-img` shorthand.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Output {
+    tool(dir, "qemu-img", args)
+}
+
+/// Writes a raw file of `size` bytes holding a recognisable, mostly
+/// compressible pattern in a few ranges (and holes elsewhere).
+pub fn patterned_raw(path: &Path, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create raw");
+    f.set_len(size).expect("size raw");
+    // Text-like data (compresses), random-like data (does not), and a
+    // range of explicit zeros that must not be copied as data.
+    let text: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| format!("line {i} of the vmshift test pattern\n").into_bytes())
+        .take(1 << 20)
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..(512 << 10))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let places = [
+        0u64,
+        size / 3 + 4096,
+        size / 2 + 512,
+        size.saturating_sub(300_000),
+    ];
+    for (i, &at) in places.iter().enumerate() {
+        let data = if i % 2 == 0 { &text[..] } else { &noise[..] };
+        let n = data.len().min((size - at) as usize);
+        f.write_all_at(&data[..n], at).expect("write pattern");
+    }
+    f.write_all_at(&vec![0u8; 256 << 10], size / 4)
+        .expect("write zeros");
+}
+
+/// Parses JSON output.
+pub fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}

@@ -49,7 +49,7 @@ pub fn open_image(
         opts,
         seen: vec![canonical(path)],
     };
-    chain.open(path, format)
+    chain.open(path, path, format)
 }
 
 fn canonical(path: &Path) -> PathBuf {
@@ -64,8 +64,15 @@ struct Chain<'a> {
 }
 
 impl Chain<'_> {
-    fn open(&self, path: &Path, format: Option<DiskFormat>) -> Result<Box<dyn ImageReader>> {
-        let file = File::open(path).map_err(|e| Error::io(path, "opening the image", e))?;
+    /// Opens the file at `open_path`, naming it `path` (as the user or the
+    /// image above named it) in messages and `info`.
+    fn open(
+        &self,
+        open_path: &Path,
+        path: &Path,
+        format: Option<DiskFormat>,
+    ) -> Result<Box<dyn ImageReader>> {
+        let file = File::open(open_path).map_err(|e| Error::io(path, "opening the image", e))?;
         let probed = probe(&file, path)?;
         let format = match format {
             Some(DiskFormat::Raw) => DiskFormat::Raw,
@@ -127,6 +134,8 @@ impl ChainOpener for Chain<'_> {
             opts: self.opts,
             seen,
         };
+        // Name it as QEMU does: the stored name joined to the image's folder.
+        let display = image.parent().unwrap_or(Path::new("")).join(name);
         match format {
             Some(f) => {
                 let f: DiskFormat = f.parse().map_err(|e: String| {
@@ -134,13 +143,16 @@ impl ChainOpener for Chain<'_> {
                         .at_path(image)
                         .field("backing format")
                 })?;
-                Ok((next.open(&path, Some(f))?, None))
+                Ok((next.open(&path, &display, Some(f))?, None))
             }
             None => {
                 let file = File::open(&path)
                     .map_err(|e| Error::io(&path, "opening the backing file", e))?;
                 let f = probe(&file, &path)?;
-                Ok((next.open(&path, Some(f))?, Some(f.name().to_string())))
+                Ok((
+                    next.open(&path, &display, Some(f))?,
+                    Some(f.name().to_string()),
+                ))
             }
         }
     }

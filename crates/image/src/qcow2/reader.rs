@@ -28,8 +28,9 @@ const L2_CACHE_BYTES: usize = 16 << 20;
 /// What one L2 entry (or subcluster) says about its guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cluster {
-    /// Not allocated here: ask the backing file.
-    Unallocated,
+    /// Not allocated here: ask the backing file. With extended L2 the
+    /// subcluster may still lie in an allocated cluster (its host offset).
+    Unallocated(Option<u64>),
     /// Reads as zero; may still own a preallocated host cluster.
     Zero(Option<u64>),
     /// Stored at this host offset (of the unit's start).
@@ -288,7 +289,7 @@ impl Qcow2Reader {
                         format!("subcluster {sub} of guest offset {guest:#x} is both allocated and zero"),
                     ))
                 }
-                (_, true) => Cluster::Zero(None),
+                (_, true) => Cluster::Zero((host != 0).then_some(sub_host)),
                 (true, false) if host == 0 => {
                     return Err(self.ctx.corrupt(
                         "L2 entry",
@@ -297,13 +298,13 @@ impl Qcow2Reader {
                     ))
                 }
                 (true, false) => Cluster::Data(sub_host),
-                (false, false) => Cluster::Unallocated,
+                (false, false) => Cluster::Unallocated((host != 0).then_some(sub_host)),
             });
         }
         Ok(if entry & OFLAG_ZERO != 0 {
             Cluster::Zero((host != 0).then_some(host))
         } else if host == 0 {
-            Cluster::Unallocated
+            Cluster::Unallocated(None)
         } else {
             Cluster::Data(host)
         })
@@ -323,7 +324,7 @@ impl Qcow2Reader {
         let l1_entry = self.l1.get(l1_index).copied().unwrap_or(0);
         let l2_offset = l1_entry & OFFSET_MASK;
         if l2_offset == 0 {
-            return Ok((Cluster::Unallocated, limit));
+            return Ok((Cluster::Unallocated(None), limit));
         }
         let table = self.l2_table(l2_offset)?;
         let words_per_entry = if h.extended_l2() { 2 } else { 1 };
@@ -337,6 +338,8 @@ impl Qcow2Reader {
         let in_unit = offset & (unit - 1);
         let state = match first {
             Cluster::Data(host) => Cluster::Data(host + in_unit),
+            Cluster::Zero(host) => Cluster::Zero(host.map(|h| h + in_unit)),
+            Cluster::Unallocated(host) => Cluster::Unallocated(host.map(|h| h + in_unit)),
             other => other,
         };
         if matches!(first, Cluster::Compressed(_)) {
@@ -347,10 +350,16 @@ impl Qcow2Reader {
         let mut covered = first_len;
         while covered < limit {
             let next = entry_at(offset + covered)?;
+            // Same kind, and host offsets (where there are any) contiguous.
+            let host_follows = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (Some(a), Some(b)) => b == a + in_unit + covered,
+                (None, None) => true,
+                _ => false,
+            };
             let same = match (first, next) {
-                (Cluster::Data(a), Cluster::Data(b)) => b == a + in_unit + covered,
-                (Cluster::Zero(_), Cluster::Zero(_)) => true,
-                (Cluster::Unallocated, Cluster::Unallocated) => true,
+                (Cluster::Data(a), Cluster::Data(b)) => host_follows(Some(a), Some(b)),
+                (Cluster::Zero(a), Cluster::Zero(b)) => host_follows(a, b),
+                (Cluster::Unallocated(a), Cluster::Unallocated(b)) => host_follows(a, b),
                 _ => false,
             };
             if !same {
@@ -480,18 +489,15 @@ impl ImageReader for Qcow2Reader {
         };
         Ok(match state {
             Cluster::Data(host) => ext(BlockState::Data, Some(host)),
-            Cluster::Zero(host) => ext(
-                BlockState::Zero,
-                host.map(|h| h + (offset & (self.header.cluster_size() - 1))),
-            ),
+            Cluster::Zero(host) => ext(BlockState::Zero, host),
             Cluster::Compressed(_) => ext(BlockState::Compressed, None),
-            Cluster::Unallocated => match &self.backing {
+            Cluster::Unallocated(host) => match &self.backing {
                 Some(b) if offset < b.size() => {
                     let mut e = b.map(offset, n.min(b.size() - offset))?;
                     e.depth += 1;
                     e
                 }
-                _ => ext(BlockState::Unallocated, None),
+                _ => ext(BlockState::Unallocated, host),
             },
         })
     }
@@ -520,7 +526,7 @@ impl ImageReader for Qcow2Reader {
             match state {
                 Cluster::Data(host) => self.read_data(piece, host, pos)?,
                 Cluster::Zero(_) => piece.fill(0),
-                Cluster::Unallocated => self.backing_read(piece, pos)?,
+                Cluster::Unallocated(_) => self.backing_read(piece, pos)?,
                 Cluster::Compressed(entry) => {
                     let in_cluster = (pos & (cs - 1)) as usize;
                     if in_cluster == 0 && piece.len() == cs as usize {
