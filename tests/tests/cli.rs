@@ -1,0 +1,448 @@
+//! Behaviour of the command line: sources are never modified, outputs are
+//! atomic, exit codes follow qemu-img, the gate refuses what it must.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use vmshift_tests::{json, patterned_raw, tool_ok, vmshift, vmshift_ok};
+
+fn stamp(path: &Path) -> (Vec<u8>, i64, i64) {
+    let m = std::fs::metadata(path).unwrap();
+    (std::fs::read(path).unwrap(), m.mtime(), m.mtime_nsec())
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn every_command_leaves_the_source_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "-c", "src.raw", "src.qcow2"],
+    );
+    let before_raw = stamp(&d.join("src.raw"));
+    let before_qcow2 = stamp(&d.join("src.qcow2"));
+    for src in ["src.raw", "src.qcow2"] {
+        vmshift_ok(d, &["info", src]);
+        vmshift_ok(d, &["info", "--output", "json", src]);
+        vmshift_ok(d, &["map", src]);
+        let _ = vmshift(d, &["check", src]);
+        vmshift_ok(d, &["compare", src, "src.raw"]);
+        vmshift_ok(d, &["convert", "-O", "raw", src, "out.raw", "--force"]);
+        vmshift_ok(
+            d,
+            &["convert", "-O", "qcow2", "-c", src, "out.qcow2", "--force"],
+        );
+    }
+    assert!(stamp(&d.join("src.raw")) == before_raw, "src.raw changed");
+    assert!(
+        stamp(&d.join("src.qcow2")) == before_qcow2,
+        "src.qcow2 changed"
+    );
+}
+
+#[test]
+fn convert_failing_midway_leaves_nothing_at_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "src.raw", "src.qcow2"],
+    );
+    // Cut the last data cluster off: its L2 entry now points past EOF.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("src.qcow2"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 65536).unwrap();
+    drop(f);
+    let before = names_in(d);
+    for fmt in ["raw", "qcow2"] {
+        let out = vmshift(d, &["convert", "-O", fmt, "src.qcow2", "out.img"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("L2 entry"), "{}", stderr(&out));
+        assert_eq!(names_in(d), before, "convert -O {fmt} left files behind");
+    }
+}
+
+#[test]
+fn convert_existing_target_is_refused_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 1 << 20);
+    std::fs::write(d.join("out.qcow2"), b"precious").unwrap();
+    let out = vmshift(d, &["convert", "-O", "qcow2", "src.raw", "out.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(d.join("out.qcow2")).unwrap(), b"precious");
+    vmshift_ok(
+        d,
+        &["convert", "-O", "qcow2", "--force", "src.raw", "out.qcow2"],
+    );
+    tool_ok(d, "qemu-img", &["compare", "src.raw", "out.qcow2"]);
+}
+
+#[test]
+fn convert_n_into_existing_raw_overwrites_zeros_unless_target_is_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 4 << 20;
+    patterned_raw(&d.join("src.raw"), size);
+    std::fs::write(d.join("dev.img"), vec![0xffu8; size as usize]).unwrap();
+    vmshift_ok(d, &["convert", "-n", "-O", "raw", "src.raw", "dev.img"]);
+    assert_eq!(
+        std::fs::read(d.join("dev.img")).unwrap(),
+        std::fs::read(d.join("src.raw")).unwrap()
+    );
+
+    // --target-is-zero trusts the target: zero ranges are not written, so
+    // the 0xff filler stays visible there (proof nothing was written).
+    std::fs::write(d.join("dev.img"), vec![0xffu8; size as usize]).unwrap();
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-O",
+            "raw",
+            "src.raw",
+            "dev.img",
+        ],
+    );
+    let got = std::fs::read(d.join("dev.img")).unwrap();
+    let src = std::fs::read(d.join("src.raw")).unwrap();
+    assert_eq!(&got[..4096], &src[..4096], "data must be written");
+    assert_eq!(
+        got[(size / 4) as usize],
+        0xff,
+        "a zero range must be skipped"
+    );
+}
+
+#[test]
+fn convert_n_into_precreated_qcow2_passes_qemu_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "pre.qcow2",
+            "8M",
+        ],
+    );
+    vmshift_ok(d, &["convert", "-n", "-O", "qcow2", "src.raw", "pre.qcow2"]);
+    tool_ok(d, "qemu-img", &["check", "pre.qcow2"]);
+    tool_ok(d, "qemu-img", &["compare", "src.raw", "pre.qcow2"]);
+    let info = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "pre.qcow2"]).stdout);
+    assert_eq!(
+        info["cluster-size"], 4096,
+        "-n keeps the target's own options"
+    );
+}
+
+#[test]
+fn convert_n_into_qcow2_with_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 1 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "src.raw", "full.qcow2"],
+    );
+    let before = stamp(&d.join("full.qcow2"));
+    let out = vmshift(
+        d,
+        &["convert", "-n", "-O", "qcow2", "src.raw", "full.qcow2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already holds data"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stamp(&d.join("full.qcow2")) == before);
+}
+
+#[test]
+fn convert_s0_allocates_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 4 << 20);
+    vmshift_ok(
+        d,
+        &["convert", "-S", "0", "-O", "raw", "src.raw", "full.raw"],
+    );
+    vmshift_ok(d, &["convert", "-O", "raw", "src.raw", "sparse.raw"]);
+    let full = std::fs::metadata(d.join("full.raw")).unwrap().blocks() * 512;
+    let sparse = std::fs::metadata(d.join("sparse.raw")).unwrap().blocks() * 512;
+    assert!(full >= 4 << 20, "-S 0 output uses {full} bytes");
+    assert!(sparse < 3 << 20, "sparse output uses {sparse} bytes");
+    tool_ok(d, "qemu-img", &["compare", "src.raw", "full.raw"]);
+}
+
+#[test]
+fn convert_progress_is_silent_in_a_pipe_and_shown_with_p() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 4 << 20);
+    let quiet = vmshift(
+        d,
+        &["convert", "-f", "raw", "-O", "qcow2", "src.raw", "a.qcow2"],
+    );
+    assert!(quiet.status.success());
+    assert_eq!(stderr(&quiet), "");
+    let loud = vmshift(
+        d,
+        &[
+            "convert", "-p", "-f", "raw", "-O", "qcow2", "src.raw", "b.qcow2",
+        ],
+    );
+    assert!(stderr(&loud).contains("100.00/100%"), "{}", stderr(&loud));
+}
+
+#[test]
+fn convert_without_f_says_what_it_probed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 1 << 20);
+    let out = vmshift(d, &["convert", "-O", "qcow2", "src.raw", "a.qcow2"]);
+    assert!(
+        stderr(&out).contains("probed format: raw"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn explicit_raw_reads_a_qcow2_file_as_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "a.qcow2", "1M"]);
+    vmshift_ok(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", "a.qcow2", "bytes.raw"],
+    );
+    assert_eq!(
+        std::fs::read(d.join("bytes.raw")).unwrap(),
+        std::fs::read(d.join("a.qcow2")).unwrap()
+    );
+}
+
+#[test]
+fn explicit_qcow2_on_a_raw_file_is_an_error_naming_the_magic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 1 << 20);
+    let out = vmshift(d, &["info", "-f", "qcow2", "src.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("magic"), "{}", stderr(&out));
+}
+
+#[test]
+fn compare_exit_codes_follow_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 2 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "a.raw", "a.qcow2"],
+    );
+    let mut b = std::fs::read(d.join("a.raw")).unwrap();
+    b[1_000_000] ^= 1;
+    std::fs::write(d.join("b.raw"), b).unwrap();
+    assert_eq!(
+        vmshift(d, &["compare", "a.raw", "a.qcow2"]).status.code(),
+        Some(0)
+    );
+    let diff = vmshift(d, &["compare", "a.qcow2", "b.raw"]);
+    assert_eq!(diff.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&diff.stdout).contains("offset 1000000"));
+    assert_eq!(
+        vmshift(d, &["compare", "a.raw", "missing.raw"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn compare_larger_image_with_zero_tail_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 2 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "a.raw", "big.qcow2"],
+    );
+    tool_ok(d, "qemu-img", &["resize", "big.qcow2", "6M"]);
+    assert_eq!(
+        vmshift(d, &["compare", "a.raw", "big.qcow2"]).status.code(),
+        Some(0)
+    );
+    tool_ok(d, "qemu-io", &["-c", "write -P 1 5M 512", "big.qcow2"]);
+    assert_eq!(
+        vmshift(d, &["compare", "a.raw", "big.qcow2"]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn check_on_raw_exits_63() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 1 << 20);
+    assert_eq!(vmshift(d, &["check", "a.raw"]).status.code(), Some(63));
+}
+
+#[test]
+fn backing_file_in_parent_folder_needs_a_root_or_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("vm")).unwrap();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            "vm/top.qcow2",
+        ],
+    );
+    let out = vmshift(d, &["info", "vm/top.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--allow-backing-outside"),
+        "{}",
+        stderr(&out)
+    );
+    vmshift_ok(d, &["info", "--root", ".", "vm/top.qcow2"]);
+    vmshift_ok(d, &["info", "--allow-backing-outside", "vm/top.qcow2"]);
+}
+
+#[test]
+fn backing_file_in_same_folder_by_absolute_path_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    let abs = d.join("base.qcow2").canonicalize().unwrap();
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            abs.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    vmshift_ok(d, &["info", "top.qcow2"]);
+}
+
+#[test]
+fn info_backing_chain_lists_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let human = vmshift_ok(d, &["info", "--backing-chain", "top.qcow2"]);
+    assert!(
+        human.contains("image: top.qcow2") && human.contains("image: base.qcow2"),
+        "{human}"
+    );
+}
+
+#[test]
+fn create_refuses_existing_file_and_missing_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    vmshift_ok(d, &["create", "-f", "qcow2", "a.qcow2", "1G"]);
+    assert_eq!(
+        vmshift(d, &["create", "-f", "qcow2", "a.qcow2", "1G"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        vmshift(d, &["create", "-f", "qcow2", "b.qcow2"])
+            .status
+            .code(),
+        Some(1)
+    );
+    let bad = vmshift(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "c.qcow2",
+            "1G",
+        ],
+    );
+    assert!(stderr(&bad).contains("cluster_size"), "{}", stderr(&bad));
+    tool_ok(d, "qemu-img", &["check", "a.qcow2"]);
+}
