@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Times vmshift and qemu-img side by side on the same files and prints a
+# Markdown table for BENCHMARKS.md: median wall time of $RUNS runs (page
+# cache warm: every input is read once before timing), peak RSS, and the
+# ratio vmshift / qemu-img (below 1.0: vmshift is faster).
+#
+#   scripts/bench.sh [WORKDIR]     (default WORKDIR: /tmp/vmshift-bench, ~8 GiB)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+work=${1:-/tmp/vmshift-bench}
+mkdir -p "$work"
+cargo build --quiet --release -p vmshift
+vmshift=$PWD/target/release/vmshift
+
+# Inputs: 1 GiB of real file data (binaries, libraries, text from /usr),
+# and a 2 GiB sparse disk holding 8 x 64 MiB of that data.
+if [ ! -f "$work/dense.raw" ]; then
+    find /usr/lib /usr/share /usr/bin -type f -size +4k 2>/dev/null | sort | head -n 200000 |
+        xargs cat 2>/dev/null | head -c 1073741824 > "$work/dense.raw" || true
+    truncate -s 1G "$work/dense.raw"
+fi
+if [ ! -f "$work/sparse.raw" ]; then
+    truncate -s 2G "$work/sparse.raw"
+    for i in 0 1 2 3 4 5 6 7; do
+        dd if="$work/dense.raw" of="$work/sparse.raw" bs=64M count=1 skip="$i" seek=$((i * 4)) conv=notrunc,sparse status=none
+    done
+fi
+for set in dense sparse; do
+    [ -f "$work/$set.qcow2" ] || qemu-img convert -f raw -O qcow2 "$work/$set.raw" "$work/$set.qcow2"
+    [ -f "$work/$set.zlib.qcow2" ] || qemu-img convert -f raw -O qcow2 -c "$work/$set.raw" "$work/$set.zlib.qcow2"
+    [ -f "$work/$set.zstd.qcow2" ] || qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$work/$set.raw" "$work/$set.zstd.qcow2"
+done
+
+# median wall seconds and max peak RSS (KiB) of RUNS runs of a command
+measure() {
+    local out=$1; shift
+    local times=() rss=0
+    for _ in $(seq "$RUNS"); do
+        rm -f "$out"
+        local r
+        r=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -n1)
+        times+=("${r% *}")
+        [ "${r#* }" -gt "$rss" ] && rss=${r#* }
+    done
+    rm -f "$out"
+    local med
+    med=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
+    echo "$med $rss"
+}
+
+row() { # name src srcfmt dstfmt [extra args...]
+    local name=$1 src=$2 sf=$3 df=$4; shift 4
+    cat "$work/$src" >/dev/null # warm the cache
+    local q v
+    q=$(measure "$work/out.q" qemu-img convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.q")
+    v=$(measure "$work/out.v" "$vmshift" convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.v")
+    # Output sizes (one more run each, kept for the comparison).
+    qemu-img convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.q"
+    "$vmshift" convert --force -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.v"
+    qemu-img compare -q "$work/out.q" "$work/out.v"
+    local qs vs
+    qs=$(du -k "$work/out.q" | cut -f1)
+    vs=$(du -k "$work/out.v" | cut -f1)
+    rm -f "$work/out.q" "$work/out.v"
+    awk -v n="$name" -v qt="${q% *}" -v qm="${q#* }" -v vt="${v% *}" -v vm="${v#* }" -v qs="$qs" -v vs="$vs" \
+        'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.1f | %.1f | %.0f | %.0f |\n", n, qt, vt, (qt > 0 ? vt / qt : 0), qm / 1024, vm / 1024, qs / 1024, vs / 1024 }'
+}
+
+echo "qemu-img: $(qemu-img --version | head -n1); vmshift: $($vmshift --version); $(nproc) cores; page cache warm; median of $RUNS runs"
+echo
+echo "| conversion | qemu-img s | vmshift s | ratio | qemu-img MiB RSS | vmshift MiB RSS | qemu-img out MiB | vmshift out MiB |"
+echo "|---|---|---|---|---|---|---|---|"
+for set in dense sparse; do
+    row "$set raw → qcow2" "$set.raw" raw qcow2
+    row "$set qcow2 → raw" "$set.qcow2" qcow2 raw
+    row "$set zlib-qcow2 → raw" "$set.zlib.qcow2" qcow2 raw
+    row "$set zstd-qcow2 → raw" "$set.zstd.qcow2" qcow2 raw
+    row "$set raw → zlib-qcow2 (-c)" "$set.raw" raw qcow2 -c
+    row "$set raw → zstd-qcow2 (-c)" "$set.raw" raw qcow2 -c -o compression_type=zstd
+done
