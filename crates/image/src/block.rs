@@ -189,7 +189,7 @@ pub trait ImageWriter: Send + fmt::Debug {
     fn encoder(&self) -> Arc<dyn Encoder>;
 
     /// Places data prepared by this writer's encoder.
-    fn write_encoded(&mut self, encoded: Encoded) -> Result<()>;
+    fn write_encoded(&mut self, encoded: &Encoded) -> Result<()>;
 
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
@@ -201,6 +201,6 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// Encodes and places `data` in one step.
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         let encoded = self.encoder().encode(offset, data.to_vec())?;
-        self.write_encoded(encoded)
+        self.write_encoded(&encoded)
     }
 }

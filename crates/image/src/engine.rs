@@ -75,6 +75,7 @@ pub fn convert(
     let threads = opts.threads.max(1);
     let failed = AtomicBool::new(false);
     let next = Mutex::new(0u64);
+    let pool = BufferPool::default();
 
     // Tokens bound the windows in flight (and so the memory in use).
     let in_flight = threads * 2 + 2;
@@ -88,7 +89,7 @@ pub fn convert(
         for _ in 0..threads {
             let tx = tx.clone();
             let encoder = encoder.clone();
-            let (next, failed, token_rx) = (&next, &failed, &token_rx);
+            let (next, failed, token_rx, pool) = (&next, &failed, &token_rx, &pool);
             scope.spawn(move || loop {
                 if token_rx
                     .lock()
@@ -108,14 +109,20 @@ pub fn convert(
                 }
                 let start = w * window;
                 let len = window.min(size - start);
-                let result = process_window(src, &*encoder, start, len, unit);
+                let result = process_window(pool, src, &*encoder, start, len, unit);
                 if tx.send((w, result)).is_err() {
                     return;
                 }
             });
         }
         drop(tx);
-        let outcome = commit_in_order(rx, windows, dst, skip_zeros, &token_tx, size, progress);
+        let sink = Sink {
+            dst,
+            skip_zeros,
+            tokens: &token_tx,
+            pool: &pool,
+        };
+        let outcome = commit_in_order(rx, windows, sink, size, progress);
         if outcome.is_err() {
             failed.store(true, Ordering::Relaxed);
         }
@@ -127,15 +134,28 @@ pub fn convert(
     })
 }
 
+/// Where finished windows go: the writer, and what to give back.
+struct Sink<'a> {
+    dst: &'a mut dyn ImageWriter,
+    skip_zeros: bool,
+    tokens: &'a std::sync::mpsc::SyncSender<()>,
+    pool: &'a BufferPool,
+}
+
+/// Places windows in order as workers finish them (out of order).
 fn commit_in_order(
     rx: Receiver<(u64, Result<Vec<Piece>>)>,
     windows: u64,
-    dst: &mut dyn ImageWriter,
-    skip_zeros: bool,
-    tokens: &std::sync::mpsc::SyncSender<()>,
+    sink: Sink<'_>,
     size: u64,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<()> {
+    let Sink {
+        dst,
+        skip_zeros,
+        tokens,
+        pool,
+    } = sink;
     let mut pending = BTreeMap::new();
     let mut want = 0u64;
     let mut done = 0u64;
@@ -149,7 +169,8 @@ fn commit_in_order(
                 match piece {
                     Piece::Data(e) => {
                         done += e.data.len() as u64;
-                        dst.write_encoded(e)?;
+                        dst.write_encoded(&e)?;
+                        pool.put(e.data);
                     }
                     Piece::Zero { offset, len } => {
                         done += len;
@@ -167,8 +188,35 @@ fn commit_in_order(
     Ok(())
 }
 
+/// Window buffers, reused so that each window does not fault in and zero
+/// fresh memory.
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// A buffer of `len` bytes (contents unspecified: callers overwrite it).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 64 {
+            pool.push(buf);
+        }
+    }
+}
+
 /// Reads one window and splits it into data and zero pieces.
 fn process_window(
+    pool: &BufferPool,
     src: &dyn ImageReader,
     encoder: &dyn Encoder,
     start: u64,
@@ -178,7 +226,7 @@ fn process_window(
     if unit != 0 && reads_as_zero(src, start, len)? {
         return Ok(vec![Piece::Zero { offset: start, len }]);
     }
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = pool.take(len as usize);
     src.read_at(&mut buf, start)?;
     if unit == 0 {
         return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
@@ -206,7 +254,7 @@ fn process_window(
     if pieces.len() == 1 && !pieces[0].0 {
         return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
     }
-    pieces
+    let out = pieces
         .into_iter()
         .map(|(zero, a, b)| {
             let offset = start + a as u64;
@@ -219,7 +267,9 @@ fn process_window(
                 encoder.encode(offset, buf[a..b].to_vec()).map(Piece::Data)
             }
         })
-        .collect()
+        .collect();
+    pool.put(buf);
+    out
 }
 
 /// True when the map says all of `[start, start+len)` reads as zero.
@@ -242,7 +292,16 @@ pub fn is_zero(buf: &[u8]) -> bool {
         // reinterprets the aligned middle of the slice.
         unsafe { buf.align_to::<u64>() }
     };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    // OR whole blocks so the compiler can vectorise; stop at the first
+    // block with a set bit.
+    let blocks = words.chunks_exact(16);
+    let rest = blocks.remainder();
+    head.iter().all(|&b| b == 0)
+        && blocks
+            .into_iter()
+            .all(|blk| blk.iter().fold(0, |acc, &w| acc | w) == 0)
+        && rest.iter().all(|&w| w == 0)
+        && tail.iter().all(|&b| b == 0)
 }
 
 /// Where two images first differ.

@@ -151,7 +151,7 @@ impl ImageWriter for RawWriter {
         Arc::new(PlainEncoder)
     }
 
-    fn write_encoded(&mut self, e: Encoded) -> Result<()> {
+    fn write_encoded(&mut self, e: &Encoded) -> Result<()> {
         write_all_at(&self.file, &self.path, &e.data, e.offset)
     }
 

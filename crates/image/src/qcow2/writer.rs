@@ -202,6 +202,8 @@ pub struct Qcow2Writer {
     /// The host cluster compressed data last went into, and how many
     /// compressed clusters it holds (refcounts have a maximum).
     packed: (u64, u64),
+    /// Compressed clusters waiting to be written: (host offset, bytes).
+    batch: (u64, Vec<u8>),
     layout: CompressedLayout,
 }
 
@@ -231,6 +233,7 @@ impl Qcow2Writer {
             l2: BTreeMap::new(),
             end: cs,
             packed: (0, 0),
+            batch: (0, Vec::new()),
         };
         // Check the header fits before any work is done.
         w.header_bytes(0, 0, 0, 0)?;
@@ -354,6 +357,14 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    fn flush_batch(&mut self) -> Result<()> {
+        if !self.batch.1.is_empty() {
+            write_all_at(&self.file, &self.path, &self.batch.1, self.batch.0)?;
+            self.batch.1.clear();
+        }
+        Ok(())
+    }
+
     /// Appends one compressed cluster and points `guest` at it.
     fn write_compressed(&mut self, packed: &[u8], guest: u64) -> Result<()> {
         let entry = self.entry(guest);
@@ -370,7 +381,12 @@ impl Qcow2Writer {
             start = self.end.div_ceil(self.cs) * self.cs;
         }
         let len = packed.len() as u64;
-        write_all_at(&self.file, &self.path, packed, start)?;
+        // Batch contiguous compressed clusters into one write.
+        if self.batch.0 + self.batch.1.len() as u64 != start {
+            self.flush_batch()?;
+            self.batch.0 = start;
+        }
+        self.batch.1.extend_from_slice(packed);
         let (first, last) = ((start & !511) / self.cs, (start + len - 1) / self.cs);
         self.packed = if self.packed.0 == first {
             (last, if last == first { self.packed.1 + 1 } else { 1 })
@@ -445,9 +461,9 @@ impl ImageWriter for Qcow2Writer {
         })
     }
 
-    fn write_encoded(&mut self, e: Encoded) -> Result<()> {
+    fn write_encoded(&mut self, e: &Encoded) -> Result<()> {
         self.check_range(e.offset, e.data.len() as u64)?;
-        let Some(packed) = e.compressed else {
+        let Some(packed) = &e.compressed else {
             return self.write_plain(&e.data, e.offset);
         };
         if e.offset % self.cs != 0 {
@@ -457,7 +473,7 @@ impl ImageWriter for Qcow2Writer {
             )
             .at_path(&self.path));
         }
-        for (i, (chunk, p)) in e.data.chunks(self.cs as usize).zip(&packed).enumerate() {
+        for (i, (chunk, p)) in e.data.chunks(self.cs as usize).zip(packed).enumerate() {
             let guest = e.offset + i as u64 * self.cs;
             if p.is_empty() {
                 self.write_plain(chunk, guest)?;
@@ -465,7 +481,7 @@ impl ImageWriter for Qcow2Writer {
                 self.write_compressed(p, guest)?;
             }
         }
-        Ok(())
+        self.flush_batch()
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
