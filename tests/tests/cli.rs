@@ -446,3 +446,51 @@ fn create_refuses_existing_file_and_missing_size() {
     assert!(stderr(&bad).contains("cluster_size"), "{}", stderr(&bad));
     tool_ok(d, "qemu-img", &["check", "a.qcow2"]);
 }
+
+#[test]
+fn convert_interrupted_by_sigint_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Dense, compressible data and tiny clusters: a convert of several
+    // seconds, long enough to interrupt once its temp file exists.
+    let f = std::fs::File::create(d.join("src.raw")).unwrap();
+    let line: Vec<u8> = (0..(1u32 << 20))
+        .flat_map(|i| (i % 251).to_le_bytes())
+        .collect();
+    for i in 0..64u64 {
+        std::os::unix::fs::FileExt::write_all_at(&f, &line, i * line.len() as u64).unwrap();
+    }
+    drop(f);
+    let mut child = std::process::Command::new(vmshift_tests::vmshift_bin())
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "cluster_size=512",
+            "src.raw",
+            "out.qcow2",
+        ])
+        .current_dir(d)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !names_in(d).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tool_ok(d, "kill", &["-INT", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "interrupted convert must fail");
+    assert_eq!(
+        names_in(d),
+        ["src.raw"],
+        "an interrupted convert left files behind"
+    );
+}

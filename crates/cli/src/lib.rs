@@ -4,5 +4,6 @@
 pub mod args;
 pub mod cmd;
 mod progress;
+pub mod signals;
 
 pub use args::{command, Cli};

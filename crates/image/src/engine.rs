@@ -24,6 +24,8 @@ pub struct ConvertOptions {
     pub target_is_zero: bool,
     /// Worker threads for reading and encoding.
     pub threads: usize,
+    /// Polled between windows: when set, the copy stops with an error.
+    pub cancel: Option<&'static AtomicBool>,
 }
 
 impl Default for ConvertOptions {
@@ -32,6 +34,7 @@ impl Default for ConvertOptions {
             min_sparse: 4096,
             target_is_zero: false,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cancel: None,
         }
     }
 }
@@ -121,6 +124,7 @@ pub fn convert(
             skip_zeros,
             tokens: &token_tx,
             pool: &pool,
+            cancel: opts.cancel,
         };
         let outcome = commit_in_order(rx, windows, sink, size, progress);
         if outcome.is_err() {
@@ -140,6 +144,7 @@ struct Sink<'a> {
     skip_zeros: bool,
     tokens: &'a std::sync::mpsc::SyncSender<()>,
     pool: &'a BufferPool,
+    cancel: Option<&'static AtomicBool>,
 }
 
 /// Places windows in order as workers finish them (out of order).
@@ -155,11 +160,15 @@ fn commit_in_order(
         skip_zeros,
         tokens,
         pool,
+        cancel,
     } = sink;
     let mut pending = BTreeMap::new();
     let mut want = 0u64;
     let mut done = 0u64;
     while want < windows {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::new(ErrorKind::Io, "interrupted"));
+        }
         let (w, result) = rx
             .recv()
             .map_err(|_| Error::new(ErrorKind::Io, "a copy worker stopped unexpectedly"))?;

@@ -39,6 +39,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     let opts = ConvertOptions {
         min_sparse,
         target_is_zero: args.target_is_zero,
+        cancel: Some(&crate::signals::INTERRUPTED),
         ..ConvertOptions::default()
     };
     let progress = Progress::new(src.size(), args.progress);
