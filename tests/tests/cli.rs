@@ -494,3 +494,146 @@ fn convert_interrupted_by_sigint_leaves_nothing() {
         "an interrupted convert left files behind"
     );
 }
+
+#[test]
+fn convert_n_failing_midway_leaves_the_precreated_qcow2_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "src.raw", "bad.qcow2"],
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("bad.qcow2"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 65536).unwrap();
+    drop(f);
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "pre.qcow2", "8M"]);
+    let out = vmshift(
+        d,
+        &["convert", "-n", "-O", "qcow2", "bad.qcow2", "pre.qcow2"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    tool_ok(d, "qemu-img", &["check", "pre.qcow2"]);
+}
+
+#[test]
+fn convert_n_into_a_backing_file_of_the_source_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("base.raw"), 4 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    );
+    let before = stamp(&d.join("base.raw"));
+    let out = vmshift(d, &["convert", "-n", "-O", "raw", "top.qcow2", "base.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("which the source reads"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stamp(&d.join("base.raw")) == before);
+}
+
+#[test]
+fn convert_odd_size_rounds_qcow2_up_to_a_sector() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("odd.raw"), vec![0x5au8; 1000]).unwrap();
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "odd.raw",
+            "odd.qcow2",
+        ],
+    );
+    let info = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "odd.qcow2"]).stdout);
+    assert_eq!(info["virtual-size"], 1024);
+    tool_ok(d, "qemu-img", &["compare", "odd.raw", "odd.qcow2"]);
+}
+
+#[test]
+fn convert_compressed_with_sparse_size_above_cluster_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    vmshift_ok(
+        d,
+        &[
+            "convert", "-c", "-S", "96k", "-O", "qcow2", "src.raw", "c.qcow2",
+        ],
+    );
+    tool_ok(d, "qemu-img", &["check", "c.qcow2"]);
+    tool_ok(d, "qemu-img", &["compare", "src.raw", "c.qcow2"]);
+}
+
+#[test]
+fn create_preallocated_overlay_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    let out = vmshift(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "o.qcow2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("hide the backing"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn info_backing_offset_overflow_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "a.qcow2", "4M"]);
+    let mut bytes = std::fs::read(d.join("a.qcow2")).unwrap();
+    bytes[8..16].copy_from_slice(&0xffff_ffff_ffff_fff0u64.to_be_bytes());
+    bytes[16..20].copy_from_slice(&0x20u32.to_be_bytes());
+    std::fs::write(d.join("a.qcow2"), bytes).unwrap();
+    let out = vmshift(d, &["info", "a.qcow2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("backing_file_offset"),
+        "{}",
+        stderr(&out)
+    );
+}

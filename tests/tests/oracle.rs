@@ -395,6 +395,39 @@ fn qcow2_external_data_file_reads_like_qemu() {
 }
 
 #[test]
+fn qcow2_raw_external_data_file_reads_guest_cluster_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=img.data,data_file_raw=on",
+            "img.qcow2",
+            "8M",
+        ],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x6b 0 256k",
+            "-c",
+            "write -P 0x6c 5M 64k",
+            "img.qcow2",
+        ],
+    );
+    assert_raw_identical(d, "img.qcow2");
+    assert_info_agrees(d, "img.qcow2", &[]);
+    assert_map_agrees(d, "img.qcow2");
+}
+
+#[test]
 fn raw_to_qcow2_every_writer_option_passes_qemu_check() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -6,7 +6,6 @@ use vmshift::{cmd, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    vmshift::signals::install();
     let (result, error_code) = match &cli.command {
         Command::Info(a) => (cmd::info::run(a), 1),
         Command::Create(a) => (cmd::create::run(a), 1),

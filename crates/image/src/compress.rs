@@ -61,6 +61,10 @@ fn inflate(zlib_header: bool, input: &[u8], out: &mut [u8]) -> Result<(), String
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
     let mut dec = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+    // A cluster is at most 2 MiB: refuse frames that ask for a larger
+    // window (and so for more memory).
+    dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(22))
+        .map_err(|e| format!("zstd: {e}"))?;
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {

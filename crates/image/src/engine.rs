@@ -67,11 +67,8 @@ pub fn convert(
     }
     let gran = dst.granularity().max(512);
     let window = WINDOW.max(gran) / gran * gran;
-    let unit = if opts.min_sparse == 0 {
-        0
-    } else {
-        opts.min_sparse.max(gran)
-    };
+    // Zero detection never splits an allocation unit of the target.
+    let unit = opts.min_sparse.div_ceil(gran) * gran;
     let skip_zeros = dst.zero_initialized() || opts.target_is_zero;
     let encoder = dst.encoder();
     let windows = size.div_ceil(window);
@@ -112,7 +109,17 @@ pub fn convert(
                 }
                 let start = w * window;
                 let len = window.min(size - start);
-                let result = process_window(pool, src, &*encoder, start, len, unit);
+                // A panic in a driver must not leave the committer waiting
+                // for this window forever: it becomes this window's error.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    process_window(pool, src, &*encoder, start, len, unit)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorKind::Io,
+                        format!("internal error while copying the window at {start:#x}"),
+                    ))
+                });
                 if tx.send((w, result)).is_err() {
                     return;
                 }

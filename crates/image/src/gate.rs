@@ -8,6 +8,9 @@
 //! the folder of the naming file; the user adds roots or opens the gate
 //! entirely, explicitly.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -134,6 +137,45 @@ impl Gate {
             }
         }
         Ok(canonical)
+    }
+}
+
+impl Gate {
+    /// Resolves `name` like [`resolve`](Gate::resolve) and opens it
+    /// read-only, then checks that what was opened is what was checked: the
+    /// descriptor's own path (from /proc) must be the resolved path, so a
+    /// symlink swapped in between cannot redirect the open. FIFOs cannot
+    /// block the open (O_NONBLOCK) and the last component is not followed.
+    pub fn open(&self, referrer: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {
+        let path = self.resolve(referrer, name, what)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| Error::io(&path, format!("opening the {what}"), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(&path, "reading file metadata", e))?;
+        if !self.allow_outside && !meta.is_file() {
+            return Err(
+                Error::new(ErrorKind::Refused, format!("{what} is not a regular file"))
+                    .at_path(&path),
+            );
+        }
+        let fd_path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if let Ok(actual) = fd_path {
+            if actual != path {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "{what} changed while it was being opened (now {})",
+                        actual.display()
+                    ),
+                )
+                .at_path(referrer));
+            }
+        }
+        Ok((path, file))
     }
 }
 

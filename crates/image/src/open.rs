@@ -49,7 +49,8 @@ pub fn open_image(
         opts,
         seen: vec![canonical(path)],
     };
-    chain.open(path, path, format)
+    let file = File::open(path).map_err(|e| Error::io(path, "opening the image", e))?;
+    chain.open(file, path, format)
 }
 
 fn canonical(path: &Path) -> PathBuf {
@@ -64,15 +65,14 @@ struct Chain<'a> {
 }
 
 impl Chain<'_> {
-    /// Opens the file at `open_path`, naming it `path` (as the user or the
-    /// image above named it) in messages and `info`.
+    /// Reads the open `file`, naming it `path` (as the user or the image
+    /// above named it) in messages and `info`.
     fn open(
         &self,
-        open_path: &Path,
+        file: File,
         path: &Path,
         format: Option<DiskFormat>,
     ) -> Result<Box<dyn ImageReader>> {
-        let file = File::open(open_path).map_err(|e| Error::io(path, "opening the image", e))?;
         let probed = probe(&file, path)?;
         let format = match format {
             Some(DiskFormat::Raw) => DiskFormat::Raw,
@@ -108,7 +108,7 @@ impl ChainOpener for Chain<'_> {
         name: &str,
         format: Option<&str>,
     ) -> Result<(Box<dyn ImageReader>, Option<String>)> {
-        let path = self.opts.gate.resolve(image, name, "backing file")?;
+        let (path, file) = self.opts.gate.open(image, name, "backing file")?;
         if self.seen.contains(&path) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -143,21 +143,19 @@ impl ChainOpener for Chain<'_> {
                         .at_path(image)
                         .field("backing format")
                 })?;
-                Ok((next.open(&path, &display, Some(f))?, None))
+                Ok((next.open(file, &display, Some(f))?, None))
             }
             None => {
-                let file = File::open(&path)
-                    .map_err(|e| Error::io(&path, "opening the backing file", e))?;
                 let f = probe(&file, &path)?;
                 Ok((
-                    next.open(&path, &display, Some(f))?,
+                    next.open(file, &display, Some(f))?,
                     Some(f.name().to_string()),
                 ))
             }
         }
     }
 
-    fn resolve_data_file(&self, image: &Path, name: &str) -> Result<PathBuf> {
-        self.opts.gate.resolve(image, name, "external data file")
+    fn open_data_file(&self, image: &Path, name: &str) -> Result<(PathBuf, File)> {
+        self.opts.gate.open(image, name, "external data file")
     }
 }

@@ -47,6 +47,10 @@ impl AtomicOutput {
                 .open(&temp)
             {
                 Ok(file) => {
+                    // A replaced file keeps its permissions.
+                    if let Ok(old) = std::fs::metadata(target) {
+                        let _ = file.set_permissions(old.permissions());
+                    }
                     let out = AtomicOutput {
                         target: target.to_path_buf(),
                         temp,

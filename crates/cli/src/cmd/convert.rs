@@ -17,10 +17,16 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         bail!("-S {}: must be a multiple of 512 bytes", args.sparse_size);
     }
     let src = super::open(&args.source, args.format, &args.gate, true)?;
-    if same_file(&args.source, &args.target) {
+    // The target must not be any file the source reads (its backing
+    // files included): writing it would corrupt what is being copied.
+    if let Some(layer) = super::chain(src.as_ref())
+        .into_iter()
+        .find(|l| same_file(l.path(), &args.target))
+    {
         bail!(
-            "{}: source and target are the same file",
-            args.target.display()
+            "{}: the target is {}, which the source reads",
+            args.target.display(),
+            layer.path().display()
         );
     }
     let format: DiskFormat = args.output_format.into();
@@ -42,6 +48,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         cancel: Some(&crate::signals::INTERRUPTED),
         ..ConvertOptions::default()
     };
+    crate::signals::install();
     let progress = Progress::new(src.size(), args.progress);
     let report = |done, total| progress.update(done, total);
     if args.no_create {

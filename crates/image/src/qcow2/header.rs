@@ -28,7 +28,13 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 pub const INCOMPAT_KNOWN: u64 = 0x1f;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+/// QEMU's limits on persistent bitmaps.
+pub const MAX_BITMAPS: u32 = 65535;
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
+/// The largest file offset (QEMU's `INT64_MAX`): no table may end past it.
+pub const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 
 /// Names QEMU gives the feature bits it knows, used when an image carries
 /// no feature-name table of its own.
@@ -297,11 +303,15 @@ impl Header {
                     if data.len() < 24 {
                         return Err(ctx.invalid("bitmaps extension", off, "shorter than 24 bytes"));
                     }
-                    self.bitmaps = Some((
+                    let bitmaps = (
                         BigEndian::read_u32(&data[0..4]),
                         BigEndian::read_u64(&data[8..16]),
                         BigEndian::read_u64(&data[16..24]),
-                    ));
+                    );
+                    if self.autoclear & AUTOCLEAR_BITMAPS != 0 {
+                        check_bitmaps_ext(bitmaps, cluster_size, off, ctx)?;
+                    }
+                    self.bitmaps = Some(bitmaps);
                 }
                 EXT_CRYPTO => {
                     return Err(ctx.unsupported(
@@ -325,8 +335,8 @@ impl Header {
                 ));
             }
             let start = self.backing_file_offset;
-            let stop = start + u64::from(self.backing_file_size);
-            if stop > cluster_size.min(buf.len() as u64) {
+            let stop = start.checked_add(u64::from(self.backing_file_size));
+            if stop.is_none_or(|stop| stop > cluster_size.min(buf.len() as u64)) {
                 return Err(ctx.invalid(
                     "backing_file_offset",
                     8,
@@ -458,6 +468,17 @@ impl Header {
                 ),
             ));
         }
+        let reftable_bytes = u64::from(self.refcount_table_clusters) * cs;
+        if self.refcount_table_offset > MAX_FILE_OFFSET - reftable_bytes {
+            return Err(ctx.invalid(
+                "refcount_table_offset",
+                48,
+                format!(
+                    "the {reftable_bytes}-byte refcount table at {:#x} would end past the largest file offset",
+                    self.refcount_table_offset
+                ),
+            ));
+        }
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(ctx.invalid(
                 "nb_snapshots",
@@ -486,6 +507,32 @@ impl Header {
         }
         Ok(())
     }
+}
+
+/// QEMU's checks of a bitmaps extension it honours (autoclear bit 0 set),
+/// and a directory that must end at a possible file offset.
+fn check_bitmaps_ext(
+    (count, dir_size, dir_offset): (u32, u64, u64),
+    cluster_size: u64,
+    off: u64,
+    ctx: &Ctx,
+) -> Result<()> {
+    let why = if count == 0 {
+        "has zero bitmaps".to_string()
+    } else if count > MAX_BITMAPS {
+        format!("has {count} bitmaps, more than QEMU's limit of {MAX_BITMAPS}")
+    } else if dir_offset % cluster_size != 0 {
+        format!("bitmap directory offset {dir_offset:#x} is not cluster aligned")
+    } else if dir_size > MAX_BITMAP_DIRECTORY_BYTES {
+        format!("bitmap directory of {dir_size} bytes exceeds QEMU's 64 MiB limit")
+    } else if dir_offset > MAX_FILE_OFFSET - dir_size {
+        format!(
+            "the {dir_size}-byte bitmap directory at {dir_offset:#x} would end past the largest file offset"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ctx.invalid("bitmaps extension", off, why))
 }
 
 fn ext_string(data: &[u8], what: &str, off: u64, ctx: &Ctx) -> Result<String> {
@@ -530,7 +577,14 @@ impl HeaderOut<'_> {
     }
 
     fn encode(&self, with_features: bool) -> Vec<u8> {
-        let mut b = vec![0u8; 8192];
+        let room = 112
+            + 8
+            + self.backing_format.map_or(0, |f| f.len() + 16)
+            + 8
+            + KNOWN_FEATURES.len() * 48
+            + 8
+            + self.backing_file.map_or(0, str::len);
+        let mut b = vec![0u8; room];
         let header_len: u32 = if self.version == 3 {
             112
         } else {

@@ -107,8 +107,8 @@ pub trait ChainOpener {
         format: Option<&str>,
     ) -> Result<(Box<dyn ImageReader>, Option<String>)>;
 
-    /// Resolves the external data file `name` stored in `image`.
-    fn resolve_data_file(&self, image: &Path, name: &str) -> Result<PathBuf>;
+    /// Opens the external data file `name` stored in `image`.
+    fn open_data_file(&self, image: &Path, name: &str) -> Result<(PathBuf, File)>;
 }
 
 impl Qcow2Reader {
@@ -147,9 +147,7 @@ impl Qcow2Reader {
         let snapshots = read_snapshots(&file, &ctx, &header, file_len)?;
         let data = match &header.data_file {
             Some(name) if header.incompatible & header::INCOMPAT_DATA_FILE != 0 => {
-                let p = opener.resolve_data_file(path, name)?;
-                let f = File::open(&p)
-                    .map_err(|e| Error::io(&p, "opening the external data file", e))?;
+                let (p, f) = opener.open_data_file(path, name)?;
                 let len = crate::fileio::file_len(&f, &p)?;
                 Some((f, p, len))
             }
@@ -266,9 +264,19 @@ impl Qcow2Reader {
         guest: u64,
     ) -> Result<Cluster> {
         if entry & OFLAG_COMPRESSED != 0 {
+            if self.data.is_some() {
+                return Err(self.ctx.corrupt(
+                    "L2 entry",
+                    guest,
+                    format!("compressed cluster at guest offset {guest:#x} in an image with an external data file"),
+                ));
+            }
             return Ok(Cluster::Compressed(entry));
         }
         let host = entry & OFFSET_MASK;
+        // With an external data file, host offset 0 is real data when the
+        // entry is marked allocated (QEMU maps guest cluster 0 there).
+        let allocated_at_zero = self.data.is_some() && entry & OFLAG_COPIED != 0;
         let cs = self.header.cluster_size();
         if host % cs != 0 {
             return Err(self.ctx.corrupt(
@@ -290,7 +298,7 @@ impl Qcow2Reader {
                     ))
                 }
                 (_, true) => Cluster::Zero((host != 0).then_some(sub_host)),
-                (true, false) if host == 0 => {
+                (true, false) if host == 0 && !allocated_at_zero => {
                     return Err(self.ctx.corrupt(
                         "L2 entry",
                         guest,
@@ -301,9 +309,16 @@ impl Qcow2Reader {
                 (false, false) => Cluster::Unallocated((host != 0).then_some(sub_host)),
             });
         }
+        if entry & OFLAG_ZERO != 0 && self.header.version == 2 {
+            return Err(self.ctx.corrupt(
+                "L2 entry",
+                guest,
+                format!("zero flag at guest offset {guest:#x} in a version 2 image (it has no zero clusters)"),
+            ));
+        }
         Ok(if entry & OFLAG_ZERO != 0 {
-            Cluster::Zero((host != 0).then_some(host))
-        } else if host == 0 {
+            Cluster::Zero((host != 0 || allocated_at_zero).then_some(host))
+        } else if host == 0 && !allocated_at_zero {
             Cluster::Unallocated(None)
         } else {
             Cluster::Data(host)

@@ -102,8 +102,19 @@ impl Qcow2Options {
                 }
             }
             "lazy_refcounts" => self.lazy_refcounts = parse_bool(value).ok_or_else(|| bad("expected on or off".into()))?,
-            "backing_file" => self.backing_file = Some(value.to_string()),
-            "backing_fmt" => self.backing_format = Some(value.to_string()),
+            "backing_file" => {
+                if value.is_empty() || value.len() > header::MAX_BACKING_NAME as usize {
+                    return Err(bad(format!(
+                        "a backing file name has 1 to {} bytes",
+                        header::MAX_BACKING_NAME
+                    )));
+                }
+                self.backing_file = Some(value.to_string())
+            }
+            "backing_fmt" => {
+                let f: vmshift_model::DiskFormat = value.parse().map_err(bad)?;
+                self.backing_format = Some(f.name().to_string())
+            }
             "preallocation" => {
                 self.preallocation = match value {
                     "off" => Preallocation::Off,
@@ -141,6 +152,10 @@ impl Qcow2Options {
         }
         if self.compress_data && self.preallocation != Preallocation::Off {
             return bad("compressed output cannot be preallocated");
+        }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+            // Every cluster would be allocated, hiding the backing file.
+            return bad("preallocation with a backing file would hide the backing file's data");
         }
         Ok(())
     }
@@ -210,7 +225,22 @@ pub struct Qcow2Writer {
 impl Qcow2Writer {
     /// Starts a new image of `size` bytes in `file` (empty, writable).
     pub fn create(file: File, path: &Path, size: u64, opts: Qcow2Options) -> Result<Self> {
+        Self::create_after(file, path, size, opts, 0)
+    }
+
+    /// Like [`create`](Self::create), but places every new cluster after
+    /// byte `keep` of the file: what lies before it (an old image's
+    /// header and tables) stays intact until `finish` writes the header.
+    fn create_after(
+        file: File,
+        path: &Path,
+        size: u64,
+        opts: Qcow2Options,
+        keep: u64,
+    ) -> Result<Self> {
         opts.validate()?;
+        // QEMU counts the virtual size in 512-byte sectors and rounds up.
+        let size = size.div_ceil(512) * 512;
         let cs = 1u64 << opts.cluster_bits;
         let l2_entries = cs / 8;
         let coverage = cs * l2_entries;
@@ -231,7 +261,7 @@ impl Qcow2Writer {
             cs,
             l2_entries,
             l2: BTreeMap::new(),
-            end: cs,
+            end: keep.div_ceil(cs).max(1) * cs,
             packed: (0, 0),
             batch: (0, Vec::new()),
         };
@@ -561,6 +591,17 @@ impl ImageWriter for Qcow2Writer {
             }
             (blocks, rt_clusters) = (b, t);
         }
+        if rt_clusters * cs > header::MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the image needs a refcount table of {} bytes, over QEMU's 8 MiB limit; \
+                     use larger clusters or fewer refcount bits",
+                    rt_clusters * cs
+                ),
+            )
+            .at_path(&self.path));
+        }
         let rb_offset = base * cs;
         let rt_offset = rb_offset + blocks * cs;
         for c in base..base + blocks + rt_clusters {
@@ -695,11 +736,16 @@ impl Qcow2Writer {
             "L1 table",
             len,
         )?;
-        if l1.iter().any(|&e| e & OFFSET_MASK != 0) || h.nb_snapshots != 0 || h.data_file.is_some()
+        if l1.iter().any(|&e| e & OFFSET_MASK != 0)
+            || h.nb_snapshots != 0
+            || h.data_file.is_some()
+            || h.extended_l2()
+            || h.bitmaps.is_some()
         {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                "-n into a qcow2 image that already holds data, snapshots or an external data file; \
+                "-n into a qcow2 image that already holds data, snapshots, bitmaps, extended L2 \
+                 entries or an external data file; \
                  only a freshly created (empty) qcow2 can be written in place",
             )
             .at_path(path));
@@ -725,9 +771,9 @@ impl Qcow2Writer {
             backing_format: h.backing_format.clone(),
             preallocation: Preallocation::Off,
         };
-        file.set_len(0)
-            .map_err(|e| Error::io(path, "emptying the target image", e))?;
-        Qcow2Writer::create(file, path, h.size, opts)
+        // Build the new image after the old one's end: until `finish`
+        // writes the new header, the file is still the old, valid image.
+        Qcow2Writer::create_after(file, path, h.size, opts, len)
     }
 }
 
