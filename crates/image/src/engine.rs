@@ -33,7 +33,9 @@ impl Default for ConvertOptions {
         ConvertOptions {
             min_sparse: 4096,
             target_is_zero: false,
-            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            // Beyond 8 workers the disk, not the CPU, limits a copy; the cap
+            // also bounds memory (2 MiB windows in flight per worker).
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             cancel: None,
         }
     }

@@ -333,7 +333,9 @@ impl Checker<'_> {
         }
         self.inc(dir_offset, dir_size);
         let mut dir = vec![0u8; dir_size as usize];
-        read_up_to_at(self.file, self.r.path_ref(), &mut dir, dir_offset)?;
+        if dir_offset < self.r.file_len() {
+            read_up_to_at(self.file, self.r.path_ref(), &mut dir, dir_offset)?;
+        }
         let mut pos = 0usize;
         for _ in 0..count {
             if pos + 24 > dir.len() {
