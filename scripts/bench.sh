@@ -2,7 +2,10 @@
 # Times vmshift and qemu-img side by side on the same files and prints a
 # Markdown table for BENCHMARKS.md: median wall time of $RUNS runs (page
 # cache warm: every input is read once before timing), peak RSS, and the
-# ratio vmshift / qemu-img (below 1.0: vmshift is faster).
+# ratio vmshift / qemu-img (below 1.0: vmshift is faster). qemu-img convert
+# does not sync its output by default (cache mode unsafe); vmshift always
+# does (its output is atomic and durable), so qemu-img also runs with
+# -t writeback, which syncs at the end, for a like-for-like column.
 #
 #   scripts/bench.sh [WORKDIR]     (default WORKDIR: /tmp/vmshift-bench, ~8 GiB)
 set -euo pipefail
@@ -32,18 +35,21 @@ for set in dense sparse; do
     [ -f "$work/$set.zstd.qcow2" ] || qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$work/$set.raw" "$work/$set.zstd.qcow2"
 done
 
-# median wall seconds and max peak RSS (KiB) of RUNS runs of a command
+# median wall seconds and max peak RSS (KiB) of RUNS runs of a command; the
+# last run's output is left in place. Dirty pages of earlier runs are
+# flushed first (sync) so they do not slow the run being timed.
 measure() {
     local out=$1; shift
     local times=() rss=0
     for _ in $(seq "$RUNS"); do
         rm -f "$out"
+        sync
+        /usr/bin/time -f '%e %M' -o "$work/time.txt" "$@" >/dev/null 2>&1
         local r
-        r=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -n1)
+        r=$(tail -n1 "$work/time.txt")
         times+=("${r% *}")
         [ "${r#* }" -gt "$rss" ] && rss=${r#* }
     done
-    rm -f "$out"
     local med
     med=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
     echo "$med $rss"
@@ -52,25 +58,23 @@ measure() {
 row() { # name src srcfmt dstfmt [extra args...]
     local name=$1 src=$2 sf=$3 df=$4; shift 4
     cat "$work/$src" >/dev/null # warm the cache
-    local q v
+    local q w v
     q=$(measure "$work/out.q" qemu-img convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.q")
+    w=$(measure "$work/out.q" qemu-img convert -t writeback -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.q")
     v=$(measure "$work/out.v" "$vmshift" convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.v")
-    # Output sizes (one more run each, kept for the comparison).
-    qemu-img convert -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.q"
-    "$vmshift" convert --force -f "$sf" -O "$df" "$@" "$work/$src" "$work/out.v"
     qemu-img compare -q "$work/out.q" "$work/out.v"
     local qs vs
     qs=$(du -k "$work/out.q" | cut -f1)
     vs=$(du -k "$work/out.v" | cut -f1)
     rm -f "$work/out.q" "$work/out.v"
-    awk -v n="$name" -v qt="${q% *}" -v qm="${q#* }" -v vt="${v% *}" -v vm="${v#* }" -v qs="$qs" -v vs="$vs" \
-        'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.1f | %.1f | %.0f | %.0f |\n", n, qt, vt, (qt > 0 ? vt / qt : 0), qm / 1024, vm / 1024, qs / 1024, vs / 1024 }'
+    awk -v n="$name" -v qt="${q% *}" -v wt="${w% *}" -v qm="${q#* }" -v vt="${v% *}" -v vm="${v#* }" -v qs="$qs" -v vs="$vs" \
+        'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %.0f | %.0f |\n", n, qt, wt, vt, (qt > 0 ? vt / qt : 0), (wt > 0 ? vt / wt : 0), qm / 1024, vm / 1024, qs / 1024, vs / 1024 }'
 }
 
 echo "qemu-img: $(qemu-img --version | head -n1); vmshift: $($vmshift --version); $(nproc) cores; page cache warm; median of $RUNS runs"
 echo
-echo "| conversion | qemu-img s | vmshift s | ratio | qemu-img MiB RSS | vmshift MiB RSS | qemu-img out MiB | vmshift out MiB |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| conversion | qemu-img s | qemu-img -t writeback s | vmshift s | ratio | ratio vs writeback | qemu-img MiB RSS | vmshift MiB RSS | qemu-img out MiB | vmshift out MiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for set in dense sparse; do
     row "$set raw → qcow2" "$set.raw" raw qcow2
     row "$set qcow2 → raw" "$set.qcow2" qcow2 raw

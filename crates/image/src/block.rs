@@ -6,13 +6,17 @@
 //! through `&self`, so one reader can serve a guest's disk or a parallel copy
 //! from several threads.
 //!
-//! A writer takes data in two steps: [`Encoder::encode`] does the CPU work
-//! (compression) and may run on any thread; [`ImageWriter::write_encoded`]
-//! places the result, in order, on one thread. The copy engine drives both
-//! without knowing the format.
+//! A writer takes data in three steps: [`Encoder::encode`] does the CPU
+//! work (compression) and may run on any thread; [`ImageWriter::plan`]
+//! decides where the result goes and updates the metadata, in order, under
+//! the writer's `&mut`; [`WritePlan::execute`] writes the bytes and may run
+//! on any thread again. The copy engine drives all three without knowing
+//! the format.
 
 use std::fmt;
-use std::path::Path;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -172,6 +176,51 @@ impl Encoder for PlainEncoder {
     }
 }
 
+/// Where bytes of a planned write come from.
+#[derive(Debug)]
+pub enum WriteSource {
+    /// A range of the encoded chunk's data.
+    Data(Range<usize>),
+    /// Bytes the plan made itself (compressed clusters, padding).
+    Owned(Vec<u8>),
+}
+
+/// One positioned write decided by [`ImageWriter::plan`].
+#[derive(Debug)]
+pub struct PlannedWrite {
+    /// Byte offset in the target file.
+    pub host_offset: u64,
+    /// What to write there.
+    pub source: WriteSource,
+}
+
+/// The data writes for one encoded chunk, to run on any thread. The
+/// metadata that points at them is already updated in the writer.
+#[derive(Debug)]
+pub struct WritePlan {
+    /// The file to write to.
+    pub file: Arc<File>,
+    /// Its path, for errors.
+    pub path: PathBuf,
+    /// The writes, in any order.
+    pub writes: Vec<PlannedWrite>,
+}
+
+impl WritePlan {
+    /// Performs the writes; `data` is the encoded chunk's data.
+    pub fn execute(&self, data: &[u8]) -> Result<()> {
+        for w in &self.writes {
+            let bytes = match &w.source {
+                WriteSource::Data(r) => &data[r.clone()],
+                WriteSource::Owned(v) => &v[..],
+            };
+            crate::fileio::write_all_at(&self.file, &self.path, bytes, w.host_offset)?;
+            crate::fileio::start_writeback(&self.file, w.host_offset, bytes.len() as u64);
+        }
+        Ok(())
+    }
+}
+
 /// Writes a disk image.
 pub trait ImageWriter: Send + fmt::Debug {
     /// The virtual disk size in bytes.
@@ -188,8 +237,14 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// The encoder to prepare data with (may be shared across threads).
     fn encoder(&self) -> Arc<dyn Encoder>;
 
-    /// Places data prepared by this writer's encoder.
-    fn write_encoded(&mut self, encoded: &Encoded) -> Result<()>;
+    /// Decides where data prepared by this writer's encoder goes and
+    /// updates the metadata; the returned plan writes the bytes.
+    fn plan(&mut self, encoded: &Encoded) -> Result<WritePlan>;
+
+    /// Places data prepared by this writer's encoder (plan and execute).
+    fn write_encoded(&mut self, encoded: &Encoded) -> Result<()> {
+        self.plan(encoded)?.execute(&encoded.data)
+    }
 
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;

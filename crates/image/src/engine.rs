@@ -4,15 +4,14 @@
 //! says reads as zero is skipped (or zeroed in a target that is not
 //! zero-initialized); any other window is read, split into data and zero
 //! units (zero detection at `-S` granularity, never finer than the target's
-//! allocation unit), and encoded — on worker threads, so decompression and
-//! compression use every core — then placed in order by one thread.
+//! allocation unit), and encoded on worker threads, so decompression and
+//! compression use every core. The writer plans each window's placement in
+//! guest order; the data writes themselves run in parallel.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::block::{BlockState, Encoded, Encoder, Extent, ImageReader, ImageWriter};
+use crate::block::{BlockState, Encoded, Encoder, Extent, ImageReader, ImageWriter, WritePlan};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How `convert` treats zeros and parallelism.
@@ -43,14 +42,13 @@ impl Default for ConvertOptions {
 
 const WINDOW: u64 = 2 << 20;
 
-/// What one window of the source turned into.
-enum Piece {
-    Data(Encoded),
-    Zero { offset: u64, len: u64 },
-}
-
 /// Copies `src` into `dst` (which must be at least as large), calling
 /// `progress(done, total)` as windows complete.
+///
+/// Each worker takes the next window, reads and encodes it, then waits for
+/// its turn to have the writer plan it (metadata, in guest order, under one
+/// lock) and performs the planned writes itself, outside the lock: reads,
+/// compression and data writes of different windows all overlap.
 pub fn convert(
     src: &dyn ImageReader,
     dst: &mut dyn ImageWriter,
@@ -68,142 +66,169 @@ pub fn convert(
         ));
     }
     let gran = dst.granularity().max(512);
-    let window = WINDOW.max(gran) / gran * gran;
-    // Zero detection never splits an allocation unit of the target.
-    let unit = opts.min_sparse.div_ceil(gran) * gran;
-    let skip_zeros = dst.zero_initialized() || opts.target_is_zero;
-    let encoder = dst.encoder();
-    let windows = size.div_ceil(window);
-    let threads = opts.threads.max(1);
-    let failed = AtomicBool::new(false);
-    let next = Mutex::new(0u64);
-    let pool = BufferPool::default();
-
-    // Tokens bound the windows in flight (and so the memory in use).
-    let in_flight = threads * 2 + 2;
-    let (token_tx, token_rx) = sync_channel::<()>(in_flight + threads);
-    for _ in 0..in_flight {
-        let _ = token_tx.send(());
-    }
-    let token_rx = Mutex::new(token_rx);
-    let (tx, rx) = sync_channel::<(u64, Result<Vec<Piece>>)>(in_flight);
-    std::thread::scope(|scope| -> Result<()> {
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let encoder = encoder.clone();
-            let (next, failed, token_rx, pool) = (&next, &failed, &token_rx, &pool);
-            scope.spawn(move || loop {
-                if token_rx
-                    .lock()
-                    .map(|r| r.recv())
-                    .map_or(true, |r| r.is_err())
-                {
-                    return;
-                }
-                let w = {
-                    let mut n = next.lock().unwrap_or_else(|p| p.into_inner());
-                    let w = *n;
-                    *n += 1;
-                    w
-                };
-                if w >= windows || failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let start = w * window;
-                let len = window.min(size - start);
-                // A panic in a driver must not leave the committer waiting
-                // for this window forever: it becomes this window's error.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    process_window(pool, src, &*encoder, start, len, unit)
-                }))
-                .unwrap_or_else(|_| {
-                    Err(Error::new(
-                        ErrorKind::Io,
-                        format!("internal error while copying the window at {start:#x}"),
-                    ))
-                });
-                if tx.send((w, result)).is_err() {
-                    return;
-                }
-            });
-        }
-        drop(tx);
-        let sink = Sink {
+    let job = Job {
+        src,
+        encoder: dst.encoder(),
+        window: WINDOW.max(gran) / gran * gran,
+        // Zero detection never splits an allocation unit of the target.
+        unit: opts.min_sparse.div_ceil(gran) * gran,
+        skip_zeros: dst.zero_initialized() || opts.target_is_zero,
+        size,
+        cancel: opts.cancel,
+        next_window: AtomicU64::new(0),
+        pool: BufferPool::default(),
+        turn: Mutex::new(Turn {
             dst,
-            skip_zeros,
-            tokens: &token_tx,
-            pool: &pool,
-            cancel: opts.cancel,
-        };
-        let outcome = commit_in_order(rx, windows, sink, size, progress);
-        if outcome.is_err() {
-            failed.store(true, Ordering::Relaxed);
+            next: 0,
+            done: 0,
+            error: None,
+        }),
+        turn_changed: Condvar::new(),
+        progress,
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..opts.threads.max(1) {
+            scope.spawn(|| job.work());
         }
-        // Unblock workers waiting for a token so the scope can end.
-        for _ in 0..threads {
-            let _ = token_tx.try_send(());
-        }
-        outcome
-    })
+    });
+    let turn = job.turn.into_inner().unwrap_or_else(|p| p.into_inner());
+    match turn.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-/// Where finished windows go: the writer, and what to give back.
-struct Sink<'a> {
+/// What one window of the source turned into.
+enum Piece {
+    Data(Encoded),
+    Zero { offset: u64, len: u64 },
+}
+
+/// The writer, and whose turn it is to use it.
+struct Turn<'a> {
     dst: &'a mut dyn ImageWriter,
-    skip_zeros: bool,
-    tokens: &'a std::sync::mpsc::SyncSender<()>,
-    pool: &'a BufferPool,
-    cancel: Option<&'static AtomicBool>,
+    /// The window whose pieces are planned next.
+    next: u64,
+    /// Bytes planned so far.
+    done: u64,
+    /// The first error; set, it stops every worker.
+    error: Option<Error>,
 }
 
-/// Places windows in order as workers finish them (out of order).
-fn commit_in_order(
-    rx: Receiver<(u64, Result<Vec<Piece>>)>,
-    windows: u64,
-    sink: Sink<'_>,
+/// One convert, shared by its workers.
+struct Job<'a> {
+    src: &'a dyn ImageReader,
+    encoder: Arc<dyn Encoder>,
+    window: u64,
+    unit: u64,
+    skip_zeros: bool,
     size: u64,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<()> {
-    let Sink {
-        dst,
-        skip_zeros,
-        tokens,
-        pool,
-        cancel,
-    } = sink;
-    let mut pending = BTreeMap::new();
-    let mut want = 0u64;
-    let mut done = 0u64;
-    while want < windows {
-        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(Error::new(ErrorKind::Io, "interrupted"));
+    cancel: Option<&'static AtomicBool>,
+    next_window: AtomicU64,
+    pool: BufferPool,
+    turn: Mutex<Turn<'a>>,
+    turn_changed: Condvar,
+    progress: &'a (dyn Fn(u64, u64) + Sync),
+}
+
+impl<'a> Job<'a> {
+    fn lock(&self) -> MutexGuard<'_, Turn<'a>> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the first error and wakes everyone so they stop.
+    fn fail(&self, e: Error) {
+        let mut t = self.lock();
+        t.error.get_or_insert(e);
+        self.turn_changed.notify_all();
+    }
+
+    fn work(&self) {
+        loop {
+            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                self.fail(Error::new(ErrorKind::Io, "interrupted"));
+                return;
+            }
+            let w = self.next_window.fetch_add(1, Ordering::Relaxed);
+            let start = w * self.window;
+            if start >= self.size || self.lock().error.is_some() {
+                return;
+            }
+            let len = self.window.min(self.size - start);
+            // A panic in a driver becomes this window's error instead of
+            // leaving the next window waiting for its turn forever.
+            let pieces = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                process_window(&self.pool, self.src, &*self.encoder, start, len, self.unit)
+            }))
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Io,
+                    format!("internal error while copying the window at {start:#x}"),
+                ))
+            });
+            let planned = match self.plan_in_turn(w, pieces) {
+                Some(p) => p,
+                None => return,
+            };
+            let (plans, done) = planned;
+            for (plan, data) in &plans {
+                if let Err(e) = plan.execute(data) {
+                    self.fail(e);
+                    return;
+                }
+            }
+            for (_, data) in plans {
+                self.pool.put(data);
+            }
+            (self.progress)(done.min(self.size), self.size);
         }
-        let (w, result) = rx
-            .recv()
-            .map_err(|_| Error::new(ErrorKind::Io, "a copy worker stopped unexpectedly"))?;
-        pending.insert(w, result);
-        while let Some(result) = pending.remove(&want) {
-            for piece in result? {
+    }
+
+    /// Waits for window `w`'s turn and has the writer plan its pieces.
+    /// Returns the plans (with the data they write) and the bytes done, or
+    /// `None` when the job failed.
+    #[allow(clippy::type_complexity)]
+    fn plan_in_turn(
+        &self,
+        w: u64,
+        pieces: Result<Vec<Piece>>,
+    ) -> Option<(Vec<(WritePlan, Vec<u8>)>, u64)> {
+        let mut t = self.lock();
+        while t.next != w && t.error.is_none() {
+            t = self.turn_changed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        if t.error.is_some() {
+            return None;
+        }
+        let mut plans = Vec::new();
+        let outcome = pieces.and_then(|pieces| {
+            for piece in pieces {
                 match piece {
                     Piece::Data(e) => {
-                        done += e.data.len() as u64;
-                        dst.write_encoded(&e)?;
-                        pool.put(e.data);
+                        t.done += e.data.len() as u64;
+                        let plan = t.dst.plan(&e)?;
+                        plans.push((plan, e.data));
                     }
                     Piece::Zero { offset, len } => {
-                        done += len;
-                        if !skip_zeros {
-                            dst.write_zeroes(offset, len)?;
+                        t.done += len;
+                        if !self.skip_zeros {
+                            t.dst.write_zeroes(offset, len)?;
                         }
                     }
                 }
             }
-            progress(done.min(size), size);
-            let _ = tokens.send(());
-            want += 1;
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            t.error.get_or_insert(e);
+            self.turn_changed.notify_all();
+            return None;
         }
+        t.next += 1;
+        let done = t.done;
+        self.turn_changed.notify_all();
+        Some((plans, done))
     }
-    Ok(())
 }
 
 /// Window buffers, reused so that each window does not fault in and zero

@@ -19,7 +19,8 @@ pub mod qcow2;
 pub mod raw;
 
 pub use block::{
-    BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, SnapshotInfo,
+    BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlannedWrite,
+    SnapshotInfo, WritePlan, WriteSource,
 };
 pub use check::CheckReport;
 pub use error::{Error, ErrorKind, Result};

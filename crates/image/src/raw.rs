@@ -8,6 +8,7 @@ use vmshift_model::DiskFormat;
 
 use crate::block::{
     BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlainEncoder,
+    PlannedWrite, WritePlan, WriteSource,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::fileio::{file_len, read_exact_at, seek_data_hole, write_all_at};
@@ -95,7 +96,7 @@ impl ImageReader for RawReader {
 /// Writes a raw image or device.
 #[derive(Debug)]
 pub struct RawWriter {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     size: u64,
     zeroed: bool,
@@ -125,7 +126,7 @@ impl RawWriter {
             }
         }
         Ok(RawWriter {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             size,
             zeroed: fresh || zeroed,
@@ -151,8 +152,30 @@ impl ImageWriter for RawWriter {
         Arc::new(PlainEncoder)
     }
 
-    fn write_encoded(&mut self, e: &Encoded) -> Result<()> {
-        write_all_at(&self.file, &self.path, &e.data, e.offset)
+    fn plan(&mut self, e: &Encoded) -> Result<WritePlan> {
+        if e.offset
+            .checked_add(e.data.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "write of {} bytes at {:#x} past the end ({})",
+                    e.data.len(),
+                    e.offset,
+                    self.size
+                ),
+            )
+            .at_path(&self.path));
+        }
+        Ok(WritePlan {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            writes: vec![PlannedWrite {
+                host_offset: e.offset,
+                source: WriteSource::Data(0..e.data.len()),
+            }],
+        })
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {

@@ -16,7 +16,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{self, Compression, Header, HeaderOut};
 use super::reader::{CompressedLayout, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use crate::block::{Encoded, Encoder, ImageWriter};
+use crate::block::{Encoded, Encoder, ImageWriter, PlannedWrite, WritePlan, WriteSource};
 use crate::compress::{self, Codec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fileio::write_all_at;
@@ -204,7 +204,7 @@ impl Encoder for Qcow2Encoder {
 /// Writes a new qcow2 image into a file.
 #[derive(Debug)]
 pub struct Qcow2Writer {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     opts: Qcow2Options,
     size: u64,
@@ -253,7 +253,7 @@ impl Qcow2Writer {
             .at_path(path));
         }
         let mut w = Qcow2Writer {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             layout: CompressedLayout::new(opts.cluster_bits),
             opts,
@@ -275,6 +275,14 @@ impl Qcow2Writer {
             }
         }
         Ok(w)
+    }
+
+    fn write_plan(&self, writes: Vec<PlannedWrite>) -> WritePlan {
+        WritePlan {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            writes,
+        }
     }
 
     fn max_refcount(&self) -> u64 {
@@ -321,9 +329,16 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// Writes uncompressed data (any alignment) into clusters, allocating
-    /// runs of new clusters contiguously and writing each run at once.
-    fn write_plain(&mut self, data: &[u8], offset: u64) -> Result<()> {
+    /// Plans uncompressed data (any alignment) into clusters, allocating
+    /// runs of new clusters contiguously so each run is one write. `base` is
+    /// where `data` starts in the encoded chunk the plan refers to.
+    fn plan_plain(
+        &mut self,
+        data: &[u8],
+        base: usize,
+        offset: u64,
+        out: &mut Vec<PlannedWrite>,
+    ) -> Result<()> {
         let cs = self.cs;
         let mut pos = offset;
         let end = offset + data.len() as u64;
@@ -341,7 +356,11 @@ impl Qcow2Writer {
                 .at_path(&self.path));
             }
             if host != 0 {
-                write_all_at(&self.file, &self.path, src, host + in_cluster)?;
+                let at = base + (pos - offset) as usize;
+                out.push(PlannedWrite {
+                    host_offset: host + in_cluster,
+                    source: WriteSource::Data(at..at + src.len()),
+                });
                 if entry & OFLAG_ZERO != 0 {
                     *self.entry_mut(pos) = host | OFLAG_COPIED;
                 }
@@ -372,31 +391,41 @@ impl Qcow2Writer {
             }
             let run_len = run_end - run_start;
             let data_end = end.min(run_end);
-            let mut buf;
-            let bytes = if in_cluster == 0 && data_end - run_start == run_len {
-                &data[(run_start - offset) as usize..(run_end - offset) as usize]
+            let source = if in_cluster == 0 && data_end - run_start == run_len {
+                let at = base + (run_start - offset) as usize;
+                WriteSource::Data(at..at + run_len as usize)
             } else {
-                buf = vec![0u8; run_len as usize];
+                // A partial cluster: pad it with zeros.
+                let mut buf = vec![0u8; run_len as usize];
                 buf[in_cluster as usize..(data_end - run_start) as usize]
                     .copy_from_slice(&data[(pos - offset) as usize..(data_end - offset) as usize]);
-                &buf[..]
+                WriteSource::Owned(buf)
             };
-            write_all_at(&self.file, &self.path, bytes, first)?;
+            out.push(PlannedWrite {
+                host_offset: first,
+                source,
+            });
             pos = data_end;
         }
         Ok(())
     }
 
-    fn flush_batch(&mut self) -> Result<()> {
+    fn flush_batch(&mut self, out: &mut Vec<PlannedWrite>) {
         if !self.batch.1.is_empty() {
-            write_all_at(&self.file, &self.path, &self.batch.1, self.batch.0)?;
-            self.batch.1.clear();
+            out.push(PlannedWrite {
+                host_offset: self.batch.0,
+                source: WriteSource::Owned(std::mem::take(&mut self.batch.1)),
+            });
         }
-        Ok(())
     }
 
     /// Appends one compressed cluster and points `guest` at it.
-    fn write_compressed(&mut self, packed: &[u8], guest: u64) -> Result<()> {
+    fn plan_compressed(
+        &mut self,
+        packed: &[u8],
+        guest: u64,
+        out: &mut Vec<PlannedWrite>,
+    ) -> Result<()> {
         let entry = self.entry(guest);
         if entry & (OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
             return Err(Error::new(
@@ -413,7 +442,7 @@ impl Qcow2Writer {
         let len = packed.len() as u64;
         // Batch contiguous compressed clusters into one write.
         if self.batch.0 + self.batch.1.len() as u64 != start {
-            self.flush_batch()?;
+            self.flush_batch(out);
             self.batch.0 = start;
         }
         self.batch.1.extend_from_slice(packed);
@@ -491,10 +520,12 @@ impl ImageWriter for Qcow2Writer {
         })
     }
 
-    fn write_encoded(&mut self, e: &Encoded) -> Result<()> {
+    fn plan(&mut self, e: &Encoded) -> Result<WritePlan> {
         self.check_range(e.offset, e.data.len() as u64)?;
+        let mut out = Vec::new();
         let Some(packed) = &e.compressed else {
-            return self.write_plain(&e.data, e.offset);
+            self.plan_plain(&e.data, 0, e.offset, &mut out)?;
+            return Ok(self.write_plan(out));
         };
         if e.offset % self.cs != 0 {
             return Err(Error::new(
@@ -506,12 +537,13 @@ impl ImageWriter for Qcow2Writer {
         for (i, (chunk, p)) in e.data.chunks(self.cs as usize).zip(packed).enumerate() {
             let guest = e.offset + i as u64 * self.cs;
             if p.is_empty() {
-                self.write_plain(chunk, guest)?;
+                self.plan_plain(chunk, i * self.cs as usize, guest, &mut out)?;
             } else {
-                self.write_compressed(p, guest)?;
+                self.plan_compressed(p, guest, &mut out)?;
             }
         }
-        self.flush_batch()
+        self.flush_batch(&mut out);
+        Ok(self.write_plan(out))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -533,7 +565,10 @@ impl ImageWriter for Qcow2Writer {
             } else if entry == 0 && !backing {
                 // Unallocated without a backing file already reads as zero.
             } else {
-                self.write_plain(&vec![0u8; n as usize], pos)?;
+                let zeros = vec![0u8; n as usize];
+                let mut out = Vec::new();
+                self.plan_plain(&zeros, 0, pos, &mut out)?;
+                self.write_plan(out).execute(&zeros)?;
             }
             pos += n;
         }
