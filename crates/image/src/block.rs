@@ -144,22 +144,27 @@ pub trait ImageReader: Send + Sync + fmt::Debug {
     }
 }
 
-/// The result of [`Encoder::encode`]: data ready to be placed.
-#[derive(Debug)]
-pub struct Encoded {
+/// Data to place at a guest offset, with what its writer's encoder made of
+/// it. It borrows the data, so the engine writes straight from its buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
     /// Guest offset of the data.
     pub offset: u64,
-    /// The data as given.
-    pub data: Vec<u8>,
+    /// The data.
+    pub data: &'a [u8],
     /// Per cluster of `data`, its compressed form (empty where compression
     /// did not pay); `None` when the writer stores data uncompressed.
-    pub compressed: Option<Vec<Vec<u8>>>,
+    pub compressed: Option<&'a [Vec<u8>]>,
 }
+
+/// Compressed forms of a chunk's clusters (see [`Chunk::compressed`]).
+pub type Packed = Option<Vec<Vec<u8>>>;
 
 /// The CPU-bound half of writing: safe to call from many threads at once.
 pub trait Encoder: Send + Sync {
-    /// Prepares `data` for guest offset `offset`.
-    fn encode(&self, offset: u64, data: Vec<u8>) -> Result<Encoded>;
+    /// What this writer stores for `data` besides the data itself: its
+    /// clusters compressed, or `None` when it stores data as it is.
+    fn encode(&self, data: &[u8]) -> Result<Packed>;
 }
 
 /// An encoder that stores data as it is.
@@ -167,19 +172,15 @@ pub trait Encoder: Send + Sync {
 pub struct PlainEncoder;
 
 impl Encoder for PlainEncoder {
-    fn encode(&self, offset: u64, data: Vec<u8>) -> Result<Encoded> {
-        Ok(Encoded {
-            offset,
-            data,
-            compressed: None,
-        })
+    fn encode(&self, _data: &[u8]) -> Result<Packed> {
+        Ok(None)
     }
 }
 
 /// Where bytes of a planned write come from.
 #[derive(Debug)]
 pub enum WriteSource {
-    /// A range of the encoded chunk's data.
+    /// A range of the chunk's data.
     Data(Range<usize>),
     /// Bytes the plan made itself (compressed clusters, padding).
     Owned(Vec<u8>),
@@ -207,7 +208,7 @@ pub struct WritePlan {
 }
 
 impl WritePlan {
-    /// Performs the writes; `data` is the encoded chunk's data.
+    /// Performs the writes; `data` is the planned chunk's data.
     pub fn execute(&self, data: &[u8]) -> Result<()> {
         for w in &self.writes {
             let bytes = match &w.source {
@@ -237,14 +238,9 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// The encoder to prepare data with (may be shared across threads).
     fn encoder(&self) -> Arc<dyn Encoder>;
 
-    /// Decides where data prepared by this writer's encoder goes and
+    /// Decides where a chunk (encoded by this writer's encoder) goes and
     /// updates the metadata; the returned plan writes the bytes.
-    fn plan(&mut self, encoded: &Encoded) -> Result<WritePlan>;
-
-    /// Places data prepared by this writer's encoder (plan and execute).
-    fn write_encoded(&mut self, encoded: &Encoded) -> Result<()> {
-        self.plan(encoded)?.execute(&encoded.data)
-    }
+    fn plan(&mut self, chunk: &Chunk<'_>) -> Result<WritePlan>;
 
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
@@ -253,9 +249,14 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// readable as an image before this returns.
     fn finish(self: Box<Self>) -> Result<()>;
 
-    /// Encodes and places `data` in one step.
+    /// Encodes, plans and writes `data` in one step.
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        let encoded = self.encoder().encode(offset, data.to_vec())?;
-        self.write_encoded(&encoded)
+        let packed = self.encoder().encode(data)?;
+        let chunk = Chunk {
+            offset,
+            data,
+            compressed: packed.as_deref(),
+        };
+        self.plan(&chunk)?.execute(data)
     }
 }

@@ -1,6 +1,16 @@
 //! The compression codecs of qcow2 (raw deflate, zstd) and VMDK (zlib).
 
+use std::cell::RefCell;
+
 use flate2::{Compress, Compression as Level, Decompress, FlushCompress, FlushDecompress, Status};
+
+// Codec states cost tens to hundreds of KiB to set up, more than a cluster
+// takes to process: each thread keeps one of each and resets it per use.
+thread_local! {
+    static INFLATE: RefCell<Option<(bool, Decompress)>> = const { RefCell::new(None) };
+    static UNZSTD: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+    static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
 
 /// A codec and its framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +34,20 @@ pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), Stri
 }
 
 fn inflate(zlib_header: bool, input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    let mut d = Decompress::new(zlib_header);
+    INFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some((z, d)) if *z == zlib_header => {
+                d.reset(zlib_header);
+                d
+            }
+            other => &mut other.insert((zlib_header, Decompress::new(zlib_header))).1,
+        };
+        inflate_with(d, input, out)
+    })
+}
+
+fn inflate_with(d: &mut Decompress, input: &[u8], out: &mut [u8]) -> Result<(), String> {
     let status = d
         .decompress(input, out, FlushDecompress::Finish)
         .map_err(|e| format!("deflate data is corrupt: {e}"))?;
@@ -59,12 +82,33 @@ fn inflate(zlib_header: bool, input: &[u8], out: &mut [u8]) -> Result<(), String
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
-    // A cluster is at most 2 MiB: refuse frames that ask for a larger
-    // window (and so for more memory).
-    dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(22))
-        .map_err(|e| format!("zstd: {e}"))?;
+    use zstd::stream::raw::{Decoder, Operation};
+    UNZSTD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dec = match &mut *slot {
+            Some(d) => {
+                d.reinit().map_err(|e| format!("zstd: {e}"))?;
+                d
+            }
+            None => {
+                let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+                // A cluster is at most 2 MiB: refuse frames that ask for a
+                // larger window (and so for more memory).
+                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(22))
+                    .map_err(|e| format!("zstd: {e}"))?;
+                slot.insert(d)
+            }
+        };
+        unzstd_with(dec, input, out)
+    })
+}
+
+fn unzstd_with(
+    dec: &mut zstd::stream::raw::Decoder<'static>,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
@@ -113,6 +157,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
 pub fn compress(codec: Codec, input: &[u8], limit: usize) -> Option<Vec<u8>> {
     match codec {
         Codec::RawDeflate | Codec::Zlib => {
+            // A fresh state per cluster: reusing one zlib-rs 0.6 state with
+            // reset() made deflate's stored-block path overflow (a panic in
+            // debug builds) when converting to 512-byte clusters.
             // Window 2^12: QEMU inflates qcow2 clusters with that window.
             let mut c = if codec == Codec::Zlib {
                 Compress::new(Level::default(), true)
@@ -125,10 +172,17 @@ pub fn compress(codec: Codec, input: &[u8], limit: usize) -> Option<Vec<u8>> {
                 _ => None,
             }
         }
-        Codec::Zstd => {
-            let out = zstd::bulk::compress(input, 3).ok()?;
+        Codec::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = match &mut *slot {
+                Some(c) => c,
+                None => slot.insert(zstd::bulk::Compressor::new(3).ok()?),
+            };
+            // Room for the frame of an incompressible cluster; refused below.
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(input.len()));
+            c.compress_to_buffer(input, &mut out).ok()?;
             (out.len() < limit).then_some(out)
-        }
+        }),
     }
 }
 
@@ -148,6 +202,34 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(codec, &packed, &mut out).unwrap();
             assert_eq!(out, data, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn round_trip_many_sizes_on_one_thread_reuses_state_safely() {
+        // Incompressible clusters that do not fit the limit, then small and
+        // large compressible ones: every round trip must be exact.
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let noise: Vec<u8> = (0..(1 << 21))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for codec in [Codec::RawDeflate, Codec::Zlib, Codec::Zstd] {
+            for size in [512usize, 65536, 2 << 20, 4096, 512, 1 << 20] {
+                assert!(
+                    compress(codec, &noise[..size], size).is_none(),
+                    "{codec:?} {size}"
+                );
+                let data: Vec<u8> = (0..size).map(|i| (i / 13 % 7) as u8).collect();
+                let packed = compress(codec, &data, size).unwrap();
+                let mut out = vec![0u8; size];
+                decompress(codec, &packed, &mut out).unwrap();
+                assert_eq!(out, data, "{codec:?} {size}");
+            }
         }
     }
 

@@ -8,10 +8,13 @@
 //! compression use every core. The writer plans each window's placement in
 //! guest order; the data writes themselves run in parallel.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::block::{BlockState, Encoded, Encoder, Extent, ImageReader, ImageWriter, WritePlan};
+use crate::block::{
+    BlockState, Chunk, Encoder, Extent, ImageReader, ImageWriter, Packed, WritePlan,
+};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How `convert` treats zeros and parallelism.
@@ -98,10 +101,23 @@ pub fn convert(
     }
 }
 
-/// What one window of the source turned into.
+/// What one window of the source turned into: pieces of its buffer.
 enum Piece {
-    Data(Encoded),
-    Zero { offset: u64, len: u64 },
+    Data {
+        offset: u64,
+        range: Range<usize>,
+        packed: Packed,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A window read and split into pieces.
+struct Window {
+    buf: Vec<u8>,
+    pieces: Vec<Piece>,
 }
 
 /// The writer, and whose turn it is to use it.
@@ -157,7 +173,7 @@ impl<'a> Job<'a> {
             let len = self.window.min(self.size - start);
             // A panic in a driver becomes this window's error instead of
             // leaving the next window waiting for its turn forever.
-            let pieces = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let window = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 process_window(&self.pool, self.src, &*self.encoder, start, len, self.unit)
             }))
             .unwrap_or_else(|_| {
@@ -166,33 +182,29 @@ impl<'a> Job<'a> {
                     format!("internal error while copying the window at {start:#x}"),
                 ))
             });
-            let planned = match self.plan_in_turn(w, pieces) {
-                Some(p) => p,
-                None => return,
+            let Some((buf, plans, done)) = self.plan_in_turn(w, window) else {
+                return;
             };
-            let (plans, done) = planned;
-            for (plan, data) in &plans {
-                if let Err(e) = plan.execute(data) {
+            for (plan, range) in plans {
+                if let Err(e) = plan.execute(&buf[range]) {
                     self.fail(e);
                     return;
                 }
             }
-            for (_, data) in plans {
-                self.pool.put(data);
-            }
+            self.pool.put(buf);
             (self.progress)(done.min(self.size), self.size);
         }
     }
 
     /// Waits for window `w`'s turn and has the writer plan its pieces.
-    /// Returns the plans (with the data they write) and the bytes done, or
-    /// `None` when the job failed.
+    /// Returns the window's buffer, the plans (with the range of the buffer
+    /// each writes) and the bytes done, or `None` when the job failed.
     #[allow(clippy::type_complexity)]
     fn plan_in_turn(
         &self,
         w: u64,
-        pieces: Result<Vec<Piece>>,
-    ) -> Option<(Vec<(WritePlan, Vec<u8>)>, u64)> {
+        window: Result<Window>,
+    ) -> Option<(Vec<u8>, Vec<(WritePlan, Range<usize>)>, u64)> {
         let mut t = self.lock();
         while t.next != w && t.error.is_none() {
             t = self.turn_changed.wait(t).unwrap_or_else(|p| p.into_inner());
@@ -201,33 +213,45 @@ impl<'a> Job<'a> {
             return None;
         }
         let mut plans = Vec::new();
-        let outcome = pieces.and_then(|pieces| {
-            for piece in pieces {
+        let outcome = window.and_then(|window| {
+            for piece in &window.pieces {
                 match piece {
-                    Piece::Data(e) => {
-                        t.done += e.data.len() as u64;
-                        let plan = t.dst.plan(&e)?;
-                        plans.push((plan, e.data));
+                    Piece::Data {
+                        offset,
+                        range,
+                        packed,
+                    } => {
+                        t.done += range.len() as u64;
+                        let chunk = Chunk {
+                            offset: *offset,
+                            data: &window.buf[range.clone()],
+                            compressed: packed.as_deref(),
+                        };
+                        let plan = t.dst.plan(&chunk)?;
+                        plans.push((plan, range.clone()));
                     }
                     Piece::Zero { offset, len } => {
                         t.done += len;
                         if !self.skip_zeros {
-                            t.dst.write_zeroes(offset, len)?;
+                            t.dst.write_zeroes(*offset, *len)?;
                         }
                     }
                 }
             }
-            Ok(())
+            Ok(window.buf)
         });
-        if let Err(e) = outcome {
-            t.error.get_or_insert(e);
-            self.turn_changed.notify_all();
-            return None;
-        }
+        let buf = match outcome {
+            Ok(buf) => buf,
+            Err(e) => {
+                t.error.get_or_insert(e);
+                self.turn_changed.notify_all();
+                return None;
+            }
+        };
         t.next += 1;
         let done = t.done;
         self.turn_changed.notify_all();
-        Some((plans, done))
+        Some((buf, plans, done))
     }
 }
 
@@ -251,7 +275,8 @@ impl BufferPool {
 
     fn put(&self, buf: Vec<u8>) {
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < 64 {
+        // One buffer per worker is all that is ever in use at once.
+        if buf.capacity() > 0 && pool.len() < 16 {
             pool.push(buf);
         }
     }
@@ -265,14 +290,25 @@ fn process_window(
     start: u64,
     len: u64,
     unit: u64,
-) -> Result<Vec<Piece>> {
+) -> Result<Window> {
     if unit != 0 && reads_as_zero(src, start, len)? {
-        return Ok(vec![Piece::Zero { offset: start, len }]);
+        return Ok(Window {
+            buf: Vec::new(),
+            pieces: vec![Piece::Zero { offset: start, len }],
+        });
     }
     let mut buf = pool.take(len as usize);
     src.read_at(&mut buf, start)?;
+    let data = |range: Range<usize>, buf: &[u8]| -> Result<Piece> {
+        Ok(Piece::Data {
+            offset: start + range.start as u64,
+            packed: encoder.encode(&buf[range.clone()])?,
+            range,
+        })
+    };
     if unit == 0 {
-        return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
+        let pieces = vec![data(0..buf.len(), &buf)?];
+        return Ok(Window { buf, pieces });
     }
     // Runs of data units and zero units.
     let mut pieces = Vec::new();
@@ -294,25 +330,20 @@ fn process_window(
     if let Some(z) = run_zero {
         pieces.push((z, run_start, buf.len()));
     }
-    if pieces.len() == 1 && !pieces[0].0 {
-        return Ok(vec![Piece::Data(encoder.encode(start, buf)?)]);
-    }
-    let out = pieces
+    let pieces = pieces
         .into_iter()
         .map(|(zero, a, b)| {
-            let offset = start + a as u64;
             if zero {
                 Ok(Piece::Zero {
-                    offset,
+                    offset: start + a as u64,
                     len: (b - a) as u64,
                 })
             } else {
-                encoder.encode(offset, buf[a..b].to_vec()).map(Piece::Data)
+                data(a..b, &buf)
             }
         })
-        .collect();
-    pool.put(buf);
-    out
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Window { buf, pieces })
 }
 
 /// True when the map says all of `[start, start+len)` reads as zero.

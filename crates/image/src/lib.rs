@@ -19,7 +19,7 @@ pub mod qcow2;
 pub mod raw;
 
 pub use block::{
-    BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlannedWrite,
+    BlockState, Chunk, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlannedWrite,
     SnapshotInfo, WritePlan, WriteSource,
 };
 pub use check::CheckReport;

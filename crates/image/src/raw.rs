@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vmshift_model::DiskFormat;
 
 use crate::block::{
-    BlockState, Encoded, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlainEncoder,
+    BlockState, Chunk, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlainEncoder,
     PlannedWrite, WritePlan, WriteSource,
 };
 use crate::error::{Error, ErrorKind, Result};
@@ -152,7 +152,7 @@ impl ImageWriter for RawWriter {
         Arc::new(PlainEncoder)
     }
 
-    fn plan(&mut self, e: &Encoded) -> Result<WritePlan> {
+    fn plan(&mut self, e: &Chunk<'_>) -> Result<WritePlan> {
         if e.offset
             .checked_add(e.data.len() as u64)
             .is_none_or(|end| end > self.size)

@@ -16,7 +16,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{self, Compression, Header, HeaderOut};
 use super::reader::{CompressedLayout, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use crate::block::{Encoded, Encoder, ImageWriter, PlannedWrite, WritePlan, WriteSource};
+use crate::block::{Chunk, Encoder, ImageWriter, Packed, PlannedWrite, WritePlan, WriteSource};
 use crate::compress::{self, Codec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fileio::write_all_at;
@@ -177,8 +177,8 @@ struct Qcow2Encoder {
 }
 
 impl Encoder for Qcow2Encoder {
-    fn encode(&self, offset: u64, data: Vec<u8>) -> Result<Encoded> {
-        let compressed = self.codec.map(|codec| {
+    fn encode(&self, data: &[u8]) -> Result<Packed> {
+        Ok(self.codec.map(|codec| {
             data.chunks(self.cluster_size)
                 .map(|chunk| {
                     let mut padded;
@@ -192,12 +192,7 @@ impl Encoder for Qcow2Encoder {
                     compress::compress(codec, input, self.cluster_size).unwrap_or_default()
                 })
                 .collect()
-        });
-        Ok(Encoded {
-            offset,
-            data,
-            compressed,
-        })
+        }))
     }
 }
 
@@ -520,11 +515,11 @@ impl ImageWriter for Qcow2Writer {
         })
     }
 
-    fn plan(&mut self, e: &Encoded) -> Result<WritePlan> {
+    fn plan(&mut self, e: &Chunk<'_>) -> Result<WritePlan> {
         self.check_range(e.offset, e.data.len() as u64)?;
         let mut out = Vec::new();
-        let Some(packed) = &e.compressed else {
-            self.plan_plain(&e.data, 0, e.offset, &mut out)?;
+        let Some(packed) = e.compressed else {
+            self.plan_plain(e.data, 0, e.offset, &mut out)?;
             return Ok(self.write_plan(out));
         };
         if e.offset % self.cs != 0 {
