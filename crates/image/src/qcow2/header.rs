@@ -2,7 +2,10 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
+use std::fs::File;
+
 use crate::error::{Ctx, Result};
+use crate::fileio::read_up_to_at;
 
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 pub const V2_HEADER_LEN: u32 = 72;
@@ -150,16 +153,7 @@ impl Header {
                 format!("qcow2 version {version} (expected 2 or 3)"),
             ));
         }
-        let cluster_bits = be32(20);
-        if !(9..=21).contains(&cluster_bits) {
-            return Err(ctx.invalid(
-                "cluster_bits",
-                20,
-                format!(
-                    "{cluster_bits} is out of range (expected 9 to 21: 512 B to 2 MiB clusters)"
-                ),
-            ));
-        }
+        let cluster_bits = check_cluster_bits(be32(20), ctx)?;
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
             version,
@@ -533,6 +527,35 @@ fn check_bitmaps_ext(
         return Ok(());
     };
     Err(ctx.invalid("bitmaps extension", off, why))
+}
+
+fn check_cluster_bits(cluster_bits: u32, ctx: &Ctx) -> Result<u32> {
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(ctx.invalid(
+            "cluster_bits",
+            20,
+            format!("{cluster_bits} is out of range (expected 9 to 21: 512 B to 2 MiB clusters)"),
+        ));
+    }
+    Ok(cluster_bits)
+}
+
+/// Reads the first cluster of a qcow2 file (or all of a shorter file):
+/// the header, its extensions and the backing file name.
+pub(crate) fn read_first_cluster(file: &File, ctx: &Ctx, file_len: u64) -> Result<Vec<u8>> {
+    let mut first = [0u8; 24];
+    let n = read_up_to_at(file, &ctx.path, &mut first, 0)?;
+    if n < first.len() {
+        return Err(ctx.invalid("header", 0, "file too short for a qcow2 header"));
+    }
+    if BigEndian::read_u32(&first[0..4]) != MAGIC {
+        return Err(ctx.invalid("magic", 0, "not a qcow2 image (expected QFI\\xfb)"));
+    }
+    let cluster_bits = check_cluster_bits(BigEndian::read_u32(&first[20..24]), ctx)?;
+    let mut buf = vec![0u8; (1u64 << cluster_bits).min(file_len) as usize];
+    let n = read_up_to_at(file, &ctx.path, &mut buf, 0)?;
+    buf.truncate(n);
+    Ok(buf)
 }
 
 fn ext_string(data: &[u8], what: &str, off: u64, ctx: &Ctx) -> Result<String> {

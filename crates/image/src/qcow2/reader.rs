@@ -116,24 +116,7 @@ impl Qcow2Reader {
     pub fn open(file: File, path: &Path, opener: &dyn ChainOpener) -> Result<Self> {
         let ctx = Ctx::new(path);
         let file_len = file_len(&file, path)?;
-        let mut first = [0u8; 104];
-        let n = read_up_to_at(&file, path, &mut first, 0)?;
-        if n < header::V2_HEADER_LEN as usize {
-            return Err(ctx.invalid("header", 0, "file too short for a qcow2 header"));
-        }
-        let cluster_bits = BigEndian::read_u32(&first[20..24]);
-        if !(9..=21).contains(&cluster_bits) {
-            return Err(ctx.invalid(
-                "cluster_bits",
-                20,
-                format!(
-                    "{cluster_bits} is out of range (expected 9 to 21: 512 B to 2 MiB clusters)"
-                ),
-            ));
-        }
-        let mut buf = vec![0u8; (1usize << cluster_bits).min(file_len as usize)];
-        let n = read_up_to_at(&file, path, &mut buf, 0)?;
-        buf.truncate(n);
+        let buf = header::read_first_cluster(&file, &ctx, file_len)?;
         let header = Header::parse(&buf, &ctx)?;
         let backing_name = header.backing_name(&buf, &ctx)?;
         let l1 = read_table(

@@ -744,18 +744,7 @@ impl Qcow2Writer {
         use super::reader::read_table;
         let ctx = crate::error::Ctx::new(path);
         let len = crate::fileio::file_len(&file, path)?;
-        let mut buf = vec![0u8; (64 << 10).min(len as usize)];
-        let n = crate::fileio::read_up_to_at(&file, path, &mut buf, 0)?;
-        buf.truncate(n);
-        let cb = if buf.len() >= 24 {
-            BigEndian::read_u32(&buf[20..24])
-        } else {
-            0
-        };
-        if (9..=21).contains(&cb) && buf.len() < (1usize << cb).min(len as usize) {
-            buf.resize((1usize << cb).min(len as usize), 0);
-            crate::fileio::read_up_to_at(&file, path, &mut buf, 0)?;
-        }
+        let buf = header::read_first_cluster(&file, &ctx, len)?;
         let h = Header::parse(&buf, &ctx)?;
         let backing = h.backing_name(&buf, &ctx)?;
         let l1 = read_table(
