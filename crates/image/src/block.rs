@@ -106,6 +106,8 @@ pub struct ImageInfo {
     pub dirty: bool,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotInfo>,
+    /// Other files whose disk usage counts in `actual-size` (VMDK extents).
+    pub extra_files: Vec<PathBuf>,
     /// `format-specific.data` of `qemu-img info`, as (key, value) pairs in
     /// qemu-img's order.
     pub format_specific: Vec<(&'static str, serde_json::Value)>,

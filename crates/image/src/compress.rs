@@ -33,6 +33,38 @@ pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), Stri
     }
 }
 
+/// Decompresses `input` into the start of `out`, returning how many bytes
+/// it produced; an error when it would produce more than `out.len()`.
+/// For VMDK grains, whose last one may cover only the end of the disk.
+pub fn decompress_prefix(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    if codec == Codec::Zstd {
+        return unzstd(input, out).map(|()| out.len());
+    }
+    let zlib_header = codec == Codec::Zlib;
+    let mut d = Decompress::new(zlib_header);
+    let status = d
+        .decompress(input, out, FlushDecompress::Finish)
+        .map_err(|e| format!("deflate data is corrupt: {e}"))?;
+    let produced = d.total_out() as usize;
+    if status == Status::StreamEnd {
+        return Ok(produced);
+    }
+    if produced < out.len() {
+        return Err(format!("deflate data ends early, after {produced} bytes"));
+    }
+    let consumed = d.total_in() as usize;
+    let mut extra = [0u8; 1];
+    d.decompress(&input[consumed..], &mut extra, FlushDecompress::Finish)
+        .map_err(|e| format!("deflate data is corrupt: {e}"))?;
+    if d.total_out() as usize > produced {
+        return Err(format!(
+            "deflate data inflates to more than {} bytes",
+            out.len()
+        ));
+    }
+    Ok(produced)
+}
+
 fn inflate(zlib_header: bool, input: &[u8], out: &mut [u8]) -> Result<(), String> {
     INFLATE.with(|cell| {
         let mut slot = cell.borrow_mut();

@@ -17,6 +17,7 @@ pub mod open;
 pub mod output;
 pub mod qcow2;
 pub mod raw;
+pub mod vmdk;
 
 pub use block::{
     BlockState, Chunk, Encoder, Extent, ImageInfo, ImageReader, ImageWriter, PlannedWrite,

@@ -10,6 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::gate::Gate;
 use crate::qcow2::{ChainOpener, Qcow2Reader};
 use crate::raw::RawReader;
+use crate::vmdk::VmdkReader;
 
 /// The deepest backing chain vmshift follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -23,19 +24,35 @@ pub struct OpenOptions {
 
 /// Guesses the format of an open file from its first bytes.
 pub fn probe(file: &File, path: &Path) -> Result<DiskFormat> {
-    let mut magic = [0u8; 32];
-    let n = crate::fileio::read_up_to_at(file, path, &mut magic, 0)?;
-    let magic = &magic[..n];
-    Ok(if magic.starts_with(b"QFI\xfb") {
+    let mut head = [0u8; 1024];
+    let n = crate::fileio::read_up_to_at(file, path, &mut head, 0)?;
+    let head = &head[..n];
+    Ok(if head.starts_with(b"QFI\xfb") {
         DiskFormat::Qcow2
-    } else if magic.starts_with(b"KDMV")
-        || magic.starts_with(b"COWD")
-        || magic.starts_with(b"# Disk DescriptorFile")
-    {
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"COWD") || is_vmdk_descriptor(head) {
         DiskFormat::Vmdk
     } else {
         DiskFormat::Raw
     })
+}
+
+/// A text file whose first meaningful lines are a VMDK descriptor's.
+fn is_vmdk_descriptor(head: &[u8]) -> bool {
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        // The 1 KiB may end inside a multi-byte character.
+        Err(e) if e.valid_up_to() > 0 => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or("")
+        }
+        Err(_) => return false,
+    };
+    text.starts_with("# Disk DescriptorFile")
+        || text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .is_some_and(|l| l.replace(' ', "").starts_with("version="))
+            && text.contains("createType")
 }
 
 /// Opens `path` read-only as `format`, or probes the format when `None`.
@@ -91,12 +108,7 @@ impl Chain<'_> {
         Ok(match format {
             DiskFormat::Raw => Box::new(RawReader::open(file, path)?),
             DiskFormat::Qcow2 => Box::new(Qcow2Reader::open(file, path, self)?),
-            DiskFormat::Vmdk => {
-                return Err(
-                    Error::new(ErrorKind::Unsupported, "VMDK images are not supported yet")
-                        .at_path(path),
-                )
-            }
+            DiskFormat::Vmdk => Box::new(VmdkReader::open(file, path, self)?),
         })
     }
 }
@@ -155,7 +167,7 @@ impl ChainOpener for Chain<'_> {
         }
     }
 
-    fn open_data_file(&self, image: &Path, name: &str) -> Result<(PathBuf, File)> {
-        self.opts.gate.open(image, name, "external data file")
+    fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {
+        self.opts.gate.open(image, name, what)
     }
 }

@@ -1,7 +1,5 @@
 //! `vmshift info`: what `qemu-img info` shows, with its JSON field names.
 
-use std::path::Path;
-
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 use vmshift_image::{allocated_bytes, ImageReader};
@@ -66,7 +64,7 @@ fn to_json(r: &dyn ImageReader, name: &str) -> Value {
         m.insert("cluster-size".into(), json!(cs));
     }
     m.insert("format".into(), json!(r.format().name()));
-    if let Some(a) = allocated_bytes(Path::new(r.path())) {
+    if let Some(a) = actual_size(r, &info) {
         m.insert("actual-size".into(), json!(a));
     }
     if !info.format_specific.is_empty() {
@@ -93,6 +91,20 @@ fn to_json(r: &dyn ImageReader, name: &str) -> Value {
     Value::Object(m)
 }
 
+/// Disk usage of the image file and of every other file it consists of
+/// (each file once).
+fn actual_size(r: &dyn ImageReader, info: &vmshift_image::ImageInfo) -> Option<u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for p in std::iter::once(r.path()).chain(info.extra_files.iter().map(|p| p.as_path())) {
+        let key = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if seen.insert(key) {
+            total += allocated_bytes(p)?;
+        }
+    }
+    Some(total)
+}
+
 fn human(r: &dyn ImageReader, name: &str) -> String {
     let info = r.info();
     let mut s = String::new();
@@ -107,7 +119,7 @@ fn human(r: &dyn ImageReader, name: &str) -> String {
         format_size(r.size()),
         r.size()
     ));
-    if let Some(a) = allocated_bytes(r.path()) {
+    if let Some(a) = actual_size(r, &info) {
         line(format!("disk size: {}", format_size(a)));
     }
     if let Some(cs) = info.cluster_size {

@@ -107,8 +107,9 @@ pub trait ChainOpener {
         format: Option<&str>,
     ) -> Result<(Box<dyn ImageReader>, Option<String>)>;
 
-    /// Opens the external data file `name` stored in `image`.
-    fn open_data_file(&self, image: &Path, name: &str) -> Result<(PathBuf, File)>;
+    /// Opens a file `name` that `image` names as its `what` (a data file,
+    /// an extent), through the gate.
+    fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)>;
 }
 
 impl Qcow2Reader {
@@ -130,7 +131,7 @@ impl Qcow2Reader {
         let snapshots = read_snapshots(&file, &ctx, &header, file_len)?;
         let data = match &header.data_file {
             Some(name) if header.incompatible & header::INCOMPAT_DATA_FILE != 0 => {
-                let (p, f) = opener.open_data_file(path, name)?;
+                let (p, f) = opener.open_named(path, name, "external data file")?;
                 let len = crate::fileio::file_len(&f, &p)?;
                 Some((f, p, len))
             }
@@ -579,6 +580,7 @@ impl ImageReader for Qcow2Reader {
             backing_format_probed: self.backing_probed.clone(),
             dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,
             snapshots: self.snapshots.iter().map(Snapshot::info).collect(),
+            extra_files: Vec::new(),
             format_specific: fs,
         }
     }

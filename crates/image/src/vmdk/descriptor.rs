@@ -1,0 +1,294 @@
+//! The VMDK text descriptor: header keys, extent lines, the disk database.
+//!
+//! Parsed losslessly (every line kept, in order) so a descriptor can be
+//! rewritten with only the changed lines touched. Accepts LF and CRLF,
+//! UTF-8 and windows-1252, and stops at the first NUL (embedded descriptors
+//! are NUL padded).
+
+use crate::error::{Ctx, Result};
+
+/// QEMU reads at most this much of a descriptor; so do we.
+pub const MAX_DESCRIPTOR_BYTES: usize = (1 << 20) - 1;
+
+/// How an extent may be accessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+    NoAccess,
+}
+
+/// The storage behind an extent line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentType {
+    /// Raw bytes in a file, from an offset (`FLAT`, ESXi `VMFS`).
+    Flat,
+    /// Hosted sparse "KDMV" file (`SPARSE`).
+    Sparse,
+    /// No file: reads as zeros.
+    Zero,
+    /// ESXi "COWD" delta (`VMFSSPARSE`).
+    VmfsSparse,
+    /// ESXi space-efficient sparse delta (`SESPARSE`).
+    SeSparse,
+    /// Raw device mappings (`VMFSRDM`, `VMFSRAW`): not image data.
+    Device,
+}
+
+/// One extent line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentLine {
+    pub access: Access,
+    /// Length in 512-byte sectors.
+    pub sectors: u64,
+    pub kind: ExtentType,
+    /// The type word as written (`FLAT`, `VMFS`, `SPARSE`, …).
+    pub type_word: String,
+    /// The file, as named (relative to the descriptor's folder).
+    pub file: Option<String>,
+    /// Start sector inside the file (flat extents).
+    pub offset: u64,
+    /// 1-based line number, for messages.
+    pub line: usize,
+}
+
+/// A parsed descriptor.
+#[derive(Debug, Clone, Default)]
+pub struct Descriptor {
+    /// Every line as read (without line ends).
+    pub lines: Vec<String>,
+    pub crlf: bool,
+    /// Header keys (`version`, `CID`, `createType`, …) in order.
+    pub header: Vec<(String, String)>,
+    pub extents: Vec<ExtentLine>,
+    /// `ddb.*` keys in order, values unquoted.
+    pub ddb: Vec<(String, String)>,
+}
+
+impl Descriptor {
+    /// Parses descriptor bytes (embedded or a file). `ctx` names the file
+    /// for errors; `base` is the byte offset of the text in that file.
+    pub(crate) fn parse(bytes: &[u8], ctx: &Ctx, base: u64) -> Result<Descriptor> {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let bytes = &bytes[..end];
+        if bytes.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(ctx.invalid(
+                "descriptor",
+                base,
+                format!(
+                    "{} bytes is larger than the 1 MiB a descriptor may have",
+                    bytes.len()
+                ),
+            ));
+        }
+        let text = decode(bytes);
+        let mut d = Descriptor {
+            crlf: text.contains("\r\n"),
+            ..Descriptor::default()
+        };
+        for (i, raw) in text.split('\n').enumerate() {
+            let line = raw.strip_suffix('\r').unwrap_or(raw);
+            d.lines.push(line.to_string());
+            let lineno = i + 1;
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if let Some(ext) = parse_extent(t, lineno, ctx, base)? {
+                d.extents.push(ext);
+                continue;
+            }
+            let Some((k, v)) = t.split_once('=') else {
+                return Err(ctx.invalid(
+                    &format!("descriptor line {lineno}"),
+                    base,
+                    format!(
+                        "'{}' is neither key=value nor an extent line",
+                        t.escape_debug()
+                    ),
+                ));
+            };
+            let key = k.trim().to_string();
+            let value = unquote(v.trim()).to_string();
+            if key.starts_with("ddb.") {
+                d.ddb.push((key, value));
+            } else {
+                d.header.push((key, value));
+            }
+        }
+        if d.extents.is_empty() {
+            return Err(ctx.invalid("descriptor", base, "has no extent lines"));
+        }
+        Ok(d)
+    }
+
+    /// A header key's value (keys compare case-insensitively).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.header
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A `ddb.*` value.
+    pub fn ddb(&self, key: &str) -> Option<&str> {
+        self.ddb
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn create_type(&self) -> &str {
+        self.get("createType").unwrap_or("")
+    }
+
+    /// A CID field (hex); `ffffffff` when absent.
+    pub(crate) fn cid(&self, key: &str, ctx: &Ctx) -> Result<u32> {
+        match self.get(key) {
+            None => Ok(0xffff_ffff),
+            Some(v) => u32::from_str_radix(v.trim(), 16)
+                .map_err(|_| ctx.invalid(key, 0, format!("'{v}' is not a hexadecimal content id"))),
+        }
+    }
+
+    pub fn parent_hint(&self) -> Option<&str> {
+        self.get("parentFileNameHint").filter(|s| !s.is_empty())
+    }
+}
+
+/// windows-1252 bytes 0x80–0x9F (0 where undefined; those map to U+FFFD).
+const CP1252_HIGH: [u16; 32] = [
+    0x20AC, 0, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039,
+    0x0152, 0, 0x017D, 0, 0, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC,
+    0x2122, 0x0161, 0x203A, 0x0153, 0, 0x017E, 0x0178,
+];
+
+/// UTF-8 when it is valid, else windows-1252 (what older VMware products
+/// on Windows wrote).
+fn decode(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => bytes
+            .iter()
+            .map(|&b| match b {
+                0x80..=0x9f => char::from_u32(u32::from(CP1252_HIGH[(b - 0x80) as usize]))
+                    .unwrap_or('\u{fffd}'),
+                _ => char::from(b),
+            })
+            .collect(),
+    }
+}
+
+fn unquote(v: &str) -> &str {
+    v.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(v)
+}
+
+/// Parses `ACCESS SECTORS TYPE ["FILE" [OFFSET]]`; `None` when the line is
+/// not an extent line at all.
+fn parse_extent(t: &str, line: usize, ctx: &Ctx, base: u64) -> Result<Option<ExtentLine>> {
+    let mut words = t.splitn(3, char::is_whitespace);
+    let access = match words.next() {
+        Some("RW") => Access::ReadWrite,
+        Some("RDONLY") => Access::ReadOnly,
+        Some("NOACCESS") => Access::NoAccess,
+        _ => return Ok(None),
+    };
+    let field = format!("descriptor line {line}");
+    let bad = |why: String| ctx.invalid(&field, base, why);
+    let rest = words.next().map(str::trim).unwrap_or("");
+    let after = words.next().unwrap_or("").trim_start();
+    let sectors: u64 = rest
+        .parse()
+        .map_err(|_| bad(format!("extent size '{rest}' is not a sector count")))?;
+    let (type_word, after) = after
+        .split_once(char::is_whitespace)
+        .map(|(a, b)| (a, b.trim()))
+        .unwrap_or((after, ""));
+    let kind = match type_word {
+        "FLAT" | "VMFS" => ExtentType::Flat,
+        "SPARSE" => ExtentType::Sparse,
+        "ZERO" => ExtentType::Zero,
+        "VMFSSPARSE" => ExtentType::VmfsSparse,
+        "SESPARSE" => ExtentType::SeSparse,
+        "VMFSRDM" | "VMFSRAW" => ExtentType::Device,
+        other => return Err(bad(format!("unknown extent type '{other}'"))),
+    };
+    let (file, after) = if let Some(q) = after.strip_prefix('"') {
+        let close = q
+            .find('"')
+            .ok_or_else(|| bad("extent file name has no closing quote".into()))?;
+        (Some(q[..close].to_string()), q[close + 1..].trim())
+    } else {
+        (None, after)
+    };
+    let offset = match after.split_whitespace().next() {
+        None => 0,
+        Some(o) => o
+            .parse()
+            .map_err(|_| bad(format!("extent offset '{o}' is not a sector number")))?,
+    };
+    if file.is_none() && kind != ExtentType::Zero {
+        return Err(bad(format!(
+            "a {type_word} extent needs a quoted file name"
+        )));
+    }
+    Ok(Some(ExtentLine {
+        access,
+        sectors,
+        kind,
+        type_word: type_word.to_string(),
+        file,
+        offset,
+        line,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn ctx() -> Ctx {
+        Ctx::new(Path::new("test.vmdk"))
+    }
+
+    #[test]
+    fn parse_esxi_descriptor_with_crlf_and_spaces() {
+        let text = "# Disk DescriptorFile\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=fffffffe\r\nparentCID=ffffffff\r\ncreateType=\"vmfs\"\r\n\r\n# Extent description\r\nRW 2048 VMFS \"my disk-flat.vmdk\"\r\n\r\n# The Disk Data Base\r\n#DDB\r\n\r\nddb.adapterType = \"lsilogic\"\r\nddb.uuid = \"60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99\"\r\n";
+        let d = Descriptor::parse(text.as_bytes(), &ctx(), 0).unwrap();
+        assert!(d.crlf);
+        assert_eq!(d.create_type(), "vmfs");
+        assert_eq!(d.cid("CID", &ctx()).unwrap(), 0xffff_fffe);
+        assert_eq!(d.extents.len(), 1);
+        assert_eq!(d.extents[0].file.as_deref(), Some("my disk-flat.vmdk"));
+        assert_eq!(d.extents[0].kind, ExtentType::Flat);
+        assert_eq!(d.ddb("ddb.adapterType"), Some("lsilogic"));
+    }
+
+    #[test]
+    fn parse_zero_and_offset_extents() {
+        let text = "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 100 FLAT \"a.raw\" 7\nRDONLY 50 ZERO\n";
+        let d = Descriptor::parse(text.as_bytes(), &ctx(), 0).unwrap();
+        assert_eq!(d.extents[0].offset, 7);
+        assert_eq!(d.extents[1].kind, ExtentType::Zero);
+        assert_eq!(d.extents[1].access, Access::ReadOnly);
+    }
+
+    #[test]
+    fn parse_stops_at_nul_and_decodes_windows_1252() {
+        let mut bytes = b"version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 100 FLAT \"caf\xe9.raw\" 0\n".to_vec();
+        bytes.extend_from_slice(&[0u8; 100]);
+        let d = Descriptor::parse(&bytes, &ctx(), 0).unwrap();
+        assert_eq!(d.extents[0].file.as_deref(), Some("café.raw"));
+    }
+
+    #[test]
+    fn parse_rejects_garbage_and_unknown_types() {
+        assert!(Descriptor::parse(b"version=1\nRW 10 WEIRD \"x\"\n", &ctx(), 0).is_err());
+        assert!(Descriptor::parse(b"version=1\nRW ten FLAT \"x\" 0\n", &ctx(), 0).is_err());
+        assert!(Descriptor::parse(b"version=1\nthis is not a descriptor\n", &ctx(), 0).is_err());
+        assert!(Descriptor::parse(b"version=1\n", &ctx(), 0).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! VMDK: VMware's virtual disk format. A descriptor (embedded in a sparse
+//! file, or a text file of its own) lists extents — sparse "KDMV" files,
+//! flat files, zero ranges — concatenated into one disk, optionally over a
+//! parent disk (snapshot deltas).
+
+pub mod descriptor;
+pub mod sparse;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use vmshift_model::DiskFormat;
+
+use self::descriptor::{Access, Descriptor, ExtentType};
+use self::sparse::{Grain, SparseExtent};
+use crate::block::{BlockState, Extent, ImageInfo, ImageReader};
+use crate::error::{Ctx, Error, ErrorKind, Result};
+use crate::fileio::{file_len, read_exact_at, read_up_to_at};
+use crate::qcow2::ChainOpener;
+
+/// What backs one extent.
+#[derive(Debug)]
+enum Backing {
+    Flat {
+        file: File,
+        path: PathBuf,
+        offset: u64,
+    },
+    Zero,
+    Sparse(SparseExtent),
+}
+
+#[derive(Debug)]
+struct VmdkExtent {
+    /// First guest byte.
+    start: u64,
+    len: u64,
+    backing: Backing,
+    /// The descriptor's type word (`""` for a monolithic sparse file).
+    type_word: String,
+    /// The file as named in `info` (descriptor folder + name).
+    display: Option<String>,
+}
+
+/// A VMDK image opened for reading.
+#[derive(Debug)]
+pub struct VmdkReader {
+    ctx: Ctx,
+    size: u64,
+    extents: Vec<VmdkExtent>,
+    create_type: String,
+    cid: u32,
+    parent_cid: u32,
+    parent: Option<Box<dyn ImageReader>>,
+    parent_name: Option<String>,
+    descriptor: Option<Descriptor>,
+}
+
+impl VmdkReader {
+    /// Opens a VMDK: a sparse file with its descriptor inside, or a
+    /// descriptor file whose extents are opened through `opener`'s gate.
+    pub fn open(file: File, path: &Path, opener: &dyn ChainOpener) -> Result<Self> {
+        let ctx = Ctx::new(path);
+        let mut magic = [0u8; 4];
+        read_up_to_at(&file, path, &mut magic, 0)?;
+        match &magic {
+            b"KDMV" => Self::open_sparse(file, ctx, opener),
+            b"COWD" => Err(ctx.unsupported(
+                "magic",
+                "a vmfsSparse (COWD) extent on its own: open its descriptor file instead",
+            )),
+            _ => {
+                let len = file_len(&file, path)?;
+                let cap = (descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1).min(len);
+                let mut text = vec![0u8; cap as usize];
+                read_exact_at(&file, path, &mut text, 0, "descriptor")?;
+                if len > descriptor::MAX_DESCRIPTOR_BYTES as u64 {
+                    return Err(ctx.invalid(
+                        "descriptor",
+                        0,
+                        format!("{len} bytes is larger than the 1 MiB a descriptor may have"),
+                    ));
+                }
+                let d = Descriptor::parse(&text, &ctx, 0)?;
+                Self::from_descriptor(d, ctx, opener)
+            }
+        }
+    }
+
+    fn open_sparse(file: File, ctx: Ctx, opener: &dyn ChainOpener) -> Result<Self> {
+        let extent = SparseExtent::open(file, &ctx.path)?;
+        let desc = match extent.embedded_descriptor()? {
+            Some((bytes, at)) if bytes.iter().any(|&b| b != 0) => {
+                Some(Descriptor::parse(&bytes, &ctx, at)?)
+            }
+            _ => None,
+        };
+        if extent.header.capacity == 0 {
+            // A descriptor container: the extents are elsewhere.
+            let d = desc.ok_or_else(|| {
+                ctx.invalid("capacity", 12, "zero capacity and no embedded descriptor")
+            })?;
+            return Self::from_descriptor(d, ctx, opener);
+        }
+        let create_type = if extent.compressed() {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        };
+        let len = extent.capacity_bytes();
+        let mut r = VmdkReader {
+            size: len,
+            extents: vec![VmdkExtent {
+                start: 0,
+                len,
+                backing: Backing::Sparse(extent),
+                type_word: String::new(),
+                display: Some(ctx.path.display().to_string()),
+            }],
+            create_type: create_type.to_string(),
+            cid: 0xffff_ffff,
+            parent_cid: 0xffff_ffff,
+            parent: None,
+            parent_name: None,
+            descriptor: None,
+            ctx,
+        };
+        if let Some(d) = desc {
+            r.cid = d.cid("CID", &r.ctx)?;
+            r.parent_cid = d.cid("parentCID", &r.ctx)?;
+            r.open_parent(&d, opener)?;
+            r.descriptor = Some(d);
+        }
+        Ok(r)
+    }
+
+    fn from_descriptor(d: Descriptor, ctx: Ctx, opener: &dyn ChainOpener) -> Result<Self> {
+        let create_type = d.create_type().to_string();
+        if matches!(
+            create_type.as_str(),
+            "vmfsRawDeviceMap" | "vmfsPassthroughRawDeviceMap" | "fullDevice" | "partitionedDevice"
+        ) {
+            return Err(ctx.unsupported(
+                "createType",
+                format!("'{create_type}' maps a physical device; there is no disk image to read"),
+            ));
+        }
+        let dir_display = |name: &str| {
+            ctx.path
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(name)
+                .display()
+                .to_string()
+        };
+        let mut extents = Vec::new();
+        let mut start = 0u64;
+        for line in &d.extents {
+            let field = format!("descriptor line {}", line.line);
+            let len = line.sectors.checked_mul(512).ok_or_else(|| {
+                ctx.invalid(
+                    &field,
+                    0,
+                    format!("extent of {} sectors overflows", line.sectors),
+                )
+            })?;
+            if line.access == Access::NoAccess {
+                return Err(ctx.unsupported(&field, "a NOACCESS extent has no readable data"));
+            }
+            let name = line.file.as_deref().unwrap_or("");
+            let open = |what: &str| {
+                opener
+                    .open_named(&ctx.path, name, what)
+                    .map_err(|e| Error::new(e.kind(), format!("{field}: {e}")).at_path(&ctx.path))
+            };
+            let backing = match line.kind {
+                ExtentType::Zero => Backing::Zero,
+                ExtentType::Flat => {
+                    let (path, file) = open("extent")?;
+                    let have = file_len(&file, &path)?;
+                    let offset = line
+                        .offset
+                        .checked_mul(512)
+                        .ok_or_else(|| ctx.invalid(&field, 0, "extent offset overflows"))?;
+                    if offset.checked_add(len).is_none_or(|end| end > have) {
+                        return Err(ctx.corrupt(
+                            &field,
+                            0,
+                            format!(
+                                "extent '{name}' holds {have} bytes, fewer than the {} the descriptor gives it (from offset {offset})",
+                                len
+                            ),
+                        ));
+                    }
+                    Backing::Flat { file, path, offset }
+                }
+                ExtentType::Sparse => {
+                    let (path, file) = open("extent")?;
+                    let e = SparseExtent::open(file, &path)?;
+                    if e.capacity_bytes() != len {
+                        return Err(ctx.corrupt(
+                            &field,
+                            0,
+                            format!(
+                                "extent '{name}' has a capacity of {} sectors, the descriptor says {}",
+                                e.header.capacity, line.sectors
+                            ),
+                        ));
+                    }
+                    Backing::Sparse(e)
+                }
+                ExtentType::VmfsSparse | ExtentType::SeSparse => {
+                    return Err(ctx.unsupported(
+                        &field,
+                        format!("{} extents are not supported yet", line.type_word),
+                    ))
+                }
+                ExtentType::Device => {
+                    return Err(ctx.unsupported(
+                        &field,
+                        format!("a {} extent maps a device, not image data", line.type_word),
+                    ))
+                }
+            };
+            extents.push(VmdkExtent {
+                start,
+                len,
+                backing,
+                type_word: line.type_word.clone(),
+                display: line.file.as_deref().map(dir_display),
+            });
+            start = start
+                .checked_add(len)
+                .ok_or_else(|| ctx.invalid(&field, 0, "disk size overflows"))?;
+        }
+        let mut r = VmdkReader {
+            size: start,
+            extents,
+            cid: d.cid("CID", &ctx)?,
+            parent_cid: d.cid("parentCID", &ctx)?,
+            create_type,
+            parent: None,
+            parent_name: None,
+            descriptor: None,
+            ctx,
+        };
+        r.open_parent(&d, opener)?;
+        r.descriptor = Some(d);
+        Ok(r)
+    }
+
+    fn open_parent(&mut self, d: &Descriptor, opener: &dyn ChainOpener) -> Result<()> {
+        if let Some(hint) = d.parent_hint() {
+            let (parent, _) = opener.open_backing(&self.ctx.path, hint, Some("vmdk"))?;
+            self.parent = Some(parent);
+            self.parent_name = Some(hint.to_string());
+        }
+        Ok(())
+    }
+
+    /// The extent holding guest byte `offset`.
+    fn extent_at(&self, offset: u64) -> Result<&VmdkExtent> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        self.extents.get(i).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("offset {offset:#x} is past the end of the disk"),
+            )
+            .at_path(&self.ctx.path)
+        })
+    }
+
+    /// This layer's answer for `offset`: a state (with host offset) and
+    /// how many bytes it holds for.
+    fn local(&self, offset: u64, len: u64) -> Result<(Grain, u64, &VmdkExtent)> {
+        let e = self.extent_at(offset)?;
+        let rel = offset - e.start;
+        let avail = (e.len - rel).min(len);
+        Ok(match &e.backing {
+            Backing::Zero => (Grain::Zero, avail, e),
+            Backing::Flat { offset: base, .. } => (Grain::Data(base + rel), avail, e),
+            Backing::Sparse(s) => {
+                let grain = s.grain_bytes();
+                let first = (grain - rel % grain).min(avail);
+                let state = s.grain(rel)?;
+                let mut n = first;
+                // Extend over following grains of the same kind (contiguous
+                // host offsets for data; compressed grains one at a time).
+                while n < avail && !matches!(state, Grain::Compressed(_)) {
+                    let next = s.grain(rel + n)?;
+                    let same = match (state, next) {
+                        (Grain::Data(a), Grain::Data(b)) => b == a + rel % grain + n,
+                        (Grain::Zero, Grain::Zero) | (Grain::Unallocated, Grain::Unallocated) => {
+                            true
+                        }
+                        _ => false,
+                    };
+                    if !same {
+                        break;
+                    }
+                    n = (n + grain).min(avail);
+                }
+                let state = match state {
+                    Grain::Data(h) => Grain::Data(h + rel % grain),
+                    other => other,
+                };
+                (state, n, e)
+            }
+        })
+    }
+
+    fn parent_read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.parent {
+            Some(p) if offset < p.size() => {
+                let n = ((p.size() - offset) as usize).min(buf.len());
+                p.read_at(&mut buf[..n], offset)?;
+                buf[n..].fill(0);
+                Ok(())
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ImageReader for VmdkReader {
+    fn format(&self) -> DiskFormat {
+        DiskFormat::Vmdk
+    }
+
+    fn path(&self) -> &Path {
+        &self.ctx.path
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let (state, n, _) = self.local(offset, len)?;
+        let ext = |state, host_offset| Extent {
+            start: offset,
+            len: n,
+            state,
+            depth: 0,
+            host_offset,
+        };
+        Ok(match state {
+            Grain::Data(h) => ext(BlockState::Data, Some(h)),
+            Grain::Compressed(_) => ext(BlockState::Compressed, None),
+            Grain::Zero => ext(BlockState::Zero, None),
+            Grain::Unallocated => match &self.parent {
+                Some(p) if offset < p.size() => {
+                    let mut e = p.map(offset, n.min(p.size() - offset))?;
+                    e.depth += 1;
+                    e
+                }
+                _ => ext(BlockState::Unallocated, None),
+            },
+        })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "read of {} bytes at {offset:#x} past the end ({})",
+                        buf.len(),
+                        self.size
+                    ),
+                )
+                .at_path(&self.ctx.path)
+            })?;
+        let mut pos = offset;
+        let mut scratch = Vec::new();
+        while pos < end {
+            let (state, n, e) = self.local(pos, end - pos)?;
+            let piece = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            match (state, &e.backing) {
+                (Grain::Zero, _) => piece.fill(0),
+                (Grain::Unallocated, _) => self.parent_read(piece, pos)?,
+                (Grain::Data(h), Backing::Flat { file, path, .. }) => {
+                    read_exact_at(file, path, piece, h, "flat extent")?
+                }
+                (Grain::Data(h), Backing::Sparse(s)) => s.read_data(piece, h)?,
+                (Grain::Compressed(h), Backing::Sparse(s)) => {
+                    let grain = s.grain_bytes();
+                    let rel = pos - e.start;
+                    let grain_start = rel - rel % grain;
+                    scratch.resize(grain as usize, 0);
+                    s.read_compressed(h, grain_start, &mut scratch)?;
+                    let from = (rel % grain) as usize;
+                    piece.copy_from_slice(&scratch[from..from + piece.len()]);
+                }
+                _ => unreachable!("flat and zero extents have no compressed or sparse states"),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> ImageInfo {
+        use serde_json::{json, Value};
+        let grain_of = |e: &VmdkExtent| match &e.backing {
+            Backing::Sparse(s) => Some((s.grain_bytes(), s.compressed())),
+            _ => None,
+        };
+        let first = self.extents.first().and_then(grain_of);
+        let cluster_size = first
+            .filter(|_| self.extents.iter().all(|e| grain_of(e) == first))
+            .map(|(g, _)| g);
+        let extents: Vec<Value> = self
+            .extents
+            .iter()
+            .map(|e| {
+                let mut m = serde_json::Map::new();
+                if let Some((_, true)) = grain_of(e) {
+                    m.insert("compressed".into(), json!(true));
+                }
+                m.insert("virtual-size".into(), json!(e.len));
+                if let Some(f) = &e.display {
+                    m.insert("filename".into(), json!(f));
+                }
+                if let Some((g, _)) = grain_of(e) {
+                    m.insert("cluster-size".into(), json!(g));
+                }
+                m.insert("format".into(), json!(e.type_word));
+                Value::Object(m)
+            })
+            .collect();
+        let full_backing = self.parent_name.as_deref().map(|name| {
+            self.ctx
+                .path
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(name)
+                .display()
+                .to_string()
+        });
+        ImageInfo {
+            cluster_size,
+            backing_filename: self.parent_name.clone(),
+            full_backing_filename: full_backing,
+            backing_format: self.parent_name.as_ref().map(|_| "vmdk".to_string()),
+            backing_format_probed: None,
+            dirty: false,
+            snapshots: Vec::new(),
+            extra_files: self
+                .extents
+                .iter()
+                .filter_map(|e| match &e.backing {
+                    Backing::Flat { path, .. } => Some(path.clone()),
+                    Backing::Sparse(s) => Some(s.path_buf()),
+                    Backing::Zero => None,
+                })
+                .filter(|p| p.as_path() != self.ctx.path.as_path())
+                .collect(),
+            format_specific: vec![
+                ("cid", json!(self.cid)),
+                ("parent-cid", json!(self.parent_cid)),
+                ("create-type", json!(self.create_type)),
+                ("extents", Value::Array(extents)),
+            ],
+        }
+    }
+
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        self.parent.as_deref()
+    }
+}

@@ -1,0 +1,452 @@
+//! Hosted sparse extents ("KDMV"): monolithicSparse, twoGbMaxExtentSparse
+//! pieces and streamOptimized (compressed grains, markers, footer).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use byteorder::{ByteOrder, LittleEndian};
+
+use crate::compress::{self, Codec};
+use crate::error::{Ctx, Result};
+use crate::fileio::{file_len, read_exact_at, read_up_to_at};
+
+pub const MAGIC: &[u8; 4] = b"KDMV";
+pub const GD_AT_END: u64 = u64::MAX;
+const FLAG_ZEROED_GTE: u32 = 1 << 2;
+const FLAG_COMPRESSED: u32 = 1 << 16;
+const FLAG_MARKERS: u32 = 1 << 17;
+const INCOMPAT_KNOWN: u32 = FLAG_COMPRESSED | FLAG_MARKERS;
+/// Limits: grains up to 2 MiB (so a grain buffer stays small; VMware uses
+/// 64 KiB), QEMU's 512 entries per grain table, and a grain directory of at
+/// most 16 MiB.
+const MAX_GRAIN_SECTORS: u64 = 4096;
+const MAX_GTES_PER_GT: u32 = 512;
+const MAX_GD_ENTRIES: u64 = 1 << 22;
+const GT_CACHE_TABLES: usize = 4096;
+
+/// What a grain table entry says about one grain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    Unallocated,
+    Zero,
+    /// Uncompressed, at this byte offset of the extent file.
+    Data(u64),
+    /// Compressed, starting at this byte offset (a marker when the extent
+    /// has markers).
+    Compressed(u64),
+}
+
+/// The fields of a sparse header vmshift uses.
+#[derive(Debug, Clone)]
+pub struct SparseHeader {
+    pub version: u32,
+    pub flags: u32,
+    /// Sectors.
+    pub capacity: u64,
+    pub grain_sectors: u64,
+    pub descriptor_offset: u64,
+    pub descriptor_size: u64,
+    pub gtes_per_gt: u32,
+    pub rgd_offset: u64,
+    pub gd_offset: u64,
+    pub overhead: u64,
+    pub unclean: bool,
+    pub compress_algorithm: u16,
+}
+
+impl SparseHeader {
+    fn parse(b: &[u8], ctx: &Ctx, at: u64) -> Result<SparseHeader> {
+        if &b[0..4] != MAGIC {
+            return Err(ctx.invalid("magic", at, "not a VMDK sparse extent (expected KDMV)"));
+        }
+        let u32_at = |o: usize| LittleEndian::read_u32(&b[o..o + 4]);
+        let u64_at = |o: usize| LittleEndian::read_u64(&b[o..o + 8]);
+        let h = SparseHeader {
+            version: u32_at(4),
+            flags: u32_at(8),
+            capacity: u64_at(12),
+            grain_sectors: u64_at(20),
+            descriptor_offset: u64_at(28),
+            descriptor_size: u64_at(36),
+            gtes_per_gt: u32_at(44),
+            rgd_offset: u64_at(48),
+            gd_offset: u64_at(56),
+            overhead: u64_at(64),
+            unclean: b[72] != 0,
+            compress_algorithm: LittleEndian::read_u16(&b[77..79]),
+        };
+        if !(1..=3).contains(&h.version) {
+            return Err(ctx.unsupported(
+                "version",
+                format!("sparse extent version {} (expected 1 to 3)", h.version),
+            ));
+        }
+        let unknown = h.flags & 0xffff_0000 & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(ctx.unsupported(
+                "flags",
+                format!("unknown incompatible flag bits {unknown:#010x}"),
+            ));
+        }
+        if h.grain_sectors == 0
+            || !h.grain_sectors.is_power_of_two()
+            || h.grain_sectors > MAX_GRAIN_SECTORS
+        {
+            return Err(ctx.invalid(
+                "grainSize",
+                at + 20,
+                format!(
+                    "{} sectors (expected a power of two from 1 to {MAX_GRAIN_SECTORS})",
+                    h.grain_sectors
+                ),
+            ));
+        }
+        if h.gtes_per_gt == 0 || h.gtes_per_gt > MAX_GTES_PER_GT {
+            return Err(ctx.invalid(
+                "numGTEsPerGT",
+                at + 44,
+                format!("{} (expected 1 to {MAX_GTES_PER_GT})", h.gtes_per_gt),
+            ));
+        }
+        if h.capacity.checked_mul(512).is_none() {
+            return Err(ctx.invalid(
+                "capacity",
+                at + 12,
+                format!("{} sectors overflows a byte count", h.capacity),
+            ));
+        }
+        if h.flags & FLAG_COMPRESSED != 0 && h.compress_algorithm != 1 {
+            return Err(ctx.unsupported(
+                "compressAlgorithm",
+                format!(
+                    "compression algorithm {} (expected 1, deflate)",
+                    h.compress_algorithm
+                ),
+            ));
+        }
+        Ok(h)
+    }
+
+    fn gd_entries(&self) -> u64 {
+        self.capacity
+            .div_ceil(u64::from(self.gtes_per_gt) * self.grain_sectors)
+    }
+}
+
+/// A sparse extent file opened for reading.
+#[derive(Debug)]
+pub struct SparseExtent {
+    file: File,
+    ctx: Ctx,
+    file_len: u64,
+    pub header: SparseHeader,
+    gd: Vec<u32>,
+    gt_cache: Mutex<HashMap<u32, Arc<[u32]>>>,
+}
+
+impl SparseExtent {
+    pub fn open(file: File, path: &Path) -> Result<SparseExtent> {
+        let ctx = Ctx::new(path);
+        let len = file_len(&file, path)?;
+        let mut first = [0u8; 512];
+        if read_up_to_at(&file, path, &mut first, 0)? < 512 {
+            return Err(ctx.invalid("header", 0, "file too short for a VMDK sparse header"));
+        }
+        let mut header = SparseHeader::parse(&first, &ctx, 0)?;
+        if header.gd_offset == GD_AT_END {
+            header = read_footer(&file, &ctx, len)?;
+        }
+        let entries = header.gd_entries();
+        if entries > MAX_GD_ENTRIES {
+            return Err(ctx.invalid(
+                "capacity",
+                12,
+                format!(
+                    "{} sectors need {entries} grain directory entries (at most {MAX_GD_ENTRIES})",
+                    header.capacity
+                ),
+            ));
+        }
+        let gd_bytes = entries * 4;
+        let gd_at = header
+            .gd_offset
+            .checked_mul(512)
+            .filter(|&o| o.checked_add(gd_bytes).is_some_and(|e| e <= len))
+            .ok_or_else(|| {
+                ctx.corrupt(
+                    "gdOffset",
+                    56,
+                    format!(
+                        "grain directory at sector {} ({gd_bytes} bytes) lies past the end of the file ({len} bytes)",
+                        header.gd_offset
+                    ),
+                )
+            })?;
+        let mut raw = vec![0u8; gd_bytes as usize];
+        read_exact_at(&file, path, &mut raw, gd_at, "grain directory")?;
+        let gd = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
+        Ok(SparseExtent {
+            file,
+            ctx,
+            file_len: len,
+            header,
+            gd,
+            gt_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.ctx.path
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.header.capacity * 512
+    }
+
+    pub fn grain_bytes(&self) -> u64 {
+        self.header.grain_sectors * 512
+    }
+
+    pub fn compressed(&self) -> bool {
+        self.header.flags & FLAG_COMPRESSED != 0
+    }
+
+    /// The embedded descriptor's bytes, if the header points at one.
+    pub fn embedded_descriptor(&self) -> Result<Option<(Vec<u8>, u64)>> {
+        let h = &self.header;
+        if h.descriptor_offset == 0 || h.descriptor_size == 0 {
+            return Ok(None);
+        }
+        let at = h.descriptor_offset.saturating_mul(512);
+        let size = h
+            .descriptor_size
+            .saturating_mul(512)
+            .min(super::descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1);
+        if at >= self.file_len {
+            return Err(self.ctx.corrupt(
+                "descriptorOffset",
+                28,
+                "embedded descriptor lies past the end of the file",
+            ));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = read_up_to_at(&self.file, &self.ctx.path, &mut buf, at)?;
+        buf.truncate(n);
+        Ok(Some((buf, at)))
+    }
+
+    fn grain_table(&self, gt_sector: u32) -> Result<Arc<[u32]>> {
+        let lock = || self.gt_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = lock().get(&gt_sector) {
+            return Ok(t.clone());
+        }
+        let n = self.header.gtes_per_gt as usize;
+        let at = u64::from(gt_sector) * 512;
+        if at + n as u64 * 4 > self.file_len {
+            return Err(self.ctx.corrupt(
+                "grain directory entry",
+                at,
+                format!("grain table at sector {gt_sector} lies past the end of the file"),
+            ));
+        }
+        let mut raw = vec![0u8; n * 4];
+        read_exact_at(&self.file, &self.ctx.path, &mut raw, at, "grain table")?;
+        let table: Arc<[u32]> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
+        let mut cache = lock();
+        if cache.len() >= GT_CACHE_TABLES {
+            cache.clear();
+        }
+        cache.insert(gt_sector, table.clone());
+        Ok(table)
+    }
+
+    /// The grain holding byte `offset` of the extent.
+    pub fn grain(&self, offset: u64) -> Result<Grain> {
+        let g = offset / self.grain_bytes();
+        let per = u64::from(self.header.gtes_per_gt);
+        let gt_sector = self.gd.get((g / per) as usize).copied().unwrap_or(0);
+        if gt_sector == 0 {
+            return Ok(Grain::Unallocated);
+        }
+        let gte = self.grain_table(gt_sector)?[(g % per) as usize];
+        Ok(match gte {
+            0 => Grain::Unallocated,
+            1 if self.header.flags & FLAG_ZEROED_GTE != 0 => Grain::Zero,
+            s => {
+                let at = u64::from(s) * 512;
+                if at >= self.file_len {
+                    return Err(self.ctx.corrupt(
+                        "grain table entry",
+                        at,
+                        format!("grain for extent offset {offset:#x} is at sector {s}, past the end of the file"),
+                    ));
+                }
+                if self.compressed() {
+                    Grain::Compressed(at)
+                } else {
+                    Grain::Data(at)
+                }
+            }
+        })
+    }
+
+    /// Reads `buf.len()` bytes of uncompressed grain data at host `at`.
+    pub fn read_data(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        if at + buf.len() as u64 > self.file_len {
+            return Err(self.ctx.corrupt(
+                "grain table entry",
+                at,
+                "grain data runs past the end of the file",
+            ));
+        }
+        read_exact_at(&self.file, &self.ctx.path, buf, at, "grain")
+    }
+
+    /// Inflates the compressed grain at host `at`, which holds extent offset
+    /// `grain_start`, into `out` (one grain; the part past the capacity may
+    /// be missing from the stream and reads as zeros).
+    pub fn read_compressed(&self, at: u64, grain_start: u64, out: &mut [u8]) -> Result<()> {
+        let grain = self.grain_bytes();
+        let markers = self.header.flags & FLAG_MARKERS != 0;
+        let (data_at, size) = if markers {
+            let mut m = [0u8; 12];
+            read_exact_at(&self.file, &self.ctx.path, &mut m, at, "grain marker")?;
+            let lba = LittleEndian::read_u64(&m[0..8]);
+            let size = u64::from(LittleEndian::read_u32(&m[8..12]));
+            if lba * 512 != grain_start {
+                return Err(self.ctx.corrupt(
+                    "grain marker",
+                    at,
+                    format!(
+                        "marker says sector {lba}, but the grain table maps it to sector {}",
+                        grain_start / 512
+                    ),
+                ));
+            }
+            if size == 0 || at + 12 + size > self.file_len {
+                return Err(self.ctx.corrupt(
+                    "grain marker",
+                    at + 8,
+                    format!("compressed size {size} is zero or runs past the end of the file ({} bytes)", self.file_len),
+                ));
+            }
+            (at + 12, size)
+        } else {
+            (at, (2 * grain).min(self.file_len - at))
+        };
+        if size > 2 * grain {
+            return Err(self.ctx.corrupt(
+                "grain marker",
+                at + 8,
+                format!("compressed size {size} is more than twice the grain size"),
+            ));
+        }
+        let mut input = vec![0u8; size as usize];
+        read_exact_at(
+            &self.file,
+            &self.ctx.path,
+            &mut input,
+            data_at,
+            "compressed grain",
+        )?;
+        let valid = (self.capacity_bytes() - grain_start).min(grain) as usize;
+        let n = compress::decompress_prefix(Codec::Zlib, &input, out).map_err(|why| {
+            self.ctx.corrupt(
+                "compressed grain",
+                at,
+                format!("grain at extent offset {grain_start:#x}: {why}"),
+            )
+        })?;
+        if n < valid {
+            return Err(self.ctx.corrupt(
+                "compressed grain",
+                at,
+                format!("grain at extent offset {grain_start:#x} inflates to {n} bytes, fewer than {valid}"),
+            ));
+        }
+        out[n..].fill(0);
+        Ok(())
+    }
+
+    /// Every allocated grain: (grain index, GTE) — for `check`.
+    pub fn allocated(&self) -> Result<Vec<(u64, u32)>> {
+        let per = u64::from(self.header.gtes_per_gt);
+        let grains = self.header.capacity.div_ceil(self.header.grain_sectors);
+        let mut out = Vec::new();
+        for (i, &gt) in self.gd.iter().enumerate() {
+            if gt == 0 {
+                continue;
+            }
+            let table = self.grain_table(gt)?;
+            for (j, &e) in table.iter().enumerate() {
+                let g = i as u64 * per + j as u64;
+                if e > 1 && g < grains {
+                    out.push((g, e));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    pub fn path_buf(&self) -> PathBuf {
+        self.ctx.path.clone()
+    }
+}
+
+/// Reads the footer of a stream whose header says the grain directory is
+/// at the end: the last non-zero sectors are the footer marker and the
+/// footer (the end-of-stream marker, and any padding after it, are zeros).
+fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
+    let mut end = len / 512 * 512;
+    let mut sector = [0u8; 512];
+    // Skip the end-of-stream marker and up to 1 MiB of zero padding (tar).
+    for _ in 0..2048 {
+        if end < 1024 {
+            break;
+        }
+        read_exact_at(file, &ctx.path, &mut sector, end - 512, "footer")?;
+        if sector.iter().any(|&b| b != 0) {
+            break;
+        }
+        end -= 512;
+    }
+    if end < 1536 {
+        return Err(ctx.invalid(
+            "footer",
+            len,
+            "header says the grain directory is at the end, but there is no footer",
+        ));
+    }
+    let footer_at = end - 512;
+    read_exact_at(file, &ctx.path, &mut sector, footer_at, "footer")?;
+    let mut marker = [0u8; 16];
+    read_exact_at(
+        file,
+        &ctx.path,
+        &mut marker,
+        footer_at - 512,
+        "footer marker",
+    )?;
+    if LittleEndian::read_u32(&marker[8..12]) != 0 || LittleEndian::read_u32(&marker[12..16]) != 3 {
+        return Err(ctx.invalid(
+            "footer marker",
+            footer_at - 512,
+            "expected a footer marker (size 0, type 3) before the footer",
+        ));
+    }
+    let h = SparseHeader::parse(&sector, ctx, footer_at)?;
+    if h.gd_offset == GD_AT_END {
+        return Err(ctx.invalid(
+            "gdOffset",
+            footer_at + 56,
+            "the footer does not give the grain directory's offset either",
+        ));
+    }
+    Ok(h)
+}

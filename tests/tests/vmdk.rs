@@ -1,0 +1,248 @@
+//! VMDK images made by qemu-img, read by vmshift and compared with what
+//! qemu-img reads from them.
+
+use std::path::Path;
+
+use serde_json::Value;
+use vmshift_tests::{json, patterned_raw, tool_ok, vmshift, vmshift_ok};
+
+/// vmshift's raw output of `image` is byte-identical to qemu-img's.
+fn assert_raw_identical(dir: &Path, image: &str) {
+    tool_ok(
+        dir,
+        "qemu-img",
+        &["convert", "-O", "raw", image, "qemu.raw"],
+    );
+    vmshift_ok(
+        dir,
+        &["convert", "-f", "vmdk", "-O", "raw", image, "ours.raw"],
+    );
+    tool_ok(dir, "cmp", &["qemu.raw", "ours.raw"]);
+    std::fs::remove_file(dir.join("qemu.raw")).unwrap();
+    std::fs::remove_file(dir.join("ours.raw")).unwrap();
+}
+
+/// Every field both print agrees.
+fn assert_common_fields_agree(ours: &Value, theirs: &Value, path: &str) {
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, va) in a {
+                if let (Some(vb), false) = (b.get(k), k == "children") {
+                    assert_common_fields_agree(va, vb, &format!("{path}.{k}"));
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}: array lengths differ");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_common_fields_agree(x, y, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(ours, theirs, "{path} differs"),
+    }
+}
+
+fn assert_info_agrees(dir: &Path, image: &str) {
+    let theirs = json(&tool_ok(dir, "qemu-img", &["info", "--output", "json", image]).stdout);
+    let ours = json(vmshift_ok(dir, &["info", "--output", "json", image]).as_bytes());
+    for k in ["virtual-size", "format", "actual-size", "format-specific"] {
+        assert!(ours.get(k).is_some(), "{image}: vmshift info lacks {k}");
+    }
+    assert_common_fields_agree(&ours, &theirs, image);
+}
+
+fn assert_map_agrees(dir: &Path, image: &str) {
+    let theirs = json(&tool_ok(dir, "qemu-img", &["map", "--output", "json", image]).stdout);
+    let ours = json(vmshift_ok(dir, &["map", "--output", "json", image]).as_bytes());
+    assert_common_fields_agree(&ours, &theirs, &format!("{image} map"));
+}
+
+/// A patterned raw disk of `size` bytes converted by qemu-img to VMDK.
+fn qemu_vmdk(dir: &Path, size: u64, subformat: &str) -> String {
+    patterned_raw(&dir.join("pat.raw"), size);
+    let name = format!("{subformat}.vmdk");
+    let opt = format!("subformat={subformat}");
+    tool_ok(
+        dir,
+        "qemu-img",
+        &[
+            "convert", "-f", "raw", "-O", "vmdk", "-o", &opt, "pat.raw", &name,
+        ],
+    );
+    name
+}
+
+macro_rules! subformat_case {
+    ($name:ident, $subformat:expr, $size:expr, map: $map:expr) => {
+        #[test]
+        fn $name() {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let image = qemu_vmdk(d, $size, $subformat);
+            assert_raw_identical(d, &image);
+            assert_info_agrees(d, &image);
+            if $map {
+                assert_map_agrees(d, &image);
+            }
+        }
+    };
+}
+
+// Sizes: a grain multiple, one that is not (the last grain is partial), and
+// above 2 GiB so twoGbMaxExtent splits into several files.
+subformat_case!(monolithic_sparse_reads_like_qemu, "monolithicSparse", 40 << 20, map: true);
+subformat_case!(monolithic_sparse_odd_size_reads_like_qemu, "monolithicSparse", (40 << 20) + 4608, map: true);
+subformat_case!(stream_optimized_reads_like_qemu, "streamOptimized", 40 << 20, map: true);
+subformat_case!(stream_optimized_odd_size_reads_like_qemu, "streamOptimized", (40 << 20) + 1024, map: true);
+subformat_case!(monolithic_flat_reads_like_qemu, "monolithicFlat", 40 << 20, map: false);
+subformat_case!(two_gb_sparse_reads_like_qemu, "twoGbMaxExtentSparse", (5 << 30) + (3 << 20), map: true);
+subformat_case!(two_gb_flat_reads_like_qemu, "twoGbMaxExtentFlat", (5 << 30) + (3 << 20), map: false);
+
+#[test]
+fn delta_disk_over_parent_reads_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = qemu_vmdk(d, 16 << 20, "monolithicSparse");
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-b",
+            &base,
+            "-F",
+            "vmdk",
+            "child.vmdk",
+        ],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x77 1M 128k",
+            "-c",
+            "write -P 0x78 15M 4k",
+            "child.vmdk",
+        ],
+    );
+    assert_raw_identical(d, "child.vmdk");
+    assert_info_agrees(d, "child.vmdk");
+    assert_map_agrees(d, "child.vmdk");
+}
+
+#[test]
+fn zeroed_grains_read_as_zero_over_a_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = qemu_vmdk(d, 8 << 20, "monolithicSparse");
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            "-b",
+            &base,
+            "-F",
+            "vmdk",
+            "z.vmdk",
+        ],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-c", "write -z 0 256k", "-c", "write -P 9 1M 64k", "z.vmdk"],
+    );
+    assert_raw_identical(d, "z.vmdk");
+    assert_map_agrees(d, "z.vmdk");
+}
+
+#[test]
+fn vmdk_to_qcow2_passes_qemu_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = qemu_vmdk(d, 24 << 20, "streamOptimized");
+    vmshift_ok(d, &["convert", "-O", "qcow2", "-c", &image, "out.qcow2"]);
+    tool_ok(d, "qemu-img", &["check", "out.qcow2"]);
+    tool_ok(d, "qemu-img", &["compare", &image, "out.qcow2"]);
+}
+
+#[test]
+fn descriptor_with_missing_extent_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("d.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n# Extent description\nRW 2048 FLAT \"gone-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    let out = vmshift(d, &["info", "d.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("descriptor line 8") && err.contains("gone-flat.vmdk"),
+        "{err}"
+    );
+}
+
+#[test]
+fn descriptor_with_short_flat_extent_is_a_wrong_size_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("d-flat.vmdk"), vec![0u8; 4096]).unwrap();
+    std::fs::write(
+        d.join("d.vmdk"),
+        "version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 2048 VMFS \"d-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let out = vmshift(d, &["info", "d.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("descriptor line 5") && err.contains("4096 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn descriptor_naming_a_file_outside_its_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("d.vmdk"),
+        "version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 1 FLAT \"/etc/hostname\" 0\n",
+    )
+    .unwrap();
+    let out = vmshift(d, &["info", "d.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn esxi_descriptor_with_crlf_and_spaces_reads_its_flat_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("my disk-flat.vmdk"), 4 << 20);
+    std::fs::write(
+        d.join("my disk.vmdk"),
+        "# Disk DescriptorFile\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=fffffffe\r\nparentCID=ffffffff\r\nisNativeSnapshot=\"no\"\r\ncreateType=\"vmfs\"\r\n\r\n# Extent description\r\nRW 8192 VMFS \"my disk-flat.vmdk\"\r\n\r\n# The Disk Data Base\r\n#DDB\r\n\r\nddb.adapterType = \"lsilogic\"\r\nddb.virtualHWVersion = \"13\"\r\n",
+    )
+    .unwrap();
+    vmshift_ok(d, &["convert", "-O", "raw", "my disk.vmdk", "out.raw"]);
+    assert_eq!(
+        std::fs::read(d.join("out.raw")).unwrap(),
+        std::fs::read(d.join("my disk-flat.vmdk")).unwrap()
+    );
+    let info = json(vmshift_ok(d, &["info", "--output", "json", "my disk.vmdk"]).as_bytes());
+    assert_eq!(info["format-specific"]["data"]["create-type"], "vmfs");
+}
