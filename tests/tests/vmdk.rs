@@ -246,3 +246,114 @@ fn esxi_descriptor_with_crlf_and_spaces_reads_its_flat_file() {
     let info = json(vmshift_ok(d, &["info", "--output", "json", "my disk.vmdk"]).as_bytes());
     assert_eq!(info["format-specific"]["data"]["create-type"], "vmfs");
 }
+
+/// vmshift writes `subformat` from `source`; qemu-img finds it clean and
+/// identical to the source.
+fn assert_written_vmdk_passes(dir: &Path, source: &str, opts: &str) {
+    let _ = std::fs::remove_file(dir.join("written.vmdk"));
+    vmshift_ok(
+        dir,
+        &["convert", "-O", "vmdk", "-o", opts, source, "written.vmdk"],
+    );
+    tool_ok(dir, "qemu-img", &["check", "written.vmdk"]);
+    tool_ok(dir, "qemu-img", &["compare", source, "written.vmdk"]);
+    vmshift_ok(dir, &["compare", source, "written.vmdk"]);
+}
+
+#[test]
+fn written_vmdk_every_single_file_subformat_passes_qemu_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for size in [24u64 << 20, (24 << 20) + 1536] {
+        patterned_raw(&d.join("src.raw"), size);
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "qcow2", "-c", "src.raw", "src.qcow2"],
+        );
+        for source in ["src.raw", "src.qcow2"] {
+            for opts in [
+                "subformat=monolithicSparse",
+                "subformat=streamOptimized",
+                "subformat=streamOptimized,adapter_type=lsilogic,hwversion=13",
+                "subformat=monolithicSparse,adapter_type=buslogic",
+            ] {
+                assert_written_vmdk_passes(d, source, opts);
+            }
+        }
+    }
+}
+
+#[test]
+fn written_stream_optimized_has_vmware_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 40 << 20);
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "src.raw",
+            "s.vmdk",
+        ],
+    );
+    let b = std::fs::read(d.join("s.vmdk")).unwrap();
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    assert_eq!(&b[0..4], b"KDMV");
+    assert_eq!(u32_at(4), 3, "version");
+    assert_eq!(u32_at(8) & 0x3_0000, 0x3_0000, "compressed + markers");
+    assert_eq!(u64_at(56), u64::MAX, "grain directory at the end");
+    let n = b.len();
+    assert!(
+        b[n - 512..].iter().all(|&x| x == 0),
+        "ends with the end-of-stream marker"
+    );
+    assert_eq!(&b[n - 1024..n - 1020], b"KDMV", "footer");
+    assert_eq!(u32_at(n - 1536 + 12), 3, "footer marker type");
+    let gd = u64_at(n - 1024 + 56) as usize * 512;
+    assert_eq!(
+        u32_at(gd - 512 + 12),
+        2,
+        "grain directory marker before the directory"
+    );
+    let first_gt = u32_at(gd) as usize * 512;
+    assert_eq!(
+        u32_at(first_gt - 512 + 12),
+        1,
+        "grain table marker before the table"
+    );
+    let desc = String::from_utf8_lossy(&b[512..512 * 21]);
+    assert!(
+        desc.contains("createType=\"streamOptimized\"") && desc.contains("ddb.toolsVersion"),
+        "{desc}"
+    );
+}
+
+#[test]
+fn written_vmdk_info_agrees_with_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    for sf in ["monolithicSparse", "streamOptimized"] {
+        let name = format!("{sf}.vmdk");
+        vmshift_ok(
+            d,
+            &[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sf}"),
+                "src.raw",
+                &name,
+            ],
+        );
+        assert_info_agrees(d, &name);
+        assert_map_agrees(d, &name);
+    }
+}

@@ -99,9 +99,13 @@ pub struct CreateArgs {
     /// Format of the new image.
     #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
     pub format: FormatArg,
-    /// Format options, comma separated: cluster_size=64k, compat=0.10|1.1,
-    /// refcount_bits=1..64, compression_type=zlib|zstd, lazy_refcounts=on,
-    /// backing_file=NAME, backing_fmt=FMT, preallocation=off|metadata.
+    /// Format options, comma separated. qcow2: cluster_size=64k,
+    /// compat=0.10|1.1, refcount_bits=1..64, compression_type=zlib|zstd,
+    /// lazy_refcounts=on, backing_file=NAME, backing_fmt=FMT,
+    /// preallocation=off|metadata. vmdk:
+    /// subformat=monolithicSparse|streamOptimized,
+    /// adapter_type=ide|lsilogic|buslogic|legacyESX, hwversion=N,
+    /// toolsversion=N.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Backing file (same as -o backing_file=NAME).
@@ -134,7 +138,7 @@ pub struct ConvertArgs {
     /// Target format options (see `create`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// Compress the target (qcow2).
+    /// Compress the target (qcow2; VMDK streamOptimized is always compressed).
     #[arg(short = 'c')]
     pub compress: bool,
     /// Show progress even when stderr is not a terminal.

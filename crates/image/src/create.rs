@@ -9,6 +9,7 @@ use crate::block::ImageWriter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{Qcow2Options, Qcow2Writer};
 use crate::raw::RawWriter;
+use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
 
 /// Splits `-o` strings (`a=b,c=d`, repeatable) into pairs. A `,,` escapes
 /// a comma inside a value, as in QEMU.
@@ -52,6 +53,9 @@ pub struct CreateSpec {
     pub options: Vec<(String, String)>,
     /// Compress data as it is written (`convert -c`).
     pub compress: bool,
+    /// The output's file name at its final path (formats whose metadata
+    /// names their own files, like VMDK descriptors, record it).
+    pub name: String,
 }
 
 impl CreateSpec {
@@ -71,6 +75,20 @@ impl CreateSpec {
         }
         o.compress_data = self.compress;
         o.validate()?;
+        Ok(o)
+    }
+
+    fn vmdk_options(&self) -> Result<VmdkOptions> {
+        let mut o = VmdkOptions::default();
+        for (k, v) in &self.options {
+            o.set(k, v)?;
+        }
+        if self.compress && o.subformat != Subformat::StreamOptimized {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "-c with VMDK needs -o subformat=streamOptimized (its grains are always compressed)",
+            ));
+        }
         Ok(o)
     }
 
@@ -95,10 +113,7 @@ impl CreateSpec {
                 }
                 Ok(())
             }
-            DiskFormat::Vmdk => Err(Error::new(
-                ErrorKind::Unsupported,
-                "writing VMDK is not supported yet",
-            )),
+            DiskFormat::Vmdk => self.vmdk_options().map(|_| ()),
         }
     }
 }
@@ -114,7 +129,13 @@ pub fn create_writer(file: File, path: &Path, spec: &CreateSpec) -> Result<Box<d
             spec.size,
             spec.qcow2_options()?,
         )?),
-        DiskFormat::Vmdk => unreachable!("validate refuses VMDK"),
+        DiskFormat::Vmdk => Box::new(VmdkWriter::create(
+            file,
+            path,
+            spec.size,
+            &spec.name,
+            spec.vmdk_options()?,
+        )?),
     })
 }
 

@@ -35,6 +35,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         size: src.size(),
         options: parse_options(&args.options)?,
         compress: args.compress,
+        name: super::file_name(&args.target),
     };
     if let Some(b) = spec.backing_file() {
         // Validate the backing file the target will name, from its folder.

@@ -60,6 +60,7 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
         size,
         options,
         compress: false,
+        name: super::file_name(&args.file),
     };
     spec.validate()?;
     let (out, file) = AtomicOutput::create(&args.file, args.force)?;

@@ -44,6 +44,14 @@ pub fn open(
     Ok(reader)
 }
 
+/// The last component of `path`, as a string (what a VMDK descriptor
+/// records as its extent's name).
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// The chain from `top` down: top first.
 pub fn chain(top: &dyn ImageReader) -> Vec<&dyn ImageReader> {
     let mut out = vec![top];

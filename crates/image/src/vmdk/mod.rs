@@ -5,6 +5,7 @@
 
 pub mod descriptor;
 pub mod sparse;
+pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
