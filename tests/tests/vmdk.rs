@@ -357,3 +357,101 @@ fn written_vmdk_info_agrees_with_qemu() {
         assert_map_agrees(d, &name);
     }
 }
+
+/// A qemu-made monolithicSparse image, its bytes, and the byte offsets of
+/// the primary and redundant grain tables 0.
+fn sparse_with_tables(dir: &Path) -> (Vec<u8>, usize, usize, usize) {
+    let image = qemu_vmdk(dir, 8 << 20, "monolithicSparse");
+    std::fs::rename(dir.join(&image), dir.join("s.vmdk")).unwrap();
+    // The embedded descriptor names the extent by file name; the file is
+    // its own extent, so the rename is harmless.
+    let b = std::fs::read(dir.join("s.vmdk")).unwrap();
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let (rgd, gd) = (u64_at(48) * 512, u64_at(56) * 512);
+    let (rgt0, gt0) = (u32_at(rgd) * 512, u32_at(gd) * 512);
+    (b, gd, gt0, rgt0)
+}
+
+fn check_code(dir: &Path, tool: &str, image: &str) -> Option<i32> {
+    let out = if tool == "vmshift" {
+        vmshift(dir, &["check", image])
+    } else {
+        vmshift_tests::qemu_img(dir, &["check", image])
+    };
+    out.status.code()
+}
+
+#[test]
+fn vmdk_check_clean_images_exit_0_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sf in ["monolithicSparse", "streamOptimized", "monolithicFlat"] {
+        let image = qemu_vmdk(d, 8 << 20, sf);
+        assert_eq!(check_code(d, "vmshift", &image), Some(0), "{sf}");
+        assert_eq!(check_code(d, "qemu-img", &image), Some(0), "{sf}");
+    }
+}
+
+#[test]
+fn vmdk_grain_entry_past_eof_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut b, _, gt0, rgt0) = sparse_with_tables(d);
+    for t in [gt0, rgt0] {
+        b[t..t + 4].copy_from_slice(&0x00f0_0000u32.to_le_bytes());
+    }
+    std::fs::write(d.join("s.vmdk"), &b).unwrap();
+    // qemu-img reports the error, then fails the whole check (exit 1,
+    // "Check failed: Invalid argument"); vmshift counts it as a corruption,
+    // with the exit code of a corrupt qcow2 (2).
+    assert_eq!(check_code(d, "qemu-img", "s.vmdk"), Some(1));
+    assert_eq!(check_code(d, "vmshift", "s.vmdk"), Some(2));
+    let out = vmshift(d, &["convert", "-O", "raw", "s.vmdk", "out.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grain table entry"));
+}
+
+#[test]
+fn vmdk_overlapping_grains_are_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut b, _, gt0, rgt0) = sparse_with_tables(d);
+    for t in [gt0, rgt0] {
+        let first: [u8; 4] = b[t..t + 4].try_into().unwrap();
+        b[t + 4..t + 8].copy_from_slice(&first);
+    }
+    std::fs::write(d.join("s.vmdk"), &b).unwrap();
+    assert_eq!(check_code(d, "vmshift", "s.vmdk"), Some(2));
+}
+
+#[test]
+fn vmdk_redundant_table_disagreeing_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut b, _, _, rgt0) = sparse_with_tables(d);
+    b[rgt0 + 40..rgt0 + 44].copy_from_slice(&12345u32.to_le_bytes());
+    std::fs::write(d.join("s.vmdk"), &b).unwrap();
+    let out = vmshift(d, &["check", "s.vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differ between primary and redundant"));
+}
+
+#[test]
+fn vmdk_zeroed_primary_directory_reads_through_the_redundant_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut b, gd, _, _) = sparse_with_tables(d);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "s.vmdk", "before.raw"],
+    );
+    b[gd..gd + 16].fill(0);
+    std::fs::write(d.join("s.vmdk"), &b).unwrap();
+    vmshift_ok(d, &["convert", "-O", "raw", "s.vmdk", "after.raw"]);
+    tool_ok(d, "cmp", &["before.raw", "after.raw"]);
+    let out = vmshift(d, &["check", "s.vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redundant one was used"));
+}

@@ -39,7 +39,7 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
             opt("fragmented-clusters", report.fragmented_clusters);
             opt("compressed-clusters", report.compressed_clusters);
             m.insert("filename".into(), json!(args.file.display().to_string()));
-            m.insert("format".into(), json!("qcow2"));
+            m.insert("format".into(), json!(img.format().name()));
             println!("{}", serde_json::to_string_pretty(&Value::Object(m))?);
         }
         Output::Human => {

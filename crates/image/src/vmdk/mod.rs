@@ -475,4 +475,16 @@ impl ImageReader for VmdkReader {
     fn backing(&self) -> Option<&dyn ImageReader> {
         self.parent.as_deref()
     }
+
+    fn check(&self) -> Option<Result<crate::check::CheckReport>> {
+        let mut report = crate::check::CheckReport::default();
+        for e in &self.extents {
+            if let Backing::Sparse(s) = &e.backing {
+                if let Err(err) = s.check(&mut report) {
+                    return Some(Err(err));
+                }
+            }
+        }
+        Some(Ok(report))
+    }
 }

@@ -14,6 +14,7 @@ use crate::fileio::{file_len, read_exact_at, read_up_to_at};
 
 pub const MAGIC: &[u8; 4] = b"KDMV";
 pub const GD_AT_END: u64 = u64::MAX;
+const FLAG_REDUNDANT: u32 = 1 << 1;
 const FLAG_ZEROED_GTE: u32 = 1 << 2;
 const FLAG_COMPRESSED: u32 = 1 << 16;
 const FLAG_MARKERS: u32 = 1 << 17;
@@ -143,6 +144,8 @@ pub struct SparseExtent {
     file_len: u64,
     pub header: SparseHeader,
     gd: Vec<u32>,
+    /// The primary grain directory was damaged; the redundant one is used.
+    pub used_redundant: bool,
     gt_cache: Mutex<HashMap<u32, Arc<[u32]>>>,
 }
 
@@ -169,30 +172,25 @@ impl SparseExtent {
                 ),
             ));
         }
-        let gd_bytes = entries * 4;
-        let gd_at = header
-            .gd_offset
-            .checked_mul(512)
-            .filter(|&o| o.checked_add(gd_bytes).is_some_and(|e| e <= len))
-            .ok_or_else(|| {
-                ctx.corrupt(
-                    "gdOffset",
-                    56,
-                    format!(
-                        "grain directory at sector {} ({gd_bytes} bytes) lies past the end of the file ({len} bytes)",
-                        header.gd_offset
-                    ),
-                )
-            })?;
-        let mut raw = vec![0u8; gd_bytes as usize];
-        read_exact_at(&file, path, &mut raw, gd_at, "grain directory")?;
-        let gd = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
+        let primary = read_directory(&file, &ctx, header.gd_offset, entries, len, "gdOffset");
+        // A damaged primary directory (unreadable, pointing past the end,
+        // or wiped while the redundant one is not) gives way to the
+        // redundant copy, which holds the same tables.
+        let redundant = (header.flags & FLAG_REDUNDANT != 0 && header.rgd_offset != 0)
+            .then(|| read_directory(&file, &ctx, header.rgd_offset, entries, len, "rgdOffset"));
+        let (gd, used_redundant) = match (primary, redundant) {
+            (Ok(p), Some(Ok(r))) if damaged(&p, len) && !damaged(&r, len) => (r, true),
+            (Ok(p), _) => (p, false),
+            (Err(_), Some(Ok(r))) if !damaged(&r, len) => (r, true),
+            (Err(e), _) => return Err(e),
+        };
         Ok(SparseExtent {
             file,
             ctx,
             file_len: len,
             header,
             gd,
+            used_redundant,
             gt_cache: Mutex::new(HashMap::new()),
         })
     }
@@ -399,6 +397,37 @@ impl SparseExtent {
     }
 }
 
+/// Reads a grain directory of `entries` sector numbers at sector `sector`.
+fn read_directory(
+    file: &File,
+    ctx: &Ctx,
+    sector: u64,
+    entries: u64,
+    len: u64,
+    field: &str,
+) -> Result<Vec<u32>> {
+    let bytes = entries * 4;
+    let at = sector
+        .checked_mul(512)
+        .filter(|&o| o.checked_add(bytes).is_some_and(|e| e <= len))
+        .ok_or_else(|| {
+            ctx.corrupt(
+                field,
+                if field == "gdOffset" { 56 } else { 48 },
+                format!("grain directory at sector {sector} ({bytes} bytes) lies past the end of the file ({len} bytes)"),
+            )
+        })?;
+    let mut raw = vec![0u8; bytes as usize];
+    read_exact_at(file, &ctx.path, &mut raw, at, "grain directory")?;
+    Ok(raw.chunks_exact(4).map(LittleEndian::read_u32).collect())
+}
+
+/// A directory is damaged when it is all zeros or names a table past the
+/// end of the file.
+fn damaged(gd: &[u32], len: u64) -> bool {
+    gd.iter().all(|&e| e == 0) || gd.iter().any(|&e| u64::from(e) * 512 + 2048 > len)
+}
+
 /// Reads the footer of a stream whose header says the grain directory is
 /// at the end: the last non-zero sectors are the footer marker and the
 /// footer (the end-of-stream marker, and any padding after it, are zeros).
@@ -449,4 +478,153 @@ fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
         ));
     }
     Ok(h)
+}
+
+impl SparseExtent {
+    /// Checks the grain directory and tables: tables and grains past the
+    /// end of the file, grains overlapping each other or the metadata, a
+    /// redundant directory that disagrees with the primary one.
+    pub fn check(&self, report: &mut crate::check::CheckReport) -> Result<()> {
+        let name = self.ctx.path.display().to_string();
+        let mut err = |report: &mut crate::check::CheckReport, msg: String| {
+            report.corruptions += 1;
+            report.messages.push(format!("ERROR {name}: {msg}"));
+        };
+        let grain = self.grain_bytes();
+        let grains = self.header.capacity.div_ceil(self.header.grain_sectors);
+        report.total_clusters += grains;
+        if self.used_redundant {
+            err(
+                report,
+                "the primary grain directory is damaged; the redundant one was used".into(),
+            );
+        }
+        // Metadata ranges (in bytes): header, descriptor, directories, tables.
+        let mut used: Vec<(u64, u64, String)> = vec![(0, 512, "header".into())];
+        let h = &self.header;
+        if h.descriptor_offset != 0 {
+            used.push((
+                h.descriptor_offset * 512,
+                h.descriptor_size * 512,
+                "descriptor".into(),
+            ));
+        }
+        let gt_bytes = u64::from(h.gtes_per_gt) * 4;
+        let per = u64::from(h.gtes_per_gt);
+        for (i, &gt) in self.gd.iter().enumerate() {
+            if gt == 0 {
+                continue;
+            }
+            let at = u64::from(gt) * 512;
+            if at + gt_bytes > self.file_len {
+                err(
+                    report,
+                    format!("grain table {i} at sector {gt} lies past the end of the file"),
+                );
+                continue;
+            }
+            used.push((at, gt_bytes, format!("grain table {i}")));
+            let table = self.grain_table(gt)?;
+            for (j, &e) in table.iter().enumerate() {
+                let g = i as u64 * per + j as u64;
+                if e == 0 || (e == 1 && h.flags & FLAG_ZEROED_GTE != 0) {
+                    continue;
+                }
+                if g >= grains {
+                    err(
+                        report,
+                        format!("grain table entry for grain {g} lies beyond the capacity"),
+                    );
+                    continue;
+                }
+                report.allocated_clusters += 1;
+                let host = u64::from(e) * 512;
+                let len = if self.compressed() {
+                    report.compressed_clusters += 1;
+                    match self.compressed_len(host) {
+                        Some(n) => n,
+                        None => {
+                            err(report, format!("grain {g} at sector {e}: its marker lies past the end of the file"));
+                            continue;
+                        }
+                    }
+                } else {
+                    grain
+                };
+                if host + len > self.file_len {
+                    err(
+                        report,
+                        format!(
+                            "grain {g} at sector {e} runs past the end of the file ({} bytes)",
+                            self.file_len
+                        ),
+                    );
+                    continue;
+                }
+                used.push((host, len, format!("grain {g}")));
+            }
+        }
+        // Overlaps: sort by start and compare neighbours.
+        used.sort_by_key(|u| u.0);
+        for pair in used.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if a.0 + a.1 > b.0 {
+                err(
+                    report,
+                    format!("{} overlaps {} at byte {:#x}", b.2, a.2, b.0),
+                );
+            }
+        }
+        if h.flags & FLAG_REDUNDANT != 0 && h.rgd_offset != 0 && !self.used_redundant {
+            self.check_redundant(report, &mut err)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes a compressed grain occupies (marker + data), if readable.
+    fn compressed_len(&self, host: u64) -> Option<u64> {
+        if self.header.flags & FLAG_MARKERS == 0 {
+            return Some(512);
+        }
+        let mut m = [0u8; 12];
+        read_exact_at(&self.file, &self.ctx.path, &mut m, host, "grain marker").ok()?;
+        Some(12 + u64::from(LittleEndian::read_u32(&m[8..12])))
+    }
+
+    fn check_redundant(
+        &self,
+        report: &mut crate::check::CheckReport,
+        err: &mut impl FnMut(&mut crate::check::CheckReport, String),
+    ) -> Result<()> {
+        let entries = self.gd.len() as u64;
+        let rgd = match read_directory(
+            &self.file,
+            &self.ctx,
+            self.header.rgd_offset,
+            entries,
+            self.file_len,
+            "rgdOffset",
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                err(report, format!("redundant grain directory: {e}"));
+                return Ok(());
+            }
+        };
+        for (i, (&p, &r)) in self.gd.iter().zip(&rgd).enumerate() {
+            if (p == 0) != (r == 0) {
+                err(report, format!("grain directory entry {i}: primary and redundant disagree on whether the table exists"));
+                continue;
+            }
+            if p == 0 || u64::from(r) * 512 + 2048 > self.file_len {
+                continue;
+            }
+            let (a, b) = (self.grain_table(p)?, self.grain_table(r)?);
+            let differ = a.iter().zip(b.iter()).filter(|(x, y)| x != y).count();
+            if differ > 0 {
+                err(report, format!("grain table {i}: {differ} entries differ between primary and redundant tables"));
+            }
+        }
+        Ok(())
+    }
 }
