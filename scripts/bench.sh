@@ -30,6 +30,8 @@ if [ ! -f "$work/sparse.raw" ]; then
     done
 fi
 for set in dense sparse; do
+    [ -f "$work/$set.so.vmdk" ] || qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$work/$set.raw" "$work/$set.so.vmdk"
+    [ -f "$work/$set.ms.vmdk" ] || qemu-img convert -f raw -O vmdk -o subformat=monolithicSparse "$work/$set.raw" "$work/$set.ms.vmdk"
     [ -f "$work/$set.qcow2" ] || qemu-img convert -f raw -O qcow2 "$work/$set.raw" "$work/$set.qcow2"
     [ -f "$work/$set.zlib.qcow2" ] || qemu-img convert -f raw -O qcow2 -c "$work/$set.raw" "$work/$set.zlib.qcow2"
     [ -f "$work/$set.zstd.qcow2" ] || qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$work/$set.raw" "$work/$set.zstd.qcow2"
@@ -75,11 +77,20 @@ echo "qemu-img: $(qemu-img --version | head -n1); vmshift: $($vmshift --version)
 echo
 echo "| conversion | qemu-img s | qemu-img -t writeback s | vmshift s | ratio | ratio vs writeback | qemu-img MiB RSS | vmshift MiB RSS | qemu-img out MiB | vmshift out MiB |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
+SECTIONS=${SECTIONS:-qcow2 vmdk}
 for set in dense sparse; do
-    row "$set raw → qcow2" "$set.raw" raw qcow2
-    row "$set qcow2 → raw" "$set.qcow2" qcow2 raw
-    row "$set zlib-qcow2 → raw" "$set.zlib.qcow2" qcow2 raw
-    row "$set zstd-qcow2 → raw" "$set.zstd.qcow2" qcow2 raw
-    row "$set raw → zlib-qcow2 (-c)" "$set.raw" raw qcow2 -c
-    row "$set raw → zstd-qcow2 (-c)" "$set.raw" raw qcow2 -c -o compression_type=zstd
+    if [[ " $SECTIONS " == *" qcow2 "* ]]; then
+        row "$set raw → qcow2" "$set.raw" raw qcow2
+        row "$set qcow2 → raw" "$set.qcow2" qcow2 raw
+        row "$set zlib-qcow2 → raw" "$set.zlib.qcow2" qcow2 raw
+        row "$set zstd-qcow2 → raw" "$set.zstd.qcow2" qcow2 raw
+        row "$set raw → zlib-qcow2 (-c)" "$set.raw" raw qcow2 -c
+        row "$set raw → zstd-qcow2 (-c)" "$set.raw" raw qcow2 -c -o compression_type=zstd
+    fi
+    if [[ " $SECTIONS " == *" vmdk "* ]]; then
+        row "$set streamOptimized → raw" "$set.so.vmdk" vmdk raw
+        row "$set streamOptimized → qcow2" "$set.so.vmdk" vmdk qcow2
+        row "$set monolithicSparse → qcow2" "$set.ms.vmdk" vmdk qcow2
+        row "$set raw → streamOptimized" "$set.raw" raw vmdk -o subformat=streamOptimized
+    fi
 done

@@ -170,14 +170,32 @@ fn human(r: &dyn ImageReader, name: &str) -> String {
     if !info.format_specific.is_empty() {
         line("Format specific information:".to_string());
         for (k, v) in &info.format_specific {
-            let v = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            line(format!("    {}: {v}", k.replace('-', " ")));
+            nested(&mut line, 1, &k.replace('-', " "), v);
         }
     }
     s
+}
+
+/// Prints `key: value` at `depth`, objects and arrays nested below their
+/// key the way qemu-img prints them (`[0]:` for array elements).
+fn nested(line: &mut impl FnMut(String), depth: usize, key: &str, v: &Value) {
+    let pad = "    ".repeat(depth);
+    match v {
+        Value::Object(m) => {
+            line(format!("{pad}{key}:"));
+            for (k, v) in m {
+                nested(line, depth + 1, &k.replace('-', " "), v);
+            }
+        }
+        Value::Array(a) => {
+            line(format!("{pad}{key}:"));
+            for (i, v) in a.iter().enumerate() {
+                nested(line, depth + 1, &format!("[{i}]"), v);
+            }
+        }
+        Value::String(s) => line(format!("{pad}{key}: {s}")),
+        other => line(format!("{pad}{key}: {other}")),
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC.

@@ -259,6 +259,35 @@ impl VmdkReader {
         Ok(())
     }
 
+    /// What the disk database says about the virtual hardware (vmshift's
+    /// additions to qemu-img's fields): adapter type, geometry, hardware
+    /// version.
+    fn ddb_facts(&self) -> Vec<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        let Some(d) = &self.descriptor else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(a) = d.ddb("ddb.adapterType") {
+            out.push(("adapter-type", json!(a)));
+        }
+        let num = |k: &str| d.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(c), Some(h), Some(s)) = (
+            num("ddb.geometry.cylinders"),
+            num("ddb.geometry.heads"),
+            num("ddb.geometry.sectors"),
+        ) {
+            out.push((
+                "geometry",
+                json!({"cylinders": c, "heads": h, "sectors": s}),
+            ));
+        }
+        if let Some(v) = d.ddb("ddb.virtualHWVersion") {
+            out.push(("hw-version", json!(v)));
+        }
+        out
+    }
+
     /// The extent holding guest byte `offset`.
     fn extent_at(&self, offset: u64) -> Result<&VmdkExtent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
@@ -468,7 +497,10 @@ impl ImageReader for VmdkReader {
                 ("parent-cid", json!(self.parent_cid)),
                 ("create-type", json!(self.create_type)),
                 ("extents", Value::Array(extents)),
-            ],
+            ]
+            .into_iter()
+            .chain(self.ddb_facts())
+            .collect(),
         }
     }
 
