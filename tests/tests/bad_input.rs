@@ -42,8 +42,11 @@ impl Cmd {
 /// in a structure only some commands read, so the others succeed, as
 /// qemu-img's do (`info` reads no L2 table; `map` does not look at the data
 /// an L2 entry points to; `check` counts references and never inflates a
-/// compressed cluster; nothing but `check` reads snapshot L1 tables). The
-/// listed commands may exit 0; if they fail, they must still fail cleanly.
+/// compressed cluster; nothing but `check` reads snapshot L1 tables). VMDK
+/// alike: `info` reads no grain table; `map` reads grain tables but not the
+/// grains or grain markers they point to; `check` reads grain markers but
+/// never inflates a grain. The listed commands may exit 0; if they fail,
+/// they must still fail cleanly.
 const MAY_SUCCEED: &[(&str, &[Cmd])] = &[
     ("l2_entry_past_eof.qcow2", &[Cmd::Info, Cmd::Map]),
     ("l2_entry_unaligned.qcow2", &[Cmd::Info]),
@@ -66,6 +69,23 @@ const MAY_SUCCEED: &[(&str, &[Cmd])] = &[
     (
         "snapshot_l1_offset_huge.qcow2",
         &[Cmd::Info, Cmd::Convert, Cmd::Map],
+    ),
+    // A grain table entry (or GD entry) past the end: only `info` reads
+    // no grain table.
+    ("vmdk_gte_past_eof.vmdk", &[Cmd::Info]),
+    ("vmdk_gd_entry_past_eof.vmdk", &[Cmd::Info]),
+    // The grain starts inside the file and runs past its end: `map` only
+    // sees the entry, which is in range.
+    ("vmdk_gte_partly_past_eof.vmdk", &[Cmd::Info, Cmd::Map]),
+    // Damage in a grain marker or the compressed stream behind it.
+    (
+        "vmdk_stream_marker_size_past_eof.vmdk",
+        &[Cmd::Info, Cmd::Map],
+    ),
+    ("vmdk_stream_marker_lba_huge.vmdk", &[Cmd::Info, Cmd::Map]),
+    (
+        "vmdk_stream_compressed_garbage.vmdk",
+        &[Cmd::Info, Cmd::Map, Cmd::Check],
     ),
 ];
 
@@ -114,8 +134,8 @@ fn manifest() -> Vec<Case> {
 
 /// A copy of the corpus folder at `<tmp>/bad`, so relative backing names
 /// resolve and nothing in the repository is touched; `<tmp>/outside.qcow2`
-/// exists so that a name climbing out with `..` is refused by the gate,
-/// not merely missing.
+/// and `<tmp>/outside.vmdk` exist so that a backing file or extent name
+/// climbing out with `..` is refused by the gate, not merely missing.
 fn stage() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("bad");
@@ -126,7 +146,9 @@ fn stage() -> (tempfile::TempDir, PathBuf) {
             std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy fixture");
         }
     }
-    std::fs::write(tmp.path().join("outside.qcow2"), b"not an image").expect("write outside");
+    for outside in ["outside.qcow2", "outside.vmdk"] {
+        std::fs::write(tmp.path().join(outside), b"not an image").expect("write outside");
+    }
     (tmp, dir)
 }
 

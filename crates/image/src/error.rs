@@ -74,6 +74,14 @@ impl Error {
         self
     }
 
+    /// Names the field, unless the error already names one.
+    pub fn field_if_unset(mut self, field: impl Into<String>) -> Self {
+        if self.field.is_none() {
+            self.field = Some(field.into());
+        }
+        self
+    }
+
     /// Names the byte offset in the file the error is about.
     pub fn offset(mut self, offset: u64) -> Self {
         self.offset = Some(offset);
@@ -111,11 +119,9 @@ impl fmt::Display for Error {
             (None, Some(off)) => write!(f, "at offset {off:#x}: ")?,
             (None, None) => {}
         }
-        f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
+        // The cause is not repeated here: it is `source()`, which callers
+        // print as a chain (`{:#}` with anyhow).
+        f.write_str(&self.message)
     }
 }
 

@@ -185,27 +185,33 @@ fn unquote(v: &str) -> &str {
         .unwrap_or(v)
 }
 
+/// The first blank-separated word of `s`, and what follows it.
+fn next_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => (&s[..i], s[i..].trim_start()),
+        None => (s, ""),
+    }
+}
+
 /// Parses `ACCESS SECTORS TYPE ["FILE" [OFFSET]]`; `None` when the line is
 /// not an extent line at all.
 fn parse_extent(t: &str, line: usize, ctx: &Ctx, base: u64) -> Result<Option<ExtentLine>> {
-    let mut words = t.splitn(3, char::is_whitespace);
-    let access = match words.next() {
-        Some("RW") => Access::ReadWrite,
-        Some("RDONLY") => Access::ReadOnly,
-        Some("NOACCESS") => Access::NoAccess,
+    // Fields are separated by any run of blanks.
+    let (access_word, rest) = next_word(t);
+    let access = match access_word {
+        "RW" => Access::ReadWrite,
+        "RDONLY" => Access::ReadOnly,
+        "NOACCESS" => Access::NoAccess,
         _ => return Ok(None),
     };
     let field = format!("descriptor line {line}");
     let bad = |why: String| ctx.invalid(&field, base, why);
-    let rest = words.next().map(str::trim).unwrap_or("");
-    let after = words.next().unwrap_or("").trim_start();
-    let sectors: u64 = rest
+    let (size_word, rest) = next_word(rest);
+    let sectors: u64 = size_word
         .parse()
-        .map_err(|_| bad(format!("extent size '{rest}' is not a sector count")))?;
-    let (type_word, after) = after
-        .split_once(char::is_whitespace)
-        .map(|(a, b)| (a, b.trim()))
-        .unwrap_or((after, ""));
+        .map_err(|_| bad(format!("extent size '{size_word}' is not a sector count")))?;
+    let (type_word, after) = next_word(rest);
     let kind = match type_word {
         "FLAT" | "VMFS" => ExtentType::Flat,
         "SPARSE" => ExtentType::Sparse,
@@ -220,8 +226,14 @@ fn parse_extent(t: &str, line: usize, ctx: &Ctx, base: u64) -> Result<Option<Ext
             .find('"')
             .ok_or_else(|| bad("extent file name has no closing quote".into()))?;
         (Some(q[..close].to_string()), q[close + 1..].trim())
-    } else {
+    } else if kind == ExtentType::Zero {
         (None, after)
+    } else {
+        // Before the offset: an unquoted name is not an offset.
+        return Err(bad(match after.split_whitespace().next() {
+            None => format!("a {type_word} extent needs a quoted file name"),
+            Some(name) => format!("extent file name '{name}' is not in double quotes"),
+        }));
     };
     let offset = match after.split_whitespace().next() {
         None => 0,
@@ -229,11 +241,6 @@ fn parse_extent(t: &str, line: usize, ctx: &Ctx, base: u64) -> Result<Option<Ext
             .parse()
             .map_err(|_| bad(format!("extent offset '{o}' is not a sector number")))?,
     };
-    if file.is_none() && kind != ExtentType::Zero {
-        return Err(bad(format!(
-            "a {type_word} extent needs a quoted file name"
-        )));
-    }
     Ok(Some(ExtentLine {
         access,
         sectors,
@@ -269,7 +276,7 @@ mod tests {
 
     #[test]
     fn parse_zero_and_offset_extents() {
-        let text = "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 100 FLAT \"a.raw\" 7\nRDONLY 50 ZERO\n";
+        let text = "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW  100\tFLAT \"a.raw\" 7\nRDONLY 50 ZERO\n";
         let d = Descriptor::parse(text.as_bytes(), &ctx(), 0).unwrap();
         assert_eq!(d.extents[0].offset, 7);
         assert_eq!(d.extents[1].kind, ExtentType::Zero);

@@ -172,7 +172,7 @@ impl VmdkReader {
             let open = |what: &str| {
                 opener
                     .open_named(&ctx.path, name, what)
-                    .map_err(|e| Error::new(e.kind(), format!("{field}: {e}")).at_path(&ctx.path))
+                    .map_err(|e| e.field_if_unset(field.clone()))
             };
             let backing = match line.kind {
                 ExtentType::Zero => Backing::Zero,
@@ -252,7 +252,9 @@ impl VmdkReader {
 
     fn open_parent(&mut self, d: &Descriptor, opener: &dyn ChainOpener) -> Result<()> {
         if let Some(hint) = d.parent_hint() {
-            let (parent, _) = opener.open_backing(&self.ctx.path, hint, Some("vmdk"))?;
+            let (parent, _) = opener
+                .open_backing(&self.ctx.path, hint, Some("vmdk"))
+                .map_err(|e| e.field_if_unset("parentFileNameHint"))?;
             self.parent = Some(parent);
             self.parent_name = Some(hint.to_string());
         }

@@ -161,6 +161,7 @@ impl SparseExtent {
         if header.gd_offset == GD_AT_END {
             header = read_footer(&file, &ctx, len)?;
         }
+        check_descriptor_area(&header, &ctx, len)?;
         let entries = header.gd_entries();
         if entries > MAX_GD_ENTRIES {
             return Err(ctx.invalid(
@@ -313,7 +314,7 @@ impl SparseExtent {
             read_exact_at(&self.file, &self.ctx.path, &mut m, at, "grain marker")?;
             let lba = LittleEndian::read_u64(&m[0..8]);
             let size = u64::from(LittleEndian::read_u32(&m[8..12]));
-            if lba * 512 != grain_start {
+            if lba.checked_mul(512) != Some(grain_start) {
                 return Err(self.ctx.corrupt(
                     "grain marker",
                     at,
@@ -397,6 +398,40 @@ impl SparseExtent {
     }
 }
 
+/// The embedded descriptor's area (descriptorOffset, descriptorSize) must
+/// lie inside the file when the header names one: `embedded_descriptor`
+/// and `check` work on its byte range.
+fn check_descriptor_area(h: &SparseHeader, ctx: &Ctx, len: u64) -> Result<()> {
+    if h.descriptor_offset == 0 {
+        return Ok(());
+    }
+    let Some(at) = h.descriptor_offset.checked_mul(512).filter(|&a| a < len) else {
+        return Err(ctx.corrupt(
+            "descriptorOffset",
+            28,
+            format!(
+                "embedded descriptor at sector {} lies past the end of the file ({len} bytes)",
+                h.descriptor_offset
+            ),
+        ));
+    };
+    if h.descriptor_size
+        .checked_mul(512)
+        .and_then(|n| n.checked_add(at))
+        .is_none_or(|end| end > len)
+    {
+        return Err(ctx.corrupt(
+            "descriptorSize",
+            36,
+            format!(
+                "embedded descriptor of {} sectors at sector {} runs past the end of the file ({len} bytes)",
+                h.descriptor_size, h.descriptor_offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a grain directory of `entries` sector numbers at sector `sector`.
 fn read_directory(
     file: &File,
@@ -454,6 +489,13 @@ fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
     }
     let footer_at = end - 512;
     read_exact_at(file, &ctx.path, &mut sector, footer_at, "footer")?;
+    if &sector[0..4] != MAGIC {
+        return Err(ctx.invalid(
+            "footer",
+            footer_at,
+            "header says the grain directory is at the end, but the footer there has no KDMV magic",
+        ));
+    }
     let mut marker = [0u8; 16];
     read_exact_at(
         file,
@@ -542,7 +584,17 @@ impl SparseExtent {
                 let len = if self.compressed() {
                     report.compressed_clusters += 1;
                     match self.compressed_len(host) {
-                        Some(n) => n,
+                        Some((Some(lba), _)) if lba.checked_mul(512) != Some(g * grain) => {
+                            err(
+                                report,
+                                format!(
+                                    "grain {g} at sector {e}: its marker says sector {lba}, not {}",
+                                    g * grain / 512
+                                ),
+                            );
+                            continue;
+                        }
+                        Some((_, n)) => n,
                         None => {
                             err(report, format!("grain {g} at sector {e}: its marker lies past the end of the file"));
                             continue;
@@ -581,14 +633,19 @@ impl SparseExtent {
         Ok(())
     }
 
-    /// Bytes a compressed grain occupies (marker + data), if readable.
-    fn compressed_len(&self, host: u64) -> Option<u64> {
+    /// The sector a compressed grain's marker names (`None` without
+    /// markers) and the bytes the grain occupies (marker + data), if
+    /// readable.
+    fn compressed_len(&self, host: u64) -> Option<(Option<u64>, u64)> {
         if self.header.flags & FLAG_MARKERS == 0 {
-            return Some(512);
+            return Some((None, 512));
         }
         let mut m = [0u8; 12];
         read_exact_at(&self.file, &self.ctx.path, &mut m, host, "grain marker").ok()?;
-        Some(12 + u64::from(LittleEndian::read_u32(&m[8..12])))
+        Some((
+            Some(LittleEndian::read_u64(&m[0..8])),
+            12 + u64::from(LittleEndian::read_u32(&m[8..12])),
+        ))
     }
 
     fn check_redundant(
