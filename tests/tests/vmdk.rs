@@ -455,3 +455,80 @@ fn vmdk_zeroed_primary_directory_reads_through_the_redundant_one() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("redundant one was used"));
 }
+
+#[test]
+fn written_vmdk_multi_file_subformats_pass_qemu_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Above 2 GiB, so the split subformats make three extent files.
+    patterned_raw(&d.join("src.raw"), (5 << 30) + (1 << 20));
+    for sf in [
+        "monolithicFlat",
+        "twoGbMaxExtentFlat",
+        "twoGbMaxExtentSparse",
+    ] {
+        let name = format!("{sf}.vmdk");
+        vmshift_ok(
+            d,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sf}"),
+                "src.raw",
+                &name,
+            ],
+        );
+        tool_ok(d, "qemu-img", &["check", &name]);
+        tool_ok(d, "qemu-img", &["compare", "src.raw", &name]);
+        let info = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", &name]).stdout);
+        assert_eq!(info["format-specific"]["data"]["create-type"], sf);
+    }
+    let split: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("twoGbMaxExtentSparse-s"))
+        .collect();
+    assert_eq!(split.len(), 3, "{split:?}");
+}
+
+#[test]
+fn failed_multi_file_convert_leaves_no_extent_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "src.raw", "bad.qcow2"],
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("bad.qcow2"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 65536).unwrap();
+    drop(f);
+    let out = vmshift(
+        d,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "bad.qcow2",
+            "out.vmdk",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bad.qcow2", "src.raw"]);
+}

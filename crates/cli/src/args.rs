@@ -103,7 +103,8 @@ pub struct CreateArgs {
     /// compat=0.10|1.1, refcount_bits=1..64, compression_type=zlib|zstd,
     /// lazy_refcounts=on, backing_file=NAME, backing_fmt=FMT,
     /// preallocation=off|metadata. vmdk:
-    /// subformat=monolithicSparse|streamOptimized,
+    /// subformat=monolithicSparse|streamOptimized|monolithicFlat|
+    /// twoGbMaxExtentSparse|twoGbMaxExtentFlat,
     /// adapter_type=ide|lsilogic|buslogic|legacyESX, hwversion=N,
     /// toolsversion=N.
     #[arg(short = 'o', value_name = "OPTIONS")]

@@ -207,6 +207,9 @@ pub struct WritePlan {
     pub path: PathBuf,
     /// The writes, in any order.
     pub writes: Vec<PlannedWrite>,
+    /// Plans for other files (extents of a multi-file image), each with
+    /// where its chunk starts in this plan's data.
+    pub parts: Vec<(usize, WritePlan)>,
 }
 
 impl WritePlan {
@@ -219,6 +222,9 @@ impl WritePlan {
             };
             crate::fileio::write_all_at(&self.file, &self.path, bytes, w.host_offset)?;
             crate::fileio::start_writeback(&self.file, w.host_offset, bytes.len() as u64);
+        }
+        for (base, part) in &self.parts {
+            part.execute(&data[*base..])?;
         }
         Ok(())
     }

@@ -7,8 +7,10 @@ use vmshift_model::DiskFormat;
 
 use crate::block::ImageWriter;
 use crate::error::{Error, ErrorKind, Result};
+use crate::output::SideOutputs;
 use crate::qcow2::{Qcow2Options, Qcow2Writer};
 use crate::raw::RawWriter;
+use crate::vmdk::set::VmdkSetWriter;
 use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
 
 /// Splits `-o` strings (`a=b,c=d`, repeatable) into pairs. A `,,` escapes
@@ -118,8 +120,14 @@ impl CreateSpec {
     }
 }
 
-/// A writer that builds a new image in `file` (empty, writable).
-pub fn create_writer(file: File, path: &Path, spec: &CreateSpec) -> Result<Box<dyn ImageWriter>> {
+/// A writer that builds a new image in `file` (empty, writable); formats
+/// made of several files create the others through `sides`.
+pub fn create_writer(
+    file: File,
+    path: &Path,
+    spec: &CreateSpec,
+    sides: &mut SideOutputs,
+) -> Result<Box<dyn ImageWriter>> {
     spec.validate()?;
     Ok(match spec.format {
         DiskFormat::Raw => Box::new(RawWriter::new(file, path, spec.size, true, true)?),
@@ -129,13 +137,17 @@ pub fn create_writer(file: File, path: &Path, spec: &CreateSpec) -> Result<Box<d
             spec.size,
             spec.qcow2_options()?,
         )?),
-        DiskFormat::Vmdk => Box::new(VmdkWriter::create(
-            file,
-            path,
-            spec.size,
-            &spec.name,
-            spec.vmdk_options()?,
-        )?),
+        DiskFormat::Vmdk => {
+            let opts = spec.vmdk_options()?;
+            match opts.subformat {
+                Subformat::MonolithicSparse | Subformat::StreamOptimized => {
+                    Box::new(VmdkWriter::create(file, path, spec.size, &spec.name, opts)?)
+                }
+                _ => Box::new(VmdkSetWriter::create(
+                    file, path, spec.size, &spec.name, opts, sides,
+                )?),
+            }
+        }
     })
 }
 

@@ -159,7 +159,21 @@ impl<'a> Job<'a> {
         self.turn_changed.notify_all();
     }
 
+    /// Copies windows until none are left or the job fails. A panic
+    /// anywhere in a driver (reading, encoding, planning, writing) fails
+    /// the job instead of leaving other workers waiting for a turn that
+    /// never comes.
     fn work(&self) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.windows()));
+        if outcome.is_err() {
+            self.fail(Error::new(
+                ErrorKind::Io,
+                "internal error in the copy (a driver panicked)",
+            ));
+        }
+    }
+
+    fn windows(&self) {
         loop {
             if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 self.fail(Error::new(ErrorKind::Io, "interrupted"));
@@ -476,3 +490,52 @@ pub fn map_flags(e: &Extent) -> (bool, bool, bool) {
 
 /// Shares a reader between threads by reference.
 pub type SharedReader = Arc<dyn ImageReader>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::PlainEncoder;
+    use crate::raw::RawReader;
+
+    /// A writer whose planning panics, standing in for a driver bug.
+    #[derive(Debug)]
+    struct PanickingWriter;
+
+    impl ImageWriter for PanickingWriter {
+        fn size(&self) -> u64 {
+            64 << 20
+        }
+        fn granularity(&self) -> u64 {
+            4096
+        }
+        fn zero_initialized(&self) -> bool {
+            true
+        }
+        fn encoder(&self) -> Arc<dyn Encoder> {
+            Arc::new(PlainEncoder)
+        }
+        fn plan(&mut self, _: &Chunk<'_>) -> Result<WritePlan> {
+            panic!("driver bug")
+        }
+        fn write_zeroes(&mut self, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn convert_with_panicking_writer_fails_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src.raw");
+        std::fs::write(&path, vec![0x5au8; 16 << 20]).unwrap();
+        let src = RawReader::open(std::fs::File::open(&path).unwrap(), &path).unwrap();
+        let opts = ConvertOptions {
+            threads: 4,
+            ..ConvertOptions::default()
+        };
+        let err = convert(&src, &mut PanickingWriter, &opts, &|_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("internal error"), "{err}");
+    }
+}

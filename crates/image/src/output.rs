@@ -142,3 +142,41 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), b"");
     }
 }
+
+/// The other files of a multi-file output (VMDK extents beside their
+/// descriptor), each written atomically like the main one. Committed before
+/// the main file, so the file the user names appears last, complete.
+#[derive(Debug)]
+pub struct SideOutputs {
+    dir: PathBuf,
+    force: bool,
+    outputs: Vec<AtomicOutput>,
+}
+
+impl SideOutputs {
+    /// Side files will go beside `target`.
+    pub fn new(target: &Path, force: bool) -> Self {
+        SideOutputs {
+            dir: parent_dir(target),
+            force,
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Creates the temp file for side file `name`; returns it and its
+    /// temp path.
+    pub fn create(&mut self, name: &str) -> Result<(File, PathBuf)> {
+        let (out, file) = AtomicOutput::create(&self.dir.join(name), self.force)?;
+        let temp = out.temp_path().to_path_buf();
+        self.outputs.push(out);
+        Ok((file, temp))
+    }
+
+    /// Moves every side file into place.
+    pub fn commit(self) -> Result<()> {
+        for out in self.outputs {
+            out.commit()?;
+        }
+        Ok(())
+    }
+}

@@ -175,6 +175,7 @@ impl ImageWriter for RawWriter {
                 host_offset: e.offset,
                 source: WriteSource::Data(0..e.data.len()),
             }],
+            parts: Vec::new(),
         })
     }
 

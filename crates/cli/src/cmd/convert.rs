@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use anyhow::{bail, Context, Result};
 use vmshift_image::create::{create_writer, open_existing_writer, parse_options, CreateSpec};
 use vmshift_image::engine::{convert, ConvertOptions};
-use vmshift_image::output::AtomicOutput;
+use vmshift_image::output::{AtomicOutput, SideOutputs};
 use vmshift_model::{parse_size, DiskFormat};
 
 use crate::args::ConvertArgs;
@@ -73,9 +73,11 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     } else {
         spec.validate()?;
         let (out, file) = AtomicOutput::create(&args.target, args.force)?;
-        let mut writer = create_writer(file, out.temp_path(), &spec)?;
+        let mut sides = SideOutputs::new(&args.target, args.force);
+        let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
         convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
         writer.finish()?;
+        sides.commit()?;
         out.commit()?;
     }
     progress.finish();

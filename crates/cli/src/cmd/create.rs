@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use vmshift_image::create::{create_writer, parse_options, CreateSpec};
-use vmshift_image::output::AtomicOutput;
+use vmshift_image::output::{AtomicOutput, SideOutputs};
 use vmshift_model::{parse_size, DiskFormat};
 
 use crate::args::CreateArgs;
@@ -64,8 +64,10 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
     };
     spec.validate()?;
     let (out, file) = AtomicOutput::create(&args.file, args.force)?;
-    let writer = create_writer(file, out.temp_path(), &spec)?;
+    let mut sides = SideOutputs::new(&args.file, args.force);
+    let writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
     writer.finish()?;
+    sides.commit()?;
     out.commit()?;
     let opts: Vec<String> = spec
         .options

@@ -277,6 +277,7 @@ impl Qcow2Writer {
             file: self.file.clone(),
             path: self.path.clone(),
             writes,
+            parts: Vec::new(),
         }
     }
 

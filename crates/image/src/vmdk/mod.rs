@@ -4,6 +4,7 @@
 //! parent disk (snapshot deltas).
 
 pub mod descriptor;
+pub mod set;
 pub mod sparse;
 pub mod writer;
 

@@ -30,6 +30,9 @@ const MAX_FILE_SECTORS: u64 = u32::MAX as u64;
 pub enum Subformat {
     MonolithicSparse,
     StreamOptimized,
+    MonolithicFlat,
+    TwoGbMaxExtentSparse,
+    TwoGbMaxExtentFlat,
 }
 
 /// `-o` options for VMDK.
@@ -66,13 +69,14 @@ impl VmdkOptions {
                 self.subformat = match value {
                     "monolithicSparse" => Subformat::MonolithicSparse,
                     "streamOptimized" => Subformat::StreamOptimized,
-                    "monolithicFlat" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat" => {
-                        return Err(Error::new(
-                            ErrorKind::Unsupported,
-                            format!("writing subformat {value} is not supported yet (monolithicSparse and streamOptimized are)"),
+                    "monolithicFlat" => Subformat::MonolithicFlat,
+                    "twoGbMaxExtentSparse" => Subformat::TwoGbMaxExtentSparse,
+                    "twoGbMaxExtentFlat" => Subformat::TwoGbMaxExtentFlat,
+                    _ => {
+                        return Err(bad(
+                            "expected monolithicSparse, monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat or streamOptimized",
                         ))
                     }
-                    _ => return Err(bad("expected monolithicSparse or streamOptimized")),
                 }
             }
             "adapter_type" => {
@@ -155,6 +159,9 @@ pub struct VmdkWriter {
     gts_flushed: u64,
     /// Stream: the last grain placed (grains must come in order).
     last_grain: Option<u64>,
+    /// Write the descriptor into the file (not for the pieces of a split
+    /// set, whose descriptor is a file of its own).
+    pub(crate) embed_descriptor: bool,
     layout: Layout,
 }
 
@@ -182,7 +189,10 @@ impl VmdkWriter {
         let gd_entries = grains.div_ceil(GTES_PER_GT);
         let gd_sectors = (gd_entries * 4).div_ceil(512);
         let layout = match opts.subformat {
-            Subformat::MonolithicSparse => {
+            Subformat::MonolithicSparse
+            | Subformat::MonolithicFlat
+            | Subformat::TwoGbMaxExtentSparse
+            | Subformat::TwoGbMaxExtentFlat => {
                 let rgd = DESC_OFFSET + DESC_SECTORS;
                 let gd = rgd + gd_sectors + gd_entries * GT_SECTORS;
                 let end = gd + gd_sectors + gd_entries * GT_SECTORS;
@@ -222,6 +232,7 @@ impl VmdkWriter {
             gd: vec![0; gd_entries as usize],
             gts_flushed: 0,
             last_grain: None,
+            embed_descriptor: true,
             layout,
             opts,
         })
@@ -252,8 +263,8 @@ impl VmdkWriter {
         let mut h = [0u8; 512];
         h[0..4].copy_from_slice(MAGIC);
         let (version, flags, compress) = match self.opts.subformat {
-            Subformat::MonolithicSparse => (1u32, 0x3u32, 0u16),
-            Subformat::StreamOptimized => (3, 0x3_0001, 1),
+            Subformat::StreamOptimized => (3u32, 0x3_0001u32, 1u16),
+            _ => (1, 0x3, 0),
         };
         LittleEndian::write_u32(&mut h[4..], version);
         LittleEndian::write_u32(&mut h[8..], flags);
@@ -272,29 +283,15 @@ impl VmdkWriter {
 
     fn descriptor(&self) -> String {
         let create_type = match self.opts.subformat {
-            Subformat::MonolithicSparse => "monolithicSparse",
             Subformat::StreamOptimized => "streamOptimized",
+            _ => "monolithicSparse",
         };
-        let heads: u64 = if self.opts.adapter_type == "ide" {
-            16
-        } else {
-            255
-        };
-        let cylinders = self.size / (63 * heads * 512);
-        format!(
-            "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
-             # Extent description\nRW {sectors} SPARSE \"{name}\"\n\n\
-             # The Disk Data Base\n#DDB\n\n\
-             ddb.virtualHWVersion = \"{hw}\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
-             ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\n\
-             ddb.adapterType = \"{adapter}\"\nddb.toolsVersion = \"{tools}\"\n",
-            cid = new_cid(),
-            sectors = self.size / 512,
-            name = self.name.replace('"', "_"),
-            hw = self.opts.hw_version,
-            adapter = self.opts.adapter_type,
-            tools = self.opts.tools_version,
-        )
+        let line = format!(
+            "RW {} SPARSE \"{}\"",
+            self.size / 512,
+            self.name.replace('"', "_")
+        );
+        descriptor_text(create_type, &[line], self.size, &self.opts)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -307,6 +304,31 @@ impl VmdkWriter {
         }
         Ok(())
     }
+}
+
+/// A descriptor in the form QEMU and VMware write: header, extent lines,
+/// disk database.
+pub(crate) fn descriptor_text(
+    create_type: &str,
+    extents: &[String],
+    size: u64,
+    opts: &VmdkOptions,
+) -> String {
+    let heads: u64 = if opts.adapter_type == "ide" { 16 } else { 255 };
+    let cylinders = size / (63 * heads * 512);
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
+         # Extent description\n{extents}\n\n\
+         # The Disk Data Base\n#DDB\n\n\
+         ddb.virtualHWVersion = \"{hw}\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\n\
+         ddb.adapterType = \"{adapter}\"\nddb.toolsVersion = \"{tools}\"\n",
+        cid = new_cid(),
+        extents = extents.join("\n"),
+        hw = opts.hw_version,
+        adapter = opts.adapter_type,
+        tools = opts.tools_version,
+    )
 }
 
 /// A metadata marker sector: {numSectors, size 0, type}.
@@ -384,6 +406,7 @@ impl ImageWriter for VmdkWriter {
                 file: self.file.clone(),
                 path: self.path.clone(),
                 writes,
+                parts: Vec::new(),
             });
         }
         let packed = c.compressed.ok_or_else(|| {
@@ -421,6 +444,7 @@ impl ImageWriter for VmdkWriter {
                 host_offset: start * 512,
                 source: WriteSource::Owned(out),
             }],
+            parts: Vec::new(),
         })
     }
 
@@ -473,9 +497,11 @@ impl ImageWriter for VmdkWriter {
             self.next = self.next.max(l.overhead);
             self.header(l.gd, l.rgd)
         };
-        let mut d = desc.into_bytes();
-        d.resize((DESC_SECTORS * 512) as usize, 0);
-        write_all_at(&self.file, &self.path, &d, DESC_OFFSET * 512)?;
+        if self.embed_descriptor {
+            let mut d = desc.into_bytes();
+            d.resize((DESC_SECTORS * 512) as usize, 0);
+            write_all_at(&self.file, &self.path, &d, DESC_OFFSET * 512)?;
+        }
         self.file
             .set_len(self.next * 512)
             .map_err(|e| Error::io(&self.path, "setting the file length", e))?;
