@@ -111,3 +111,44 @@ pub fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes)
         .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(bytes)))
 }
+
+/// Makes `name` in `dir`: a qcow2 (made by qemu-img from a patterned raw
+/// file) whose last data cluster is cut off, so its L2 entry points past
+/// the end of the file and any copy fails partway through.
+pub fn qcow2_with_data_past_eof(dir: &Path, name: &str) {
+    let raw = dir.join(format!("{name}.src.raw"));
+    patterned_raw(&raw, 8 << 20);
+    tool_ok(
+        dir,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().expect("utf-8 path"),
+            name,
+        ],
+    );
+    std::fs::remove_file(&raw).expect("remove the raw source");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(name))
+        .expect("open the qcow2");
+    let len = f.metadata().expect("metadata").len();
+    f.set_len(len - 65536).expect("truncate");
+}
+
+/// The names in `dir`, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}

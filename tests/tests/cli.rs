@@ -4,20 +4,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vmshift_tests::{json, patterned_raw, tool_ok, vmshift, vmshift_ok};
+use vmshift_tests::{
+    json, names_in, patterned_raw, qcow2_with_data_past_eof, tool_ok, vmshift, vmshift_ok,
+};
 
 fn stamp(path: &Path) -> (Vec<u8>, i64, i64) {
     let m = std::fs::metadata(path).unwrap();
     (std::fs::read(path).unwrap(), m.mtime(), m.mtime_nsec())
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -59,20 +52,7 @@ fn every_command_leaves_the_source_unchanged() {
 fn convert_failing_midway_leaves_nothing_at_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    patterned_raw(&d.join("src.raw"), 8 << 20);
-    tool_ok(
-        d,
-        "qemu-img",
-        &["convert", "-O", "qcow2", "src.raw", "src.qcow2"],
-    );
-    // Cut the last data cluster off: its L2 entry now points past EOF.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join("src.qcow2"))
-        .unwrap();
-    let len = f.metadata().unwrap().len();
-    f.set_len(len - 65536).unwrap();
-    drop(f);
+    qcow2_with_data_past_eof(d, "src.qcow2");
     let before = names_in(d);
     for fmt in ["raw", "qcow2"] {
         let out = vmshift(d, &["convert", "-O", fmt, "src.qcow2", "out.img"]);
@@ -499,19 +479,7 @@ fn convert_interrupted_by_sigint_leaves_nothing() {
 fn convert_n_failing_midway_leaves_the_precreated_qcow2_valid() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    patterned_raw(&d.join("src.raw"), 8 << 20);
-    tool_ok(
-        d,
-        "qemu-img",
-        &["convert", "-O", "qcow2", "src.raw", "bad.qcow2"],
-    );
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join("bad.qcow2"))
-        .unwrap();
-    let len = f.metadata().unwrap().len();
-    f.set_len(len - 65536).unwrap();
-    drop(f);
+    qcow2_with_data_past_eof(d, "bad.qcow2");
     tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "pre.qcow2", "8M"]);
     let out = vmshift(
         d,
