@@ -516,3 +516,59 @@ fn failed_multi_file_convert_leaves_no_extent_behind() {
     let names = vmshift_tests::names_in(d);
     assert_eq!(names, ["bad.qcow2"]);
 }
+
+#[test]
+fn vmdk_delta_over_a_changed_parent_is_reported_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = qemu_vmdk(d, 8 << 20, "monolithicSparse");
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-b",
+            &base,
+            "-F",
+            "vmdk",
+            "child.vmdk",
+        ],
+    );
+    assert_eq!(check_code(d, "vmshift", "child.vmdk"), Some(0));
+    // Writing to the parent gives it a new CID.
+    tool_ok(d, "qemu-io", &["-c", "write -P 1 0 64k", &base]);
+    let out = vmshift(d, &["check", "child.vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parentCID"));
+}
+
+#[test]
+fn vmdk_stream_footer_disagreeing_with_header_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("src.raw"), 8 << 20);
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "src.raw",
+            "s.vmdk",
+        ],
+    );
+    assert_eq!(check_code(d, "vmshift", "s.vmdk"), Some(0));
+    let mut b = std::fs::read(d.join("s.vmdk")).unwrap();
+    // The header's numGTEsPerGT (offset 44) no longer matches the footer's.
+    b[44..48].copy_from_slice(&256u32.to_le_bytes());
+    std::fs::write(d.join("s.vmdk"), &b).unwrap();
+    let out = vmshift(d, &["check", "s.vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("header and footer disagree on numGTEsPerGT")
+    );
+}

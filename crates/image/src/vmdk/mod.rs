@@ -513,6 +513,24 @@ impl ImageReader for VmdkReader {
 
     fn check(&self) -> Option<Result<crate::check::CheckReport>> {
         let mut report = crate::check::CheckReport::default();
+        // A delta records its parent's content id when it was taken; a
+        // different id now means the parent changed under the delta.
+        if let Some(p) = &self.parent {
+            let parent_cid = p
+                .info()
+                .format_specific
+                .iter()
+                .find(|(k, _)| *k == "cid")
+                .and_then(|(_, v)| v.as_u64());
+            if let Some(cid) = parent_cid.filter(|&c| c != u64::from(self.parent_cid)) {
+                report.corruptions += 1;
+                report.messages.push(format!(
+                    "ERROR {}: parentCID {:08x} does not match the parent's CID {cid:08x}: the parent changed after this delta was made",
+                    self.ctx.path.display(),
+                    self.parent_cid
+                ));
+            }
+        }
         for e in &self.extents {
             if let Backing::Sparse(s) = &e.backing {
                 if let Err(err) = s.check(&mut report) {

@@ -146,6 +146,8 @@ pub struct SparseExtent {
     gd: Vec<u32>,
     /// The primary grain directory was damaged; the redundant one is used.
     pub used_redundant: bool,
+    /// Fields where a stream's header and footer disagree (the footer wins).
+    pub footer_mismatch: Vec<String>,
     gt_cache: Mutex<HashMap<u32, Arc<[u32]>>>,
 }
 
@@ -158,8 +160,32 @@ impl SparseExtent {
             return Err(ctx.invalid("header", 0, "file too short for a VMDK sparse header"));
         }
         let mut header = SparseHeader::parse(&first, &ctx, 0)?;
+        let mut footer_mismatch = Vec::new();
         if header.gd_offset == GD_AT_END {
-            header = read_footer(&file, &ctx, len)?;
+            let footer = read_footer(&file, &ctx, len)?;
+            // The footer is the header with the directory's offset filled
+            // in; anything else differing means one of them is damaged.
+            let fields = [
+                ("capacity", header.capacity, footer.capacity),
+                ("grainSize", header.grain_sectors, footer.grain_sectors),
+                (
+                    "numGTEsPerGT",
+                    u64::from(header.gtes_per_gt),
+                    u64::from(footer.gtes_per_gt),
+                ),
+                (
+                    "descriptorOffset",
+                    header.descriptor_offset,
+                    footer.descriptor_offset,
+                ),
+                ("flags", u64::from(header.flags), u64::from(footer.flags)),
+            ];
+            for (name, h, f) in fields {
+                if h != f {
+                    footer_mismatch.push(format!("{name}: header {h}, footer {f}"));
+                }
+            }
+            header = footer;
         }
         check_descriptor_area(&header, &ctx, len)?;
         let entries = header.gd_entries();
@@ -192,6 +218,7 @@ impl SparseExtent {
             header,
             gd,
             used_redundant,
+            footer_mismatch,
             gt_cache: Mutex::new(HashMap::new()),
         })
     }
@@ -535,6 +562,9 @@ impl SparseExtent {
         let grain = self.grain_bytes();
         let grains = self.header.capacity.div_ceil(self.header.grain_sectors);
         report.total_clusters += grains;
+        for m in &self.footer_mismatch {
+            err(report, format!("header and footer disagree on {m}"));
+        }
         if self.used_redundant {
             err(
                 report,
