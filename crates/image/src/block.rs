@@ -268,3 +268,21 @@ pub trait ImageWriter: Send + fmt::Debug {
         self.plan(&chunk)?.execute(data)
     }
 }
+
+/// Reads what an image shows where it holds nothing itself: its backing
+/// image's bytes, or zeros (also past the end of a smaller backing image).
+pub(crate) fn read_below(
+    backing: Option<&dyn ImageReader>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    match backing {
+        Some(b) if offset < b.size() => {
+            let n = ((b.size() - offset) as usize).min(buf.len());
+            b.read_at(&mut buf[..n], offset)?;
+            buf[n..].fill(0);
+        }
+        _ => buf.fill(0),
+    }
+    Ok(())
+}

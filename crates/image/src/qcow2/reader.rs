@@ -424,21 +424,6 @@ impl Qcow2Reader {
             )
         })
     }
-
-    fn backing_read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(b) if offset < b.size() => {
-                let n = ((b.size() - offset) as usize).min(buf.len());
-                b.read_at(&mut buf[..n], offset)?;
-                buf[n..].fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Reads a table of big-endian u64 entries.
@@ -525,7 +510,9 @@ impl ImageReader for Qcow2Reader {
             match state {
                 Cluster::Data(host) => self.read_data(piece, host, pos)?,
                 Cluster::Zero(_) => piece.fill(0),
-                Cluster::Unallocated(_) => self.backing_read(piece, pos)?,
+                Cluster::Unallocated(_) => {
+                    crate::block::read_below(self.backing.as_deref(), piece, pos)?
+                }
                 Cluster::Compressed(entry) => {
                     let in_cluster = (pos & (cs - 1)) as usize;
                     if in_cluster == 0 && piece.len() == cs as usize {

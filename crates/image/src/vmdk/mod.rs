@@ -341,21 +341,6 @@ impl VmdkReader {
             }
         })
     }
-
-    fn parent_read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match &self.parent {
-            Some(p) if offset < p.size() => {
-                let n = ((p.size() - offset) as usize).min(buf.len());
-                p.read_at(&mut buf[..n], offset)?;
-                buf[n..].fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 impl ImageReader for VmdkReader {
@@ -418,7 +403,9 @@ impl ImageReader for VmdkReader {
             let piece = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
             match (state, &e.backing) {
                 (Grain::Zero, _) => piece.fill(0),
-                (Grain::Unallocated, _) => self.parent_read(piece, pos)?,
+                (Grain::Unallocated, _) => {
+                    crate::block::read_below(self.parent.as_deref(), piece, pos)?
+                }
                 (Grain::Data(h), Backing::Flat { file, path, .. }) => {
                     read_exact_at(file, path, piece, h, "flat extent")?
                 }
