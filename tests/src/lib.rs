@@ -152,3 +152,30 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Every field both print agrees (recursively for objects; arrays by element).
+pub fn assert_common_fields_agree(
+    ours: &serde_json::Value,
+    theirs: &serde_json::Value,
+    path: &str,
+) {
+    match (ours, theirs) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, va) in a {
+                if k == "children" {
+                    continue;
+                }
+                if let Some(vb) = b.get(k) {
+                    assert_common_fields_agree(va, vb, &format!("{path}.{k}"));
+                }
+            }
+        }
+        (serde_json::Value::Array(a), serde_json::Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}: array lengths differ");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_common_fields_agree(x, y, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(ours, theirs, "{path} differs"),
+    }
+}

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-use vmshift_tests::{json, patterned_raw, qemu_img, tool_ok, vmshift, vmshift_ok};
+use vmshift_tests::{
+    assert_common_fields_agree, json, patterned_raw, qemu_img, tool_ok, vmshift, vmshift_ok,
+};
 
 const SIZE: u64 = 48 << 20;
 
@@ -51,29 +52,6 @@ fn assert_raw_identical(dir: &Path, image: &str) {
     assert_eq!(a.len(), b.len(), "{image}: raw sizes differ");
     if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
         panic!("{image}: raw outputs differ first at byte {i}");
-    }
-}
-
-/// Every field both print agrees (recursively for objects; arrays by element).
-fn assert_common_fields_agree(ours: &Value, theirs: &Value, path: &str) {
-    match (ours, theirs) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, va) in a {
-                if k == "children" {
-                    continue;
-                }
-                if let Some(vb) = b.get(k) {
-                    assert_common_fields_agree(va, vb, &format!("{path}.{k}"));
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            assert_eq!(a.len(), b.len(), "{path}: array lengths differ");
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                assert_common_fields_agree(x, y, &format!("{path}[{i}]"));
-            }
-        }
-        _ => assert_eq!(ours, theirs, "{path} differs"),
     }
 }
 

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-use vmshift_tests::{json, patterned_raw, tool_ok, vmshift, vmshift_ok};
+use vmshift_tests::{
+    assert_common_fields_agree, json, patterned_raw, tool_ok, vmshift, vmshift_ok,
+};
 
 /// vmshift's raw output of `image` is byte-identical to qemu-img's.
 fn assert_raw_identical(dir: &Path, image: &str) {
@@ -20,26 +21,6 @@ fn assert_raw_identical(dir: &Path, image: &str) {
     tool_ok(dir, "cmp", &["qemu.raw", "ours.raw"]);
     std::fs::remove_file(dir.join("qemu.raw")).unwrap();
     std::fs::remove_file(dir.join("ours.raw")).unwrap();
-}
-
-/// Every field both print agrees.
-fn assert_common_fields_agree(ours: &Value, theirs: &Value, path: &str) {
-    match (ours, theirs) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, va) in a {
-                if let (Some(vb), false) = (b.get(k), k == "children") {
-                    assert_common_fields_agree(va, vb, &format!("{path}.{k}"));
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            assert_eq!(a.len(), b.len(), "{path}: array lengths differ");
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                assert_common_fields_agree(x, y, &format!("{path}[{i}]"));
-            }
-        }
-        _ => assert_eq!(ours, theirs, "{path} differs"),
-    }
 }
 
 fn assert_info_agrees(dir: &Path, image: &str) {
