@@ -286,3 +286,34 @@ pub(crate) fn read_below(
     }
     Ok(())
 }
+
+/// Maps a range an image holds nothing for (`here`, unallocated at depth
+/// 0): what its backing image says one level down, or `here` itself past
+/// the backing image's end or without one.
+pub(crate) fn map_below(backing: Option<&dyn ImageReader>, here: Extent) -> Result<Extent> {
+    match backing {
+        Some(b) if here.start < b.size() => {
+            let mut e = b.map(here.start, here.len.min(b.size() - here.start))?;
+            e.depth += 1;
+            Ok(e)
+        }
+        _ => Ok(here),
+    }
+}
+
+/// Checks a read of `len` bytes at `offset` fits a disk of `size` bytes;
+/// returns its end.
+pub(crate) fn read_range(path: &Path, size: u64, offset: u64, len: usize) -> Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            crate::error::Error::new(
+                crate::error::ErrorKind::InvalidInput,
+                format!(
+                    "read of {len} bytes at {offset:#x} past the end of the disk ({size} bytes)"
+                ),
+            )
+            .at_path(path)
+        })
+}

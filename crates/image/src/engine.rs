@@ -488,9 +488,6 @@ pub fn map_flags(e: &Extent) -> (bool, bool, bool) {
     }
 }
 
-/// Shares a reader between threads by reference.
-pub type SharedReader = Arc<dyn ImageReader>;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,9 +166,4 @@ impl Ctx {
             .at_path(&self.path)
             .field(field)
     }
-
-    #[allow(dead_code)]
-    pub fn io(&self, what: impl Into<String>, source: io::Error) -> Error {
-        Error::io(&self.path, what, source)
-    }
 }

@@ -71,20 +71,7 @@ impl ImageReader for RawReader {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "read of {} bytes at {offset:#x} past the end ({})",
-                    buf.len(),
-                    self.size
-                ),
-            )
-            .at_path(&self.path));
-        }
+        crate::block::read_range(&self.path, self.size, offset, buf.len())?;
         read_exact_at(&self.file, &self.path, buf, offset, "data")
     }
 

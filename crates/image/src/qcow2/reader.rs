@@ -475,32 +475,15 @@ impl ImageReader for Qcow2Reader {
             Cluster::Data(host) => ext(BlockState::Data, Some(host)),
             Cluster::Zero(host) => ext(BlockState::Zero, host),
             Cluster::Compressed(_) => ext(BlockState::Compressed, None),
-            Cluster::Unallocated(host) => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    let mut e = b.map(offset, n.min(b.size() - offset))?;
-                    e.depth += 1;
-                    e
-                }
-                _ => ext(BlockState::Unallocated, host),
-            },
+            Cluster::Unallocated(host) => crate::block::map_below(
+                self.backing.as_deref(),
+                ext(BlockState::Unallocated, host),
+            )?,
         })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "read of {} bytes at {offset:#x} past the virtual size {}",
-                        buf.len(),
-                        self.size()
-                    ),
-                )
-                .at_path(&self.ctx.path)
-            })?;
+        let end = crate::block::read_range(&self.ctx.path, self.size(), offset, buf.len())?;
         let cs = self.header.cluster_size();
         let mut pos = offset;
         let mut scratch = Vec::new();

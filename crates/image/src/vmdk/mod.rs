@@ -370,32 +370,14 @@ impl ImageReader for VmdkReader {
             Grain::Data(h) => ext(BlockState::Data, Some(h)),
             Grain::Compressed(_) => ext(BlockState::Compressed, None),
             Grain::Zero => ext(BlockState::Zero, None),
-            Grain::Unallocated => match &self.parent {
-                Some(p) if offset < p.size() => {
-                    let mut e = p.map(offset, n.min(p.size() - offset))?;
-                    e.depth += 1;
-                    e
-                }
-                _ => ext(BlockState::Unallocated, None),
-            },
+            Grain::Unallocated => {
+                crate::block::map_below(self.parent.as_deref(), ext(BlockState::Unallocated, None))?
+            }
         })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "read of {} bytes at {offset:#x} past the end ({})",
-                        buf.len(),
-                        self.size
-                    ),
-                )
-                .at_path(&self.ctx.path)
-            })?;
+        let end = crate::block::read_range(&self.ctx.path, self.size, offset, buf.len())?;
         let mut pos = offset;
         let mut scratch = Vec::new();
         while pos < end {
