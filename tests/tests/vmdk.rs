@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use vmshift_tests::{
-    assert_common_fields_agree, json, patterned_raw, tool_ok, vmshift, vmshift_ok,
+    assert_common_fields_agree, json, patterned_raw, tool, tool_ok, vmshift, vmshift_ok,
 };
 
 /// vmshift's raw output of `image` is byte-identical to qemu-img's.
@@ -499,7 +499,7 @@ fn failed_multi_file_convert_leaves_no_extent_behind() {
 }
 
 #[test]
-fn vmdk_delta_over_a_changed_parent_is_reported_by_check() {
+fn vmdk_delta_over_a_changed_parent_is_reported_by_check_and_not_read_through() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = qemu_vmdk(d, 8 << 20, "monolithicSparse");
@@ -523,6 +523,24 @@ fn vmdk_delta_over_a_changed_parent_is_reported_by_check() {
     let out = vmshift(d, &["check", "child.vmdk"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("parentCID"));
+    // qemu-img refuses to read through a parent whose CID changed; so does
+    // vmshift, naming the field. Metadata stays readable.
+    let peer = tool(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "child.vmdk", "q.raw"],
+    );
+    assert!(!peer.status.success());
+    let out = vmshift(d, &["convert", "-O", "raw", "child.vmdk", "v.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("parentCID") && err.contains("changed"),
+        "{err}"
+    );
+    assert!(!d.join("v.raw").exists());
+    vmshift_ok(d, &["info", "child.vmdk"]);
+    vmshift_ok(d, &["map", "child.vmdk"]);
 }
 
 #[test]

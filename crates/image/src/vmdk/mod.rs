@@ -4,6 +4,7 @@
 //! parent disk (snapshot deltas).
 
 pub mod descriptor;
+pub mod sesparse;
 pub mod set;
 pub mod sparse;
 pub mod writer;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use vmshift_model::DiskFormat;
 
 use self::descriptor::{Access, Descriptor, ExtentType};
+use self::sesparse::SeSparseExtent;
 use self::sparse::{Grain, SparseExtent};
 use crate::block::{BlockState, Extent, ImageInfo, ImageReader};
 use crate::error::{Ctx, Error, ErrorKind, Result};
@@ -29,7 +31,78 @@ enum Backing {
         offset: u64,
     },
     Zero,
+    /// Hosted sparse (KDMV) or vmfsSparse (COWD).
     Sparse(SparseExtent),
+    SeSparse(SeSparseExtent),
+}
+
+/// VMware writes a disk's UUID as 16 hex bytes in two groups of eight
+/// (`"60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99"`); this gives it in
+/// the usual 8-4-4-4-12 form, or `None` when it is not 16 bytes of hex.
+fn ddb_uuid(v: &str) -> Option<String> {
+    let hex: String = v
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let h = hex.to_ascii_lowercase();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// The content id of a VMDK parent (`None` for other formats, which have
+/// none).
+fn parent_cid(parent: &dyn ImageReader) -> Option<u32> {
+    parent
+        .info()
+        .format_specific
+        .iter()
+        .find(|(k, _)| *k == "cid")
+        .and_then(|(_, v)| v.as_u64())
+        .and_then(|c| u32::try_from(c).ok())
+}
+
+/// An extent whose data is addressed grain by grain.
+trait GrainMap {
+    fn grain_bytes(&self) -> u64;
+    fn grain(&self, offset: u64) -> Result<Grain>;
+}
+
+impl GrainMap for SparseExtent {
+    fn grain_bytes(&self) -> u64 {
+        SparseExtent::grain_bytes(self)
+    }
+    fn grain(&self, offset: u64) -> Result<Grain> {
+        SparseExtent::grain(self, offset)
+    }
+}
+
+impl GrainMap for SeSparseExtent {
+    fn grain_bytes(&self) -> u64 {
+        SeSparseExtent::grain_bytes(self)
+    }
+    fn grain(&self, offset: u64) -> Result<Grain> {
+        SeSparseExtent::grain(self, offset)
+    }
+}
+
+impl Backing {
+    /// Grain size and whether grains are compressed, for `info`.
+    fn grain_info(&self) -> Option<(u64, bool)> {
+        match self {
+            Backing::Sparse(s) => Some((s.grain_bytes(), s.compressed())),
+            Backing::SeSparse(s) => Some((s.grain_bytes(), false)),
+            Backing::Flat { .. } | Backing::Zero => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -55,6 +128,10 @@ pub struct VmdkReader {
     parent_cid: u32,
     parent: Option<Box<dyn ImageReader>>,
     parent_name: Option<String>,
+    /// The parent's CID when it is not the parentCID this delta recorded:
+    /// the parent changed after the delta was taken, so reads that fall
+    /// through to it would mix two states of the disk.
+    stale_parent: Option<u32>,
     descriptor: Option<Descriptor>,
 }
 
@@ -124,6 +201,7 @@ impl VmdkReader {
             parent_cid: 0xffff_ffff,
             parent: None,
             parent_name: None,
+            stale_parent: None,
             descriptor: None,
             ctx,
         };
@@ -196,26 +274,36 @@ impl VmdkReader {
                     }
                     Backing::Flat { file, path, offset }
                 }
-                ExtentType::Sparse => {
+                ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse => {
                     let (path, file) = open("extent")?;
-                    let e = SparseExtent::open(file, &path)?;
-                    if e.capacity_bytes() != len {
+                    let (backing, sectors) = match line.kind {
+                        ExtentType::SeSparse => {
+                            let e = SeSparseExtent::open(file, &path)?;
+                            let sectors = e.capacity;
+                            (Backing::SeSparse(e), sectors)
+                        }
+                        ExtentType::VmfsSparse => {
+                            let e = SparseExtent::open_cowd(file, &path)?;
+                            let sectors = e.header.capacity;
+                            (Backing::Sparse(e), sectors)
+                        }
+                        _ => {
+                            let e = SparseExtent::open(file, &path)?;
+                            let sectors = e.header.capacity;
+                            (Backing::Sparse(e), sectors)
+                        }
+                    };
+                    if sectors != line.sectors {
                         return Err(ctx.corrupt(
                             &field,
                             0,
                             format!(
-                                "extent '{name}' has a capacity of {} sectors, the descriptor says {}",
-                                e.header.capacity, line.sectors
+                                "extent '{name}' has a capacity of {sectors} sectors, the descriptor says {}",
+                                line.sectors
                             ),
                         ));
                     }
-                    Backing::Sparse(e)
-                }
-                ExtentType::VmfsSparse | ExtentType::SeSparse => {
-                    return Err(ctx.unsupported(
-                        &field,
-                        format!("{} extents are not supported yet", line.type_word),
-                    ))
+                    backing
                 }
                 ExtentType::Device => {
                     return Err(ctx.unsupported(
@@ -243,6 +331,7 @@ impl VmdkReader {
             create_type,
             parent: None,
             parent_name: None,
+            stale_parent: None,
             descriptor: None,
             ctx,
         };
@@ -256,6 +345,8 @@ impl VmdkReader {
             let (parent, _) = opener
                 .open_backing(&self.ctx.path, hint, Some("vmdk"))
                 .map_err(|e| e.field_if_unset("parentFileNameHint"))?;
+            let cid = parent_cid(parent.as_ref());
+            self.stale_parent = cid.filter(|&c| c != self.parent_cid);
             self.parent = Some(parent);
             self.parent_name = Some(hint.to_string());
         }
@@ -288,6 +379,9 @@ impl VmdkReader {
         if let Some(v) = d.ddb("ddb.virtualHWVersion") {
             out.push(("hw-version", json!(v)));
         }
+        if let Some(u) = d.ddb("ddb.uuid").and_then(ddb_uuid) {
+            out.push(("uuid", json!(u)));
+        }
         out
     }
 
@@ -309,37 +403,35 @@ impl VmdkReader {
         let e = self.extent_at(offset)?;
         let rel = offset - e.start;
         let avail = (e.len - rel).min(len);
-        Ok(match &e.backing {
-            Backing::Zero => (Grain::Zero, avail, e),
-            Backing::Flat { offset: base, .. } => (Grain::Data(base + rel), avail, e),
-            Backing::Sparse(s) => {
-                let grain = s.grain_bytes();
-                let first = (grain - rel % grain).min(avail);
-                let state = s.grain(rel)?;
-                let mut n = first;
-                // Extend over following grains of the same kind (contiguous
-                // host offsets for data; compressed grains one at a time).
-                while n < avail && !matches!(state, Grain::Compressed(_)) {
-                    let next = s.grain(rel + n)?;
-                    let same = match (state, next) {
-                        (Grain::Data(a), Grain::Data(b)) => b == a + rel % grain + n,
-                        (Grain::Zero, Grain::Zero) | (Grain::Unallocated, Grain::Unallocated) => {
-                            true
-                        }
-                        _ => false,
-                    };
-                    if !same {
-                        break;
-                    }
-                    n = (n + grain).min(avail);
-                }
-                let state = match state {
-                    Grain::Data(h) => Grain::Data(h + rel % grain),
-                    other => other,
-                };
-                (state, n, e)
+        let s: &dyn GrainMap = match &e.backing {
+            Backing::Zero => return Ok((Grain::Zero, avail, e)),
+            Backing::Flat { offset: base, .. } => return Ok((Grain::Data(base + rel), avail, e)),
+            Backing::Sparse(s) => s,
+            Backing::SeSparse(s) => s,
+        };
+        let grain = s.grain_bytes();
+        let first = (grain - rel % grain).min(avail);
+        let state = s.grain(rel)?;
+        let mut n = first;
+        // Extend over following grains of the same kind (contiguous
+        // host offsets for data; compressed grains one at a time).
+        while n < avail && !matches!(state, Grain::Compressed(_)) {
+            let next = s.grain(rel + n)?;
+            let same = match (state, next) {
+                (Grain::Data(a), Grain::Data(b)) => b == a + rel % grain + n,
+                (Grain::Zero, Grain::Zero) | (Grain::Unallocated, Grain::Unallocated) => true,
+                _ => false,
+            };
+            if !same {
+                break;
             }
-        })
+            n = (n + grain).min(avail);
+        }
+        let state = match state {
+            Grain::Data(h) => Grain::Data(h + rel % grain),
+            other => other,
+        };
+        Ok((state, n, e))
     }
 }
 
@@ -386,12 +478,23 @@ impl ImageReader for VmdkReader {
             match (state, &e.backing) {
                 (Grain::Zero, _) => piece.fill(0),
                 (Grain::Unallocated, _) => {
+                    if let (Some(cid), Some(_)) = (self.stale_parent, &self.parent) {
+                        return Err(self.ctx.corrupt(
+                            "parentCID",
+                            0,
+                            format!(
+                                "this delta was taken when its parent's CID was {:08x}, but the parent's CID is now {cid:08x}: the parent changed after the delta was made, and reading through it would mix two states of the disk (offset {pos:#x})",
+                                self.parent_cid
+                            ),
+                        ));
+                    }
                     crate::block::read_below(self.parent.as_deref(), piece, pos)?
                 }
                 (Grain::Data(h), Backing::Flat { file, path, .. }) => {
                     read_exact_at(file, path, piece, h, "flat extent")?
                 }
                 (Grain::Data(h), Backing::Sparse(s)) => s.read_data(piece, h)?,
+                (Grain::Data(h), Backing::SeSparse(s)) => s.read_data(piece, h)?,
                 (Grain::Compressed(h), Backing::Sparse(s)) => {
                     let grain = s.grain_bytes();
                     let rel = pos - e.start;
@@ -410,10 +513,7 @@ impl ImageReader for VmdkReader {
 
     fn info(&self) -> ImageInfo {
         use serde_json::{json, Value};
-        let grain_of = |e: &VmdkExtent| match &e.backing {
-            Backing::Sparse(s) => Some((s.grain_bytes(), s.compressed())),
-            _ => None,
-        };
+        let grain_of = |e: &VmdkExtent| e.backing.grain_info();
         let first = self.extents.first().and_then(grain_of);
         let cluster_size = first
             .filter(|_| self.extents.iter().all(|e| grain_of(e) == first))
@@ -460,6 +560,7 @@ impl ImageReader for VmdkReader {
                 .filter_map(|e| match &e.backing {
                     Backing::Flat { path, .. } => Some(path.clone()),
                     Backing::Sparse(s) => Some(s.path_buf()),
+                    Backing::SeSparse(s) => Some(s.path_buf()),
                     Backing::Zero => None,
                 })
                 .filter(|p| p.as_path() != self.ctx.path.as_path())
@@ -484,29 +585,42 @@ impl ImageReader for VmdkReader {
         let mut report = crate::check::CheckReport::default();
         // A delta records its parent's content id when it was taken; a
         // different id now means the parent changed under the delta.
-        if let Some(p) = &self.parent {
-            let parent_cid = p
-                .info()
-                .format_specific
-                .iter()
-                .find(|(k, _)| *k == "cid")
-                .and_then(|(_, v)| v.as_u64());
-            if let Some(cid) = parent_cid.filter(|&c| c != u64::from(self.parent_cid)) {
-                report.corruptions += 1;
-                report.messages.push(format!(
-                    "ERROR {}: parentCID {:08x} does not match the parent's CID {cid:08x}: the parent changed after this delta was made",
-                    self.ctx.path.display(),
-                    self.parent_cid
-                ));
-            }
+        if let Some(cid) = self.stale_parent {
+            report.corruptions += 1;
+            report.messages.push(format!(
+                "ERROR {}: parentCID {:08x} does not match the parent's CID {cid:08x}: the parent changed after this delta was made",
+                self.ctx.path.display(),
+                self.parent_cid
+            ));
         }
         for e in &self.extents {
-            if let Backing::Sparse(s) = &e.backing {
-                if let Err(err) = s.check(&mut report) {
-                    return Some(Err(err));
-                }
+            let checked = match &e.backing {
+                Backing::Sparse(s) => s.check(&mut report),
+                Backing::SeSparse(s) => s.check(&mut report),
+                Backing::Flat { .. } | Backing::Zero => Ok(()),
+            };
+            if let Err(err) = checked {
+                return Some(Err(err));
             }
         }
         Some(Ok(report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ddb_uuid;
+
+    #[test]
+    fn ddb_uuid_in_vmware_spelling_becomes_the_usual_form() {
+        assert_eq!(
+            ddb_uuid("60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99").as_deref(),
+            Some("6000c297-ee00-4eed-cb09-ab10913f7f99")
+        );
+        assert_eq!(ddb_uuid("60 00 C2 97"), None);
+        assert_eq!(
+            ddb_uuid("zz 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99"),
+            None
+        );
     }
 }

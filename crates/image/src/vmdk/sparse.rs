@@ -25,7 +25,12 @@ const INCOMPAT_KNOWN: u32 = FLAG_COMPRESSED | FLAG_MARKERS;
 const MAX_GRAIN_SECTORS: u64 = 4096;
 const MAX_GTES_PER_GT: u32 = 512;
 const MAX_GD_ENTRIES: u64 = 1 << 22;
-const GT_CACHE_TABLES: usize = 4096;
+/// Grain tables kept in memory per extent (bytes, whatever the table size).
+const GT_CACHE_BYTES: usize = 8 << 20;
+/// A vmfsSparse ("COWD") extent: 2048-byte header, 4096 entries per table.
+pub const COWD_MAGIC: &[u8; 4] = b"COWD";
+const COWD_HEADER_BYTES: u64 = 2048;
+const COWD_GTES_PER_GT: u32 = 4096;
 
 /// What a grain table entry says about one grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,12 +141,23 @@ impl SparseHeader {
     }
 }
 
+/// Which of the two sector-addressed sparse layouts an extent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseKind {
+    /// Hosted ("KDMV"): Workstation, Fusion, streamOptimized.
+    Hosted,
+    /// ESXi snapshot deltas before VMFS 6 ("COWD", vmfsSparse): no
+    /// redundant directory, no zeroed-grain entries, no compression.
+    Cowd,
+}
+
 /// A sparse extent file opened for reading.
 #[derive(Debug)]
 pub struct SparseExtent {
     file: File,
     ctx: Ctx,
     file_len: u64,
+    pub kind: SparseKind,
     pub header: SparseHeader,
     gd: Vec<u32>,
     /// The primary grain directory was damaged; the redundant one is used.
@@ -199,12 +215,27 @@ impl SparseExtent {
                 ),
             ));
         }
-        let primary = read_directory(&file, &ctx, header.gd_offset, entries, len, "gdOffset");
+        let primary = read_directory(
+            &file,
+            &ctx,
+            header.gd_offset,
+            entries,
+            len,
+            ("gdOffset", 56),
+        );
         // A damaged primary directory (unreadable, pointing past the end,
         // or wiped while the redundant one is not) gives way to the
         // redundant copy, which holds the same tables.
-        let redundant = (header.flags & FLAG_REDUNDANT != 0 && header.rgd_offset != 0)
-            .then(|| read_directory(&file, &ctx, header.rgd_offset, entries, len, "rgdOffset"));
+        let redundant = (header.flags & FLAG_REDUNDANT != 0 && header.rgd_offset != 0).then(|| {
+            read_directory(
+                &file,
+                &ctx,
+                header.rgd_offset,
+                entries,
+                len,
+                ("rgdOffset", 48),
+            )
+        });
         let (gd, used_redundant) = match (primary, redundant) {
             (Ok(p), Some(Ok(r))) if damaged(&p, len) && !damaged(&r, len) => (r, true),
             (Ok(p), _) => (p, false),
@@ -215,12 +246,103 @@ impl SparseExtent {
             file,
             ctx,
             file_len: len,
+            kind: SparseKind::Hosted,
             header,
             gd,
             used_redundant,
             footer_mismatch,
             gt_cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Opens a vmfsSparse ("COWD") extent: a 2048-byte header (magic,
+    /// version, flags, numSectors, grainSize, gdOffset, numGDEntries,
+    /// freeSector, then names and geometry vmshift does not need), a grain
+    /// directory of sector numbers and tables of 4096 sector numbers.
+    pub fn open_cowd(file: File, path: &Path) -> Result<SparseExtent> {
+        let ctx = Ctx::new(path);
+        let len = file_len(&file, path)?;
+        let mut b = [0u8; 32];
+        if read_up_to_at(&file, path, &mut b, 0)? < 32 || len < COWD_HEADER_BYTES {
+            return Err(ctx.invalid("header", 0, "file too short for a vmfsSparse (COWD) header"));
+        }
+        if &b[0..4] != COWD_MAGIC {
+            return Err(ctx.invalid("magic", 0, "not a vmfsSparse extent (expected COWD)"));
+        }
+        let u32_at = |o: usize| LittleEndian::read_u32(&b[o..o + 4]);
+        let (version, capacity, grain, gd_offset, gd_entries) =
+            (u32_at(4), u32_at(12), u32_at(16), u32_at(20), u32_at(24));
+        if version != 1 {
+            return Err(ctx.unsupported(
+                "version",
+                format!("vmfsSparse version {version} (expected 1)"),
+            ));
+        }
+        if grain == 0 || u64::from(grain) > MAX_GRAIN_SECTORS {
+            return Err(ctx.invalid(
+                "grainSize",
+                16,
+                format!("{grain} sectors (expected 1 to {MAX_GRAIN_SECTORS})"),
+            ));
+        }
+        let header = SparseHeader {
+            version: 1,
+            flags: 0,
+            capacity: u64::from(capacity),
+            grain_sectors: u64::from(grain),
+            descriptor_offset: 0,
+            descriptor_size: 0,
+            gtes_per_gt: COWD_GTES_PER_GT,
+            rgd_offset: 0,
+            gd_offset: u64::from(gd_offset),
+            overhead: 0,
+            unclean: false,
+            compress_algorithm: 0,
+        };
+        let entries = header.gd_entries();
+        if u64::from(gd_entries) < entries {
+            return Err(ctx.corrupt(
+                "numGDEntries",
+                24,
+                format!(
+                    "{gd_entries} grain directory entries, but {capacity} sectors in grains of {grain} need {entries}"
+                ),
+            ));
+        }
+        if u64::from(gd_offset) * 512 < COWD_HEADER_BYTES {
+            return Err(ctx.invalid(
+                "gdOffset",
+                20,
+                format!("grain directory at sector {gd_offset}, inside the 4-sector header"),
+            ));
+        }
+        let gd = read_directory(
+            &file,
+            &ctx,
+            header.gd_offset,
+            entries,
+            len,
+            ("gdOffset", 20),
+        )?;
+        Ok(SparseExtent {
+            file,
+            ctx,
+            file_len: len,
+            kind: SparseKind::Cowd,
+            header,
+            gd,
+            used_redundant: false,
+            footer_mismatch: Vec::new(),
+            gt_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Bytes of header at the start of the file.
+    fn header_bytes(&self) -> u64 {
+        match self.kind {
+            SparseKind::Hosted => 512,
+            SparseKind::Cowd => COWD_HEADER_BYTES,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -281,7 +403,7 @@ impl SparseExtent {
         read_exact_at(&self.file, &self.ctx.path, &mut raw, at, "grain table")?;
         let table: Arc<[u32]> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
         let mut cache = lock();
-        if cache.len() >= GT_CACHE_TABLES {
+        if cache.len() >= GT_CACHE_BYTES / (n * 4) {
             cache.clear();
         }
         cache.insert(gt_sector, table.clone());
@@ -466,7 +588,7 @@ fn read_directory(
     sector: u64,
     entries: u64,
     len: u64,
-    field: &str,
+    (field, field_at): (&str, u64),
 ) -> Result<Vec<u32>> {
     let bytes = entries * 4;
     let at = sector
@@ -475,7 +597,7 @@ fn read_directory(
         .ok_or_else(|| {
             ctx.corrupt(
                 field,
-                if field == "gdOffset" { 56 } else { 48 },
+                field_at,
                 format!("grain directory at sector {sector} ({bytes} bytes) lies past the end of the file ({len} bytes)"),
             )
         })?;
@@ -572,7 +694,7 @@ impl SparseExtent {
             );
         }
         // Metadata ranges (in bytes): header, descriptor, directories, tables.
-        let mut used: Vec<(u64, u64, String)> = vec![(0, 512, "header".into())];
+        let mut used: Vec<(u64, u64, String)> = vec![(0, self.header_bytes(), "header".into())];
         let h = &self.header;
         if h.descriptor_offset != 0 {
             used.push((
@@ -690,7 +812,7 @@ impl SparseExtent {
             self.header.rgd_offset,
             entries,
             self.file_len,
-            "rgdOffset",
+            ("rgdOffset", 48),
         ) {
             Ok(r) => r,
             Err(e) => {
