@@ -114,6 +114,71 @@ fn delta_disk_over_parent_reads_like_qemu() {
     assert_map_agrees(d, "child.vmdk");
 }
 
+/// Rewrites the embedded descriptor of a sparse VMDK made by qemu-img
+/// (the text up to the first NUL after "# Disk DescriptorFile").
+fn edit_embedded_descriptor(file: &Path, edit: impl Fn(&str) -> String) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let start = bytes
+        .windows(21)
+        .position(|w| w == b"# Disk DescriptorFile")
+        .unwrap();
+    let end = start + bytes[start..].iter().position(|&b| b == 0).unwrap();
+    let text = edit(std::str::from_utf8(&bytes[start..end]).unwrap());
+    assert!(text.len() < 10 * 512, "descriptor grew past its area");
+    bytes[start..start + text.len()].copy_from_slice(text.as_bytes());
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn delta_naming_its_parent_by_a_path_on_another_host_finds_it_beside_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = qemu_vmdk(d, 4 << 20, "monolithicSparse");
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-b",
+            &base,
+            "-F",
+            "vmdk",
+            "child.vmdk",
+        ],
+    );
+    tool_ok(d, "qemu-io", &["-c", "write -P 0x77 1M 64k", "child.vmdk"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "child.vmdk", "want.raw"],
+    );
+    let want = std::fs::read(d.join("want.raw")).unwrap();
+    for host_path in [
+        format!("/vmfs/volumes/datastore1/vm/{base}"),
+        format!("C:\\VMs\\vm\\{base}"),
+    ] {
+        edit_embedded_descriptor(&d.join("child.vmdk"), |t| {
+            let hint = t
+                .lines()
+                .find(|l| l.starts_with("parentFileNameHint"))
+                .unwrap();
+            t.replace(hint, &format!("parentFileNameHint=\"{host_path}\""))
+        });
+        let _ = std::fs::remove_file(d.join("got.raw"));
+        vmshift_ok(d, &["convert", "-O", "raw", "child.vmdk", "got.raw"]);
+        assert!(
+            std::fs::read(d.join("got.raw")).unwrap() == want,
+            "{host_path}"
+        );
+        let info = json(vmshift_ok(d, &["info", "--output", "json", "child.vmdk"]).as_bytes());
+        assert_eq!(info["backing-filename"], host_path.as_str());
+        // Named relative to the image as it was given, like qemu-img.
+        assert_eq!(info["full-backing-filename"], base.as_str());
+    }
+}
+
 #[test]
 fn zeroed_grains_read_as_zero_over_a_parent() {
     let dir = tempfile::tempdir().unwrap();

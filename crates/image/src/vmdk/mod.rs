@@ -132,6 +132,9 @@ pub struct VmdkReader {
     /// the parent changed after the delta was taken, so reads that fall
     /// through to it would mix two states of the disk.
     stale_parent: Option<u32>,
+    /// The name the parent was opened by: the hint, or its last component
+    /// when the hint is a path on another host.
+    parent_opened_as: Option<String>,
     descriptor: Option<Descriptor>,
 }
 
@@ -202,6 +205,7 @@ impl VmdkReader {
             parent: None,
             parent_name: None,
             stale_parent: None,
+            parent_opened_as: None,
             descriptor: None,
             ctx,
         };
@@ -332,6 +336,7 @@ impl VmdkReader {
             parent: None,
             parent_name: None,
             stale_parent: None,
+            parent_opened_as: None,
             descriptor: None,
             ctx,
         };
@@ -342,9 +347,23 @@ impl VmdkReader {
 
     fn open_parent(&mut self, d: &Descriptor, opener: &dyn ChainOpener) -> Result<()> {
         if let Some(hint) = d.parent_hint() {
-            let (parent, _) = opener
-                .open_backing(&self.ctx.path, hint, Some("vmdk"))
-                .map_err(|e| e.field_if_unset("parentFileNameHint"))?;
+            // VMware records the parent as it was named when the snapshot
+            // was taken: often an absolute path on the original host
+            // (`/vmfs/volumes/datastore1/vm/disk.vmdk`, `C:\VMs\disk.vmdk`).
+            // When that path cannot be opened, the file of that name beside
+            // the delta is its parent if the CIDs agree (checked below, on
+            // every read through it).
+            let opened = opener.open_backing(&self.ctx.path, hint, Some("vmdk"));
+            let base = hint.rsplit(['/', '\\']).next().unwrap_or(hint);
+            let (parent, used) = match opened {
+                Err(e) if base != hint && !base.is_empty() => opener
+                    .open_backing(&self.ctx.path, base, Some("vmdk"))
+                    .map(|(p, _)| (p, base))
+                    .map_err(|_| e),
+                other => other.map(|(p, _)| (p, hint)),
+            }
+            .map_err(|e| e.field_if_unset("parentFileNameHint"))?;
+            self.parent_opened_as = Some(used.to_string());
             let cid = parent_cid(parent.as_ref());
             self.stale_parent = cid.filter(|&c| c != self.parent_cid);
             self.parent = Some(parent);
@@ -537,7 +556,7 @@ impl ImageReader for VmdkReader {
                 Value::Object(m)
             })
             .collect();
-        let full_backing = self.parent_name.as_deref().map(|name| {
+        let full_backing = self.parent_opened_as.as_deref().map(|name| {
             self.ctx
                 .path
                 .parent()
