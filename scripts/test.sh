@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test. On a fresh Debian machine it first installs the peers the
 # tests compare against (qemu-img and qemu-io from qemu-utils). A missing
-# peer fails the tests; it is never skipped.
+# peer fails the tests; it is never skipped. python3 runs the fixture
+# generators.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v qemu-io >/dev/null || missing+=(qemu-utils)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -19,7 +19,7 @@ use self::sesparse::SeSparseExtent;
 use self::sparse::{Grain, SparseExtent};
 use crate::block::{BlockState, Extent, ImageInfo, ImageReader};
 use crate::error::{Ctx, Error, ErrorKind, Result};
-use crate::fileio::{file_len, read_exact_at, read_up_to_at};
+use crate::fileio::{file_len, read_exact_at, read_up_to_at, seek_data_hole};
 use crate::qcow2::ChainOpener;
 
 /// What backs one extent.
@@ -424,7 +424,21 @@ impl VmdkReader {
         let avail = (e.len - rel).min(len);
         let s: &dyn GrainMap = match &e.backing {
             Backing::Zero => return Ok((Grain::Zero, avail, e)),
-            Backing::Flat { offset: base, .. } => return Ok((Grain::Data(base + rel), avail, e)),
+            Backing::Flat {
+                file, offset: base, ..
+            } => {
+                // Holes in a flat file (thin ESXi disks) read as zeros and
+                // need not be copied.
+                let host = base + rel;
+                return Ok(match seek_data_hole(file, host, true) {
+                    Some(data) if data > host => (Grain::Zero, (data - host).min(avail), e),
+                    Some(_) => {
+                        let hole = seek_data_hole(file, host, false).unwrap_or(u64::MAX);
+                        (Grain::Data(host), (hole - host).clamp(1, avail), e)
+                    }
+                    None => (Grain::Data(host), avail, e),
+                });
+            }
             Backing::Sparse(s) => s,
             Backing::SeSparse(s) => s,
         };
@@ -469,7 +483,7 @@ impl ImageReader for VmdkReader {
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
         let len = len.min(self.size.saturating_sub(offset));
-        let (state, n, _) = self.local(offset, len)?;
+        let (state, n, e) = self.local(offset, len)?;
         let ext = |state, host_offset| Extent {
             start: offset,
             len: n,
@@ -480,7 +494,12 @@ impl ImageReader for VmdkReader {
         Ok(match state {
             Grain::Data(h) => ext(BlockState::Data, Some(h)),
             Grain::Compressed(_) => ext(BlockState::Compressed, None),
-            Grain::Zero => ext(BlockState::Zero, None),
+            Grain::Zero => match &e.backing {
+                Backing::Flat { offset: base, .. } => {
+                    ext(BlockState::Zero, Some(base + offset - e.start))
+                }
+                _ => ext(BlockState::Zero, None),
+            },
             Grain::Unallocated => {
                 crate::block::map_below(self.parent.as_deref(), ext(BlockState::Unallocated, None))?
             }
