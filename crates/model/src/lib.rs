@@ -8,6 +8,7 @@
 
 mod format;
 mod size;
+pub mod text;
 mod validate;
 mod vm;
 

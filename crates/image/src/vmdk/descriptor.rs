@@ -156,27 +156,10 @@ impl Descriptor {
     }
 }
 
-/// windows-1252 bytes 0x80–0x9F (0 where undefined; those map to U+FFFD).
-const CP1252_HIGH: [u16; 32] = [
-    0x20AC, 0, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039,
-    0x0152, 0, 0x017D, 0, 0, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC,
-    0x2122, 0x0161, 0x203A, 0x0153, 0, 0x017E, 0x0178,
-];
-
 /// UTF-8 when it is valid, else windows-1252 (what older VMware products
 /// on Windows wrote).
 fn decode(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_string(),
-        Err(_) => bytes
-            .iter()
-            .map(|&b| match b {
-                0x80..=0x9f => char::from_u32(u32::from(CP1252_HIGH[(b - 0x80) as usize]))
-                    .unwrap_or('\u{fffd}'),
-                _ => char::from(b),
-            })
-            .collect(),
-    }
+    vmshift_model::text::decode_utf8_or_windows_1252(bytes)
 }
 
 fn unquote(v: &str) -> &str {

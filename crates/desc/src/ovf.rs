@@ -1,0 +1,1 @@
+//! OVF descriptors and OVA archives: read.

@@ -1,0 +1,1 @@
+//! Proxmox VE `qemu-server` `.conf`: read and write.

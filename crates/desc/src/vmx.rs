@@ -1,0 +1,1 @@
+//! VMware `.vmx`: read and write.
