@@ -12,8 +12,9 @@ pub fn decode_windows_1252(bytes: &[u8]) -> String {
     bytes
         .iter()
         .map(|&b| match b {
-            0x80..=0x9f => char::from_u32(u32::from(CP1252_HIGH[(b - 0x80) as usize]))
-                .unwrap_or('\u{fffd}'),
+            0x80..=0x9f => {
+                char::from_u32(u32::from(CP1252_HIGH[(b - 0x80) as usize])).unwrap_or('\u{fffd}')
+            }
             _ => char::from(b),
         })
         .collect()

@@ -328,7 +328,7 @@ impl Vm {
                 ),
             );
         }
-        out.sort_by(|a, b| b.severity.cmp(&a.severity));
+        out.sort_by_key(|f| std::cmp::Reverse(f.severity));
         out
     }
 
