@@ -7,15 +7,20 @@
 //! - [`proxmox`]: Proxmox VE `qemu-server` `.conf`.
 //! - [`ovf`]: OVF descriptors and OVA archives.
 //!
+//! [`mapping`] turns a VMware VM into a KVM one and says what it changed.
+//!
 //! Nothing here touches the file system beyond reading the one descriptor
 //! it is given; disk references stay unresolved
 //! ([`vmshift_model::DiskRef`]) until the CLI resolves them.
 
 mod error;
 pub mod libvirt;
+pub mod mapping;
 pub mod ovf;
 pub mod proxmox;
+pub mod qemu;
 pub mod vmx;
+pub mod xml;
 
 pub use error::{DescError, Result};
 

@@ -1,0 +1,344 @@
+//! The VMware → KVM mapping: which devices a converted VM gets, and why.
+//!
+//! Every change is returned as a [`Change`] so the user sees what was done
+//! (ARCHITECTURE.md, "The VMware → KVM mapping"). The defaults:
+//! SCSI controllers become virtio-scsi and NICs virtio-net (MACs kept);
+//! IDE moves to SATA (q35 has no IDE); the machine is q35; Windows guests,
+//! which may lack virtio drivers, keep their disks on SATA and get an
+//! Intel NIC unless virtio is forced; thin disks get discard.
+
+use std::fmt;
+
+use vmshift_model::{Bus, Controller, DeviceKind, Disk, DiskFormat, OsFamily, Vm};
+
+/// What the mapping may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Keep controller and NIC models where KVM has them (`--keep-models`).
+    pub keep_models: bool,
+    /// Use virtio even for Windows guests (`--virtio`).
+    pub force_virtio: bool,
+    /// The format the disks are converted to.
+    pub disk_format: DiskFormat,
+}
+
+impl Default for MapOptions {
+    fn default() -> MapOptions {
+        MapOptions {
+            keep_models: false,
+            force_virtio: false,
+            disk_format: DiskFormat::Qcow2,
+        }
+    }
+}
+
+/// One change the mapping made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The model field (`disks[0].bus`).
+    pub path: String,
+    /// Before.
+    pub from: String,
+    /// After.
+    pub to: String,
+    /// Why.
+    pub why: String,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} → {} ({})",
+            self.path, self.from, self.to, self.why
+        )
+    }
+}
+
+/// SCSI controller models QEMU emulates (so `--keep-models` can keep them).
+const QEMU_SCSI: &[&str] = &["lsilogic", "lsisas1068", "virtio-scsi"];
+/// NIC models QEMU emulates.
+const QEMU_NICS: &[&str] = &["e1000", "e1000e", "rtl8139", "virtio", "vmxnet3"];
+
+/// Whether a Windows version ships without an e1000 (82540EM) driver but
+/// with e1000e (82574L): Windows 8 / Server 2012 and later.
+fn windows_wants_e1000e(version: Option<&str>) -> bool {
+    !matches!(
+        version,
+        Some("2000" | "xp" | "2003" | "2008" | "vista" | "7" | "2008r2")
+    )
+}
+
+/// `vm` with KVM devices, and the list of changes.
+pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
+    let mut out = vm.clone();
+    let mut ch = Vec::new();
+    let mut change = |path: String, from: String, to: String, why: &str| {
+        if from != to {
+            ch.push(Change {
+                path,
+                from,
+                to,
+                why: why.to_string(),
+            });
+        }
+    };
+    let windows = vm.guest.family == OsFamily::Windows;
+    let virtio = opts.force_virtio || !windows;
+
+    // Machine.
+    let machine = out.machine.clone().unwrap_or_else(|| "q35".into());
+    if out.machine.as_deref() != Some("q35") && out.machine.is_none() {
+        change(
+            "machine".into(),
+            "(VMware)".into(),
+            machine.clone(),
+            "q35: PCIe, AHCI and SMM for Secure Boot",
+        );
+    }
+    out.machine = Some(machine);
+
+    // Disks: where each goes.
+    let scsi_model = |c: u32| {
+        vm.controllers
+            .iter()
+            .find(|x| x.bus == Bus::Scsi && x.index == c)
+            .and_then(|x| x.model.clone())
+            .unwrap_or_else(|| "lsilogic".into())
+    };
+    let mut disks: Vec<Disk> = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let mut nd = d.clone();
+        let target = match (d.device, d.bus) {
+            (DeviceKind::Floppy, _) => Bus::Fdc,
+            (DeviceKind::Cdrom, _) => Bus::Sata,
+            (_, Bus::Ide) => Bus::Sata,
+            (_, Bus::Scsi)
+                if opts.keep_models && QEMU_SCSI.contains(&scsi_model(d.controller).as_str()) =>
+            {
+                Bus::Scsi
+            }
+            (_, Bus::Scsi | Bus::Nvme | Bus::Sata | Bus::Usb | Bus::Virtio) if !virtio => Bus::Sata,
+            (_, Bus::Sata) if opts.keep_models => Bus::Sata,
+            (_, _) => Bus::Scsi,
+        };
+        let why = match (d.device, target) {
+            (DeviceKind::Cdrom, _) => "CD-ROMs go on SATA: q35 has no IDE",
+            (_, Bus::Sata) if d.bus == Bus::Ide => "q35 has no IDE; SATA (AHCI) is the equivalent",
+            (_, Bus::Sata) if !virtio => "a Windows guest may lack virtio drivers: its disks stay on SATA (AHCI), which Windows boots from with its own driver (use --virtio once the drivers are installed)",
+            (_, Bus::Scsi) if opts.keep_models => "--keep-models",
+            _ => "virtio-scsi: fast, and every modern guest has the driver",
+        };
+        if target != d.bus {
+            change(
+                format!("disks[{i}].bus"),
+                d.bus.to_string(),
+                target.to_string(),
+                why,
+            );
+        }
+        nd.bus = target;
+        if d.device == DeviceKind::Disk && d.source.is_some() {
+            let to = opts.disk_format;
+            change(
+                format!("disks[{i}].format"),
+                d.format.map_or("?".into(), |f| f.to_string()),
+                to.to_string(),
+                "the disk is converted to a format native to QEMU",
+            );
+            nd.format = Some(to);
+            if d.thin && !d.discard {
+                nd.discard = true;
+                change(
+                    format!("disks[{i}].discard"),
+                    "off".into(),
+                    "unmap".into(),
+                    "the source disk was thin: the guest's TRIM/UNMAP keeps the image small",
+                );
+            }
+        }
+        disks.push(nd);
+    }
+    // Addresses: per bus, boot disk first, then the others in order.
+    let boot = vm.boot_disk().map(|(i, _)| i);
+    let mut order: Vec<usize> = (0..disks.len()).collect();
+    order.sort_by_key(|&i| (Some(i) != boot, disks[i].device != DeviceKind::Disk, i));
+    let mut next: std::collections::HashMap<Bus, u32> = Default::default();
+    for &i in &order {
+        let d = &mut disks[i];
+        let moved = d.bus != vm.disks[i].bus;
+        if !moved && opts.keep_models {
+            continue;
+        }
+        let n = next.entry(d.bus).or_insert(0);
+        let (c, u) = (0, *n);
+        *n += 1;
+        if (c, u) != (vm.disks[i].controller, vm.disks[i].unit) || moved {
+            change(
+                format!("disks[{i}].address"),
+                vm.disks[i].address(),
+                format!("{}{c}:{u}", d.bus),
+                "renumbered on the new bus, boot disk first",
+            );
+        }
+        d.controller = c;
+        d.unit = u;
+    }
+    out.disks = disks;
+
+    // Controllers: what the disks now need.
+    let mut controllers: Vec<Controller> = Vec::new();
+    for d in &out.disks {
+        if !matches!(d.bus, Bus::Scsi | Bus::Sata) {
+            continue;
+        }
+        if controllers
+            .iter()
+            .any(|c| c.bus == d.bus && c.index == d.controller)
+        {
+            continue;
+        }
+        let model = match d.bus {
+            Bus::Scsi => {
+                let old = vm
+                    .controllers
+                    .iter()
+                    .find(|c| c.bus == Bus::Scsi && c.index == d.controller)
+                    .and_then(|c| c.model.clone());
+                let keep =
+                    opts.keep_models && old.as_deref().is_some_and(|m| QEMU_SCSI.contains(&m));
+                let m = if keep {
+                    old.clone().unwrap_or_default()
+                } else {
+                    "virtio-scsi".into()
+                };
+                if let Some(o) = old {
+                    change(
+                        format!("controllers[scsi{}].model", d.controller),
+                        o,
+                        m.clone(),
+                        "virtio-scsi: fast, and every modern guest has the driver",
+                    );
+                }
+                Some(m)
+            }
+            _ => Some("ahci".into()),
+        };
+        controllers.push(Controller {
+            bus: d.bus,
+            index: d.controller,
+            model,
+        });
+    }
+    out.controllers = controllers;
+
+    // NICs.
+    for (i, n) in out.nics.iter_mut().enumerate() {
+        let to = if opts.keep_models && QEMU_NICS.contains(&n.model.as_str()) {
+            n.model.clone()
+        } else if virtio {
+            "virtio".into()
+        } else if windows_wants_e1000e(vm.guest.version.as_deref()) {
+            "e1000e".into()
+        } else {
+            "e1000".into()
+        };
+        let why = if virtio {
+            "virtio-net: fast; the MAC is kept"
+        } else {
+            "a Windows guest may lack virtio drivers: an Intel NIC Windows has a driver for; the MAC is kept"
+        };
+        change(format!("nics[{i}].model"), n.model.clone(), to.clone(), why);
+        n.model = to;
+        // VMware Workstation's connection types are not network names.
+        if let Some(kind @ ("nat" | "bridged" | "hostonly")) = n.network.as_deref() {
+            change(
+                format!("nics[{i}].network"),
+                kind.to_string(),
+                "default".into(),
+                "Workstation's NAT, bridged and host-only modes map to libvirt's 'default' network; attach a bridge instead where the guest must be reachable",
+            );
+            n.network = Some("default".into());
+        }
+    }
+
+    // Display.
+    let g = out.graphics.get_or_insert_with(Default::default);
+    let video = if virtio { "virtio" } else { "vga" };
+    if g.video.as_deref() != Some(video) && !(opts.keep_models && g.video.as_deref() == Some("vga"))
+    {
+        change(
+            "graphics.video".into(),
+            g.video.clone().unwrap_or_else(|| "(none)".into()),
+            video.into(),
+            if virtio {
+                "virtio-gpu: the Linux kernel drives it"
+            } else {
+                "standard VGA: every Windows has a driver"
+            },
+        );
+        g.video = Some(video.into());
+        if video == "virtio" {
+            g.vram_kib = None; // virtio-gpu has no fixed video memory
+        }
+    }
+    if g.protocol.is_none() {
+        g.protocol = Some("vnc".into());
+    }
+    (out, ch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmx::VmxDocument;
+
+    fn vm(text: &str) -> Vm {
+        VmxDocument::parse(text.as_bytes()).unwrap().lower().vm
+    }
+
+    #[test]
+    fn linux_goes_to_virtio_and_keeps_macs_and_boot_disk_first() {
+        let src = vm(include_str!(
+            "../../../fixtures/vms/linux-web/linux-web.vmx"
+        ));
+        let (kvm, changes) = to_kvm(&src, &MapOptions::default());
+        assert!(kvm
+            .disks
+            .iter()
+            .filter(|d| d.device == DeviceKind::Disk)
+            .all(|d| d.bus == Bus::Scsi));
+        assert_eq!(kvm.controllers[0].model.as_deref(), Some("virtio-scsi"));
+        assert_eq!(kvm.disks[0].address(), "scsi0:0");
+        assert_eq!(kvm.disks[0].boot_order, Some(1));
+        assert_eq!(kvm.disks[2].bus, Bus::Sata, "CD-ROM");
+        assert!(kvm.nics.iter().all(|n| n.model == "virtio"));
+        let macs = |v: &Vm| v.nics.iter().map(|n| n.mac.clone()).collect::<Vec<_>>();
+        assert_eq!(macs(&kvm), macs(&src));
+        assert!(changes
+            .iter()
+            .any(|c| c.path == "nics[0].model" && c.from == "e1000"));
+        assert!(kvm
+            .validate()
+            .iter()
+            .all(|f| f.severity != vmshift_model::Severity::Error));
+    }
+
+    #[test]
+    fn windows_stays_on_sata_and_intel_unless_virtio_is_forced() {
+        let src = vm(include_str!("../../../fixtures/vms/winsrv/winsrv.vmx"));
+        let (kvm, changes) = to_kvm(&src, &MapOptions::default());
+        assert_eq!(kvm.disks[0].bus, Bus::Sata);
+        assert_eq!(kvm.disks[0].address(), "sata0:0");
+        assert_eq!(kvm.nics[0].model, "e1000e");
+        assert!(changes.iter().any(|c| c.why.contains("virtio drivers")));
+        let forced = MapOptions {
+            force_virtio: true,
+            ..MapOptions::default()
+        };
+        let (kvm, _) = to_kvm(&src, &forced);
+        assert_eq!(kvm.disks[0].bus, Bus::Scsi);
+        assert_eq!(kvm.nics[0].model, "virtio");
+        assert!(kvm.validate().iter().all(|f| f.code != "boot-disk-bus"));
+    }
+}
