@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The main job on the bundled sample: convert a qcow2 to raw and back,
-# prove the round trip is exact, and show the result.
+# The main job on a bundled sample VM: convert the VMware Workstation VM in
+# fixtures/vms/linux-web (a .vmx, two VMDKs) to a libvirt domain with
+# qcow2 disks, print the report, and prove each disk is the same disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p vmshift
 vmshift=$PWD/target/release/vmshift
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+vm=fixtures/vms/linux-web
 set -x
-"$vmshift" info fixtures/sample/sample.qcow2
-"$vmshift" convert -f qcow2 -O raw fixtures/sample/sample.qcow2 "$out/disk.raw"
-"$vmshift" convert -f raw -O qcow2 -c -o compression_type=zstd "$out/disk.raw" "$out/disk.qcow2"
-"$vmshift" compare fixtures/sample/sample.qcow2 "$out/disk.qcow2"
-"$vmshift" check "$out/disk.qcow2"
-"$vmshift" map "$out/disk.raw"
-"$vmshift" info "$out/disk.qcow2"
+"$vmshift" vm validate "$vm/linux-web.vmx" || true
+"$vmshift" vm convert --to libvirt --out "$out" "$vm/linux-web.vmx"
+"$vmshift" compare "$vm/linux-web.vmdk" "$out/linux-web-disk0.qcow2"
+"$vmshift" compare "$vm/linux-web-data.vmdk" "$out/linux-web-disk1.qcow2"
+"$vmshift" check "$out/linux-web-disk0.qcow2"
+cat "$out/linux-web.xml"

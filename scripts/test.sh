@@ -2,7 +2,8 @@
 # Runs every test. On a fresh Debian machine it first installs the peers the
 # tests compare against (qemu-img and qemu-io from qemu-utils). A missing
 # peer fails the tests; it is never skipped. python3 runs the fixture
-# generators.
+# generators; libvirt-clients and libxml2-utils validate the libvirt XML
+# vmshift writes; ovmf provides the UEFI variable store template.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,11 @@ missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v qemu-io >/dev/null || missing+=(qemu-utils)
 command -v python3 >/dev/null || missing+=(python3)
+# libvirt's schema checker (virt-xml-validate runs xmllint) and OVMF for
+# the VM conversion tests.
+command -v virt-xml-validate >/dev/null || missing+=(libvirt-clients)
+command -v xmllint >/dev/null || missing+=(libxml2-utils)
+[ -f /usr/share/OVMF/OVMF_VARS_4M.ms.fd ] || missing+=(ovmf)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -30,6 +30,166 @@ pub enum Command {
     Map(MapArgs),
     /// Check an image's metadata for leaks and corruption.
     Check(CheckArgs),
+    /// Read, check and convert whole VMs (.vmx, libvirt XML, Proxmox .conf, OVF/OVA).
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+/// `vmshift vm …`.
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Print a VM descriptor as vmshift's model, with its findings.
+    Inspect(VmInspectArgs),
+    /// Check a VM descriptor and the disks it names; exit 1 on errors.
+    Validate(VmValidateArgs),
+    /// Convert a whole VM: its descriptor and every disk.
+    Convert(VmConvertArgs),
+    /// Show what differs between two VM descriptors (through the model).
+    Diff(VmDiffArgs),
+}
+
+/// A descriptor format on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmFormatArg {
+    /// VMware .vmx.
+    Vmx,
+    /// libvirt domain XML.
+    Libvirt,
+    /// Proxmox VE qemu-server .conf.
+    Proxmox,
+    /// OVF descriptor.
+    Ovf,
+    /// OVA archive (OVF + disks in a tar).
+    Ova,
+}
+
+/// Where the disks a descriptor names may be found.
+#[derive(Debug, Clone, Args)]
+pub struct DiskRootArgs {
+    /// Map a VMware datastore to a local folder: `[NAME] path` and
+    /// `/vmfs/volumes/NAME/path` resolve under DIR (repeatable).
+    #[arg(long = "datastore", value_name = "NAME=DIR")]
+    pub datastores: Vec<String>,
+    /// Map a Proxmox storage to a local folder: `NAME:volume` resolves
+    /// under DIR (repeatable).
+    #[arg(long = "storage-map", value_name = "NAME=DIR")]
+    pub storages: Vec<String>,
+    /// Also accept disks under DIR (repeatable); by default a disk must lie
+    /// in the descriptor's own folder.
+    #[arg(long = "disk-root", value_name = "DIR")]
+    pub disk_roots: Vec<PathBuf>,
+}
+
+/// Model output styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum ModelOutput {
+    /// TOML.
+    #[default]
+    Toml,
+    /// JSON.
+    Json,
+}
+
+/// `vmshift vm inspect`.
+#[derive(Debug, Args)]
+pub struct VmInspectArgs {
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: ModelOutput,
+    /// The descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from: Option<VmFormatArg>,
+    /// The descriptor (.vmx, .xml, .conf, .ovf, .ova).
+    pub vm: PathBuf,
+}
+
+/// `vmshift vm validate`.
+#[derive(Debug, Args)]
+pub struct VmValidateArgs {
+    /// The descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from: Option<VmFormatArg>,
+    #[command(flatten)]
+    pub roots: DiskRootArgs,
+    /// The descriptor.
+    pub vm: PathBuf,
+}
+
+/// What `vm convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmTargetArg {
+    /// A libvirt domain XML (`virsh define NAME.xml`).
+    Libvirt,
+    /// A Proxmox VE VM (`<vmid>.conf` and a directory-storage layout).
+    Proxmox,
+    /// A VMware .vmx.
+    Vmx,
+    /// A qemu-system-x86_64 command line, as a shell script.
+    QemuArgs,
+}
+
+/// `vmshift vm convert`.
+#[derive(Debug, Args)]
+pub struct VmConvertArgs {
+    /// The descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from: Option<VmFormatArg>,
+    /// What to produce.
+    #[arg(long, value_enum)]
+    pub to: VmTargetArg,
+    /// The folder to write into (created if missing); nothing is written
+    /// outside it.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The disks' format.
+    #[arg(long, value_enum, default_value = "qcow2")]
+    pub disk_format: FormatArg,
+    /// libvirt: the folder the disks will live in on the hypervisor (the
+    /// XML names them there; default: their absolute path under --out).
+    #[arg(long, value_name = "DIR")]
+    pub target_dir: Option<PathBuf>,
+    /// Keep controller and NIC models QEMU can emulate instead of virtio.
+    #[arg(long)]
+    pub keep_models: bool,
+    /// Use virtio disks and NICs even for Windows guests (install the
+    /// virtio drivers first).
+    #[arg(long)]
+    pub virtio: bool,
+    /// Proxmox: the VM id.
+    #[arg(long, requires = "storage")]
+    pub vmid: Option<u32>,
+    /// Proxmox: the directory storage the disks go to.
+    #[arg(long, requires = "vmid")]
+    pub storage: Option<String>,
+    /// Write only the descriptor (disk names as a full run would give
+    /// them); copy no disk.
+    #[arg(long)]
+    pub descriptor_only: bool,
+    /// Replace files that exist in --out.
+    #[arg(long)]
+    pub force: bool,
+    /// Show progress even when stderr is not a terminal.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    #[command(flatten)]
+    pub roots: DiskRootArgs,
+    /// The source VM's descriptor.
+    pub vm: PathBuf,
+}
+
+/// `vmshift vm diff`.
+#[derive(Debug, Args)]
+pub struct VmDiffArgs {
+    /// The first descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from_a: Option<VmFormatArg>,
+    /// The second descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from_b: Option<VmFormatArg>,
+    /// The first descriptor.
+    pub a: PathBuf,
+    /// The second descriptor.
+    pub b: PathBuf,
 }
 
 /// Output styles.

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmshift::args::Command;
+use vmshift::args::{Command, VmCommand};
 use vmshift::{cmd, Cli};
 
 fn main() -> ExitCode {
@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         Command::Compare(a) => (cmd::compare::run(a), 2),
         Command::Map(a) => (cmd::map::run(a), 1),
         Command::Check(a) => (cmd::check::run(a), 1),
+        Command::Vm(VmCommand::Inspect(a)) => (cmd::vm::inspect(a), 1),
+        Command::Vm(VmCommand::Validate(a)) => (cmd::vm::validate(a), 1),
+        Command::Vm(VmCommand::Convert(a)) => (cmd::vm::convert_vm(a), 1),
+        Command::Vm(VmCommand::Diff(a)) => (cmd::vm::diff(a), 2),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

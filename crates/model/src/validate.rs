@@ -276,29 +276,6 @@ impl Vm {
                 }
             }
         }
-        if let Some((i, d)) = self.boot_disk() {
-            let model = self
-                .controllers
-                .iter()
-                .find(|c| c.bus == d.bus && c.index == d.controller)
-                .and_then(|c| c.model.as_deref());
-            match (d.bus, model) {
-                (Bus::Scsi, Some(m)) if uefi && UEFI_UNBOOTABLE_SCSI.contains(&m) => add(
-                    Error,
-                    "boot-disk-bus",
-                    format!("disks[{i}].bus"),
-                    format!("the boot disk is on a {m} SCSI controller, which UEFI firmware (OVMF) cannot boot from; use virtio-scsi, SATA or virtio"),
-                ),
-                (Bus::Usb, _) => add(
-                    Warning,
-                    "boot-disk-bus",
-                    format!("disks[{i}].bus"),
-                    "the boot disk is a USB disk; firmware may not boot from it".into(),
-                ),
-                _ => {}
-            }
-        }
-
         // What KVM cannot carry over.
         if self.tpm {
             add(
@@ -329,6 +306,40 @@ impl Vm {
             );
         }
         out.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        out
+    }
+
+    /// Findings about the VM as a KVM guest (run on a converted model):
+    /// a boot disk on a controller OVMF cannot boot from, or on USB.
+    pub fn target_findings(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let mut add =
+            |s, code, path: String, msg: String| out.push(Finding::new(s, code, path, msg));
+        use Severity::{Error, Warning};
+        let uefi = self.firmware.kind == FirmwareKind::Uefi;
+        if let Some((i, d)) = self.boot_disk() {
+            let model = self
+                .controllers
+                .iter()
+                .find(|c| c.bus == d.bus && c.index == d.controller)
+                .and_then(|c| c.model.as_deref());
+            match (d.bus, model) {
+                (Bus::Scsi, Some(m)) if uefi && UEFI_UNBOOTABLE_SCSI.contains(&m) => add(
+                    Error,
+                    "boot-disk-bus",
+                    format!("disks[{i}].bus"),
+                    format!("the boot disk is on a {m} SCSI controller, which UEFI firmware (OVMF) cannot boot from; use virtio-scsi, SATA or virtio"),
+                ),
+                (Bus::Usb, _) => add(
+                    Warning,
+                    "boot-disk-bus",
+                    format!("disks[{i}].bus"),
+                    "the boot disk is a USB disk; firmware may not boot from it".into(),
+                ),
+                _ => {}
+            }
+        }
+
         out
     }
 
@@ -426,7 +437,14 @@ mod tests {
         assert!(has("mac-invalid", "nics[3].mac"));
         assert!(has("disk-address-conflict", "disks[1]"));
         assert!(has("uefi-no-varstore", "firmware.efi-vars"));
-        assert!(has("boot-disk-bus", "disks[0].bus"));
+        assert!(
+            !has("boot-disk-bus", "disks[0].bus"),
+            "a source VM's own firmware boots it"
+        );
+        assert!(v
+            .target_findings()
+            .iter()
+            .any(|x| x.code == "boot-disk-bus" && x.path == "disks[0].bus"));
         assert_eq!(f[0].severity, Severity::Error);
         assert_eq!(f.last().unwrap().severity, Severity::Warning);
     }

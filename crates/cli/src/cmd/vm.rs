@@ -1,0 +1,744 @@
+//! `vmshift vm`: whole VMs. Reads a descriptor into the model, checks it
+//! and the disks it names, and converts it — descriptor and disks — for
+//! libvirt, Proxmox VE, VMware or a plain QEMU command line.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use vmshift_desc::libvirt::DomainDocument;
+use vmshift_desc::mapping::{to_kvm, Change, MapOptions};
+use vmshift_desc::ovf::{OvaArchive, OvfDocument};
+use vmshift_desc::proxmox::ConfDocument;
+use vmshift_desc::vmx::{snapshot_names, VmxDocument};
+use vmshift_desc::{qemu, read_descriptor, Lowered};
+use vmshift_image::engine::{convert, ConvertOptions};
+use vmshift_image::output::AtomicOutput;
+use vmshift_image::{open_image, Gate, ImageReader, OpenOptions};
+use vmshift_model::{DeviceKind, DiskFormat, DiskRef, Finding, FirmwareKind, Severity, Vm};
+
+use crate::args::{
+    DiskRootArgs, ModelOutput, VmConvertArgs, VmDiffArgs, VmFormatArg, VmInspectArgs, VmTargetArg,
+    VmValidateArgs,
+};
+use crate::progress::Progress;
+
+/// A descriptor read into the model.
+struct Loaded {
+    path: PathBuf,
+    lowered: Lowered,
+}
+
+fn format_of(path: &Path, from: Option<VmFormatArg>) -> Result<VmFormatArg> {
+    if let Some(f) = from {
+        return Ok(f);
+    }
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    Ok(match ext.as_str() {
+        "vmx" => VmFormatArg::Vmx,
+        "xml" => VmFormatArg::Libvirt,
+        "conf" => VmFormatArg::Proxmox,
+        "ovf" => VmFormatArg::Ovf,
+        "ova" => VmFormatArg::Ova,
+        _ => bail!(
+            "{}: cannot tell the descriptor's format from its name; say --from vmx|libvirt|proxmox|ovf|ova",
+            path.display()
+        ),
+    })
+}
+
+fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
+    let kind = format_of(path, from)?;
+    let with_file = |e: vmshift_desc::DescError| anyhow!(e.in_file(path));
+    let lowered = match kind {
+        VmFormatArg::Vmx => {
+            let bytes = read_descriptor(path).map_err(with_file)?;
+            let doc = VmxDocument::parse(&bytes).map_err(with_file)?;
+            let mut l = doc.lower();
+            // Snapshots are listed in the .vmsd beside the .vmx.
+            let vmsd = path.with_extension("vmsd");
+            if vmsd.is_file() {
+                let bytes = read_descriptor(&vmsd).map_err(|e| anyhow!(e.in_file(&vmsd)))?;
+                let doc = VmxDocument::parse(&bytes).map_err(|e| anyhow!(e.in_file(&vmsd)))?;
+                l.vm.snapshots = snapshot_names(&doc);
+            }
+            l
+        }
+        VmFormatArg::Libvirt => {
+            let bytes = read_descriptor(path).map_err(with_file)?;
+            DomainDocument::parse(&bytes)
+                .and_then(|d| d.lower())
+                .map_err(with_file)?
+        }
+        VmFormatArg::Proxmox => {
+            let bytes = read_descriptor(path).map_err(with_file)?;
+            ConfDocument::parse(&bytes).map_err(with_file)?.lower()
+        }
+        VmFormatArg::Ovf => {
+            let bytes = read_descriptor(path).map_err(with_file)?;
+            OvfDocument::parse(&bytes).map_err(with_file)?.lower()
+        }
+        VmFormatArg::Ova => {
+            // Listing the tar is cheap; the manifest's sums are checked
+            // against every member before anything is trusted.
+            let ova = OvaArchive::open(path).map_err(with_file)?;
+            let verified = ova.verify().map_err(with_file)?;
+            let doc = ova.descriptor().map_err(with_file)?;
+            let mut l = doc.lower();
+            l.findings.extend(ova.findings().iter().cloned());
+            l.findings.extend(verified);
+            l.findings.extend(ova.check_references(&doc));
+            l
+        }
+    };
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        lowered,
+    })
+}
+
+/// `NAME=DIR` pairs.
+fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, PathBuf>> {
+    list.iter()
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| anyhow!("{flag} {p}: expected NAME=DIR"))?;
+            Ok((k.to_string(), PathBuf::from(v)))
+        })
+        .collect()
+}
+
+/// Resolves the disk references of a descriptor to local files, by one
+/// rule: every disk must lie inside a root — the descriptor's folder,
+/// a `--disk-root`, or a mapped datastore or storage.
+struct Resolver {
+    descriptor: PathBuf,
+    gate: Gate,
+    datastores: BTreeMap<String, PathBuf>,
+    storages: BTreeMap<String, PathBuf>,
+}
+
+impl Resolver {
+    fn new(descriptor: &Path, roots: &DiskRootArgs) -> Result<Resolver> {
+        let datastores = pairs(&roots.datastores, "--datastore")?;
+        let storages = pairs(&roots.storages, "--storage-map")?;
+        let gate = roots
+            .disk_roots
+            .iter()
+            .chain(datastores.values())
+            .chain(storages.values())
+            .fold(Gate::new(), |g, r| g.with_root(r));
+        Ok(Resolver {
+            descriptor: descriptor.to_path_buf(),
+            gate,
+            datastores,
+            storages,
+        })
+    }
+
+    fn folder(&self) -> &Path {
+        match self.descriptor.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
+    /// The local path of `r`, or why there is none.
+    fn resolve(&self, r: &DiskRef) -> Result<PathBuf> {
+        let what = "disk";
+        match r {
+            DiskRef::File { path } => Ok(self.gate.resolve(&self.descriptor, path, what)?),
+            DiskRef::Datastore { datastore, path } => {
+                if let Some(dir) = self.datastores.get(datastore) {
+                    let p = dir.join(path);
+                    return Ok(self
+                        .gate
+                        .resolve(&self.descriptor, &p.to_string_lossy(), what)?);
+                }
+                // A datastore path into the VM's own folder resolves there
+                // by file name: `[ds] vm/vm.vmdk` beside `vm/vm.vmx`.
+                let p = Path::new(path);
+                let own = self.folder().canonicalize().ok();
+                let parent = p.parent().and_then(|x| x.file_name());
+                let same = match (parent, own.as_ref().and_then(|o| o.file_name())) {
+                    (None, _) => true,
+                    (Some(a), Some(b)) => a == b,
+                    _ => false,
+                };
+                if !same {
+                    bail!(
+                        "'{r}' lies on datastore '{datastore}' outside the VM's folder; map it with --datastore {datastore}=DIR"
+                    );
+                }
+                let name = p
+                    .file_name()
+                    .ok_or_else(|| anyhow!("'{r}' names no file"))?
+                    .to_string_lossy();
+                Ok(self.gate.resolve(&self.descriptor, &name, what)?)
+            }
+            DiskRef::Volume { storage, volume } => {
+                let dir = self.storages.get(storage).ok_or_else(|| {
+                    anyhow!("'{r}' is a volume of storage '{storage}'; map it with --storage-map {storage}=DIR")
+                })?;
+                // Directory storages keep images under images/<vmid>/.
+                let p = if volume.contains('/') {
+                    dir.join("images").join(volume)
+                } else {
+                    dir.join(volume)
+                };
+                Ok(self
+                    .gate
+                    .resolve(&self.descriptor, &p.to_string_lossy(), what)?)
+            }
+            DiskRef::Device { path } => {
+                bail!("'{path}' is a host device or LUN, not an image file")
+            }
+        }
+    }
+}
+
+/// Whether `e` says a file does not exist.
+fn not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+/// The code for a disk reference that did not resolve.
+fn unresolved_code(e: &anyhow::Error) -> &'static str {
+    if not_found(e) {
+        "disk-missing"
+    } else {
+        "disk-unresolved"
+    }
+}
+
+/// The checks that need the files: each disk resolves, opens, and holds
+/// the format its descriptor declares.
+fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let Some(src) = &d.source else { continue };
+        if matches!(src, DiskRef::Device { .. }) {
+            continue; // validate() reports it
+        }
+        let path = format!("disks[{i}].source");
+        let severity = if d.device == DeviceKind::Disk {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        let p = match resolver.resolve(src) {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(Finding::new(
+                    severity,
+                    unresolved_code(&e),
+                    path,
+                    format!("{e:#}"),
+                ));
+                continue;
+            }
+        };
+        if !p.exists() {
+            out.push(Finding::new(
+                severity,
+                "disk-missing",
+                path,
+                format!("{} does not exist", p.display()),
+            ));
+            continue;
+        }
+        if d.device != DeviceKind::Disk {
+            continue;
+        }
+        match open_image(&p, None, &OpenOptions::default()) {
+            Ok(img) => {
+                if let Some(want) = d.format.filter(|&f| f != img.format()) {
+                    out.push(Finding::new(
+                        Severity::Error,
+                        "disk-format-mismatch",
+                        format!("disks[{i}].format"),
+                        format!(
+                            "the descriptor says {want}, but {} holds {}",
+                            p.display(),
+                            img.format()
+                        ),
+                    ));
+                }
+            }
+            Err(e) => out.push(Finding::new(
+                Severity::Error,
+                "disk-unreadable",
+                path,
+                format!("{e}"),
+            )),
+        }
+    }
+    out
+}
+
+fn print_findings(findings: &[Finding]) {
+    for f in findings {
+        eprintln!("{f}");
+    }
+}
+
+pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
+    let l = load(&args.vm, args.from)?;
+    let mut findings = l.lowered.findings.clone();
+    findings.extend(l.lowered.vm.validate());
+    match args.output {
+        ModelOutput::Json => {
+            let v = serde_json::json!({"vm": l.lowered.vm, "findings": findings});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ModelOutput::Toml => {
+            print!("{}", toml::to_string(&l.lowered.vm)?);
+            for f in &findings {
+                println!("# {f}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn validate(args: &VmValidateArgs) -> Result<i32> {
+    let l = load(&args.vm, args.from)?;
+    let resolver = Resolver::new(&l.path, &args.roots)?;
+    let mut findings = l.lowered.findings.clone();
+    findings.extend(l.lowered.vm.validate());
+    findings.extend(disk_findings(&l.lowered.vm, &resolver));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    if findings.is_empty() {
+        println!("{}: no findings", args.vm.display());
+    }
+    Ok(if errors > 0 { 1 } else { 0 })
+}
+
+pub fn diff(args: &VmDiffArgs) -> Result<i32> {
+    let a = load(&args.a, args.from_a)?.lowered.vm;
+    let b = load(&args.b, args.from_b)?.lowered.vm;
+    let (ja, jb) = (serde_json::to_value(&a)?, serde_json::to_value(&b)?);
+    let mut lines = Vec::new();
+    json_diff("", &ja, &jb, &mut lines);
+    for l in &lines {
+        println!("{l}");
+    }
+    Ok(if lines.is_empty() { 0 } else { 1 })
+}
+
+fn json_diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                json_diff(
+                    &join(k),
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            for i in 0..x.len().max(y.len()) {
+                let null = Value::Null;
+                json_diff(
+                    &format!("{path}[{i}]"),
+                    x.get(i).unwrap_or(&null),
+                    y.get(i).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ if a == b => {}
+        _ => out.push(format!("{path}: {a} → {b}")),
+    }
+}
+
+/// A name safe to use as a file name inside `--out`.
+fn safe_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() {
+        "vm".into()
+    } else {
+        s
+    }
+}
+
+/// `rel` must be a plain relative path (no `..`, not absolute).
+fn inside(out: &Path, rel: &Path) -> Result<PathBuf> {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        bail!("{}: would leave the output folder", rel.display());
+    }
+    Ok(out.join(rel))
+}
+
+/// The OVMF files Debian's ovmf package installs: (code, vars template).
+fn ovmf(secure: bool) -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new("/usr/share/OVMF");
+    let (code, vars) = if secure {
+        ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd")
+    } else {
+        ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+    };
+    let (c, v) = (dir.join(code), dir.join(vars));
+    (c.is_file() && v.is_file()).then_some((c, v))
+}
+
+pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
+    let l = load(&args.vm, args.from)?;
+    let resolver = Resolver::new(&l.path, &args.roots)?;
+    let src = &l.lowered.vm;
+    let mut findings = l.lowered.findings.clone();
+    findings.extend(src.validate());
+    let disk_format: DiskFormat = args.disk_format.into();
+    let (mut vm, changes): (Vm, Vec<Change>) = match args.to {
+        VmTargetArg::Vmx => (src.clone(), Vec::new()),
+        _ => to_kvm(
+            src,
+            &MapOptions {
+                keep_models: args.keep_models,
+                force_virtio: args.virtio,
+                disk_format,
+            },
+        ),
+    };
+    findings.extend(vm.target_findings());
+    let mut changes_extra: Vec<Change> = Vec::new();
+    if args.to == VmTargetArg::Proxmox && args.vmid.is_none() {
+        bail!("--to proxmox needs --vmid N --storage NAME");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("{}: creating the output folder", args.out.display()))?;
+    let out = args
+        .out
+        .canonicalize()
+        .with_context(|| format!("{}", args.out.display()))?;
+    let base = safe_name(&vm.name);
+    let ext = match disk_format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+        DiskFormat::Vmdk => "vmdk",
+    };
+
+    // Plan every disk: source path, output file, and the reference the
+    // descriptor will use.
+    crate::signals::install();
+    let mut n = 0;
+    let mut problems = 0;
+    let is_ova = matches!(format_of(&args.vm, args.from)?, VmFormatArg::Ova);
+    if is_ova && !args.descriptor_only {
+        bail!(
+            "{}: the disks inside an OVA cannot be read in place yet; extract it (tar xf) and convert the .ovf, or use --descriptor-only",
+            args.vm.display()
+        );
+    }
+    for i in 0..vm.disks.len() {
+        let d = vm.disks[i].clone();
+        let Some(source) = &d.source else { continue };
+        if d.device != DeviceKind::Disk {
+            // Media (ISOs, floppy images) are not copied: point at them
+            // where they are, when they resolve.
+            match resolver
+                .resolve(source)
+                .and_then(|p| p.canonicalize().with_context(|| format!("{}", p.display())))
+            {
+                Ok(p) => {
+                    vm.disks[i].source = Some(DiskRef::File {
+                        path: p.display().to_string(),
+                    })
+                }
+                Err(e) => {
+                    findings.push(Finding::new(
+                        Severity::Warning,
+                        "media-missing",
+                        format!("disks[{i}].source"),
+                        format!("{e:#}; the drive is left empty"),
+                    ));
+                    vm.disks[i].source = None;
+                }
+            }
+            continue;
+        }
+        let (rel, reference) = match (args.to, args.vmid, &args.storage) {
+            (VmTargetArg::Proxmox, Some(id), Some(storage)) => {
+                let file = format!("vm-{id}-disk-{n}.{ext}");
+                (
+                    PathBuf::from("images").join(id.to_string()).join(&file),
+                    DiskRef::Volume {
+                        storage: storage.clone(),
+                        volume: format!("{id}/{file}"),
+                    },
+                )
+            }
+            _ => {
+                let file = format!("{base}-disk{n}.{ext}");
+                let at = match (&args.target_dir, args.to) {
+                    (Some(t), VmTargetArg::Libvirt) => t.join(&file),
+                    (_, VmTargetArg::Vmx) => PathBuf::from(&file),
+                    _ => out.join(&file),
+                };
+                (
+                    PathBuf::from(&file),
+                    DiskRef::File {
+                        path: at.display().to_string(),
+                    },
+                )
+            }
+        };
+        n += 1;
+        let target = inside(&out, &rel)?;
+        vm.disks[i].source = Some(reference);
+        vm.disks[i].format = Some(disk_format);
+        let input = match resolver.resolve(source) {
+            Ok(p) if p.exists() => p,
+            Ok(p) => {
+                problems += 1;
+                findings.push(Finding::new(
+                    if args.descriptor_only {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    },
+                    "disk-missing",
+                    format!("disks[{i}].source"),
+                    format!("{} does not exist", p.display()),
+                ));
+                continue;
+            }
+            Err(e) => {
+                problems += 1;
+                findings.push(Finding::new(
+                    if args.descriptor_only {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    },
+                    unresolved_code(&e),
+                    format!("disks[{i}].source"),
+                    format!("{e:#}"),
+                ));
+                continue;
+            }
+        };
+        let img = open_image(&input, None, &OpenOptions::default())
+            .with_context(|| format!("disk {i} ({source})"))?;
+        vm.disks[i].size = Some(img.size());
+        if args.descriptor_only {
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
+        }
+        eprintln!(
+            "vmshift: disk {i}: {} → {}",
+            input.display(),
+            target.display()
+        );
+        copy_disk(
+            img.as_ref(),
+            &target,
+            disk_format,
+            args.force,
+            args.progress,
+        )?;
+    }
+    if problems > 0 && !args.descriptor_only {
+        print_findings(&findings);
+        bail!("{problems} disk(s) could not be found; nothing was converted for them (--descriptor-only writes the descriptor anyway)");
+    }
+
+    // Serial output files land in --out, by their own name.
+    if args.to != VmTargetArg::Vmx {
+        for (i, s) in vm.serials.iter_mut().enumerate() {
+            if s.kind != vmshift_model::SerialKind::File {
+                continue;
+            }
+            if let Some(t) = &s.target {
+                let name = Path::new(t)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("serial{i}.log"));
+                let to = out.join(safe_name(&name)).display().to_string();
+                changes_extra.push(Change {
+                    path: format!("serials[{i}].target"),
+                    from: t.clone(),
+                    to: to.clone(),
+                    why: "the serial log is written beside the converted VM".into(),
+                });
+                s.target = Some(to);
+            }
+        }
+    }
+
+    // UEFI variable stores.
+    let uefi = vm.firmware.kind == FirmwareKind::Uefi;
+    if uefi && src.firmware.efi_vars.is_some() {
+        findings.push(Finding::new(
+            Severity::Info,
+            "nvram-not-carried",
+            "firmware.efi-vars",
+            "VMware's UEFI variables (.nvram) are not carried over: the new VM starts from OVMF's defaults and boots the default path (\\EFI\\BOOT\\BOOTX64.EFI) or the OS's registered loader once re-registered",
+        ));
+    }
+    vm.firmware.efi_vars = None;
+    let mut ovmf_files = None;
+    if uefi && matches!(args.to, VmTargetArg::Proxmox | VmTargetArg::QemuArgs) {
+        let (code, template) = ovmf(vm.firmware.secure_boot).ok_or_else(|| {
+            anyhow!("the VM is UEFI and needs OVMF's variable store template; install Debian's ovmf package")
+        })?;
+        let (rel, reference) = match (args.vmid, &args.storage) {
+            (Some(id), Some(storage)) if args.to == VmTargetArg::Proxmox => {
+                let file = format!("vm-{id}-disk-{n}.{ext}");
+                (
+                    PathBuf::from("images").join(id.to_string()).join(&file),
+                    DiskRef::Volume {
+                        storage: storage.clone(),
+                        volume: format!("{id}/{file}"),
+                    },
+                )
+            }
+            _ => {
+                let file = format!("{base}_VARS.fd");
+                (
+                    PathBuf::from(&file),
+                    DiskRef::File {
+                        path: out.join(&file).display().to_string(),
+                    },
+                )
+            }
+        };
+        let target = inside(&out, &rel)?;
+        if !args.descriptor_only {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let vars = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())?;
+            let fmt = if args.to == VmTargetArg::Proxmox {
+                disk_format
+            } else {
+                DiskFormat::Raw
+            };
+            copy_disk(vars.as_ref(), &target, fmt, args.force, false)?;
+        }
+        ovmf_files = Some((code, target.clone()));
+        vm.firmware.efi_vars = Some(reference);
+    }
+
+    // The descriptor.
+    let (file, text) = match args.to {
+        VmTargetArg::Libvirt => (format!("{base}.xml"), DomainDocument::raise(&vm).render()),
+        VmTargetArg::Vmx => {
+            let (doc, f) = VmxDocument::raise(&vm);
+            findings.extend(f);
+            (format!("{base}.vmx"), doc.render())
+        }
+        VmTargetArg::Proxmox => {
+            let id = args.vmid.unwrap_or(100);
+            let raised = vmshift_desc::proxmox::raise_with_findings(
+                &vm,
+                &vmshift_desc::proxmox::RaiseOptions {
+                    vmid: Some(id),
+                    ..Default::default()
+                },
+            );
+            findings.extend(raised.findings);
+            (format!("{id}.conf"), raised.doc.render())
+        }
+        VmTargetArg::QemuArgs => {
+            let o = ovmf_files.as_ref().map(|(c, v)| qemu::Ovmf {
+                code: c.display().to_string(),
+                vars: v.display().to_string(),
+            });
+            let (argv, f) = qemu::command_line(&vm, o.as_ref());
+            findings.extend(f);
+            (format!("{base}.sh"), qemu::script(&argv))
+        }
+    };
+    let target = inside(&out, Path::new(&file))?;
+    let (o, mut fh) = AtomicOutput::create(&target, args.force)?;
+    std::io::Write::write_all(&mut fh, text.as_bytes())
+        .and_then(|()| fh.sync_all())
+        .with_context(|| format!("{}", target.display()))?;
+    o.commit()?;
+
+    // The report.
+    println!("wrote {}", target.display());
+    for c in changes.iter().chain(&changes_extra) {
+        println!("changed {c}");
+    }
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    for f in &findings {
+        println!("{f}");
+    }
+    Ok(0)
+}
+
+/// Converts one image to `target` atomically.
+fn copy_disk(
+    src: &dyn ImageReader,
+    target: &Path,
+    format: DiskFormat,
+    force: bool,
+    progress: bool,
+) -> Result<()> {
+    use vmshift_image::create::{create_writer, CreateSpec};
+    use vmshift_image::output::SideOutputs;
+    let spec = CreateSpec {
+        format,
+        size: src.size(),
+        options: Vec::new(),
+        compress: false,
+        name: super::file_name(target),
+    };
+    spec.validate()?;
+    let (out, file) = AtomicOutput::create(target, force)?;
+    let mut sides = SideOutputs::new(target, force);
+    let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+    let bar = Progress::new(src.size(), progress);
+    let opts = ConvertOptions {
+        cancel: Some(&crate::signals::INTERRUPTED),
+        ..ConvertOptions::default()
+    };
+    convert(src, writer.as_mut(), &opts, &|done, total| {
+        bar.update(done, total)
+    })?;
+    bar.finish();
+    writer.finish()?;
+    sides.commit()?;
+    out.commit()?;
+    Ok(())
+}

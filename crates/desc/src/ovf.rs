@@ -1,1 +1,0 @@
-//! OVF descriptors and OVA archives: read.

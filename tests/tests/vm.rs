@@ -1,0 +1,509 @@
+//! `vmshift vm`: whole VMs from the sample folders in fixtures/vms,
+//! converted and checked against the peers (qemu-img compare for disks,
+//! libvirt's RelaxNG schema for the XML).
+
+use std::path::{Path, PathBuf};
+
+use vmshift_tests::{json, names_in, tool, tool_ok, vmshift, vmshift_ok};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms")
+}
+
+/// A copy of the sample VM folder `name` (tests never write into the repo).
+fn sample(dir: &Path, name: &str) -> PathBuf {
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to
+}
+
+fn inspect(dir: &Path, file: &str) -> serde_json::Value {
+    json(vmshift_ok(dir, &["vm", "inspect", "--output", "json", file]).as_bytes())
+}
+
+/// The fields a conversion must keep.
+fn essentials(v: &serde_json::Value) -> serde_json::Value {
+    let vm = &v["vm"];
+    let macs: Vec<_> = vm["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["mac"].clone())
+        .collect();
+    serde_json::json!({
+        "memory": vm["memory-mib"],
+        "cpu": vm["cpu"],
+        "firmware": vm["firmware"]["kind"],
+        "secure-boot": vm["firmware"]["secure-boot"],
+        "macs": macs,
+        "uuid": vm["uuid"],
+    })
+}
+
+fn validate_xml(dir: &Path, xml: &Path) {
+    let out = tool(dir, "virt-xml-validate", &[xml.to_str().unwrap(), "domain"]);
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        xml.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_sample_vmx_inspects_as_toml_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["linux-web", "winsrv", "esxi-db", "ws-snap"] {
+        let d = sample(dir.path(), name);
+        let file = format!("{name}.vmx");
+        let v = inspect(&d, &file);
+        let display = if name == "winsrv" {
+            "winsrv-2019"
+        } else {
+            name
+        };
+        assert_eq!(v["vm"]["name"], display);
+        let toml = vmshift_ok(&d, &["vm", "inspect", &file]);
+        assert!(toml.contains(&format!("name = \"{display}\"")), "{toml}");
+    }
+}
+
+#[test]
+fn linux_vm_to_libvirt_keeps_disks_macs_topology_and_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "linux-web");
+    let out = vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "out",
+            "linux-web.vmx",
+        ],
+    );
+    assert!(
+        out.contains("changed nics[0].model: e1000 → virtio"),
+        "{out}"
+    );
+    assert!(out.contains("media-missing"), "the ISO is not there: {out}");
+    let xml = d.join("out/linux-web.xml");
+    validate_xml(&d, &xml);
+    assert_eq!(
+        essentials(&inspect(&d, "out/linux-web.xml")),
+        essentials(&inspect(&d, "linux-web.vmx"))
+    );
+    // Disks in order, each the same disk to qemu-img, named by absolute path.
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let out_dir = d.join("out").canonicalize().unwrap();
+    for (i, src) in ["linux-web.vmdk", "linux-web-data.vmdk"].iter().enumerate() {
+        let conv = out_dir.join(format!("linux-web-disk{i}.qcow2"));
+        assert!(text.contains(&conv.display().to_string()), "{text}");
+        tool_ok(&d, "qemu-img", &["compare", src, conv.to_str().unwrap()]);
+        tool_ok(&d, "qemu-img", &["check", conv.to_str().unwrap()]);
+    }
+    assert_eq!(
+        names_in(&d.join("out")),
+        [
+            "linux-web-disk0.qcow2",
+            "linux-web-disk1.qcow2",
+            "linux-web.xml"
+        ]
+    );
+}
+
+#[test]
+fn windows_uefi_vm_to_libvirt_and_proxmox() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "winsrv");
+    let out = vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "lv",
+            "winsrv.vmx",
+        ],
+    );
+    assert!(out.contains("nvram-not-carried"), "{out}");
+    assert!(out.contains("vtpm"), "{out}");
+    let xml = d.join("lv/winsrv-2019.xml");
+    validate_xml(&d, &xml);
+    let text = std::fs::read_to_string(&xml).unwrap();
+    for want in [
+        "<clock offset=\"localtime\">",
+        "<hyperv",
+        "bus=\"sata\"",
+        "type=\"e1000e\"",
+        "name=\"secure-boot\"",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    assert_eq!(
+        essentials(&inspect(&d, "lv/winsrv-2019.xml")),
+        essentials(&inspect(&d, "winsrv.vmx"))
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &["compare", "winsrv.vmdk", "lv/winsrv-2019-disk0.qcow2"],
+    );
+
+    // Proxmox: <vmid>.conf, a directory-storage layout, and an EFI disk
+    // from OVMF's template.
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "proxmox",
+            "--vmid",
+            "120",
+            "--storage",
+            "local",
+            "--out",
+            "pve",
+            "winsrv.vmx",
+        ],
+    );
+    let conf = std::fs::read_to_string(d.join("pve/120.conf")).unwrap();
+    assert!(conf.contains("local:120/vm-120-disk-0.qcow2"), "{conf}");
+    assert!(conf.contains("bios: ovmf"), "{conf}");
+    assert!(
+        conf.contains("efidisk0: local:120/vm-120-disk-1.qcow2"),
+        "{conf}"
+    );
+    assert!(!conf.lines().any(|l| l.starts_with("args:")), "{conf}");
+    assert_eq!(
+        names_in(&d.join("pve/images/120")),
+        ["vm-120-disk-0.qcow2", "vm-120-disk-1.qcow2"]
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &[
+            "compare",
+            "winsrv.vmdk",
+            "pve/images/120/vm-120-disk-0.qcow2",
+        ],
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+            "pve/images/120/vm-120-disk-1.qcow2",
+        ],
+    );
+}
+
+#[test]
+fn esxi_datastore_paths_resolve_in_the_vms_own_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "esxi-db");
+    vmshift_ok(&d, &["vm", "validate", "esxi-db.vmx"]);
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "qemu-args",
+            "--disk-format",
+            "raw",
+            "--out",
+            "q",
+            "esxi-db.vmx",
+        ],
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &["compare", "esxi-db.vmdk", "q/esxi-db-disk0.raw"],
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &["compare", "esxi-db_1.vmdk", "q/esxi-db-disk1.raw"],
+    );
+    let sh = std::fs::read_to_string(d.join("q/esxi-db.sh")).unwrap();
+    assert!(
+        sh.contains("mac=00:50:56:9a:10:20") && sh.contains("mac=00:50:56:00:aa:01"),
+        "{sh}"
+    );
+    // A datastore that is not this folder needs --datastore.
+    let text = std::fs::read_to_string(d.join("esxi-db.vmx")).unwrap();
+    std::fs::write(
+        d.join("other.vmx"),
+        text.replace("[datastore1] esxi-db/", "[datastore2] elsewhere/"),
+    )
+    .unwrap();
+    let out = vmshift(&d, &["vm", "validate", "other.vmx"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--datastore datastore2=DIR"));
+    let mapped = d.to_str().unwrap().to_string();
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    std::fs::copy(d.join("esxi-db_1.vmdk"), d.join("elsewhere/esxi-db_1.vmdk")).unwrap();
+    std::fs::copy(
+        d.join("esxi-db_1-flat.vmdk"),
+        d.join("elsewhere/esxi-db_1-flat.vmdk"),
+    )
+    .unwrap();
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "validate",
+            "--datastore",
+            &format!("datastore2={mapped}"),
+            "other.vmx",
+        ],
+    );
+}
+
+#[test]
+fn workstation_snapshot_delta_converts_its_current_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "ws-snap");
+    let out = vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "o",
+            "ws-snap.vmx",
+        ],
+    );
+    assert!(
+        out.contains("snapshots-present") && out.contains("before upgrade"),
+        "{out}"
+    );
+    tool_ok(
+        &d,
+        "qemu-img",
+        &["compare", "ws-snap-000001.vmdk", "o/ws-snap-disk0.qcow2"],
+    );
+    validate_xml(&d, &d.join("o/ws-snap.xml"));
+}
+
+#[test]
+fn descriptor_only_and_missing_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "linux-web");
+    std::fs::remove_file(d.join("linux-web-data.vmdk")).unwrap();
+    // Without the disk: an error, and no disk or descriptor written.
+    let out = vmshift(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "o",
+            "linux-web.vmx",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!d.join("o/linux-web.xml").exists());
+    // --descriptor-only writes the descriptor alone, the disk reported.
+    let out = vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "p",
+            "linux-web.vmx",
+        ],
+    );
+    assert!(out.contains("disk-missing"), "{out}");
+    assert_eq!(names_in(&d.join("p")), ["linux-web.xml"]);
+    validate_xml(&d, &d.join("p/linux-web.xml"));
+}
+
+#[test]
+fn bad_vmx_input_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("big.vmx", vec![b'#'; 100 << 20], "not a VM descriptor"),
+        (
+            "utf8.vmx",
+            b".encoding = \"UTF-8\"\ndisplayName = \"\xff\xfe\"\n".to_vec(),
+            "line 2",
+        ),
+        (
+            "dup.vmx",
+            b"memsize = \"1\"\nMEMSIZE = \"2\"\n".to_vec(),
+            "already set on line 1",
+        ),
+    ];
+    for (name, bytes, words) in cases {
+        std::fs::write(d.join(name), bytes).unwrap();
+        let out = vmshift(d, &["vm", "convert", "--to", "libvirt", "--out", "o", name]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(words) && err.contains(name), "{name}: {err}");
+    }
+    // A disk path climbing out of the folder is refused, not read.
+    std::fs::write(
+        d.join("escape.vmx"),
+        "displayName = \"e\"\nmemsize = \"64\"\nscsi0.present = \"TRUE\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"../../etc/shadow\"\n",
+    )
+    .unwrap();
+    let out = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "o",
+            "escape.vmx",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("../../etc/shadow"), "{text}");
+    let written = if d.join("o").exists() {
+        names_in(&d.join("o"))
+    } else {
+        Vec::new()
+    };
+    assert!(written.is_empty(), "{written:?}");
+}
+
+#[test]
+fn diff_shows_what_a_conversion_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "linux-web");
+    let same = vmshift(&d, &["vm", "diff", "linux-web.vmx", "linux-web.vmx"]);
+    assert_eq!(same.status.code(), Some(0));
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "o",
+            "linux-web.vmx",
+        ],
+    );
+    let out = vmshift(&d, &["vm", "diff", "linux-web.vmx", "o/linux-web.xml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("nics[0].model: \"e1000\" → \"virtio\""),
+        "{text}"
+    );
+    assert!(!text.contains(".mac:"), "MACs are kept: {text}");
+}
+
+#[test]
+fn proxmox_and_ovf_descriptors_convert_to_valid_libvirt_xml() {
+    let dir = tempfile::tempdir().unwrap();
+    for (folder, file) in [("proxmox", "101.conf"), ("ovf", "linux.ovf")] {
+        let d = sample(dir.path(), folder);
+        let v = inspect(&d, file);
+        assert!(v["vm"]["memory-mib"].as_u64().unwrap() > 0, "{v}");
+        // Their disks are not here: the descriptor alone, the disks reported.
+        let out = vmshift_ok(
+            &d,
+            &[
+                "vm",
+                "convert",
+                "--to",
+                "libvirt",
+                "--descriptor-only",
+                "--out",
+                "o",
+                file,
+            ],
+        );
+        assert!(out.contains("disk-"), "{out}");
+        let xml = names_in(&d.join("o"));
+        assert_eq!(xml.len(), 1, "{xml:?}");
+        validate_xml(&d, &d.join("o").join(&xml[0]));
+        // MACs survive the trip.
+        let before = essentials(&v);
+        let after = essentials(&inspect(&d, &format!("o/{}", xml[0])));
+        assert_eq!(before["macs"], after["macs"]);
+        assert_eq!(before["cpu"], after["cpu"]);
+        assert_eq!(before["memory"], after["memory"]);
+    }
+}
+
+/// Writes an OVA of linux.ovf with a manifest, via Python's tarfile;
+/// `tamper` changes the .ovf after its sum is taken.
+fn make_ova(dir: &Path, name: &str, member_name: &str, tamper: bool) {
+    let ovf = fixtures().join("ovf/linux.ovf");
+    let script = format!(
+        r#"
+import hashlib, io, tarfile
+ovf = open({ovf:?}, 'rb').read()
+mf = 'SHA256({member})= %s\n' % hashlib.sha256(ovf).hexdigest()
+if {tamper}:
+    ovf = ovf.replace(b'2048', b'4096', 1)
+with tarfile.open({name:?}, 'w', format=tarfile.USTAR_FORMAT) as t:
+    for n, data in (({member:?}, ovf), ('linux.mf', mf.encode())):
+        i = tarfile.TarInfo(n); i.size = len(data); t.addfile(i, io.BytesIO(data))
+"#,
+        ovf = ovf.to_str().unwrap(),
+        member = member_name,
+        name = name,
+        tamper = if tamper { "True" } else { "False" },
+    );
+    tool_ok(dir, "python3", &["-c", &script]);
+}
+
+#[test]
+fn ova_manifest_is_verified_and_member_names_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ova(d, "good.ova", "linux.ovf", false);
+    let v = inspect(d, "good.ova");
+    assert_eq!(v["vm"]["memory-mib"], 2048);
+    make_ova(d, "bad.ova", "linux.ovf", true);
+    let out = vmshift(d, &["vm", "inspect", "bad.ova"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("linux.ovf") && err.contains("bad.ova"),
+        "{err}"
+    );
+    make_ova(d, "evil.ova", "../linux.ovf", false);
+    let out = vmshift(
+        d,
+        &["vm", "convert", "--to", "libvirt", "--out", "o", "evil.ova"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(".."), "{err}");
+    assert!(!d.join("o").exists() || names_in(&d.join("o")).is_empty());
+}
