@@ -459,22 +459,27 @@ fn proxmox_and_ovf_descriptors_convert_to_valid_libvirt_xml() {
     }
 }
 
-/// Writes an OVA of linux.ovf with a manifest, via Python's tarfile;
-/// `tamper` changes the .ovf after its sum is taken.
-fn make_ova(dir: &Path, name: &str, member_name: &str, tamper: bool) {
+/// Writes an OVA of linux.ovf, its disk (a streamOptimized VMDK of
+/// `disk`) and NVRAM, and a manifest, via Python's tarfile; `tamper`
+/// changes the .ovf after its sum is taken.
+fn make_ova(dir: &Path, name: &str, member_name: &str, tamper: bool, disk: &Path) {
     let ovf = fixtures().join("ovf/linux.ovf");
     let script = format!(
         r#"
 import hashlib, io, tarfile
 ovf = open({ovf:?}, 'rb').read()
-mf = 'SHA256({member})= %s\n' % hashlib.sha256(ovf).hexdigest()
+disk = open({disk:?}, 'rb').read()
+nvram = b'\0' * 8192
+members = [({member:?}, ovf), ('linux-disk1.vmdk', disk), ('linux-file1.nvram', nvram)]
+mf = ''.join('SHA256(%s)= %s\n' % (n, hashlib.sha256(d).hexdigest()) for n, d in members)
 if {tamper}:
-    ovf = ovf.replace(b'2048', b'4096', 1)
+    members[0] = (members[0][0], ovf.replace(b'2048', b'4096', 1))
 with tarfile.open({name:?}, 'w', format=tarfile.USTAR_FORMAT) as t:
-    for n, data in (({member:?}, ovf), ('linux.mf', mf.encode())):
+    for n, data in members + [('linux.mf', mf.encode())]:
         i = tarfile.TarInfo(n); i.size = len(data); t.addfile(i, io.BytesIO(data))
 "#,
         ovf = ovf.to_str().unwrap(),
+        disk = disk.to_str().unwrap(),
         member = member_name,
         name = name,
         tamper = if tamper { "True" } else { "False" },
@@ -483,13 +488,34 @@ with tarfile.open({name:?}, 'w', format=tarfile.USTAR_FORMAT) as t:
 }
 
 #[test]
-fn ova_manifest_is_verified_and_member_names_are_checked() {
+fn ova_manifest_is_verified_and_its_disk_is_read_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_ova(d, "good.ova", "linux.ovf", false);
+    let src = fixtures().join("linux-web/linux-web-data.vmdk");
+    make_ova(d, "good.ova", "linux.ovf", false, &src);
     let v = inspect(d, "good.ova");
     assert_eq!(v["vm"]["memory-mib"], 2048);
-    make_ova(d, "bad.ova", "linux.ovf", true);
+    // The streamOptimized disk is converted straight out of the tar.
+    vmshift_ok(
+        d,
+        &["vm", "convert", "--to", "libvirt", "--out", "o", "good.ova"],
+    );
+    let xml = names_in(&d.join("o"))
+        .into_iter()
+        .find(|n| n.ends_with(".xml"))
+        .unwrap();
+    validate_xml(d, &d.join("o").join(&xml));
+    let qcow = names_in(&d.join("o"))
+        .into_iter()
+        .find(|n| n.ends_with(".qcow2"))
+        .unwrap();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["compare", src.to_str().unwrap(), &format!("o/{qcow}")],
+    );
+
+    make_ova(d, "bad.ova", "linux.ovf", true, &src);
     let out = vmshift(d, &["vm", "inspect", "bad.ova"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -497,13 +523,13 @@ fn ova_manifest_is_verified_and_member_names_are_checked() {
         err.contains("linux.ovf") && err.contains("bad.ova"),
         "{err}"
     );
-    make_ova(d, "evil.ova", "../linux.ovf", false);
+    make_ova(d, "evil.ova", "../linux.ovf", false, &src);
     let out = vmshift(
         d,
-        &["vm", "convert", "--to", "libvirt", "--out", "o", "evil.ova"],
+        &["vm", "convert", "--to", "libvirt", "--out", "e", "evil.ova"],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(".."), "{err}");
-    assert!(!d.join("o").exists() || names_in(&d.join("o")).is_empty());
+    assert!(!d.join("e").exists() || names_in(&d.join("e")).is_empty());
 }

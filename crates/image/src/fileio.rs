@@ -126,3 +126,60 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
         libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
+
+/// A byte range of a file read as if it were a whole file: a disk stored
+/// inside an archive (an OVA member) is read in place through one.
+#[derive(Debug)]
+pub struct Window {
+    file: File,
+    base: u64,
+    len: u64,
+}
+
+impl Window {
+    /// The whole of `file`.
+    pub(crate) fn whole(file: File, path: &Path) -> Result<Window> {
+        let len = file_len(&file, path)?;
+        Ok(Window { file, base: 0, len })
+    }
+
+    /// `len` bytes of `file` from `base`.
+    pub(crate) fn part(file: File, base: u64, len: u64) -> Window {
+        Window { file, base, len }
+    }
+
+    /// The window's length.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// [`read_exact_at`] inside the window: reading past its end is the
+    /// same error as reading past the end of a file.
+    pub(crate) fn read_exact_at(
+        &self,
+        path: &Path,
+        buf: &mut [u8],
+        offset: u64,
+        what: &str,
+    ) -> Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{what} of {} bytes runs past the end of the file",
+                    buf.len()
+                ),
+            )
+            .at_path(path)
+            .field(what)
+            .offset(offset));
+        }
+        read_exact_at(&self.file, path, buf, self.base + offset, what)
+    }
+
+    /// [`read_up_to_at`] inside the window.
+    pub(crate) fn read_up_to_at(&self, path: &Path, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let room = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        read_up_to_at(&self.file, path, &mut buf[..room], self.base + offset)
+    }
+}

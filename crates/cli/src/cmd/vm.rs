@@ -14,6 +14,7 @@ use vmshift_desc::vmx::{snapshot_names, VmxDocument};
 use vmshift_desc::{qemu, read_descriptor, Lowered};
 use vmshift_image::engine::{convert, ConvertOptions};
 use vmshift_image::output::AtomicOutput;
+use vmshift_image::vmdk::VmdkReader;
 use vmshift_image::{open_image, Gate, ImageReader, OpenOptions};
 use vmshift_model::{DeviceKind, DiskFormat, DiskRef, Finding, FirmwareKind, Severity, Vm};
 
@@ -117,6 +118,9 @@ fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, PathBuf>> {
 /// a `--disk-root`, or a mapped datastore or storage.
 struct Resolver {
     descriptor: PathBuf,
+    /// The OVA the descriptor came from: its disks are members, read in
+    /// place.
+    archive: Option<OvaArchive>,
     gate: Gate,
     datastores: BTreeMap<String, PathBuf>,
     storages: BTreeMap<String, PathBuf>,
@@ -132,8 +136,15 @@ impl Resolver {
             .chain(datastores.values())
             .chain(storages.values())
             .fold(Gate::new(), |g, r| g.with_root(r));
+        let archive = match descriptor.extension() {
+            Some(e) if e.eq_ignore_ascii_case("ova") => {
+                Some(OvaArchive::open(descriptor).map_err(|e| anyhow!(e.in_file(descriptor)))?)
+            }
+            _ => None,
+        };
         Ok(Resolver {
             descriptor: descriptor.to_path_buf(),
+            archive,
             gate,
             datastores,
             storages,
@@ -147,8 +158,41 @@ impl Resolver {
         }
     }
 
+    /// Opens the disk image `r` names: a file, or a member of the archive
+    /// read in place. Returns how to name it, and the reader.
+    fn open(&self, r: &DiskRef) -> Result<(String, Box<dyn ImageReader>)> {
+        if let Some(a) = &self.archive {
+            let DiskRef::File { path } = r else {
+                bail!("'{r}' is not a file of the archive");
+            };
+            let shown = self.descriptor.join(path);
+            let m = a.member(path).ok_or_else(|| {
+                anyhow!(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("'{path}' is not in {}", self.descriptor.display())
+                ))
+            })?;
+            let file = std::fs::File::open(&self.descriptor)
+                .with_context(|| format!("{}", self.descriptor.display()))?;
+            let img = VmdkReader::open_in_file(file, &shown, m.data_offset, m.size)?;
+            return Ok((shown.display().to_string(), Box::new(img)));
+        }
+        let p = self.resolve(r)?;
+        if !p.exists() {
+            return Err(anyhow!(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} does not exist", p.display())
+            )));
+        }
+        let img = open_image(&p, None, &OpenOptions::default())?;
+        Ok((p.display().to_string(), img))
+    }
+
     /// The local path of `r`, or why there is none.
     fn resolve(&self, r: &DiskRef) -> Result<PathBuf> {
+        if self.archive.is_some() {
+            bail!("'{r}' lies inside the archive; only disks are read from it");
+        }
         let what = "disk";
         match r {
             DiskRef::File { path } => Ok(self.gate.resolve(&self.descriptor, path, what)?),
@@ -233,50 +277,45 @@ fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
         } else {
             Severity::Warning
         };
-        let p = match resolver.resolve(src) {
-            Ok(p) => p,
-            Err(e) => {
+        if d.device != DeviceKind::Disk {
+            if let Err(e) = resolver.resolve(src).and_then(|p| {
+                if p.exists() {
+                    Ok(())
+                } else {
+                    Err(anyhow!(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{} does not exist", p.display())
+                    )))
+                }
+            }) {
                 out.push(Finding::new(
                     severity,
                     unresolved_code(&e),
                     path,
                     format!("{e:#}"),
                 ));
-                continue;
             }
-        };
-        if !p.exists() {
-            out.push(Finding::new(
-                severity,
-                "disk-missing",
-                path,
-                format!("{} does not exist", p.display()),
-            ));
             continue;
         }
-        if d.device != DeviceKind::Disk {
-            continue;
-        }
-        match open_image(&p, None, &OpenOptions::default()) {
-            Ok(img) => {
+        match resolver.open(src) {
+            Ok((shown, img)) => {
                 if let Some(want) = d.format.filter(|&f| f != img.format()) {
                     out.push(Finding::new(
                         Severity::Error,
                         "disk-format-mismatch",
                         format!("disks[{i}].format"),
                         format!(
-                            "the descriptor says {want}, but {} holds {}",
-                            p.display(),
+                            "the descriptor says {want}, but {shown} holds {}",
                             img.format()
                         ),
                     ));
                 }
             }
             Err(e) => out.push(Finding::new(
-                Severity::Error,
-                "disk-unreadable",
+                severity,
+                unresolved_code(&e),
                 path,
-                format!("{e}"),
+                format!("{e:#}"),
             )),
         }
     }
@@ -459,13 +498,6 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     crate::signals::install();
     let mut n = 0;
     let mut problems = 0;
-    let is_ova = matches!(format_of(&args.vm, args.from)?, VmFormatArg::Ova);
-    if is_ova && !args.descriptor_only {
-        bail!(
-            "{}: the disks inside an OVA cannot be read in place yet; extract it (tar xf) and convert the .ovf, or use --descriptor-only",
-            args.vm.display()
-        );
-    }
     for i in 0..vm.disks.len() {
         let d = vm.disks[i].clone();
         let Some(source) = &d.source else { continue };
@@ -523,22 +555,8 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         let target = inside(&out, &rel)?;
         vm.disks[i].source = Some(reference);
         vm.disks[i].format = Some(disk_format);
-        let input = match resolver.resolve(source) {
-            Ok(p) if p.exists() => p,
-            Ok(p) => {
-                problems += 1;
-                findings.push(Finding::new(
-                    if args.descriptor_only {
-                        Severity::Warning
-                    } else {
-                        Severity::Error
-                    },
-                    "disk-missing",
-                    format!("disks[{i}].source"),
-                    format!("{} does not exist", p.display()),
-                ));
-                continue;
-            }
+        let (input, img) = match resolver.open(source) {
+            Ok(x) => x,
             Err(e) => {
                 problems += 1;
                 findings.push(Finding::new(
@@ -554,8 +572,6 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
                 continue;
             }
         };
-        let img = open_image(&input, None, &OpenOptions::default())
-            .with_context(|| format!("disk {i} ({source})"))?;
         vm.disks[i].size = Some(img.size());
         if args.descriptor_only {
             continue;
@@ -563,11 +579,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
         }
-        eprintln!(
-            "vmshift: disk {i}: {} → {}",
-            input.display(),
-            target.display()
-        );
+        eprintln!("vmshift: disk {i}: {input} → {}", target.display());
         copy_disk(
             img.as_ref(),
             &target,

@@ -58,6 +58,33 @@ fn ddb_uuid(v: &str) -> Option<String> {
     ))
 }
 
+/// The opener of a disk that may name no other file (one inside an
+/// archive).
+struct NoOtherFiles;
+
+impl ChainOpener for NoOtherFiles {
+    fn open_backing(
+        &self,
+        image: &Path,
+        name: &str,
+        _format: Option<&str>,
+    ) -> Result<(Box<dyn ImageReader>, Option<String>)> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("names a parent disk '{name}'; a disk inside an archive must stand alone"),
+        )
+        .at_path(image))
+    }
+
+    fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("names its {what} '{name}' in another file; a disk inside an archive must stand alone"),
+        )
+        .at_path(image))
+    }
+}
+
 /// The content id of a VMDK parent (`None` for other formats, which have
 /// none).
 fn parent_cid(parent: &dyn ImageReader) -> Option<u32> {
@@ -171,6 +198,20 @@ impl VmdkReader {
 
     fn open_sparse(file: File, ctx: Ctx, opener: &dyn ChainOpener) -> Result<Self> {
         let extent = SparseExtent::open(file, &ctx.path)?;
+        Self::from_sparse(extent, ctx, opener)
+    }
+
+    /// Opens a single-file sparse VMDK (monolithicSparse, streamOptimized)
+    /// stored in `len` bytes of `file` from `base`: a disk inside an OVA,
+    /// read in place. `path` names it in messages (`vm.ova/disk1.vmdk`).
+    /// It may name no other file: no extents, no parent.
+    pub fn open_in_file(file: File, path: &Path, base: u64, len: u64) -> Result<Self> {
+        let ctx = Ctx::new(path);
+        let extent = SparseExtent::open_window(crate::fileio::Window::part(file, base, len), path)?;
+        Self::from_sparse(extent, ctx, &NoOtherFiles)
+    }
+
+    fn from_sparse(extent: SparseExtent, ctx: Ctx, opener: &dyn ChainOpener) -> Result<Self> {
         let desc = match extent.embedded_descriptor()? {
             Some((bytes, at)) if bytes.iter().any(|&b| b != 0) => {
                 Some(Descriptor::parse(&bytes, &ctx, at)?)

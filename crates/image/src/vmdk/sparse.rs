@@ -10,7 +10,7 @@ use byteorder::{ByteOrder, LittleEndian};
 
 use crate::compress::{self, Codec};
 use crate::error::{Ctx, Result};
-use crate::fileio::{file_len, read_exact_at, read_up_to_at};
+use crate::fileio::Window;
 
 pub const MAGIC: &[u8; 4] = b"KDMV";
 pub const GD_AT_END: u64 = u64::MAX;
@@ -154,7 +154,7 @@ pub enum SparseKind {
 /// A sparse extent file opened for reading.
 #[derive(Debug)]
 pub struct SparseExtent {
-    file: File,
+    src: Window,
     ctx: Ctx,
     file_len: u64,
     pub kind: SparseKind,
@@ -169,10 +169,15 @@ pub struct SparseExtent {
 
 impl SparseExtent {
     pub fn open(file: File, path: &Path) -> Result<SparseExtent> {
+        Self::open_window(Window::whole(file, path)?, path)
+    }
+
+    /// Opens a sparse extent stored in part of a file (an OVA member).
+    pub fn open_window(file: Window, path: &Path) -> Result<SparseExtent> {
         let ctx = Ctx::new(path);
-        let len = file_len(&file, path)?;
+        let len = file.len();
         let mut first = [0u8; 512];
-        if read_up_to_at(&file, path, &mut first, 0)? < 512 {
+        if file.read_up_to_at(path, &mut first, 0)? < 512 {
             return Err(ctx.invalid("header", 0, "file too short for a VMDK sparse header"));
         }
         let mut header = SparseHeader::parse(&first, &ctx, 0)?;
@@ -243,7 +248,7 @@ impl SparseExtent {
             (Err(e), _) => return Err(e),
         };
         Ok(SparseExtent {
-            file,
+            src: file,
             ctx,
             file_len: len,
             kind: SparseKind::Hosted,
@@ -261,9 +266,10 @@ impl SparseExtent {
     /// directory of sector numbers and tables of 4096 sector numbers.
     pub fn open_cowd(file: File, path: &Path) -> Result<SparseExtent> {
         let ctx = Ctx::new(path);
-        let len = file_len(&file, path)?;
+        let file = Window::whole(file, path)?;
+        let len = file.len();
         let mut b = [0u8; 32];
-        if read_up_to_at(&file, path, &mut b, 0)? < 32 || len < COWD_HEADER_BYTES {
+        if file.read_up_to_at(path, &mut b, 0)? < 32 || len < COWD_HEADER_BYTES {
             return Err(ctx.invalid("header", 0, "file too short for a vmfsSparse (COWD) header"));
         }
         if &b[0..4] != COWD_MAGIC {
@@ -325,7 +331,7 @@ impl SparseExtent {
             ("gdOffset", 20),
         )?;
         Ok(SparseExtent {
-            file,
+            src: file,
             ctx,
             file_len: len,
             kind: SparseKind::Cowd,
@@ -380,7 +386,7 @@ impl SparseExtent {
             ));
         }
         let mut buf = vec![0u8; size as usize];
-        let n = read_up_to_at(&self.file, &self.ctx.path, &mut buf, at)?;
+        let n = self.src.read_up_to_at(&self.ctx.path, &mut buf, at)?;
         buf.truncate(n);
         Ok(Some((buf, at)))
     }
@@ -400,7 +406,8 @@ impl SparseExtent {
             ));
         }
         let mut raw = vec![0u8; n * 4];
-        read_exact_at(&self.file, &self.ctx.path, &mut raw, at, "grain table")?;
+        self.src
+            .read_exact_at(&self.ctx.path, &mut raw, at, "grain table")?;
         let table: Arc<[u32]> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
         let mut cache = lock();
         if cache.len() >= GT_CACHE_BYTES / (n * 4) {
@@ -449,7 +456,7 @@ impl SparseExtent {
                 "grain data runs past the end of the file",
             ));
         }
-        read_exact_at(&self.file, &self.ctx.path, buf, at, "grain")
+        self.src.read_exact_at(&self.ctx.path, buf, at, "grain")
     }
 
     /// Inflates the compressed grain at host `at`, which holds extent offset
@@ -460,7 +467,8 @@ impl SparseExtent {
         let markers = self.header.flags & FLAG_MARKERS != 0;
         let (data_at, size) = if markers {
             let mut m = [0u8; 12];
-            read_exact_at(&self.file, &self.ctx.path, &mut m, at, "grain marker")?;
+            self.src
+                .read_exact_at(&self.ctx.path, &mut m, at, "grain marker")?;
             let lba = LittleEndian::read_u64(&m[0..8]);
             let size = u64::from(LittleEndian::read_u32(&m[8..12]));
             if lba.checked_mul(512) != Some(grain_start) {
@@ -492,13 +500,8 @@ impl SparseExtent {
             ));
         }
         let mut input = vec![0u8; size as usize];
-        read_exact_at(
-            &self.file,
-            &self.ctx.path,
-            &mut input,
-            data_at,
-            "compressed grain",
-        )?;
+        self.src
+            .read_exact_at(&self.ctx.path, &mut input, data_at, "compressed grain")?;
         let valid = (self.capacity_bytes() - grain_start).min(grain) as usize;
         let n = compress::decompress_prefix(Codec::Zlib, &input, out).map_err(|why| {
             self.ctx.corrupt(
@@ -583,7 +586,7 @@ fn check_descriptor_area(h: &SparseHeader, ctx: &Ctx, len: u64) -> Result<()> {
 
 /// Reads a grain directory of `entries` sector numbers at sector `sector`.
 fn read_directory(
-    file: &File,
+    file: &Window,
     ctx: &Ctx,
     sector: u64,
     entries: u64,
@@ -602,7 +605,7 @@ fn read_directory(
             )
         })?;
     let mut raw = vec![0u8; bytes as usize];
-    read_exact_at(file, &ctx.path, &mut raw, at, "grain directory")?;
+    file.read_exact_at(&ctx.path, &mut raw, at, "grain directory")?;
     Ok(raw.chunks_exact(4).map(LittleEndian::read_u32).collect())
 }
 
@@ -615,7 +618,7 @@ fn damaged(gd: &[u32], len: u64) -> bool {
 /// Reads the footer of a stream whose header says the grain directory is
 /// at the end: the last non-zero sectors are the footer marker and the
 /// footer (the end-of-stream marker, and any padding after it, are zeros).
-fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
+fn read_footer(file: &Window, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
     let mut end = len / 512 * 512;
     let mut sector = [0u8; 512];
     // Skip the end-of-stream marker and up to 1 MiB of zero padding (tar).
@@ -623,7 +626,7 @@ fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
         if end < 1024 {
             break;
         }
-        read_exact_at(file, &ctx.path, &mut sector, end - 512, "footer")?;
+        file.read_exact_at(&ctx.path, &mut sector, end - 512, "footer")?;
         if sector.iter().any(|&b| b != 0) {
             break;
         }
@@ -637,7 +640,7 @@ fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
         ));
     }
     let footer_at = end - 512;
-    read_exact_at(file, &ctx.path, &mut sector, footer_at, "footer")?;
+    file.read_exact_at(&ctx.path, &mut sector, footer_at, "footer")?;
     if &sector[0..4] != MAGIC {
         return Err(ctx.invalid(
             "footer",
@@ -646,13 +649,7 @@ fn read_footer(file: &File, ctx: &Ctx, len: u64) -> Result<SparseHeader> {
         ));
     }
     let mut marker = [0u8; 16];
-    read_exact_at(
-        file,
-        &ctx.path,
-        &mut marker,
-        footer_at - 512,
-        "footer marker",
-    )?;
+    file.read_exact_at(&ctx.path, &mut marker, footer_at - 512, "footer marker")?;
     if LittleEndian::read_u32(&marker[8..12]) != 0 || LittleEndian::read_u32(&marker[12..16]) != 3 {
         return Err(ctx.invalid(
             "footer marker",
@@ -793,7 +790,9 @@ impl SparseExtent {
             return Some((None, 512));
         }
         let mut m = [0u8; 12];
-        read_exact_at(&self.file, &self.ctx.path, &mut m, host, "grain marker").ok()?;
+        self.src
+            .read_exact_at(&self.ctx.path, &mut m, host, "grain marker")
+            .ok()?;
         Some((
             Some(LittleEndian::read_u64(&m[0..8])),
             12 + u64::from(LittleEndian::read_u32(&m[8..12])),
@@ -807,7 +806,7 @@ impl SparseExtent {
     ) -> Result<()> {
         let entries = self.gd.len() as u64;
         let rgd = match read_directory(
-            &self.file,
+            &self.src,
             &self.ctx,
             self.header.rgd_offset,
             entries,
