@@ -94,6 +94,7 @@ fn linux_vm_to_libvirt_keeps_disks_macs_topology_and_validates() {
         "{out}"
     );
     assert!(out.contains("media-missing"), "the ISO is not there: {out}");
+    assert!(out.contains("linux-nic-names"), "{out}");
     let xml = d.join("out/linux-web.xml");
     validate_xml(&d, &xml);
     assert_eq!(
@@ -102,6 +103,8 @@ fn linux_vm_to_libvirt_keeps_disks_macs_topology_and_validates() {
     );
     // Disks in order, each the same disk to qemu-img, named by absolute path.
     let text = std::fs::read_to_string(&xml).unwrap();
+    // Sparse VMDKs are thin: the guest's discards reach the image.
+    assert_eq!(text.matches("discard=\"unmap\"").count(), 2, "{text}");
     let out_dir = d.join("out").canonicalize().unwrap();
     for (i, src) in ["linux-web.vmdk", "linux-web-data.vmdk"].iter().enumerate() {
         let conv = out_dir.join(format!("linux-web-disk{i}.qcow2"));
@@ -136,6 +139,7 @@ fn windows_uefi_vm_to_libvirt_and_proxmox() {
         ],
     );
     assert!(out.contains("nvram-not-carried"), "{out}");
+    assert!(out.contains("windows-virtio-drivers"), "{out}");
     assert!(out.contains("vtpm"), "{out}");
     let xml = d.join("lv/winsrv-2019.xml");
     validate_xml(&d, &xml);

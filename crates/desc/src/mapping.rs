@@ -9,7 +9,9 @@
 
 use std::fmt;
 
-use vmshift_model::{Bus, Controller, DeviceKind, Disk, DiskFormat, OsFamily, Vm};
+use vmshift_model::{
+    Bus, Controller, DeviceKind, Disk, DiskFormat, Finding, OsFamily, Severity, Vm,
+};
 
 /// What the mapping may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,6 +288,33 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
         g.protocol = Some("vnc".into());
     }
     (out, ch)
+}
+
+/// What the guest will notice after the move, beyond the device list.
+pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding> {
+    let mut f = Vec::new();
+    match src.guest.family {
+        OsFamily::Linux if !kvm.nics.is_empty() => f.push(Finding::new(
+            Severity::Info,
+            "linux-nic-names",
+            "nics",
+            "network interface names follow the PCI slot: ens192/ens33 under VMware become names like enp1s0 on KVM; update configurations that name the old interface (netplan, ifcfg, NetworkManager, udev rules) or match on the MAC, which is kept",
+        )),
+        OsFamily::Windows if opts.force_virtio => f.push(Finding::new(
+            Severity::Warning,
+            "windows-virtio-forced",
+            "disks",
+            "virtio disks and NICs were forced for a Windows guest: without the virtio-win drivers installed beforehand it stops with INACCESSIBLE_BOOT_DEVICE",
+        )),
+        OsFamily::Windows => f.push(Finding::new(
+            Severity::Info,
+            "windows-virtio-drivers",
+            "disks",
+            "the Windows guest keeps SATA disks and an Intel NIC, which it has drivers for; install the virtio-win drivers in the guest, then switch to virtio (convert with --virtio) for speed",
+        )),
+        _ => {}
+    }
+    f
 }
 
 #[cfg(test)]

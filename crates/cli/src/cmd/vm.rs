@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmshift_desc::libvirt::DomainDocument;
-use vmshift_desc::mapping::{to_kvm, Change, MapOptions};
+use vmshift_desc::mapping::{migration_findings, to_kvm, Change, MapOptions};
 use vmshift_desc::ovf::{OvaArchive, OvfDocument};
 use vmshift_desc::proxmox::ConfDocument;
 use vmshift_desc::vmx::{snapshot_names, VmxDocument};
@@ -464,17 +464,29 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     let mut findings = l.lowered.findings.clone();
     findings.extend(src.validate());
     let disk_format: DiskFormat = args.disk_format.into();
+    // Sparse source images are thin: the converted disks get discard.
+    let mut src_vm = src.clone();
+    for d in &mut src_vm.disks {
+        if d.device != DeviceKind::Disk {
+            continue;
+        }
+        if let Some(Ok((_, img))) = d.source.as_ref().map(|r| resolver.open(r)) {
+            d.thin |= is_thin(img.as_ref());
+        }
+    }
+    let src = &src_vm;
+    let map_opts = MapOptions {
+        keep_models: args.keep_models,
+        force_virtio: args.virtio,
+        disk_format,
+    };
     let (mut vm, changes): (Vm, Vec<Change>) = match args.to {
         VmTargetArg::Vmx => (src.clone(), Vec::new()),
-        _ => to_kvm(
-            src,
-            &MapOptions {
-                keep_models: args.keep_models,
-                force_virtio: args.virtio,
-                disk_format,
-            },
-        ),
+        _ => to_kvm(src, &map_opts),
     };
+    if args.to != VmTargetArg::Vmx {
+        findings.extend(migration_findings(src, &vm, &map_opts));
+    }
     findings.extend(vm.target_findings());
     let mut changes_extra: Vec<Change> = Vec::new();
     if args.to == VmTargetArg::Proxmox && args.vmid.is_none() {
@@ -717,6 +729,32 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         println!("{f}");
     }
     Ok(0)
+}
+
+/// Whether an image allocates space as it is written (qcow2, sparse
+/// VMDK): its guest's discards are worth passing on.
+fn is_thin(img: &dyn ImageReader) -> bool {
+    match img.format() {
+        DiskFormat::Qcow2 => true,
+        DiskFormat::Vmdk => img
+            .info()
+            .format_specific
+            .iter()
+            .find(|(k, _)| *k == "create-type")
+            .and_then(|(_, v)| v.as_str().map(str::to_string))
+            .is_some_and(|t| {
+                matches!(
+                    t.as_str(),
+                    "monolithicSparse"
+                        | "streamOptimized"
+                        | "twoGbMaxExtentSparse"
+                        | "vmfsSparse"
+                        | "seSparse"
+                        | "vmfsThin"
+                )
+            }),
+        DiskFormat::Raw => false,
+    }
 }
 
 /// Converts one image to `target` atomically.
