@@ -432,7 +432,11 @@ fn diff_shows_what_a_conversion_changed() {
 #[test]
 fn proxmox_and_ovf_descriptors_convert_to_valid_libvirt_xml() {
     let dir = tempfile::tempdir().unwrap();
-    for (folder, file) in [("proxmox", "101.conf"), ("ovf", "linux.ovf")] {
+    for (folder, file) in [
+        ("proxmox", "101.conf"),
+        ("ovf", "linux.ovf"),
+        ("libvirt", "web01.xml"),
+    ] {
         let d = sample(dir.path(), folder);
         let v = inspect(&d, file);
         assert!(v["vm"]["memory-mib"].as_u64().unwrap() > 0, "{v}");
@@ -536,4 +540,99 @@ fn ova_manifest_is_verified_and_its_disk_is_read_in_place() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(".."), "{err}");
     assert!(!d.join("e").exists() || names_in(&d.join("e")).is_empty());
+}
+
+#[test]
+fn the_sample_ova_converts_with_its_disk_read_from_the_tar() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "ovf");
+    let out = vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "proxmox",
+            "--vmid",
+            "130",
+            "--storage",
+            "local",
+            "--out",
+            "o",
+            "linux.ova",
+        ],
+    );
+    assert!(out.contains("wrote"), "{out}");
+    // The disk inside is the linux-web data disk, packed by make-disks.sh.
+    let src = fixtures().join("linux-web/linux-web-data.vmdk");
+    tool_ok(
+        &d,
+        "qemu-img",
+        &[
+            "compare",
+            src.to_str().unwrap(),
+            "o/images/130/vm-130-disk-0.qcow2",
+        ],
+    );
+    let conf = std::fs::read_to_string(d.join("o/130.conf")).unwrap();
+    assert!(
+        conf.contains("bios: ovmf") && conf.contains("efidisk0:"),
+        "{conf}"
+    );
+}
+
+#[test]
+fn hostile_or_odd_descriptors_are_errors_or_findings() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Entity expansion in libvirt XML: refused before anything is built.
+    std::fs::write(
+        d.join("bomb.xml"),
+        "<?xml version='1.0'?><!DOCTYPE d [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;'>]><domain type='kvm'><name>&b;</name><memory>1</memory></domain>",
+    )
+    .unwrap();
+    let out = vmshift(
+        d,
+        &["vm", "convert", "--to", "libvirt", "--out", "o", "bomb.xml"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("DOCTYPE") && err.contains("bomb.xml"), "{err}");
+    assert!(!d.join("o").exists() || names_in(&d.join("o")).is_empty());
+    // A Proxmox config with a section Proxmox does not write, and args:.
+    std::fs::write(
+        d.join("7.conf"),
+        "name: t\nmemory: 512\nargs: -device foo\nscsi0: local:7/vm-7-disk-0.qcow2,size=1G\n\n[weird:section]\nfoo: bar\n",
+    )
+    .unwrap();
+    let v = inspect(d, "7.conf");
+    let codes: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"proxmox-args") && codes.contains(&"proxmox-unknown-section"),
+        "{codes:?}"
+    );
+    vmshift_ok(
+        d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "proxmox",
+            "--vmid",
+            "8",
+            "--storage",
+            "local",
+            "--descriptor-only",
+            "--out",
+            "p",
+            "7.conf",
+        ],
+    );
+    let conf = std::fs::read_to_string(d.join("p/8.conf")).unwrap();
+    assert!(!conf.contains("args"), "{conf}");
 }

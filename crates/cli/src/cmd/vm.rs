@@ -299,6 +299,17 @@ fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
         }
         match resolver.open(src) {
             Ok((shown, img)) => {
+                if let Some(declared) = d.size.filter(|&n| n != img.size()) {
+                    out.push(Finding::new(
+                        Severity::Warning,
+                        "disk-size-mismatch",
+                        format!("disks[{i}].size"),
+                        format!(
+                            "the descriptor says {declared} bytes, but {shown} holds {}",
+                            img.size()
+                        ),
+                    ));
+                }
                 if let Some(want) = d.format.filter(|&f| f != img.format()) {
                     out.push(Finding::new(
                         Severity::Error,
@@ -584,6 +595,17 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
                 continue;
             }
         };
+        if let Some(declared) = d.size.filter(|&n| n != img.size()) {
+            findings.push(Finding::new(
+                Severity::Warning,
+                "disk-size-mismatch",
+                format!("disks[{i}].size"),
+                format!(
+                    "the descriptor says {declared} bytes, but {input} holds {}; the image's size is used",
+                    img.size()
+                ),
+            ));
+        }
         vm.disks[i].size = Some(img.size());
         if args.descriptor_only {
             continue;
