@@ -596,11 +596,7 @@ impl DomainDocument {
         );
         dom.push(devs);
         DomainDocument {
-            doc: Document {
-                prolog: Vec::new(),
-                declaration: false,
-                root: dom,
-            },
+            doc: Document::new(dom),
         }
     }
 }

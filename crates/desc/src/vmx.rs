@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use vmshift_model::text::{decode_utf8_or_windows_1252, decode_windows_1252};
 use vmshift_model::{
-    Bus, Controller, Cpu, DeviceKind, Disk, DiskFormat, DiskRef, Finding, FirmwareKind, Graphics,
-    Guest, Nic, OsFamily, Serial, SerialKind, Severity, Vm,
+    uuid_from_hex, Bus, Controller, Cpu, DeviceKind, Disk, DiskFormat, DiskRef, Finding,
+    FirmwareKind, Graphics, Guest, Nic, OsFamily, Serial, SerialKind, Severity, Vm,
 };
 
 use crate::{DescError, Lowered, Result};
@@ -279,7 +279,7 @@ impl VmxDocument {
             ..Vm::default()
         };
         vm.uuid = self.get("uuid.bios").and_then(|u| {
-            let c = vmware_uuid(u);
+            let c = uuid_from_hex(u);
             if c.is_none() {
                 f.push(Finding::new(
                     Severity::Warning,
@@ -808,26 +808,6 @@ fn clip(s: &str) -> String {
     c
 }
 
-/// VMware's `uuid.bios` (`"56 4d 9e 0f 7a 0a 3c 4b-a2 9e 1f 3b 8e 6b 2a 1c"`)
-/// in the usual 8-4-4-4-12 form.
-fn vmware_uuid(v: &str) -> Option<String> {
-    let hex: String = v
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '-')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
-    })
-}
-
 /// The usual UUID form in VMware's spelling.
 fn to_vmware_uuid(u: &str) -> Option<String> {
     let hex: String = u.chars().filter(|c| *c != '-').collect();
@@ -844,15 +824,7 @@ fn to_vmware_uuid(u: &str) -> Option<String> {
 fn genid(d: &VmxDocument, f: &mut Vec<Finding>) -> Option<String> {
     let lo: i64 = d.num("vm.genid", f)?;
     let hi: i64 = d.num("vm.genidX", f).unwrap_or(0);
-    let hex = format!("{:016x}{:016x}", hi as u64, lo as u64);
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    uuid_from_hex(&format!("{:016x}{:016x}", hi as u64, lo as u64))
 }
 
 /// Whether a MAC lies in VMware's range for static addresses.

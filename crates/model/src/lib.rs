@@ -14,7 +14,7 @@ mod vm;
 
 pub use format::DiskFormat;
 pub use size::{format_size, parse_size, SizeError};
-pub use validate::{mac_is_valid, uuid_is_valid, Finding, Severity};
+pub use validate::{mac_is_valid, uuid_from_hex, uuid_is_valid, Finding, Severity};
 pub use vm::{
     Bus, Controller, Cpu, DeviceKind, Disk, DiskRef, Firmware, FirmwareKind, Graphics, Guest, Nic,
     OsFamily, Serial, SerialKind, Vm,

@@ -94,6 +94,27 @@ pub fn uuid_is_valid(uuid: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// 32 hex digits, with any spaces and dashes between them (VMware writes
+/// `"56 4d 9e 0f 7a 0a 3c 4b-a2 9e 1f 3b 8e 6b 2a 1c"`), as a UUID in the
+/// usual lower-case 8-4-4-4-12 form; `None` when it is not 16 bytes of hex.
+pub fn uuid_from_hex(text: &str) -> Option<String> {
+    let hex: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    })
+}
+
 /// SCSI controller models OVMF has no boot driver for.
 const UEFI_UNBOOTABLE_SCSI: &[&str] = &["lsilogic", "lsisas1068", "buslogic"];
 
@@ -447,6 +468,16 @@ mod tests {
             .any(|x| x.code == "boot-disk-bus" && x.path == "disks[0].bus"));
         assert_eq!(f[0].severity, Severity::Error);
         assert_eq!(f.last().unwrap().severity, Severity::Warning);
+    }
+
+    #[test]
+    fn uuids_from_vmware_spelling() {
+        assert_eq!(
+            uuid_from_hex("60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99").as_deref(),
+            Some("6000c297-ee00-4eed-cb09-ab10913f7f99")
+        );
+        assert_eq!(uuid_from_hex("60 00 C2 97"), None);
+        assert_eq!(uuid_from_hex("zz00c297ee004eedcb09ab10913f7f99"), None);
     }
 
     #[test]

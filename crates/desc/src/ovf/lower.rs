@@ -68,7 +68,7 @@ impl OvfDocument {
         let vs = self
             .system_elements()
             .into_iter()
-            .find(|vs| vs.attr(ns, "id") == Some(id))?;
+            .find(|vs| vs.get_ns_or_unprefixed(ns, "id") == Some(id))?;
         Some(self.lower_element(vs))
     }
 
@@ -96,10 +96,7 @@ impl OvfDocument {
                 .elements()
                 .filter(|e| {
                     e.namespace.as_deref() == Some(cx.ns)
-                        && matches!(
-                            e.local.as_str(),
-                            "Item" | "StorageItem" | "EthernetPortItem"
-                        )
+                        && matches!(e.local(), "Item" | "StorageItem" | "EthernetPortItem")
                 })
                 .filter(|e| selected(e, cx.ns, config.as_deref()))
                 .map(Item::new)
@@ -125,25 +122,6 @@ impl OvfDocument {
     }
 }
 
-/// `uuid.bios` as VMware writes it (`56 4d … 01-23 …`) as 8-4-4-4-12.
-fn vmware_uuid(v: &str) -> Option<String> {
-    let hex: String = v
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '-')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
-    })
-}
-
 struct Lowering {
     ns: &'static str,
     files: HashMap<String, OvfFile>,
@@ -161,23 +139,23 @@ impl Lowering {
     fn identity(&mut self, vs: &Element) {
         let ns = self.ns;
         self.vm.name = vs
-            .child(ns, "Name")
-            .map(Element::text)
+            .first_ns(ns, "Name")
+            .map(Element::own_text)
             .filter(|n| !n.is_empty())
-            .or_else(|| vs.attr(ns, "id").map(str::to_string))
+            .or_else(|| vs.get_ns_or_unprefixed(ns, "id").map(str::to_string))
             .unwrap_or_default();
         self.vm.description = vs
-            .children_named(ns, "AnnotationSection")
-            .filter_map(|a| a.child(ns, "Annotation"))
-            .map(Element::text)
+            .all_ns(ns, "AnnotationSection")
+            .filter_map(|a| a.first_ns(ns, "Annotation"))
+            .map(Element::own_text)
             .find(|t| !t.is_empty());
-        if let Some(p) = vs.children_named(ns, "ProductSection").find(|p| {
+        if let Some(p) = vs.all_ns(ns, "ProductSection").find(|p| {
             p.elements()
                 .any(|e| e.is(ns, "Property") || e.is(ns, "Category"))
         }) {
             let keys: Vec<&str> = p
-                .children_named(ns, "Property")
-                .filter_map(|e| e.attr(ns, "key"))
+                .all_ns(ns, "Property")
+                .filter_map(|e| e.get_ns_or_unprefixed(ns, "key"))
                 .collect();
             self.add(
                 Info,
@@ -189,7 +167,7 @@ impl Lowering {
                 ),
             );
         }
-        if vs.child(ns, "EulaSection").is_some() {
+        if vs.first_ns(ns, "EulaSection").is_some() {
             self.add(
                 Info,
                 "ovf-eula",
@@ -201,7 +179,7 @@ impl Lowering {
 
     fn guest(&mut self, vs: &Element) {
         let ns = self.ns;
-        let Some(os) = vs.child(ns, "OperatingSystemSection") else {
+        let Some(os) = vs.first_ns(ns, "OperatingSystemSection") else {
             self.add(
                 Info,
                 "ovf-os-unknown",
@@ -210,8 +188,10 @@ impl Lowering {
             );
             return;
         };
-        let cim = os.attr(ns, "id").and_then(|i| i.trim().parse::<u16>().ok());
-        let vmw = os.attr_ns(NS_VMW, "osType").filter(|t| !t.is_empty());
+        let cim = os
+            .get_ns_or_unprefixed(ns, "id")
+            .and_then(|i| i.trim().parse::<u16>().ok());
+        let vmw = os.get_ns(NS_VMW, "osType").filter(|t| !t.is_empty());
         let (g, known) = guest::guest(cim, vmw);
         if !known {
             self.add(
@@ -220,7 +200,7 @@ impl Lowering {
                 "guest",
                 format!(
                     "operating system type {} / '{}' is not one vmshift knows; the guest is treated as '{:?}'",
-                    os.attr(ns, "id").unwrap_or("(none)"),
+                    os.get_ns_or_unprefixed(ns, "id").unwrap_or("(none)"),
                     vmw.unwrap_or(""),
                     g.family
                 ),
@@ -234,11 +214,11 @@ impl Lowering {
     /// (`vmx-NN`) when there are several for different platforms.
     fn hardware_section<'e>(&mut self, vs: &'e Element) -> Option<&'e Element> {
         let ns = self.ns;
-        let all: Vec<&Element> = vs.children_named(ns, "VirtualHardwareSection").collect();
+        let all: Vec<&Element> = vs.all_ns(ns, "VirtualHardwareSection").collect();
         let kind = |hw: &Element| {
-            hw.child(ns, "System")
-                .and_then(|s| s.child(super::NS_VSSD, "VirtualSystemType"))
-                .map(Element::text)
+            hw.first_ns(ns, "System")
+                .and_then(|s| s.first_ns(super::NS_VSSD, "VirtualSystemType"))
+                .map(Element::own_text)
                 .unwrap_or_default()
         };
         let chosen = all
@@ -264,15 +244,18 @@ impl Lowering {
     /// The deployment option in force: the default one, else the first.
     fn deployment_option(&mut self, root: &Element) -> Option<String> {
         let ns = self.ns;
-        let sec = root.child(ns, "DeploymentOptionSection")?;
-        let configs: Vec<&Element> = sec.children_named(ns, "Configuration").collect();
+        let sec = root.first_ns(ns, "DeploymentOptionSection")?;
+        let configs: Vec<&Element> = sec.all_ns(ns, "Configuration").collect();
         let chosen = configs
             .iter()
-            .find(|c| c.attr(ns, "default").and_then(parse_bool) == Some(true))
+            .find(|c| c.get_ns_or_unprefixed(ns, "default").and_then(parse_bool) == Some(true))
             .or_else(|| configs.first())?;
-        let id = chosen.attr(ns, "id")?.to_string();
+        let id = chosen.get_ns_or_unprefixed(ns, "id")?.to_string();
         if configs.len() > 1 {
-            let ids: Vec<&str> = configs.iter().filter_map(|c| c.attr(ns, "id")).collect();
+            let ids: Vec<&str> = configs
+                .iter()
+                .filter_map(|c| c.get_ns_or_unprefixed(ns, "id"))
+                .collect();
             self.add(
                 Info,
                 "ovf-deployment-option",
@@ -289,12 +272,12 @@ impl Lowering {
     /// `vssd:` system data: the VMware hardware version, and the name
     /// when the system has none of its own.
     fn system(&mut self, hw: &Element) {
-        let Some(sys) = hw.child(self.ns, "System") else {
+        let Some(sys) = hw.first_ns(self.ns, "System") else {
             return;
         };
         let vssd = |local: &str| {
-            sys.child(super::NS_VSSD, local)
-                .map(Element::text)
+            sys.first_ns(super::NS_VSSD, local)
+                .map(Element::own_text)
                 .filter(|t| !t.is_empty())
         };
         if self.vm.name.is_empty() {
@@ -317,8 +300,8 @@ impl Lowering {
                 Ok(vcpus) => {
                     let per = item
                         .el
-                        .child(NS_VMW, "CoresPerSocket")
-                        .map(Element::text)
+                        .first_ns(NS_VMW, "CoresPerSocket")
+                        .map(Element::own_text)
                         .and_then(|t| t.parse::<u32>().ok())
                         .unwrap_or(1);
                     self.vm.cpu = Cpu::with_cores_per_socket(vcpus, per);
@@ -408,7 +391,7 @@ impl Lowering {
                     self.vm.firmware.secure_boot = parse_bool(v).unwrap_or(false)
                 }
                 "nvram" => nvram = Some(v.clone()),
-                "uuid.bios" => match vmware_uuid(v) {
+                "uuid.bios" => match vmshift_model::uuid_from_hex(v) {
                     Some(u) => self.vm.uuid = Some(u),
                     None => self.add(
                         Warning,

@@ -23,12 +23,11 @@ mod lower;
 mod ova;
 mod tar;
 mod units;
-mod xml;
 
 use std::path::Path;
 
+pub use crate::xml::{Attribute, Element, Node};
 pub use ova::{DigestAlgorithm, Manifest, ManifestEntry, OvaArchive, OvaMember};
-pub use xml::{Attribute, Element, Node};
 
 use crate::{DescError, Result};
 
@@ -110,10 +109,10 @@ impl OvfDocument {
     /// an OVF 1.x or 2.x `Envelope`. A DOCTYPE, and any entity other than
     /// the five predefined ones and character references, is refused.
     pub fn parse(bytes: &[u8]) -> Result<OvfDocument> {
-        let root = xml::parse(bytes)?;
+        let root = crate::xml::Document::parse(bytes)?.root;
         let version = match root.namespace.as_deref() {
-            Some(NS_OVF1) if root.local == "Envelope" => OvfVersion::V1,
-            Some(NS_OVF2) if root.local == "Envelope" => OvfVersion::V2,
+            Some(NS_OVF1) if root.local() == "Envelope" => OvfVersion::V1,
+            Some(NS_OVF2) if root.local() == "Envelope" => OvfVersion::V2,
             ns => {
                 return Err(DescError::at_line(
                     root.line,
@@ -157,17 +156,21 @@ impl OvfDocument {
     pub fn files(&self) -> Vec<OvfFile> {
         let ns = self.ns();
         self.root
-            .children_named(ns, "References")
-            .flat_map(|r| r.children_named(ns, "File"))
+            .all_ns(ns, "References")
+            .flat_map(|r| r.all_ns(ns, "File"))
             .map(|f| OvfFile {
-                id: f.attr(ns, "id").unwrap_or("").to_string(),
-                href: f.attr(ns, "href").unwrap_or("").to_string(),
-                size: f.attr(ns, "size").and_then(|s| s.trim().parse().ok()),
+                id: f.get_ns_or_unprefixed(ns, "id").unwrap_or("").to_string(),
+                href: f.get_ns_or_unprefixed(ns, "href").unwrap_or("").to_string(),
+                size: f
+                    .get_ns_or_unprefixed(ns, "size")
+                    .and_then(|s| s.trim().parse().ok()),
                 compression: f
-                    .attr(ns, "compression")
+                    .get_ns_or_unprefixed(ns, "compression")
                     .filter(|c| !c.is_empty() && *c != "identity")
                     .map(str::to_string),
-                chunk_size: f.attr(ns, "chunkSize").and_then(|s| s.trim().parse().ok()),
+                chunk_size: f
+                    .get_ns_or_unprefixed(ns, "chunkSize")
+                    .and_then(|s| s.trim().parse().ok()),
             })
             .collect()
     }
@@ -176,24 +179,32 @@ impl OvfDocument {
     /// looked for in the envelope and in each virtual system.
     pub fn disks(&self) -> Vec<OvfDisk> {
         let ns = self.ns();
-        let mut sections: Vec<&Element> = self.root.children_named(ns, "DiskSection").collect();
+        let mut sections: Vec<&Element> = self.root.all_ns(ns, "DiskSection").collect();
         for vs in self.system_elements() {
-            sections.extend(vs.children_named(ns, "DiskSection"));
+            sections.extend(vs.all_ns(ns, "DiskSection"));
         }
         sections
             .into_iter()
-            .flat_map(|s| s.children_named(ns, "Disk"))
+            .flat_map(|s| s.all_ns(ns, "Disk"))
             .map(|d| OvfDisk {
-                disk_id: d.attr(ns, "diskId").unwrap_or("").to_string(),
+                disk_id: d
+                    .get_ns_or_unprefixed(ns, "diskId")
+                    .unwrap_or("")
+                    .to_string(),
                 file_ref: d
-                    .attr(ns, "fileRef")
+                    .get_ns_or_unprefixed(ns, "fileRef")
                     .filter(|r| !r.is_empty())
                     .map(str::to_string),
-                capacity: d.attr(ns, "capacity").unwrap_or("").to_string(),
-                capacity_units: d.attr(ns, "capacityAllocationUnits").map(str::to_string),
-                format: d.attr(ns, "format").map(str::to_string),
+                capacity: d
+                    .get_ns_or_unprefixed(ns, "capacity")
+                    .unwrap_or("")
+                    .to_string(),
+                capacity_units: d
+                    .get_ns_or_unprefixed(ns, "capacityAllocationUnits")
+                    .map(str::to_string),
+                format: d.get_ns_or_unprefixed(ns, "format").map(str::to_string),
                 populated_size: d
-                    .attr(ns, "populatedSize")
+                    .get_ns_or_unprefixed(ns, "populatedSize")
                     .and_then(|s| s.trim().parse().ok()),
             })
             .collect()
@@ -205,7 +216,7 @@ impl OvfDocument {
         let ns = self.ns();
         self.system_elements()
             .iter()
-            .map(|vs| vs.attr(ns, "id").unwrap_or("").to_string())
+            .map(|vs| vs.get_ns_or_unprefixed(ns, "id").unwrap_or("").to_string())
             .collect()
     }
 
@@ -273,9 +284,9 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        let info = d.root().child(NS_OVF1, "Info").unwrap();
-        assert_eq!(info.text(), "<x> A\"'&raw");
-        assert_eq!(info.attr(NS_OVF1, "msgid"), Some("a&bA"));
+        let info = d.root().first_ns(NS_OVF1, "Info").unwrap();
+        assert_eq!(info.own_text(), "<x> A\"'&raw");
+        assert_eq!(info.get_ns_or_unprefixed(NS_OVF1, "msgid"), Some("a&bA"));
     }
 
     #[test]

@@ -36,28 +36,6 @@ enum Backing {
     SeSparse(SeSparseExtent),
 }
 
-/// VMware writes a disk's UUID as 16 hex bytes in two groups of eight
-/// (`"60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99"`); this gives it in
-/// the usual 8-4-4-4-12 form, or `None` when it is not 16 bytes of hex.
-fn ddb_uuid(v: &str) -> Option<String> {
-    let hex: String = v
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '-')
-        .collect();
-    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let h = hex.to_ascii_lowercase();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 /// The opener of a disk that may name no other file (one inside an
 /// archive).
 struct NoOtherFiles;
@@ -439,7 +417,7 @@ impl VmdkReader {
         if let Some(v) = d.ddb("ddb.virtualHWVersion") {
             out.push(("hw-version", json!(v)));
         }
-        if let Some(u) = d.ddb("ddb.uuid").and_then(ddb_uuid) {
+        if let Some(u) = d.ddb("ddb.uuid").and_then(vmshift_model::uuid_from_hex) {
             out.push(("uuid", json!(u)));
         }
         out
@@ -683,23 +661,5 @@ impl ImageReader for VmdkReader {
             }
         }
         Some(Ok(report))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ddb_uuid;
-
-    #[test]
-    fn ddb_uuid_in_vmware_spelling_becomes_the_usual_form() {
-        assert_eq!(
-            ddb_uuid("60 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99").as_deref(),
-            Some("6000c297-ee00-4eed-cb09-ab10913f7f99")
-        );
-        assert_eq!(ddb_uuid("60 00 C2 97"), None);
-        assert_eq!(
-            ddb_uuid("zz 00 C2 97 ee 00 4e ed-cb 09 ab 10 91 3f 7f 99"),
-            None
-        );
     }
 }

@@ -7,10 +7,13 @@ use crate::ovf::{Element, CIM_SCHEMA_PREFIX, NS_VMW};
 /// Whether an item applies: `ovf:bound` absent or `normal`, and, with a
 /// deployment option chosen, `ovf:configuration` absent or naming it.
 pub(super) fn selected(item: &Element, ns: &str, config: Option<&str>) -> bool {
-    if item.attr(ns, "bound").is_some_and(|b| b != "normal") {
+    if item
+        .get_ns_or_unprefixed(ns, "bound")
+        .is_some_and(|b| b != "normal")
+    {
         return false;
     }
-    match (item.attr(ns, "configuration"), config) {
+    match (item.get_ns_or_unprefixed(ns, "configuration"), config) {
         (Some(list), Some(c)) => list.split_whitespace().any(|x| x == c),
         _ => true,
     }
@@ -58,12 +61,12 @@ impl<'a> Item<'a> {
         self.el
             .elements()
             .filter(|e| {
-                e.local == local
+                e.local() == local
                     && e.namespace
                         .as_deref()
                         .is_some_and(|n| n.starts_with(CIM_SCHEMA_PREFIX))
             })
-            .map(Element::text)
+            .map(Element::own_text)
             .filter(|t| !t.is_empty())
             .collect()
     }
@@ -96,15 +99,11 @@ impl<'a> Item<'a> {
 /// A `vmw:Config`/`vmw:ExtraConfig` element's key and value (`vmw:key`,
 /// with `ovf:key` and unqualified spellings accepted).
 pub(super) fn key_value(e: &Element) -> Option<(String, String)> {
-    let get = |name: &str| {
-        e.attr(NS_VMW, name).map(str::to_string).or_else(|| {
-            e.attributes
-                .iter()
-                .find(|a| a.local == name)
-                .map(|a| a.value.clone())
-        })
-    };
-    Some((get("key")?, get("value").unwrap_or_default()))
+    let get = |name: &str| e.get_ns(NS_VMW, name).or_else(|| e.get(name));
+    Some((
+        get("key")?.to_string(),
+        get("value").unwrap_or_default().to_string(),
+    ))
 }
 
 pub(super) fn parse_bool(s: &str) -> Option<bool> {
