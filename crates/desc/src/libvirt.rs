@@ -794,8 +794,13 @@ fn libvirt_scsi_model(m: &str) -> &str {
     }
 }
 
-/// A libosinfo id for the guest, when one is clear.
+/// A libosinfo id for the guest, when one is clear: the source's own when
+/// it is one (a domain read from libvirt), else one from the family and
+/// version.
 fn osinfo_id(g: &Guest) -> Option<String> {
+    if let Some(id) = g.source_id.as_deref().filter(|i| i.starts_with("http://")) {
+        return Some(id.to_string());
+    }
     let v = g.version.as_deref().unwrap_or("");
     let id = match g.family {
         OsFamily::Windows => match v {
@@ -936,6 +941,32 @@ mod tests {
             "<tpm model=\"tpm-crb\">",
         ] {
             assert!(xml.contains(want), "{want} missing from\n{xml}");
+        }
+    }
+
+    #[test]
+    fn sample_domain_lowers_raises_and_lowers_to_the_same_model() {
+        let text = include_bytes!("../../../fixtures/vms/libvirt/web01.xml");
+        let first = DomainDocument::parse(text).unwrap().lower().unwrap().vm;
+        assert_eq!(first.name, "web01");
+        assert_eq!(first.firmware.kind, FirmwareKind::Uefi);
+        let xml = DomainDocument::raise(&first).render();
+        let again = DomainDocument::parse(xml.as_bytes())
+            .unwrap()
+            .lower()
+            .unwrap()
+            .vm;
+        assert_eq!(again, first, "{xml}");
+        // Unknown elements survive a parse → render of the same document.
+        let doc = DomainDocument::parse(text).unwrap();
+        let out = doc.render();
+        for kept in [
+            "<pm>",
+            "<vmport state=\"off\"/>",
+            "<emulator>",
+            "virsh edit web01",
+        ] {
+            assert!(out.contains(kept), "{kept} lost:\n{out}");
         }
     }
 

@@ -3448,6 +3448,22 @@ vmgenid: 9d8c7b6a-5f4e-4d3c-b2a1-0f1e2d3c4b5a
     }
 
     #[test]
+    fn sample_conf_lowers_raises_and_lowers_to_the_same_model() {
+        let text = include_str!("../../../fixtures/vms/proxmox/101.conf");
+        let first = parse(text).lower().vm;
+        let again = parse(&raise(&first, &RaiseOptions::default()).render())
+            .lower()
+            .vm;
+        let mut want = first.clone();
+        // Snapshots are history, not configuration: a new VM has none.
+        want.snapshots.clear();
+        // The model does not say where TPM state lives, so raise cannot
+        // write tpmstate0 (it reports proxmox-raise-dropped instead).
+        want.tpm = false;
+        assert_eq!(again, want);
+    }
+
+    #[test]
     fn raise_never_writes_args() {
         let from_args = parse(LINUX).lower().vm;
         for vm in [from_args, rich_vm(), Vm::default()] {
