@@ -3,7 +3,8 @@
 # tests compare against (qemu-img and qemu-io from qemu-utils). A missing
 # peer fails the tests; it is never skipped. python3 runs the fixture
 # generators; libvirt-clients and libxml2-utils validate the libvirt XML
-# vmshift writes; ovmf provides the UEFI variable store template.
+# vmshift writes; ovmf provides the UEFI variable store template; fdisk and
+# gdisk make and read the partition tables the part tests compare against.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v virt-xml-validate >/dev/null || missing+=(libvirt-clients)
 command -v xmllint >/dev/null || missing+=(libxml2-utils)
 [ -f /usr/share/OVMF/OVMF_VARS_4M.ms.fd ] || missing+=(ovmf)
+# Partition tables to compare with: sfdisk/fdisk (fdisk) and sgdisk (gdisk).
+command -v sfdisk >/dev/null || missing+=(fdisk)
+command -v sgdisk >/dev/null || missing+=(gdisk)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

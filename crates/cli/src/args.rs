@@ -30,9 +30,26 @@ pub enum Command {
     Map(MapArgs),
     /// Check an image's metadata for leaks and corruption.
     Check(CheckArgs),
+    /// Show a disk image's partition table (MBR or GPT).
+    Part(PartArgs),
     /// Read, check and convert whole VMs (.vmx, libvirt XML, Proxmox .conf, OVF/OVA).
     #[command(subcommand)]
     Vm(VmCommand),
+}
+
+/// `vmshift part`.
+#[derive(Debug, Args)]
+pub struct PartArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub format: Option<FormatArg>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub gate: GateArgs,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// `vmshift vm …`.

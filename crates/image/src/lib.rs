@@ -15,6 +15,7 @@ mod fileio;
 pub mod gate;
 pub mod open;
 pub mod output;
+pub mod part;
 pub mod qcow2;
 pub mod raw;
 pub mod vmdk;

@@ -25,8 +25,22 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         .zip(&names)
         .map(|(r, name)| to_json(*r, name))
         .collect();
+    // The partition table is the guest's view: the top image's alone.
+    let table = vmshift_image::part::read_table(top.as_ref());
     match args.output {
         Output::Json => {
+            let mut objects = objects;
+            if let Some(Value::Object(m)) = objects.first_mut() {
+                match &table {
+                    Ok(Some(t)) => {
+                        m.insert("partitions".into(), serde_json::to_value(t)?);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        m.insert("partitions-error".into(), json!(e.to_string()));
+                    }
+                }
+            }
             let v = if args.backing_chain {
                 Value::Array(objects)
             } else {
@@ -41,6 +55,11 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
                 .map(|(r, n)| human(*r, n))
                 .collect();
             print!("{}", texts.join("\n"));
+            match &table {
+                Ok(Some(t)) => print!("{}", super::part::human(t)),
+                Ok(None) => {}
+                Err(e) => println!("Partition table: unreadable: {e}"),
+            }
         }
     }
     Ok(0)

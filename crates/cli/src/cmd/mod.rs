@@ -6,6 +6,7 @@ pub mod convert;
 pub mod create;
 pub mod info;
 pub mod map;
+pub mod part;
 pub mod vm;
 
 use std::path::Path;

@@ -456,6 +456,20 @@ fn inside(out: &Path, rel: &Path) -> Result<PathBuf> {
     Ok(out.join(rel))
 }
 
+/// Where disk `n` of Proxmox VM `id` goes in a directory storage
+/// (`images/<id>/vm-<id>-disk-<n>.<ext>`) and how the config names it
+/// (`STORAGE:<id>/vm-<id>-disk-<n>.<ext>`).
+fn proxmox_volume(id: u32, storage: &str, n: usize, ext: &str) -> (PathBuf, DiskRef) {
+    let file = format!("vm-{id}-disk-{n}.{ext}");
+    (
+        PathBuf::from("images").join(id.to_string()).join(&file),
+        DiskRef::Volume {
+            storage: storage.to_string(),
+            volume: format!("{id}/{file}"),
+        },
+    )
+}
+
 /// The OVMF files Debian's ovmf package installs: (code, vars template).
 fn ovmf(secure: bool) -> Option<(PathBuf, PathBuf)> {
     let dir = Path::new("/usr/share/OVMF");
@@ -549,16 +563,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
             continue;
         }
         let (rel, reference) = match (args.to, args.vmid, &args.storage) {
-            (VmTargetArg::Proxmox, Some(id), Some(storage)) => {
-                let file = format!("vm-{id}-disk-{n}.{ext}");
-                (
-                    PathBuf::from("images").join(id.to_string()).join(&file),
-                    DiskRef::Volume {
-                        storage: storage.clone(),
-                        volume: format!("{id}/{file}"),
-                    },
-                )
-            }
+            (VmTargetArg::Proxmox, Some(id), Some(storage)) => proxmox_volume(id, storage, n, ext),
             _ => {
                 let file = format!("{base}-disk{n}.{ext}");
                 let at = match (&args.target_dir, args.to) {
@@ -668,14 +673,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         })?;
         let (rel, reference) = match (args.vmid, &args.storage) {
             (Some(id), Some(storage)) if args.to == VmTargetArg::Proxmox => {
-                let file = format!("vm-{id}-disk-{n}.{ext}");
-                (
-                    PathBuf::from("images").join(id.to_string()).join(&file),
-                    DiskRef::Volume {
-                        storage: storage.clone(),
-                        volume: format!("{id}/{file}"),
-                    },
-                )
+                proxmox_volume(id, storage, n, ext)
             }
             _ => {
                 let file = format!("{base}_VARS.fd");
