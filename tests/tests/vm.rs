@@ -326,7 +326,12 @@ fn descriptor_only_and_missing_disks() {
         ],
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(!d.join("o/linux-web.xml").exists());
+    // Checked before the first write: not even the disk that exists.
+    assert!(
+        names_in(&d.join("o")).is_empty(),
+        "{:?}",
+        names_in(&d.join("o"))
+    );
     // --descriptor-only writes the descriptor alone, the disk reported.
     let out = vmshift_ok(
         &d,
@@ -474,10 +479,13 @@ fn make_ova(dir: &Path, name: &str, member_name: &str, tamper: bool, disk: &Path
     let ovf = fixtures().join("ovf/linux.ovf");
     let script = format!(
         r#"
-import hashlib, io, tarfile
+import hashlib, io, re, tarfile
 ovf = open({ovf:?}, 'rb').read()
 disk = open({disk:?}, 'rb').read()
 nvram = b'\0' * 8192
+ovf = re.sub(rb'(ovf:href="linux-disk1.vmdk" ovf:id="file1" ovf:size=")\d+', rb'\g<1>%d' % len(disk), ovf)
+ovf = re.sub(rb'(ovf:href="linux-file1.nvram" ovf:id="file2" ovf:size=")\d+', rb'\g<1>%d' % len(nvram), ovf)
+ovf = ovf.replace(b'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30"', b'ovf:capacity="32" ovf:capacityAllocationUnits="byte * 2^20"')
 members = [({member:?}, ovf), ('linux-disk1.vmdk', disk), ('linux-file1.nvram', nvram)]
 mf = ''.join('SHA256(%s)= %s\n' % (n, hashlib.sha256(d).hexdigest()) for n, d in members)
 if {tamper}:
@@ -635,4 +643,101 @@ fn hostile_or_odd_descriptors_are_errors_or_findings() {
     );
     let conf = std::fs::read_to_string(d.join("p/8.conf")).unwrap();
     assert!(!conf.contains("args"), "{conf}");
+}
+
+#[test]
+fn errors_stop_a_conversion_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "linux-web");
+    let vmx = std::fs::read_to_string(d.join("linux-web.vmx")).unwrap();
+    // An encrypted VM: its disks cannot be read.
+    std::fs::write(
+        d.join("enc.vmx"),
+        format!("{vmx}encryption.keySafe = \"vmware:key/list/(pair/(null/vmware...\"\n"),
+    )
+    .unwrap();
+    let out = vmshift(
+        &d,
+        &["vm", "convert", "--to", "libvirt", "--out", "o", "enc.vmx"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("encrypted-vm"),
+        "{out:?}"
+    );
+    assert!(names_in(&d.join("o")).is_empty());
+    // An existing output is refused up front, not after the disks.
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "p",
+            "linux-web.vmx",
+        ],
+    );
+    let out = vmshift(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "p",
+            "linux-web.vmx",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(names_in(&d.join("p")), ["linux-web.xml"]);
+}
+
+#[test]
+fn serial_logs_and_snapshot_lists_cannot_reach_host_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "ws-snap");
+    let vmx = std::fs::read_to_string(d.join("ws-snap.vmx")).unwrap();
+    // A serial log named like the converted disk gets a name of its own.
+    std::fs::write(
+        d.join("ws-snap.vmx"),
+        format!("{vmx}serial0.present = \"TRUE\"\nserial0.fileType = \"file\"\nserial0.fileName = \"ws-snap-disk0.qcow2\"\nserial1.present = \"TRUE\"\nserial1.fileType = \"pipe\"\nserial1.fileName = \"/root/.bashrc\"\n"),
+    )
+    .unwrap();
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "qemu-args",
+            "--out",
+            "q",
+            "ws-snap.vmx",
+        ],
+    );
+    let sh = std::fs::read_to_string(d.join("q/ws-snap.sh")).unwrap();
+    assert!(
+        sh.contains("ws-snap-serial0.log") && !sh.contains(".bashrc"),
+        "{sh}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("q/ws-snap.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "the script is executable");
+    // A .vmsd that is a symlink out of the folder is not read.
+    std::fs::remove_file(d.join("ws-snap.vmsd")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", d.join("ws-snap.vmsd")).unwrap();
+    let v = inspect(&d, "ws-snap.vmx");
+    let text = v.to_string();
+    assert!(
+        text.contains("vmsd-unreadable") && !text.contains("root:x"),
+        "{text}"
+    );
 }

@@ -158,9 +158,9 @@ pub struct VmConvertArgs {
     /// outside it.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// The disks' format.
-    #[arg(long, value_enum, default_value = "qcow2")]
-    pub disk_format: FormatArg,
+    /// The disks' format (default: qcow2; vmdk for --to vmx).
+    #[arg(long, value_enum)]
+    pub disk_format: Option<FormatArg>,
     /// libvirt: the folder the disks will live in on the hypervisor (the
     /// XML names them there; default: their absolute path under --out).
     #[arg(long, value_name = "DIR")]

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Command::Check(a) => (cmd::check::run(a), 1),
         Command::Part(a) => (cmd::part::run(a), 1),
         Command::Vm(VmCommand::Inspect(a)) => (cmd::vm::inspect(a), 1),
-        Command::Vm(VmCommand::Validate(a)) => (cmd::vm::validate(a), 1),
+        Command::Vm(VmCommand::Validate(a)) => (cmd::vm::validate(a), 2),
         Command::Vm(VmCommand::Convert(a)) => (cmd::vm::convert_vm(a), 1),
         Command::Vm(VmCommand::Diff(a)) => (cmd::vm::diff(a), 2),
     };

@@ -140,7 +140,7 @@ impl DomainDocument {
             let dies = n("dies");
             vm.cpu = Cpu {
                 vcpus,
-                sockets: n("sockets") * dies,
+                sockets: n("sockets").saturating_mul(dies),
                 cores: n("cores"),
                 threads: n("threads"),
             };
@@ -348,7 +348,7 @@ impl DomainDocument {
                 ),
             );
         }
-        let kib = (vm.memory_mib << 10).to_string();
+        let kib = vm.memory_mib.saturating_mul(1024).to_string();
         dom.push(Element::new("memory").attr("unit", "KiB").text(kib.clone()));
         dom.push(Element::new("currentMemory").attr("unit", "KiB").text(kib));
         dom.push(
@@ -636,7 +636,10 @@ fn lower_disk(e: &Element, i: usize, f: &mut Vec<Finding>) -> Result<Disk> {
             .and_then(|v| v.parse::<u32>().ok())
     };
     let (controller, unit) = match (num("controller"), num("unit"), bus) {
-        (Some(c), Some(u), Bus::Ide) => (c, num("bus").unwrap_or(0) * 2 + u),
+        (Some(c), Some(u), Bus::Ide) => (
+            c,
+            num("bus").unwrap_or(0).saturating_mul(2).saturating_add(u),
+        ),
         (Some(c), Some(u), _) => (c, u),
         (_, _, Bus::Ide) => (idx / 2, idx % 2),
         _ => (0, idx),

@@ -10,7 +10,7 @@
 use std::fmt;
 
 use vmshift_model::{
-    Bus, Controller, DeviceKind, Disk, DiskFormat, Finding, OsFamily, Severity, Vm,
+    Bus, Controller, DeviceKind, Disk, DiskFormat, Finding, OsFamily, SerialKind, Severity, Vm,
 };
 
 /// What the mapping may do.
@@ -86,19 +86,69 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
         }
     };
     let windows = vm.guest.family == OsFamily::Windows;
-    let virtio = opts.force_virtio || !windows;
+    // A source already on virtio (a libvirt or Proxmox VM) has the drivers.
+    let has_virtio = vm.disks.iter().any(|d| d.bus == Bus::Virtio)
+        || vm
+            .controllers
+            .iter()
+            .any(|c| c.model.as_deref().is_some_and(|m| m.starts_with("virtio")))
+        || vm.nics.iter().any(|n| n.model == "virtio");
+    let virtio = opts.force_virtio || !windows || has_virtio;
 
-    // Machine.
-    let machine = out.machine.clone().unwrap_or_else(|| "q35".into());
-    if out.machine.as_deref() != Some("q35") && out.machine.is_none() {
-        change(
-            "machine".into(),
-            "(VMware)".into(),
-            machine.clone(),
-            "q35: PCIe, AHCI and SMM for Secure Boot",
-        );
-    }
+    // Name: libvirt refuses '/', and control characters break every format.
+    let clean: String = vm
+        .name
+        .chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .collect();
+    let clean = if clean.trim().is_empty() {
+        "vm".to_string()
+    } else {
+        clean.trim().to_string()
+    };
+    change(
+        "name".into(),
+        vm.name.clone(),
+        clean.clone(),
+        "a name libvirt and QEMU accept: no '/', no control characters, not empty",
+    );
+    out.name = clean;
+
+    // Machine: q35, or the source's own version of it without vendor
+    // suffixes (Proxmox's `+pve0`, `.pxe`).
+    let machine = match vm.machine.as_deref() {
+        None => "q35".to_string(),
+        Some(m) => {
+            let base = m.split('+').next().unwrap_or(m);
+            base.strip_suffix(".pxe").unwrap_or(base).to_string()
+        }
+    };
+    change(
+        "machine".into(),
+        vm.machine.clone().unwrap_or_else(|| "(none)".into()),
+        machine.clone(),
+        "q35: PCIe, AHCI and SMM for Secure Boot (vendor suffixes dropped: upstream QEMU has no such machine)",
+    );
     out.machine = Some(machine);
+
+    // Serial ports: a converted VM must not write into the host's files,
+    // pipes or devices the source named; a file stays a log (the caller
+    // places it), everything else becomes a pseudo-terminal.
+    for (i, s) in out.serials.iter_mut().enumerate() {
+        if matches!(
+            s.kind,
+            SerialKind::Pipe | SerialKind::Device | SerialKind::Network
+        ) {
+            change(
+                format!("serials[{i}]"),
+                format!("{:?} {}", s.kind, s.target.clone().unwrap_or_default()).to_lowercase(),
+                "pty".into(),
+                "host pipes, devices and sockets named by the source are not carried over",
+            );
+            s.kind = SerialKind::Pty;
+            s.target = None;
+        }
+    }
 
     // Disks: where each goes.
     let scsi_model = |c: u32| {
@@ -115,6 +165,7 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             (DeviceKind::Floppy, _) => Bus::Fdc,
             (DeviceKind::Cdrom, _) => Bus::Sata,
             (_, Bus::Ide) => Bus::Sata,
+            (_, Bus::Virtio) if virtio => Bus::Virtio,
             (_, Bus::Scsi)
                 if opts.keep_models && QEMU_SCSI.contains(&scsi_model(d.controller).as_str()) =>
             {
@@ -161,28 +212,46 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
         }
         disks.push(nd);
     }
-    // Addresses: per bus, boot disk first, then the others in order.
-    let boot = vm.boot_disk().map(|(i, _)| i);
-    let mut order: Vec<usize> = (0..disks.len()).collect();
-    order.sort_by_key(|&i| (Some(i) != boot, disks[i].device != DeviceKind::Disk, i));
-    let mut next: std::collections::HashMap<Bus, u32> = Default::default();
-    for &i in &order {
+    // Addresses: devices that stay where they were keep their address;
+    // the others are numbered after them on their new bus, in their
+    // original order (the boot order travels as bootindex, and the guest's
+    // sda/sdb order is kept). AHCI controllers have six ports each.
+    let ports = |bus: Bus| if bus == Bus::Sata { 6 } else { u32::MAX };
+    let mut taken: std::collections::HashSet<(Bus, u32, u32)> = Default::default();
+    let stays: Vec<bool> = disks
+        .iter()
+        .zip(&vm.disks)
+        .map(|(n, o)| n.bus == o.bus && o.unit < ports(o.bus))
+        .collect();
+    for (i, d) in disks.iter().enumerate() {
+        if stays[i] {
+            taken.insert((d.bus, d.controller, d.unit));
+        }
+    }
+    let mut claimed: std::collections::HashSet<(Bus, u32, u32)> = Default::default();
+    for i in 0..disks.len() {
         let d = &mut disks[i];
-        let moved = d.bus != vm.disks[i].bus;
-        if !moved && opts.keep_models {
+        // The first device at an address keeps it; a second one moves.
+        let key = (d.bus, d.controller, d.unit);
+        if stays[i] && claimed.insert(key) {
             continue;
         }
-        let n = next.entry(d.bus).or_insert(0);
-        let (c, u) = (0, *n);
-        *n += 1;
-        if (c, u) != (vm.disks[i].controller, vm.disks[i].unit) || moved {
-            change(
-                format!("disks[{i}].address"),
-                vm.disks[i].address(),
-                format!("{}{c}:{u}", d.bus),
-                "renumbered on the new bus, boot disk first",
-            );
-        }
+        let per = ports(d.bus);
+        let mut n: u64 = 0;
+        let (c, u) = loop {
+            let (c, u) = ((n / u64::from(per)) as u32, (n % u64::from(per)) as u32);
+            if !taken.contains(&(d.bus, c, u)) && !claimed.contains(&(d.bus, c, u)) {
+                break (c, u);
+            }
+            n += 1;
+        };
+        claimed.insert((d.bus, c, u));
+        change(
+            format!("disks[{i}].address"),
+            vm.disks[i].address(),
+            format!("{}{c}:{u}", d.bus),
+            "placed on its new bus after the devices already there",
+        );
         d.controller = c;
         d.unit = u;
     }
@@ -290,16 +359,37 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
     (out, ch)
 }
 
+fn linux_nic_names() -> Finding {
+    Finding::new(
+        Severity::Info,
+        "linux-nic-names",
+        "nics",
+        "network interface names follow the PCI slot: ens192/ens33 under VMware become names like enp1s0 on KVM; update configurations that name the old interface (netplan, ifcfg, NetworkManager, udev rules) or match on the MAC, which is kept",
+    )
+}
+
 /// What the guest will notice after the move, beyond the device list.
 pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding> {
     let mut f = Vec::new();
     match src.guest.family {
-        OsFamily::Linux if !kvm.nics.is_empty() => f.push(Finding::new(
-            Severity::Info,
-            "linux-nic-names",
-            "nics",
-            "network interface names follow the PCI slot: ens192/ens33 under VMware become names like enp1s0 on KVM; update configurations that name the old interface (netplan, ifcfg, NetworkManager, udev rules) or match on the MAC, which is kept",
-        )),
+        OsFamily::Linux
+            if kvm
+                .disks
+                .iter()
+                .zip(&src.disks)
+                .any(|(k, s)| k.bus != s.bus && k.device == DeviceKind::Disk) =>
+        {
+            f.push(Finding::new(
+                Severity::Warning,
+                "linux-initramfs-drivers",
+                "disks",
+                "the disks move to another controller: an initramfs built for this host only (dracut's hostonly mode on RHEL and its relatives) may lack virtio_scsi/virtio_blk and stop at the emergency shell; rebuild it with those drivers (dracut -f --add-drivers 'virtio_scsi virtio_blk virtio_pci') before converting",
+            ));
+            if !kvm.nics.is_empty() {
+                f.push(linux_nic_names());
+            }
+        }
+        OsFamily::Linux if !kvm.nics.is_empty() => f.push(linux_nic_names()),
         OsFamily::Windows if opts.force_virtio => f.push(Finding::new(
             Severity::Warning,
             "windows-virtio-forced",
@@ -354,11 +444,82 @@ mod tests {
     }
 
     #[test]
+    fn many_sata_disks_spread_over_controllers_and_addresses_stay_unique() {
+        let mut src = vm(include_str!("../../../fixtures/vms/winsrv/winsrv.vmx"));
+        for u in 1..8 {
+            let mut d = src.disks[0].clone();
+            d.unit = u;
+            d.boot_order = None;
+            src.disks.push(d);
+        }
+        for opts in [
+            MapOptions::default(),
+            MapOptions {
+                keep_models: true,
+                ..MapOptions::default()
+            },
+        ] {
+            let (kvm, _) = to_kvm(&src, &opts);
+            assert!(kvm.disks.iter().all(|d| d.bus != Bus::Sata || d.unit < 6));
+            assert!(kvm
+                .controllers
+                .iter()
+                .any(|c| c.bus == Bus::Sata && c.index == 1));
+            let codes: Vec<String> = kvm.validate().into_iter().map(|f| f.code).collect();
+            assert!(
+                !codes.contains(&"disk-address-conflict".to_string()),
+                "{codes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kvm_source_keeps_its_virtio_devices() {
+        let text = include_str!("../../../fixtures/vms/proxmox/101.conf");
+        let src = crate::proxmox::ConfDocument::parse(text.as_bytes())
+            .unwrap()
+            .lower()
+            .vm;
+        assert_eq!(src.guest.family, OsFamily::Windows);
+        let (kvm, _) = to_kvm(&src, &MapOptions::default());
+        assert_eq!(kvm.nics[0].model, "virtio");
+        assert!(kvm
+            .disks
+            .iter()
+            .filter(|d| d.device == DeviceKind::Disk)
+            .all(|d| d.bus == Bus::Scsi));
+        assert_eq!(
+            kvm.machine.as_deref(),
+            Some("pc-q35-8.1"),
+            "+pve suffix dropped"
+        );
+    }
+
+    #[test]
+    fn host_serial_devices_become_ptys_and_names_are_cleaned() {
+        let mut src = vm(include_str!(
+            "../../../fixtures/vms/linux-web/linux-web.vmx"
+        ));
+        src.name = "a/b\nc".into();
+        src.serials[0].kind = SerialKind::Pipe;
+        src.serials[0].target = Some("/root/.bashrc".into());
+        let (kvm, ch) = to_kvm(&src, &MapOptions::default());
+        assert_eq!(kvm.name, "a_b_c");
+        assert_eq!(kvm.serials[0].kind, SerialKind::Pty);
+        assert_eq!(kvm.serials[0].target, None);
+        assert!(ch.iter().any(|c| c.path == "serials[0]"));
+    }
+
+    #[test]
     fn windows_stays_on_sata_and_intel_unless_virtio_is_forced() {
         let src = vm(include_str!("../../../fixtures/vms/winsrv/winsrv.vmx"));
         let (kvm, changes) = to_kvm(&src, &MapOptions::default());
         assert_eq!(kvm.disks[0].bus, Bus::Sata);
-        assert_eq!(kvm.disks[0].address(), "sata0:0");
+        assert_eq!(
+            kvm.disks[0].address(),
+            "sata0:1",
+            "after the CD-ROM that was already there"
+        );
         assert_eq!(kvm.nics[0].model, "e1000e");
         assert!(changes.iter().any(|c| c.why.contains("virtio drivers")));
         let forced = MapOptions {

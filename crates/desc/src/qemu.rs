@@ -13,6 +13,19 @@ pub struct Ovmf {
     pub vars: String,
 }
 
+/// A value inside a QEMU option list: commas doubled, so that text from a
+/// descriptor can never add an option of its own (`br=x,helper=/bin/sh`).
+fn opt(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// A host bridge name as Linux allows them.
+fn bridge_ok(b: &str) -> bool {
+    (1..=15).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 /// The argv (program first) and what could not be expressed.
 pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>) {
     let mut a: Vec<String> = vec!["qemu-system-x86_64".into()];
@@ -21,7 +34,7 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
         a.push(k.to_string());
         a.push(v);
     };
-    arg("-name", vm.name.clone());
+    arg("-name", format!("guest={}", opt(&vm.name)));
     let secure = vm.firmware.kind == FirmwareKind::Uefi && vm.firmware.secure_boot;
     arg(
         "-machine",
@@ -40,8 +53,19 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
         ),
     );
     arg("-m", format!("{}M", vm.memory_mib));
-    if let Some(u) = &vm.uuid {
-        arg("-uuid", u.clone());
+    if let Some(u) = vm
+        .uuid
+        .as_deref()
+        .filter(|u| vmshift_model::uuid_is_valid(u))
+    {
+        arg("-uuid", u.to_string());
+    }
+    if let Some(g) = vm
+        .genid
+        .as_deref()
+        .filter(|u| vmshift_model::uuid_is_valid(u))
+    {
+        arg("-device", format!("vmgenid,guid={g}"));
     }
     if vm.clock_localtime {
         arg("-rtc", "base=localtime".into());
@@ -57,11 +81,14 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
                 }
                 arg(
                     "-drive",
-                    format!("if=pflash,format=raw,unit=0,readonly=on,file={}", o.code),
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        opt(&o.code)
+                    ),
                 );
                 arg(
                     "-drive",
-                    format!("if=pflash,format=raw,unit=1,file={}", o.vars),
+                    format!("if=pflash,format=raw,unit=1,file={}", opt(&o.vars)),
                 );
             }
             None => f.push(Finding::new(
@@ -84,14 +111,27 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
     for c in &scsi {
         arg("-device", format!("virtio-scsi-pci,id=scsi{c}"));
     }
+    // q35's built-in AHCI (ide.0 … ide.5) is SATA controller 0; further
+    // ones are added.
+    let mut sata: Vec<u32> = vm
+        .disks
+        .iter()
+        .filter(|d| matches!(d.bus, Bus::Sata | Bus::Ide) && d.controller > 0)
+        .map(|d| d.controller)
+        .collect();
+    sata.sort_unstable();
+    sata.dedup();
+    for c in &sata {
+        arg("-device", format!("ahci,id=sata{c}"));
+    }
     for (i, d) in vm.disks.iter().enumerate() {
         if d.bus == Bus::Fdc {
-            if let Some(src) = &d.source {
-                arg(
-                    "-drive",
-                    format!("if=floppy,index={},format=raw,file={src}", d.unit),
-                );
-            }
+            f.push(Finding::new(
+                Severity::Warning,
+                "qemu-floppy",
+                format!("disks[{i}]"),
+                "q35 has no floppy controller; the floppy is left out",
+            ));
             continue;
         }
         let id = format!("drive{i}");
@@ -111,7 +151,7 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
             };
             drive.push_str(&format!(
                 ",file={},format={}",
-                path.replace(',', ",,"),
+                opt(&path),
                 d.format.map_or("raw".into(), |x| x.to_string())
             ));
         }
@@ -141,16 +181,36 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
             Bus::Fdc => unreachable!("floppies are handled above"),
             // q35's built-in AHCI has six ports: ide.0 … ide.5.
             Bus::Sata | Bus::Ide | Bus::Nvme | Bus::Usb => format!(
-                "{},bus=ide.{},drive={id}",
+                "{},bus={}.{},drive={id}",
                 if cd { "ide-cd" } else { "ide-hd" },
+                if d.controller == 0 {
+                    "ide".to_string()
+                } else {
+                    format!("sata{}", d.controller)
+                },
                 d.unit
             ),
         };
         arg("-device", format!("{dev}{boot}"));
     }
+    if vm.nics.is_empty() {
+        arg("-nic", "none".into());
+    }
     for (i, n) in vm.nics.iter().enumerate() {
-        let netdev = match &n.bridge {
-            Some(b) => format!("bridge,id=net{i},br={b}"),
+        let netdev = match n.bridge.as_deref() {
+            Some(b) if bridge_ok(b) => format!("bridge,id=net{i},br={b}"),
+            Some(b) => {
+                f.push(Finding::new(
+                    Severity::Warning,
+                    "qemu-bridge-name",
+                    format!("nics[{i}].bridge"),
+                    format!(
+                        "'{}' is not a bridge name; user-mode networking is used",
+                        b.escape_debug()
+                    ),
+                ));
+                format!("user,id=net{i}")
+            }
             None => format!("user,id=net{i}"),
         };
         arg("-netdev", netdev);
@@ -163,29 +223,45 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
             _ => "virtio-net-pci",
         };
         let mut dev = format!("{model},netdev=net{i}");
-        if let Some(m) = &n.mac {
-            dev.push_str(&format!(",mac={m}"));
+        match n.mac.as_deref() {
+            Some(m) if vmshift_model::mac_is_valid(m) => dev.push_str(&format!(",mac={m}")),
+            Some(m) => f.push(Finding::new(
+                Severity::Error,
+                "mac-invalid",
+                format!("nics[{i}].mac"),
+                format!("'{}' is not a MAC address; left out", m.escape_debug()),
+            )),
+            None => {}
         }
         if let Some(o) = n.boot_order {
             dev.push_str(&format!(",bootindex={o}"));
         }
+        if !n.connected {
+            f.push(Finding::new(
+                Severity::Info,
+                "qemu-link-down",
+                format!("nics[{i}]"),
+                "the NIC starts disconnected in the source; QEMU starts it connected (set_link in the monitor)",
+            ));
+        }
         arg("-device", dev);
     }
-    let mut console = false;
-    for s in &vm.serials {
-        let v = match (s.kind, &s.target) {
-            (SerialKind::File, Some(p)) => format!("file:{p}"),
-            (SerialKind::Pipe, Some(p)) => format!("pipe:{p}"),
-            (SerialKind::Device, Some(p)) => p.clone(),
-            _ if s.port == 0 => {
-                console = true;
-                "mon:stdio".into()
-            }
-            _ => "pty".into(),
+    // -serial options take ports in order: fill gaps with "none".
+    let mut serials = vm.serials.clone();
+    serials.sort_by_key(|s| s.port);
+    let top = serials.last().map_or(0, |s| s.port.min(3) + 1);
+    for port in 0..top {
+        let v = match serials.iter().find(|s| s.port == port) {
+            Some(s) => match (s.kind, &s.target) {
+                (SerialKind::File, Some(p)) => format!("file:{p}"),
+                _ if port == 0 => "mon:stdio".into(),
+                _ => "pty".into(),
+            },
+            None => "none".into(),
         };
         arg("-serial", v);
     }
-    if !console && vm.serials.is_empty() {
+    if serials.is_empty() {
         arg("-serial", "mon:stdio".into());
     }
     let video = vm
@@ -265,7 +341,7 @@ mod tests {
         .vm;
         let (vm, _) = to_kvm(&vm, &MapOptions::default());
         let (argv, f) = command_line(&vm, None);
-        assert!(f.is_empty(), "{f:?}");
+        assert!(f.iter().all(|x| x.severity == Severity::Info), "{f:?}");
         let line = argv.join(" ");
         for want in [
             "-smp 4,sockets=2,cores=2,threads=1",
@@ -277,6 +353,32 @@ mod tests {
             assert!(line.contains(want), "{want} not in {line}");
         }
         assert!(script(&argv).starts_with("#!/bin/sh\n"));
+    }
+
+    #[test]
+    fn descriptor_text_cannot_add_qemu_options() {
+        let mut vm = VmxDocument::parse(include_bytes!(
+            "../../../fixtures/vms/linux-web/linux-web.vmx"
+        ))
+        .unwrap()
+        .lower()
+        .vm;
+        vm.name = "x,debugcon=file:/etc/passwd".into();
+        vm.nics[0].bridge = Some("br0,helper=/tmp/pwn.sh".into());
+        vm.nics[1].mac = Some("00:50:56:00:00:01,romfile=/etc/shadow".into());
+        if let Some(vmshift_model::DiskRef::File { path }) = &mut vm.disks[0].source {
+            *path = "a.qcow2,file.locking=off".into();
+        }
+        let (argv, f) = command_line(&vm, None);
+        let line = argv.join(" ");
+        assert!(
+            !line.contains("helper=") && !line.contains("romfile="),
+            "{line}"
+        );
+        assert!(line.contains("guest=x,,debugcon"), "{line}");
+        assert!(line.contains("a.qcow2,,file.locking"), "{line}");
+        assert!(f.iter().any(|x| x.code == "mac-invalid"));
+        assert!(f.iter().any(|x| x.code == "qemu-bridge-name"));
         assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
     }
 }

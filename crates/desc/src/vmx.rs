@@ -609,7 +609,7 @@ impl VmxDocument {
             vm.guest
                 .source_id
                 .clone()
-                .filter(|s| guest_from_vmware(s).family == vm.guest.family)
+                .filter(|s| is_vmware_guest_id(s) && guest_from_vmware(s).family == vm.guest.family)
                 .unwrap_or_else(|| vmware_guest_id(&vm.guest)),
         );
         d.set("memsize", vm.memory_mib.to_string());
@@ -632,6 +632,10 @@ impl VmxDocument {
                 d.set("uuid.bios", v);
             }
         }
+        if let Some((hi, lo)) = vm.genid.as_deref().and_then(genid_halves) {
+            d.set("vm.genid", lo.to_string());
+            d.set("vm.genidX", hi.to_string());
+        }
         if let Some(desc) = &vm.description {
             d.set("annotation", desc.clone());
         }
@@ -651,6 +655,29 @@ impl VmxDocument {
                 Bus::Sata | Bus::Nvme => d.set(&format!("{p}.present"), "TRUE"),
                 _ => {}
             }
+        }
+        // Where each disk goes: native buses keep their address; virtio
+        // disks move to SCSI units that are free (unit 7 is the SCSI
+        // controller's own).
+        let mut taken: std::collections::HashSet<(Bus, u32, u32)> = vm
+            .disks
+            .iter()
+            .filter(|x| matches!(x.bus, Bus::Scsi | Bus::Sata | Bus::Nvme | Bus::Ide))
+            .map(|x| (x.bus, x.controller, x.unit))
+            .collect();
+        let mut placed: Vec<Option<(Bus, u32, u32)>> = Vec::new();
+        for x in &vm.disks {
+            placed.push(match x.bus {
+                Bus::Scsi | Bus::Sata | Bus::Nvme | Bus::Ide => Some((x.bus, x.controller, x.unit)),
+                Bus::Virtio => (0..4u32)
+                    .flat_map(|c| (0..64u32).filter(|&u| u != 7).map(move |u| (c, u)))
+                    .find(|&(c, u)| !taken.contains(&(Bus::Scsi, c, u)))
+                    .map(|(c, u)| {
+                        taken.insert((Bus::Scsi, c, u));
+                        (Bus::Scsi, c, u)
+                    }),
+                Bus::Usb | Bus::Fdc => None,
+            });
         }
         for (i, disk) in vm.disks.iter().enumerate() {
             let bus = match disk.bus {
@@ -685,19 +712,23 @@ impl VmxDocument {
                     continue;
                 }
             };
+            let ctrl_index = placed[i].map_or(disk.controller, |(_, c, _)| c);
             if bus != Bus::Ide
                 && !vm
                     .controllers
                     .iter()
-                    .any(|c| c.bus == bus && c.index == disk.controller)
+                    .any(|c| c.bus == bus && c.index == ctrl_index)
             {
-                let p = format!("{bus}{}", disk.controller);
+                let p = format!("{bus}{ctrl_index}");
                 d.set(&format!("{p}.present"), "TRUE");
                 if bus == Bus::Scsi {
                     d.set(&format!("{p}.virtualDev"), "pvscsi");
                 }
             }
-            let p = format!("{bus}{}:{}", disk.controller, disk.unit);
+            let Some((_, ctrl, unit)) = placed[i] else {
+                continue;
+            };
+            let p = format!("{bus}{ctrl}:{unit}");
             d.set(&format!("{p}.present"), "TRUE");
             match disk.device {
                 DeviceKind::Cdrom => {
@@ -726,12 +757,8 @@ impl VmxDocument {
                 }
             }
         }
-        if let Some((i, _)) = vm.boot_disk() {
-            let disk = &vm.disks[i];
-            d.set(
-                "bios.hddOrder",
-                format!("{}{}:{}", disk.bus, disk.controller, disk.unit),
-            );
+        if let Some((b, c, u)) = vm.boot_disk().and_then(|(i, _)| placed[i]) {
+            d.set("bios.hddOrder", format!("{b}{c}:{u}"));
         }
         // bios.bootOrder: CD-ROM before or after the disk.
         let first = |kind: DeviceKind| {
@@ -754,8 +781,13 @@ impl VmxDocument {
                 _ => "vmxnet3",
             };
             d.set(&format!("{p}.virtualDev"), model);
-            if let Some(net) = &n.network {
-                d.set(&format!("{p}.networkName"), net.clone());
+            match n.network.as_deref() {
+                // Workstation's connection modes are not network names.
+                Some(kind @ ("nat" | "bridged" | "hostonly")) => {
+                    d.set(&format!("{p}.connectionType"), kind)
+                }
+                Some(net) => d.set(&format!("{p}.networkName"), net),
+                None => {}
             }
             match &n.mac {
                 Some(mac) => {
@@ -825,6 +857,36 @@ fn genid(d: &VmxDocument, f: &mut Vec<Finding>) -> Option<String> {
     let lo: i64 = d.num("vm.genid", f)?;
     let hi: i64 = d.num("vm.genidX", f).unwrap_or(0);
     uuid_from_hex(&format!("{:016x}{:016x}", hi as u64, lo as u64))
+}
+
+/// The two signed 64-bit halves of a generation id as `.vmx` stores them
+/// (`vm.genidX`, `vm.genid`).
+fn genid_halves(g: &str) -> Option<(i64, i64)> {
+    let hex: String = g.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let hi = u64::from_str_radix(&hex[..16], 16).ok()?;
+    let lo = u64::from_str_radix(&hex[16..], 16).ok()?;
+    Some((hi as i64, lo as i64))
+}
+
+/// Whether `id` reads as a VMware guestOS id (`windows9-64`, `ubuntu-64`,
+/// `otherlinux`) rather than another product's (`win11`, `l26`, a
+/// libosinfo URL).
+fn is_vmware_guest_id(id: &str) -> bool {
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return false;
+    }
+    let g = guest_from_vmware(id);
+    match g.family {
+        OsFamily::Windows => g.version.is_some(),
+        OsFamily::Other => id.starts_with("other"),
+        _ => true,
+    }
 }
 
 /// Whether a MAC lies in VMware's range for static addresses.
@@ -1119,13 +1181,8 @@ mod tests {
                 .unwrap()
                 .lower()
                 .vm;
-            let mut want = first.clone();
-            // Not written back: the generation id (VMware makes a new one
-            // for a new VM), the host CD drive, the VNC flag.
-            want.genid = None;
-            let mut got = again.clone();
-            got.genid = None;
-            assert_eq!(got, want, "{}", doc.render());
+            let want = first.clone();
+            assert_eq!(again, want, "{}", doc.render());
         }
     }
 

@@ -115,6 +115,12 @@ pub fn uuid_from_hex(text: &str) -> Option<String> {
     })
 }
 
+/// The most memory a VM may have: 16 TiB (QEMU's x86 limit is lower on
+/// most hosts; more is certainly a damaged descriptor).
+const MAX_MEMORY_MIB: u64 = 16 << 20;
+/// The most vCPUs a VM may have (KVM's KVM_MAX_VCPUS on x86 is 4096).
+const MAX_VCPUS: u32 = 4096;
+
 /// SCSI controller models OVMF has no boot driver for.
 const UEFI_UNBOOTABLE_SCSI: &[&str] = &["lsilogic", "lsisas1068", "buslogic"];
 
@@ -144,6 +150,29 @@ impl Vm {
                 );
             }
         }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            add(
+                Error,
+                "memory-too-large",
+                "memory-mib".into(),
+                format!(
+                    "{} MiB is more than the {} TiB a KVM guest can have",
+                    self.memory_mib,
+                    MAX_MEMORY_MIB >> 20
+                ),
+            );
+        }
+        if self.cpu.vcpus > MAX_VCPUS {
+            add(
+                Error,
+                "vcpus-too-many",
+                "cpu.vcpus".into(),
+                format!(
+                    "{} vCPUs is more than the {MAX_VCPUS} a KVM guest can have",
+                    self.cpu.vcpus
+                ),
+            );
+        }
         if self.memory_mib == 0 {
             add(
                 Error,
@@ -160,8 +189,10 @@ impl Vm {
                 "cpu.vcpus".into(),
                 "the VM has no virtual CPU".into(),
             );
-        } else if u64::from(c.sockets) * u64::from(c.cores) * u64::from(c.threads)
-            != u64::from(c.vcpus)
+        } else if u64::from(c.sockets)
+            .checked_mul(u64::from(c.cores))
+            .and_then(|x| x.checked_mul(u64::from(c.threads)))
+            != Some(u64::from(c.vcpus))
         {
             add(
                 Error,

@@ -28,6 +28,9 @@ use crate::progress::Progress;
 struct Loaded {
     path: PathBuf,
     lowered: Lowered,
+    /// An OVA: the archive (verified) and the one handle its disks are
+    /// read through.
+    archive: Option<(OvaArchive, std::fs::File)>,
 }
 
 fn format_of(path: &Path, from: Option<VmFormatArg>) -> Result<VmFormatArg> {
@@ -54,18 +57,13 @@ fn format_of(path: &Path, from: Option<VmFormatArg>) -> Result<VmFormatArg> {
 fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
     let kind = format_of(path, from)?;
     let with_file = |e: vmshift_desc::DescError| anyhow!(e.in_file(path));
+    let mut archive = None;
     let lowered = match kind {
         VmFormatArg::Vmx => {
             let bytes = read_descriptor(path).map_err(with_file)?;
             let doc = VmxDocument::parse(&bytes).map_err(with_file)?;
             let mut l = doc.lower();
-            // Snapshots are listed in the .vmsd beside the .vmx.
-            let vmsd = path.with_extension("vmsd");
-            if vmsd.is_file() {
-                let bytes = read_descriptor(&vmsd).map_err(|e| anyhow!(e.in_file(&vmsd)))?;
-                let doc = VmxDocument::parse(&bytes).map_err(|e| anyhow!(e.in_file(&vmsd)))?;
-                l.vm.snapshots = snapshot_names(&doc);
-            }
+            read_vmsd(path, &mut l);
             l
         }
         VmFormatArg::Libvirt => {
@@ -83,22 +81,64 @@ fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
             OvfDocument::parse(&bytes).map_err(with_file)?.lower()
         }
         VmFormatArg::Ova => {
-            // Listing the tar is cheap; the manifest's sums are checked
-            // against every member before anything is trusted.
-            let ova = OvaArchive::open(path).map_err(with_file)?;
+            // One handle from listing through verification to reading the
+            // disks: what was verified is what is converted. The manifest's
+            // sums are checked against every member before anything is
+            // trusted.
+            let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+            let ova = OvaArchive::from_file(&file, path).map_err(with_file)?;
             let verified = ova.verify().map_err(with_file)?;
             let doc = ova.descriptor().map_err(with_file)?;
             let mut l = doc.lower();
             l.findings.extend(ova.findings().iter().cloned());
             l.findings.extend(verified);
             l.findings.extend(ova.check_references(&doc));
+            archive = Some((ova, file));
             l
         }
     };
     Ok(Loaded {
         path: path.to_path_buf(),
         lowered,
+        archive,
     })
+}
+
+/// Snapshot names from the `.vmsd` beside a `.vmx`, read through the same
+/// gate as disks (no symlink out of the folder); a `.vmsd` that cannot be
+/// read is a finding, never fatal.
+fn read_vmsd(vmx: &Path, l: &mut Lowered) {
+    let name = vmx.with_extension("vmsd");
+    let Some(file_name) = name.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    if std::fs::symlink_metadata(&name).is_err() {
+        return;
+    }
+    let read = Gate::new()
+        .resolve(vmx, &file_name, "snapshot list")
+        .map_err(anyhow::Error::from)
+        .and_then(|p| read_descriptor(&p).map_err(|e| anyhow!(e)))
+        .and_then(|b| VmxDocument::parse(&b).map_err(|e| anyhow!("line {}", e.line.unwrap_or(0))));
+    match read {
+        Ok(doc) => l.vm.snapshots = snapshot_names(&doc),
+        Err(e) => l.findings.push(Finding::new(
+            Severity::Warning,
+            "vmsd-unreadable",
+            "snapshots",
+            format!(
+                "{}: not a snapshot list ({e:#}); snapshots are not listed",
+                name.display()
+            ),
+        )),
+    }
+}
+
+/// Whether `p` is an absolute path on a Windows host (`C:\\…`, `\\\\server\\…`).
+fn windows_path(p: &str) -> bool {
+    let b = p.as_bytes();
+    (b.len() > 2 && b[0].is_ascii_alphabetic() && b[1] == b':' && (b[2] == b'\\' || b[2] == b'/'))
+        || p.starts_with("\\\\")
 }
 
 /// `NAME=DIR` pairs.
@@ -118,16 +158,20 @@ fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, PathBuf>> {
 /// a `--disk-root`, or a mapped datastore or storage.
 struct Resolver {
     descriptor: PathBuf,
-    /// The OVA the descriptor came from: its disks are members, read in
-    /// place.
-    archive: Option<OvaArchive>,
+    /// The OVA the descriptor came from, and its open handle: its disks are
+    /// members, read in place.
+    archive: Option<(OvaArchive, std::fs::File)>,
     gate: Gate,
     datastores: BTreeMap<String, PathBuf>,
     storages: BTreeMap<String, PathBuf>,
 }
 
 impl Resolver {
-    fn new(descriptor: &Path, roots: &DiskRootArgs) -> Result<Resolver> {
+    fn new(
+        descriptor: &Path,
+        archive: Option<(OvaArchive, std::fs::File)>,
+        roots: &DiskRootArgs,
+    ) -> Result<Resolver> {
         let datastores = pairs(&roots.datastores, "--datastore")?;
         let storages = pairs(&roots.storages, "--storage-map")?;
         let gate = roots
@@ -136,12 +180,6 @@ impl Resolver {
             .chain(datastores.values())
             .chain(storages.values())
             .fold(Gate::new(), |g, r| g.with_root(r));
-        let archive = match descriptor.extension() {
-            Some(e) if e.eq_ignore_ascii_case("ova") => {
-                Some(OvaArchive::open(descriptor).map_err(|e| anyhow!(e.in_file(descriptor)))?)
-            }
-            _ => None,
-        };
         Ok(Resolver {
             descriptor: descriptor.to_path_buf(),
             archive,
@@ -161,7 +199,7 @@ impl Resolver {
     /// Opens the disk image `r` names: a file, or a member of the archive
     /// read in place. Returns how to name it, and the reader.
     fn open(&self, r: &DiskRef) -> Result<(String, Box<dyn ImageReader>)> {
-        if let Some(a) = &self.archive {
+        if let Some((a, file)) = &self.archive {
             let DiskRef::File { path } = r else {
                 bail!("'{r}' is not a file of the archive");
             };
@@ -172,7 +210,8 @@ impl Resolver {
                     format!("'{path}' is not in {}", self.descriptor.display())
                 ))
             })?;
-            let file = std::fs::File::open(&self.descriptor)
+            let file = file
+                .try_clone()
                 .with_context(|| format!("{}", self.descriptor.display()))?;
             let img = VmdkReader::open_in_file(file, &shown, m.data_offset, m.size)?;
             return Ok((shown.display().to_string(), Box::new(img)));
@@ -195,6 +234,24 @@ impl Resolver {
         }
         let what = "disk";
         match r {
+            DiskRef::File { path } if windows_path(path) => {
+                // A path on the Windows host the VM came from: its folder
+                // is the VM's own when the names match; resolve by file name.
+                let parts: Vec<&str> = path.split(['\\', '/']).filter(|p| !p.is_empty()).collect();
+                let own = self.folder().canonicalize().ok();
+                let own = own
+                    .as_ref()
+                    .and_then(|o| o.file_name())
+                    .map(|n| n.to_string_lossy().into_owned());
+                match (parts.as_slice(), own) {
+                    ([.., dir, file], Some(own)) if dir.eq_ignore_ascii_case(&own) => {
+                        Ok(self.gate.resolve(&self.descriptor, file, what)?)
+                    }
+                    _ => bail!(
+                        "'{path}' is a path on a Windows host outside the VM's folder; copy the disk beside the descriptor"
+                    ),
+                }
+            }
             DiskRef::File { path } => Ok(self.gate.resolve(&self.descriptor, path, what)?),
             DiskRef::Datastore { datastore, path } => {
                 if let Some(dir) = self.datastores.get(datastore) {
@@ -228,8 +285,11 @@ impl Resolver {
                 let dir = self.storages.get(storage).ok_or_else(|| {
                     anyhow!("'{r}' is a volume of storage '{storage}'; map it with --storage-map {storage}=DIR")
                 })?;
-                // Directory storages keep images under images/<vmid>/.
-                let p = if volume.contains('/') {
+                // Directory storages keep images under images/<vmid>/ and
+                // ISO images under template/iso/.
+                let p = if let Some(iso) = volume.strip_prefix("iso/") {
+                    dir.join("template/iso").join(iso)
+                } else if volume.contains('/') {
                     dir.join("images").join(volume)
                 } else {
                     dir.join(volume)
@@ -350,8 +410,9 @@ pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
         }
         ModelOutput::Toml => {
             print!("{}", toml::to_string(&l.lowered.vm)?);
+            // Findings as TOML comments: one line each.
             for f in &findings {
-                println!("# {f}");
+                println!("# {}", f.to_string().replace(['\n', '\r'], " "));
             }
         }
     }
@@ -360,7 +421,7 @@ pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
 
 pub fn validate(args: &VmValidateArgs) -> Result<i32> {
     let l = load(&args.vm, args.from)?;
-    let resolver = Resolver::new(&l.path, &args.roots)?;
+    let resolver = Resolver::new(&l.path, l.archive, &args.roots)?;
     let mut findings = l.lowered.findings.clone();
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
@@ -482,16 +543,32 @@ fn ovmf(secure: bool) -> Option<(PathBuf, PathBuf)> {
     (c.is_file() && v.is_file()).then_some((c, v))
 }
 
+/// One output file a conversion writes.
+struct Job {
+    /// What to copy (a disk, or OVMF's variable template).
+    img: Box<dyn ImageReader>,
+    /// How the source is named in messages.
+    input: String,
+    target: PathBuf,
+    format: DiskFormat,
+}
+
 pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     let l = load(&args.vm, args.from)?;
-    let resolver = Resolver::new(&l.path, &args.roots)?;
-    let src = &l.lowered.vm;
+    let resolver = Resolver::new(&l.path, l.archive, &args.roots)?;
     let mut findings = l.lowered.findings.clone();
-    findings.extend(src.validate());
-    let disk_format: DiskFormat = args.disk_format.into();
+    findings.extend(l.lowered.vm.validate());
+    let disk_format: DiskFormat = match (args.disk_format, args.to) {
+        (Some(f), _) => f.into(),
+        (None, VmTargetArg::Vmx) => DiskFormat::Vmdk,
+        (None, _) => DiskFormat::Qcow2,
+    };
+    if args.to == VmTargetArg::Proxmox && args.vmid.is_none() {
+        bail!("--to proxmox needs --vmid N --storage NAME");
+    }
     // Sparse source images are thin: the converted disks get discard.
-    let mut src_vm = src.clone();
-    for d in &mut src_vm.disks {
+    let mut src = l.lowered.vm.clone();
+    for d in &mut src.disks {
         if d.device != DeviceKind::Disk {
             continue;
         }
@@ -499,24 +576,31 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
             d.thin |= is_thin(img.as_ref());
         }
     }
-    let src = &src_vm;
     let map_opts = MapOptions {
         keep_models: args.keep_models,
         force_virtio: args.virtio,
         disk_format,
     };
-    let (mut vm, changes): (Vm, Vec<Change>) = match args.to {
+    let (mut vm, mut changes): (Vm, Vec<Change>) = match args.to {
         VmTargetArg::Vmx => (src.clone(), Vec::new()),
-        _ => to_kvm(src, &map_opts),
+        _ => to_kvm(&src, &map_opts),
     };
     if args.to != VmTargetArg::Vmx {
-        findings.extend(migration_findings(src, &vm, &map_opts));
+        findings.extend(migration_findings(&src, &vm, &map_opts));
     }
-    findings.extend(vm.target_findings());
-    let mut changes_extra: Vec<Change> = Vec::new();
-    if args.to == VmTargetArg::Proxmox && args.vmid.is_none() {
-        bail!("--to proxmox needs --vmid N --storage NAME");
-    }
+    // The converted VM's own problems that the source did not have
+    // (addresses the mapping could not place, a boot bus OVMF lacks).
+    let known: std::collections::HashSet<(String, String)> = findings
+        .iter()
+        .map(|f| (f.code.clone(), f.path.clone()))
+        .collect();
+    findings.extend(
+        vm.validate()
+            .into_iter()
+            .chain(vm.target_findings())
+            .filter(|f| !known.contains(&(f.code.clone(), f.path.clone()))),
+    );
+
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: creating the output folder", args.out.display()))?;
     let out = args
@@ -529,26 +613,40 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         DiskFormat::Raw => "raw",
         DiskFormat::Vmdk => "vmdk",
     };
+    let missing_severity = if args.descriptor_only {
+        Severity::Warning
+    } else {
+        Severity::Error
+    };
 
-    // Plan every disk: source path, output file, and the reference the
-    // descriptor will use.
-    crate::signals::install();
+    // Plan: every disk opened, every output named, before anything is
+    // written.
+    let mut jobs: Vec<Job> = Vec::new();
     let mut n = 0;
-    let mut problems = 0;
     for i in 0..vm.disks.len() {
         let d = vm.disks[i].clone();
         let Some(source) = &d.source else { continue };
         if d.device != DeviceKind::Disk {
             // Media (ISOs, floppy images) are not copied: point at them
-            // where they are, when they resolve.
-            match resolver
+            // where they are, when they resolve (Proxmox can only name
+            // storage volumes, so there the drive is left empty).
+            let placed = resolver
                 .resolve(source)
-                .and_then(|p| p.canonicalize().with_context(|| format!("{}", p.display())))
-            {
-                Ok(p) => {
+                .and_then(|p| p.canonicalize().with_context(|| format!("{}", p.display())));
+            match placed {
+                Ok(p) if args.to != VmTargetArg::Proxmox => {
                     vm.disks[i].source = Some(DiskRef::File {
                         path: p.display().to_string(),
                     })
+                }
+                Ok(p) => {
+                    findings.push(Finding::new(
+                        Severity::Info,
+                        "media-not-carried",
+                        format!("disks[{i}].source"),
+                        format!("{} is not on a Proxmox storage; the drive is left empty (upload the ISO and attach it)", p.display()),
+                    ));
+                    vm.disks[i].source = None;
                 }
                 Err(e) => {
                     findings.push(Finding::new(
@@ -586,13 +684,8 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         let (input, img) = match resolver.open(source) {
             Ok(x) => x,
             Err(e) => {
-                problems += 1;
                 findings.push(Finding::new(
-                    if args.descriptor_only {
-                        Severity::Warning
-                    } else {
-                        Severity::Error
-                    },
+                    missing_severity,
                     unresolved_code(&e),
                     format!("disks[{i}].source"),
                     format!("{e:#}"),
@@ -612,93 +705,75 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
             ));
         }
         vm.disks[i].size = Some(img.size());
-        if args.descriptor_only {
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
-        }
-        eprintln!("vmshift: disk {i}: {input} → {}", target.display());
-        copy_disk(
-            img.as_ref(),
-            &target,
-            disk_format,
-            args.force,
-            args.progress,
-        )?;
-    }
-    if problems > 0 && !args.descriptor_only {
-        print_findings(&findings);
-        bail!("{problems} disk(s) could not be found; nothing was converted for them (--descriptor-only writes the descriptor anyway)");
+        jobs.push(Job {
+            img,
+            input,
+            target,
+            format: disk_format,
+        });
     }
 
-    // Serial output files land in --out, by their own name.
+    // Serial logs land in --out under names of their own.
     if args.to != VmTargetArg::Vmx {
         for (i, s) in vm.serials.iter_mut().enumerate() {
             if s.kind != vmshift_model::SerialKind::File {
                 continue;
             }
-            if let Some(t) = &s.target {
-                let name = Path::new(t)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| format!("serial{i}.log"));
-                let to = out.join(safe_name(&name)).display().to_string();
-                changes_extra.push(Change {
-                    path: format!("serials[{i}].target"),
-                    from: t.clone(),
-                    to: to.clone(),
-                    why: "the serial log is written beside the converted VM".into(),
-                });
-                s.target = Some(to);
-            }
+            let to = out
+                .join(format!("{base}-serial{}.log", s.port))
+                .display()
+                .to_string();
+            changes.push(Change {
+                path: format!("serials[{i}].target"),
+                from: s.target.clone().unwrap_or_default(),
+                to: to.clone(),
+                why: "the serial log is written beside the converted VM".into(),
+            });
+            s.target = Some(to);
         }
     }
 
-    // UEFI variable stores.
+    // UEFI variable stores: never carried over; a fresh one from OVMF's
+    // template where the target needs a file for it.
     let uefi = vm.firmware.kind == FirmwareKind::Uefi;
-    if uefi && src.firmware.efi_vars.is_some() {
+    if uefi && args.to != VmTargetArg::Vmx {
         findings.push(Finding::new(
             Severity::Info,
             "nvram-not-carried",
             "firmware.efi-vars",
-            "VMware's UEFI variables (.nvram) are not carried over: the new VM starts from OVMF's defaults and boots the default path (\\EFI\\BOOT\\BOOTX64.EFI) or the OS's registered loader once re-registered",
+            "the source's UEFI variables (boot entries) are not carried over: the new VM starts from OVMF's defaults and boots the default path (\\EFI\\BOOT\\BOOTX64.EFI) until the OS registers its loader again",
         ));
+        vm.firmware.efi_vars = None;
     }
-    vm.firmware.efi_vars = None;
     let mut ovmf_files = None;
     if uefi && matches!(args.to, VmTargetArg::Proxmox | VmTargetArg::QemuArgs) {
         let (code, template) = ovmf(vm.firmware.secure_boot).ok_or_else(|| {
             anyhow!("the VM is UEFI and needs OVMF's variable store template; install Debian's ovmf package")
         })?;
-        let (rel, reference) = match (args.vmid, &args.storage) {
+        let (rel, reference, fmt) = match (args.vmid, &args.storage) {
             (Some(id), Some(storage)) if args.to == VmTargetArg::Proxmox => {
-                proxmox_volume(id, storage, n, ext)
+                let (rel, r) = proxmox_volume(id, storage, n, ext);
+                (rel, r, disk_format)
             }
             _ => {
                 let file = format!("{base}_VARS.fd");
+                let at = out.join(&file).display().to_string();
                 (
                     PathBuf::from(&file),
-                    DiskRef::File {
-                        path: out.join(&file).display().to_string(),
-                    },
+                    DiskRef::File { path: at },
+                    DiskFormat::Raw,
                 )
             }
         };
         let target = inside(&out, &rel)?;
-        if !args.descriptor_only {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let vars = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())?;
-            let fmt = if args.to == VmTargetArg::Proxmox {
-                disk_format
-            } else {
-                DiskFormat::Raw
-            };
-            copy_disk(vars.as_ref(), &target, fmt, args.force, false)?;
-        }
-        ovmf_files = Some((code, target.clone()));
+        let vars = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())?;
+        jobs.push(Job {
+            img: vars,
+            input: template.display().to_string(),
+            target: target.clone(),
+            format: fmt,
+        });
+        ovmf_files = Some((code, target));
         vm.firmware.efi_vars = Some(reference);
     }
 
@@ -732,19 +807,104 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
             (format!("{base}.sh"), qemu::script(&argv))
         }
     };
-    let target = inside(&out, Path::new(&file))?;
-    let (o, mut fh) = AtomicOutput::create(&target, args.force)?;
-    std::io::Write::write_all(&mut fh, text.as_bytes())
-        .and_then(|()| fh.sync_all())
-        .with_context(|| format!("{}", target.display()))?;
-    o.commit()?;
+    let descriptor = inside(&out, Path::new(&file))?;
+
+    // Pre-flight: no errors, no output that exists already (unless
+    // --force) — nothing has been written yet.
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        print_findings(&findings);
+        let missing = findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.code.starts_with("disk-"));
+        bail!(
+            "{}: {errors} error(s) above; nothing was written{}",
+            args.vm.display(),
+            if missing {
+                " (--descriptor-only writes the descriptor without the disks)"
+            } else {
+                ""
+            }
+        );
+    }
+    if args.descriptor_only {
+        jobs.clear();
+    }
+    let targets: Vec<&Path> = jobs
+        .iter()
+        .map(|j| j.target.as_path())
+        .chain([descriptor.as_path()])
+        .collect();
+    if !args.force {
+        if let Some(t) = targets.iter().find(|t| t.exists()) {
+            bail!(
+                "{}: already exists; --force replaces it (nothing was written)",
+                t.display()
+            );
+        }
+    }
+
+    // Write: the disks, then the descriptor that names them. A failure
+    // removes what this run wrote.
+    crate::signals::install();
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = (|| -> Result<()> {
+        for (k, job) in jobs.iter().enumerate() {
+            if let Some(parent) = job.target.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
+                // A symlink inside --out must not lead outside it.
+                let real = parent.canonicalize()?;
+                if !real.starts_with(&out) {
+                    bail!(
+                        "{}: leads outside {} (a symlink?)",
+                        parent.display(),
+                        out.display()
+                    );
+                }
+            }
+            eprintln!(
+                "vmshift: {}/{}: {} → {}",
+                k + 1,
+                jobs.len(),
+                job.input,
+                job.target.display()
+            );
+            copy_disk(
+                job.img.as_ref(),
+                &job.target,
+                job.format,
+                args.force,
+                args.progress,
+            )?;
+            written.push(job.target.clone());
+        }
+        let (o, mut fh) = AtomicOutput::create(&descriptor, args.force)?;
+        if args.to == VmTargetArg::QemuArgs {
+            use std::os::unix::fs::PermissionsExt;
+            fh.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        }
+        std::io::Write::write_all(&mut fh, text.as_bytes())
+            .and_then(|()| fh.sync_all())
+            .with_context(|| format!("{}", descriptor.display()))?;
+        o.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for w in &written {
+            let _ = std::fs::remove_file(w);
+        }
+        return Err(e);
+    }
 
     // The report.
-    println!("wrote {}", target.display());
-    for c in changes.iter().chain(&changes_extra) {
+    println!("wrote {}", descriptor.display());
+    for c in &changes {
         println!("changed {c}");
     }
-    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     for f in &findings {
         println!("{f}");
     }
