@@ -20,6 +20,9 @@ use crate::error::{Error, ErrorKind, Result};
 pub struct Gate {
     extra_roots: Vec<PathBuf>,
     allow_outside: bool,
+    /// How the user lets a refused name through (the flags differ between
+    /// commands).
+    hint: Option<&'static str>,
 }
 
 impl Gate {
@@ -40,6 +43,13 @@ impl Gate {
     /// local files only.
     pub fn allow_outside(mut self, allow: bool) -> Self {
         self.allow_outside = allow;
+        self
+    }
+
+    /// Says how to let a refused name through, in the refusal (default:
+    /// the image commands' `--allow-backing-outside` and `--root`).
+    pub fn hint(mut self, hint: &'static str) -> Self {
+        self.hint = Some(hint);
         self
     }
 
@@ -118,10 +128,12 @@ impl Gate {
                 return Err(refuse(
                     ErrorKind::Refused,
                     format!(
-                        "{how} and resolves to {}, outside {}; pass --allow-backing-outside \
-                         (or add its folder as a root) if you trust this image",
+                        "{how} and resolves to {}, outside {}; {}",
                         canonical.display(),
-                        dir.display()
+                        dir.display(),
+                        self.hint.unwrap_or(
+                            "pass --allow-backing-outside (or add its folder as a root) if you trust this image"
+                        )
                     ),
                 ));
             }

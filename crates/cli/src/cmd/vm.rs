@@ -179,7 +179,8 @@ impl Resolver {
             .iter()
             .chain(datastores.values())
             .chain(storages.values())
-            .fold(Gate::new(), |g, r| g.with_root(r));
+            .fold(Gate::new(), |g, r| g.with_root(r))
+            .hint("add its folder with --disk-root DIR, or map its datastore or storage (--datastore, --storage-map)");
         Ok(Resolver {
             descriptor: descriptor.to_path_buf(),
             archive,
@@ -305,6 +306,19 @@ impl Resolver {
     }
 }
 
+/// An error and its causes in one line, without repeating a cause the
+/// message above it already quotes.
+fn text(e: &anyhow::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if !out.iter().any(|o| o.contains(&t)) {
+            out.push(t);
+        }
+    }
+    out.join(": ")
+}
+
 /// Whether `e` says a file does not exist.
 fn not_found(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -348,12 +362,7 @@ fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
                     )))
                 }
             }) {
-                out.push(Finding::new(
-                    severity,
-                    unresolved_code(&e),
-                    path,
-                    format!("{e:#}"),
-                ));
+                out.push(Finding::new(severity, unresolved_code(&e), path, text(&e)));
             }
             continue;
         }
@@ -382,12 +391,7 @@ fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
                     ));
                 }
             }
-            Err(e) => out.push(Finding::new(
-                severity,
-                unresolved_code(&e),
-                path,
-                format!("{e:#}"),
-            )),
+            Err(e) => out.push(Finding::new(severity, unresolved_code(&e), path, text(&e))),
         }
     }
     out
@@ -653,7 +657,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
                         Severity::Warning,
                         "media-missing",
                         format!("disks[{i}].source"),
-                        format!("{e:#}; the drive is left empty"),
+                        format!("{}; the drive is left empty", text(&e)),
                     ));
                     vm.disks[i].source = None;
                 }
@@ -688,7 +692,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
                     missing_severity,
                     unresolved_code(&e),
                     format!("disks[{i}].source"),
-                    format!("{e:#}"),
+                    text(&e),
                 ));
                 continue;
             }
