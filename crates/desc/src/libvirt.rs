@@ -136,7 +136,18 @@ impl DomainDocument {
         };
         vm.cpu = Cpu::with_cores_per_socket(vcpus, vcpus);
         if let Some(t) = d.at("cpu/topology") {
-            let n = |k: &str| t.get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(1);
+            let mut n = |k: &str| match t.get(k) {
+                None => 1,
+                Some(v) => v.parse::<u32>().unwrap_or_else(|_| {
+                    f.push(Finding::new(
+                        Severity::Warning,
+                        "libvirt-bad-number",
+                        format!("cpu.{k}"),
+                        format!("topology {k}='{v}' is not a number; 1 is used"),
+                    ));
+                    1
+                }),
+            };
             let dies = n("dies");
             vm.cpu = Cpu {
                 vcpus,

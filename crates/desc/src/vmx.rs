@@ -38,10 +38,12 @@ pub struct VmxDocument {
     /// Lower-cased key → index into `lines`.
     index: HashMap<String, usize>,
     crlf: bool,
+    /// No `.encoding`, and not valid UTF-8: read as windows-1252.
+    assumed_cp1252: bool,
 }
 
 /// How the bytes of a `.vmx` are decoded.
-fn decode_text(bytes: &[u8]) -> Result<String> {
+fn decode_text(bytes: &[u8]) -> Result<(String, bool)> {
     // `.encoding` is ASCII in every encoding VMware writes; find it first.
     let declared = bytes.split(|&b| b == b'\n').find_map(|l| {
         let l = std::str::from_utf8(l).ok()?.trim();
@@ -50,19 +52,24 @@ fn decode_text(bytes: &[u8]) -> Result<String> {
             .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
     });
     match declared.as_deref() {
-        None => Ok(decode_utf8_or_windows_1252(bytes)),
-        Some("utf-8" | "utf8") => String::from_utf8(bytes.to_vec()).map_err(|e| {
-            let at = e.utf8_error().valid_up_to();
-            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-            DescError::at_line(
-                line,
-                format!("invalid UTF-8 at byte {at}, though .encoding says UTF-8"),
-            )
-            .field(".encoding")
-        }),
-        Some("windows-1252" | "cp1252") => Ok(decode_windows_1252(bytes)),
+        None => Ok((
+            decode_utf8_or_windows_1252(bytes),
+            std::str::from_utf8(bytes).is_err(),
+        )),
+        Some("utf-8" | "utf8") => String::from_utf8(bytes.to_vec())
+            .map(|t| (t, false))
+            .map_err(|e| {
+                let at = e.utf8_error().valid_up_to();
+                let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+                DescError::at_line(
+                    line,
+                    format!("invalid UTF-8 at byte {at}, though .encoding says UTF-8"),
+                )
+                .field(".encoding")
+            }),
+        Some("windows-1252" | "cp1252") => Ok((decode_windows_1252(bytes), false)),
         Some("iso-8859-1" | "latin1" | "iso8859-1") => {
-            Ok(bytes.iter().map(|&b| char::from(b)).collect())
+            Ok((bytes.iter().map(|&b| char::from(b)).collect(), false))
         }
         Some(other) => Err(DescError::new(format!(
             "character set '{other}' is not supported (UTF-8, windows-1252 and ISO-8859-1 are)"
@@ -112,10 +119,11 @@ impl VmxDocument {
     /// Parses a `.vmx`. Every line must be blank, a comment, or
     /// `key = value`; a key may appear once.
     pub fn parse(bytes: &[u8]) -> Result<VmxDocument> {
-        let text = decode_text(bytes)?;
+        let (text, assumed_cp1252) = decode_text(bytes)?;
         let crlf = text.contains("\r\n");
         let mut doc = VmxDocument {
             crlf,
+            assumed_cp1252,
             ..VmxDocument::default()
         };
         for (n, raw) in text.split('\n').enumerate() {
@@ -274,6 +282,14 @@ impl VmxDocument {
     /// The VM this `.vmx` describes.
     pub fn lower(&self) -> Lowered {
         let mut f = Vec::new();
+        if self.assumed_cp1252 {
+            f.push(Finding::new(
+                Severity::Info,
+                "vmx-encoding-assumed",
+                "vmx:.encoding",
+                "no .encoding and not valid UTF-8: read as windows-1252, as older VMware products on Windows wrote it",
+            ));
+        }
         let mut vm = Vm {
             name: self.get("displayName").unwrap_or("").to_string(),
             ..Vm::default()
@@ -358,6 +374,21 @@ impl VmxDocument {
         ] {
             for c in 0..ctrls {
                 if bus != Bus::Ide && !self.present(&format!("{name}{c}")) {
+                    // Devices on a controller that is not there are not
+                    // part of the VM (VMware ignores them too).
+                    for u in 0..units {
+                        let p = format!("{name}{c}:{u}");
+                        if self.present(&p) {
+                            f.push(Finding::new(
+                                Severity::Warning,
+                                "vmx-no-controller",
+                                format!("vmx:{p}"),
+                                format!(
+                                    "{p} is present but {name}{c} is not; the device is left out"
+                                ),
+                            ));
+                        }
+                    }
                     continue;
                 }
                 for u in 0..units {
