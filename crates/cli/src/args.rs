@@ -32,9 +32,55 @@ pub enum Command {
     Check(CheckArgs),
     /// Show a disk image's partition table (MBR or GPT).
     Part(PartArgs),
+    /// Grow or shrink an image in place (moving a GPT's backup to the new end).
+    Resize(ResizeArgs),
     /// Read, check and convert whole VMs (.vmx, libvirt XML, Proxmox .conf, OVF/OVA).
     #[command(subcommand)]
     Vm(VmCommand),
+}
+
+/// How new space is provided when growing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum PreallocArg {
+    /// Sparse.
+    #[default]
+    Off,
+    /// Metadata only (qcow2).
+    Metadata,
+    /// Reserved with fallocate (raw).
+    Falloc,
+    /// Zeros written (raw).
+    Full,
+}
+
+/// `vmshift resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub format: Option<FormatArg>,
+    /// Allow the image to become smaller.
+    #[arg(long)]
+    pub shrink: bool,
+    /// With --shrink: cut even when data or a partition lies beyond the new end.
+    #[arg(long, requires = "shrink")]
+    pub force: bool,
+    /// How new space is provided.
+    #[arg(long, value_enum, default_value_t)]
+    pub preallocation: PreallocArg,
+    /// Leave a GPT's backup header where it is (by default it moves to the
+    /// new end, as the GPT requires).
+    #[arg(long)]
+    pub no_fix_gpt: bool,
+    /// Also extend partition N (the one that ends last) to the new end; the
+    /// filesystem inside is grown from the guest.
+    #[arg(long, value_name = "N")]
+    pub grow_partition: Option<u32>,
+    /// The image (changed in place).
+    pub file: PathBuf,
+    /// The new size (`20G`), or a change (`+10G`, `-1G`).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
 }
 
 /// `vmshift part`.

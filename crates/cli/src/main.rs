@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Map(a) => (cmd::map::run(a), 1),
         Command::Check(a) => (cmd::check::run(a), 1),
         Command::Part(a) => (cmd::part::run(a), 1),
+        Command::Resize(a) => (cmd::resize::run(a), 1),
         Command::Vm(VmCommand::Inspect(a)) => (cmd::vm::inspect(a), 1),
         Command::Vm(VmCommand::Validate(a)) => (cmd::vm::validate(a), 2),
         Command::Vm(VmCommand::Convert(a)) => (cmd::vm::convert_vm(a), 1),

@@ -19,6 +19,7 @@ pub mod mapping;
 pub mod ovf;
 pub mod proxmox;
 pub mod qemu;
+pub mod schema;
 pub mod vmx;
 pub mod xml;
 

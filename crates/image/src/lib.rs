@@ -18,6 +18,7 @@ pub mod output;
 pub mod part;
 pub mod qcow2;
 pub mod raw;
+pub mod resize;
 pub mod vmdk;
 
 pub use block::{

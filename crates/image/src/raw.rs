@@ -187,6 +187,26 @@ impl ImageWriter for RawWriter {
     }
 }
 
+/// Reserves `len` bytes of `file` from `offset` (fallocate, mode 0).
+pub(crate) fn fallocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(Error::new(ErrorKind::InvalidInput, "range too large").at_path(path));
+    };
+    // SAFETY: fallocate on a valid descriptor borrowed from `file`; it reads
+    // and writes no memory of ours.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, n) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::io(
+            path,
+            "reserving space (fallocate)",
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
 /// Deallocates a range of a regular file so it reads as zero.
 fn punch_hole(file: &File, offset: u64, len: u64) -> bool {
     use std::os::fd::AsRawFd;

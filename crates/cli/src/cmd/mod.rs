@@ -7,6 +7,7 @@ pub mod create;
 pub mod info;
 pub mod map;
 pub mod part;
+pub mod resize;
 pub mod vm;
 
 use std::path::Path;

@@ -1,0 +1,59 @@
+//! `vmshift resize`: grow or shrink an image in place.
+
+use anyhow::{anyhow, bail, Context, Result};
+use vmshift_image::probe;
+use vmshift_image::resize::{resize, Prealloc, ResizeOptions};
+use vmshift_model::{format_size, parse_size, DiskFormat};
+
+use crate::args::{PreallocArg, ResizeArgs};
+
+pub fn run(args: &ResizeArgs) -> Result<i32> {
+    let format: DiskFormat = match args.format {
+        Some(f) => f.into(),
+        None => {
+            let f = std::fs::File::open(&args.file)
+                .with_context(|| format!("{}", args.file.display()))?;
+            probe(&f, &args.file)?
+        }
+    };
+    let current = vmshift_image::open_image(&args.file, Some(format), &Default::default())?.size();
+    let new = match args.size.as_bytes().first() {
+        Some(b'+') => current
+            .checked_add(parse_size(&args.size[1..])?)
+            .ok_or_else(|| anyhow!("{}: too large", args.size))?,
+        Some(b'-') => current
+            .checked_sub(parse_size(&args.size[1..])?)
+            .ok_or_else(|| anyhow!("{}: larger than the image ({current} bytes)", args.size))?,
+        _ => parse_size(&args.size)?,
+    };
+    if new == 0 {
+        bail!("{}: an image cannot shrink to nothing", args.file.display());
+    }
+    let opts = ResizeOptions {
+        shrink: args.shrink,
+        force: args.force,
+        prealloc: match args.preallocation {
+            PreallocArg::Off => Prealloc::Off,
+            PreallocArg::Metadata => Prealloc::Metadata,
+            PreallocArg::Falloc => Prealloc::Falloc,
+            PreallocArg::Full => Prealloc::Full,
+        },
+        fix_gpt: !args.no_fix_gpt,
+        grow_partition: args.grow_partition,
+    };
+    let report = resize(&args.file, format, new, &opts)?;
+    println!(
+        "Image resized: {} → {}.",
+        format_size(report.old_size),
+        format_size(report.new_size)
+    );
+    if report.gpt_moved {
+        println!("The GPT's backup header and entries moved to the new end.");
+    }
+    if let Some((n, from, to)) = report.partition_grown {
+        println!(
+            "Partition {n} now ends at byte {to} (was {from}); grow the filesystem inside from the guest (resize2fs, xfs_growfs, Extend Volume)."
+        );
+    }
+    Ok(0)
+}

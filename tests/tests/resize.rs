@@ -1,0 +1,276 @@
+//! `vmshift resize` against `qemu-img resize`, sgdisk and sfdisk; killed
+//! at many points, an image is always the old one or the new one.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use vmshift_tests::{json, patterned_raw, tool, tool_ok, vmshift, vmshift_bin, vmshift_ok};
+
+fn disk(dir: &Path, name: &str, size: u64) {
+    std::fs::File::create(dir.join(name))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+fn sfdisk(dir: &Path, image: &str, script: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sfdisk")
+        .args(["-q", image])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn copy(dir: &Path, a: &str, b: &str) {
+    std::fs::copy(dir.join(a), dir.join(b)).unwrap();
+}
+
+#[test]
+fn raw_and_qcow2_grow_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 32 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "a.raw", "a.qcow2"],
+    );
+    for (img, fmt) in [("a.raw", "raw"), ("a.qcow2", "qcow2")] {
+        let theirs = format!("q-{img}");
+        copy(d, img, &theirs);
+        tool_ok(d, "qemu-img", &["resize", "-f", fmt, &theirs, "+1G"]);
+        vmshift_ok(d, &["resize", img, "+1G"]);
+        tool_ok(d, "qemu-img", &["compare", img, &theirs]);
+        let size = |f: &str| {
+            json(&tool_ok(d, "qemu-img", &["info", "--output", "json", f]).stdout)["virtual-size"]
+                .clone()
+        };
+        assert_eq!(size(img), size(&theirs));
+        if fmt == "qcow2" {
+            tool_ok(d, "qemu-img", &["check", img]);
+        }
+    }
+    // A qcow2 grown by 100 GiB: metadata only.
+    vmshift_ok(d, &["resize", "a.qcow2", "+100G"]);
+    tool_ok(d, "qemu-img", &["check", "a.qcow2"]);
+    assert!(std::fs::metadata(d.join("a.qcow2")).unwrap().len() < 8 << 20);
+}
+
+#[test]
+fn raw_shrink_needs_shrink_and_refuses_data_beyond_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 16 << 20);
+    let out = vmshift(d, &["resize", "a.raw", "-1M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shrink"));
+    // patterned_raw writes data near the end: refused, nothing changed.
+    let before = std::fs::read(d.join("a.raw")).unwrap();
+    let out = vmshift(d, &["resize", "--shrink", "a.raw", "8M"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(d.join("a.raw")).unwrap(), before);
+    copy(d, "a.raw", "q.raw");
+    tool_ok(
+        d,
+        "qemu-img",
+        &["resize", "-f", "raw", "--shrink", "q.raw", "8M"],
+    );
+    vmshift_ok(d, &["resize", "--shrink", "--force", "a.raw", "8M"]);
+    tool_ok(d, "cmp", &["a.raw", "q.raw"]);
+}
+
+/// The bytes of `a` and `b` agree outside the first `head` and the last
+/// `tail` bytes.
+fn agree_outside(d: &Path, a: &str, b: &str, head: usize, tail: usize) {
+    let (x, y) = (
+        std::fs::read(d.join(a)).unwrap(),
+        std::fs::read(d.join(b)).unwrap(),
+    );
+    assert_eq!(x.len(), y.len());
+    assert!(
+        x[head..x.len() - tail] == y[head..y.len() - tail],
+        "{a} and {b} differ in the middle"
+    );
+}
+
+#[test]
+fn gpt_moves_to_the_new_end_and_the_last_partition_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "g.raw", 64 << 20);
+    tool_ok(
+        d,
+        "sgdisk",
+        &["-n", "1:2048:+8M", "-t", "1:ef00", "-n", "2:0:0", "g.raw"],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 20M 1M", "g.raw"],
+    );
+    copy(d, "g.raw", "q.raw");
+    copy(d, "g.raw", "n.raw");
+    tool_ok(d, "qemu-img", &["resize", "-f", "raw", "q.raw", "+64M"]);
+    // Without the fix: exactly what qemu-img does.
+    vmshift_ok(d, &["resize", "--no-fix-gpt", "n.raw", "+64M"]);
+    tool_ok(d, "cmp", &["n.raw", "q.raw"]);
+    // With it: a valid GPT at the new end, every other byte as qemu-img's.
+    let out = vmshift_ok(d, &["resize", "g.raw", "+64M"]);
+    assert!(out.contains("backup header"), "{out}");
+    let v = String::from_utf8(tool_ok(d, "sgdisk", &["-v", "g.raw"]).stdout).unwrap();
+    assert!(v.contains("No problems found"), "{v}");
+    agree_outside(d, "g.raw", "q.raw", 34 * 512, 33 * 512);
+    // And growing the last partition.
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "g.raw", "+16M"]);
+    let v = String::from_utf8(tool_ok(d, "sgdisk", &["-v", "g.raw"]).stdout).unwrap();
+    assert!(v.contains("No problems found"), "{v}");
+    let dump = json(&tool_ok(d, "sfdisk", &["-J", "g.raw"]).stdout);
+    let p2 = &dump["partitiontable"]["partitions"][1];
+    let last_lba = (144u64 << 20) / 512 - 1;
+    assert_eq!(
+        p2["start"].as_u64().unwrap() + p2["size"].as_u64().unwrap() - 1,
+        last_lba - 33
+    );
+    // Only the partition that ends last may grow.
+    let out = vmshift(d, &["resize", "--grow-partition", "1", "g.raw", "+1M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("partition 2 ends last"));
+}
+
+#[test]
+fn gpt_with_4096_byte_sectors_moves_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "s4.raw", 64 << 20);
+    use std::io::Write;
+    let mut child = std::process::Command::new("fdisk")
+        .args(["-b", "4096", "s4.raw"])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"g\nn\n1\n\n+8M\nn\n2\n\n\nw\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "s4.raw", "+32M"]);
+    let out = tool(d, "fdisk", &["-b", "4096", "-l", "s4.raw"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("corrupt") && !text.contains("mismatch"),
+        "{text}"
+    );
+    let v = json(vmshift_ok(d, &["part", "--output", "json", "s4.raw"]).as_bytes());
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["gpt"]["backup-at-end"], true);
+    assert_eq!(
+        v["partitions"][1]["end"].as_u64().unwrap(),
+        (96u64 << 20) - 5 * 4096
+    );
+}
+
+#[test]
+fn mbr_primary_and_logical_partitions_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "p.raw", 32 << 20);
+    sfdisk(d, "p.raw", "label: dos\n,8M,83\n,,83\n");
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "p.raw", "+32M"]);
+    let dump = json(&tool_ok(d, "sfdisk", &["-J", "p.raw"]).stdout);
+    let p = &dump["partitiontable"]["partitions"][1];
+    assert_eq!(
+        p["start"].as_u64().unwrap() + p["size"].as_u64().unwrap(),
+        (64u64 << 20) / 512
+    );
+    disk(d, "l.raw", 32 << 20);
+    sfdisk(d, "l.raw", "label: dos\n,8M,83\n,,5\n,4M,83\n,,83\n");
+    vmshift_ok(d, &["resize", "--grow-partition", "6", "l.raw", "+32M"]);
+    let dump = json(&tool_ok(d, "sfdisk", &["-J", "l.raw"]).stdout);
+    let parts = dump["partitiontable"]["partitions"].as_array().unwrap();
+    let end = |p: &serde_json::Value| p["start"].as_u64().unwrap() + p["size"].as_u64().unwrap();
+    assert_eq!(
+        end(&parts[1]),
+        (64u64 << 20) / 512,
+        "the extended container"
+    );
+    assert_eq!(
+        end(parts.last().unwrap()),
+        (64u64 << 20) / 512,
+        "partition 6"
+    );
+}
+
+/// Runs a resize slowed down between its steps and kills it after `ms`.
+fn killed_resize(d: &Path, args: &[&str], ms: u64) {
+    let mut child = std::process::Command::new(vmshift_bin())
+        .args(args)
+        .current_dir(d)
+        .env("VMSHIFT_RESIZE_STEP_DELAY_MS", "60")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn killed_anywhere_a_resize_leaves_the_old_or_the_new_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "g0.raw", 32 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g0.raw"]);
+    patterned_raw(&d.join("q0.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "q0.raw", "q0.qcow2"],
+    );
+    let old_parts = json(vmshift_ok(d, &["part", "--output", "json", "g0.raw"]).as_bytes())
+        ["partitions"]
+        .clone();
+    copy(d, "g0.raw", "new.raw");
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "new.raw", "+32M"]);
+    let new_parts = json(vmshift_ok(d, &["part", "--output", "json", "new.raw"]).as_bytes())
+        ["partitions"]
+        .clone();
+    for ms in [0, 20, 40, 70, 100, 130, 160, 200, 260, 400] {
+        copy(d, "g0.raw", "g.raw");
+        killed_resize(d, &["resize", "--grow-partition", "2", "g.raw", "+32M"], ms);
+        let len = std::fs::metadata(d.join("g.raw")).unwrap().len();
+        assert!(len == 32 << 20 || len == 64 << 20, "{ms} ms: {len} bytes");
+        // The table reads, as the old one or the new one.
+        let out = vmshift(d, &["part", "--output", "json", "g.raw"]);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(2)),
+            "{ms} ms: {out:?}"
+        );
+        let v = json(&out.stdout);
+        let parts = &v["partitions"];
+        assert!(*parts == old_parts || *parts == new_parts, "{ms} ms: {v}");
+
+        copy(d, "q0.qcow2", "q.qcow2");
+        killed_resize(d, &["resize", "q.qcow2", "+50G"], ms);
+        tool_ok(d, "qemu-img", &["check", "q.qcow2"]);
+        tool_ok(d, "qemu-img", &["compare", "q0.raw", "q.qcow2"]);
+    }
+}
