@@ -741,3 +741,42 @@ fn serial_logs_and_snapshot_lists_cannot_reach_host_files() {
         "{text}"
     );
 }
+
+#[test]
+fn vm_validate_checks_libvirt_xml_against_the_installed_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = sample(dir.path(), "linux-web");
+    vmshift_ok(
+        &d,
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "libvirt",
+            "--out",
+            "o",
+            "linux-web.vmx",
+        ],
+    );
+    let out = vmshift_ok(
+        &d,
+        &["vm", "validate", "--libvirt-schema", "o/linux-web.xml"],
+    );
+    assert!(!out.contains("libvirt-schema"), "{out}");
+    // A document the schema refuses (and xmllint with it).
+    let text = std::fs::read_to_string(d.join("o/linux-web.xml")).unwrap();
+    std::fs::write(
+        d.join("bad.xml"),
+        text.replace("<devices>", "<devices><bogus/>"),
+    )
+    .unwrap();
+    assert!(!tool(&d, "virt-xml-validate", &["bad.xml", "domain"])
+        .status
+        .success());
+    let out = vmshift(&d, &["vm", "validate", "--libvirt-schema", "bad.xml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("[libvirt-schema] domain/devices"),
+        "{out:?}"
+    );
+}

@@ -169,6 +169,11 @@ pub struct VmInspectArgs {
 /// `vmshift vm validate`.
 #[derive(Debug, Args)]
 pub struct VmValidateArgs {
+    /// libvirt XML: also check it against libvirt's RelaxNG schema, as
+    /// installed on this machine (`--libvirt-schema=DIR`: the folder holding
+    /// domain.rng; default /usr/share/libvirt/schemas).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = "/usr/share/libvirt/schemas")]
+    pub libvirt_schema: Option<PathBuf>,
     /// The descriptor's format (by extension when omitted).
     #[arg(long, value_enum)]
     pub from: Option<VmFormatArg>,

@@ -680,7 +680,7 @@ fn parse_pve_size(s: &str) -> Option<u64> {
 /// (`32G`, `1536M`, `4M`), plain bytes otherwise.
 fn pve_size(bytes: u64) -> String {
     for (shift, unit) in [(40u32, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -137,7 +137,7 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
     if new == old && opts.grow_partition.is_none() {
         return Ok(report);
     }
-    if new % 512 != 0 {
+    if !new.is_multiple_of(512) {
         return Err(invalid(
             path,
             format!("{new} bytes is not a whole number of 512-byte sectors"),
@@ -492,7 +492,7 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         )
         .at_path(path));
     }
-    if new % 512 != 0 {
+    if !new.is_multiple_of(512) {
         return Err(invalid(
             path,
             format!("{new} bytes is not a whole number of 512-byte sectors"),

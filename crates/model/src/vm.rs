@@ -133,7 +133,7 @@ impl Cpu {
     /// `vcpus` CPUs as `cores_per_socket`-core sockets (one socket of all
     /// of them when `cores_per_socket` does not divide `vcpus`).
     pub fn with_cores_per_socket(vcpus: u32, cores_per_socket: u32) -> Cpu {
-        let cores = if cores_per_socket > 0 && vcpus % cores_per_socket == 0 {
+        let cores = if cores_per_socket > 0 && vcpus.is_multiple_of(cores_per_socket) {
             cores_per_socket
         } else {
             vcpus.max(1)

@@ -424,9 +424,32 @@ pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
 }
 
 pub fn validate(args: &VmValidateArgs) -> Result<i32> {
-    let l = load(&args.vm, args.from)?;
+    // The schema first: it speaks of documents the model cannot read.
+    let mut findings = Vec::new();
+    if let Some(dir) = &args.libvirt_schema {
+        if format_of(&args.vm, args.from)? != VmFormatArg::Libvirt {
+            bail!(
+                "--libvirt-schema checks libvirt domain XML; {} is not one",
+                args.vm.display()
+            );
+        }
+        let bytes = read_descriptor(&args.vm).map_err(|e| anyhow!(e.in_file(&args.vm)))?;
+        let doc =
+            vmshift_desc::xml::Document::parse(&bytes).map_err(|e| anyhow!(e.in_file(&args.vm)))?;
+        findings.extend(vmshift_desc::schema::validate_domain(&doc, dir).map_err(|e| anyhow!(e))?);
+    }
+    let l = match load(&args.vm, args.from) {
+        Ok(l) => l,
+        Err(e) if !findings.is_empty() => {
+            for f in &findings {
+                println!("{f}");
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let resolver = Resolver::new(&l.path, l.archive, &args.roots)?;
-    let mut findings = l.lowered.findings.clone();
+    findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));

@@ -219,7 +219,7 @@ impl Checker<'_> {
             // a misaligned table is still read where it points: as QEMU.
             let l2 = e & OFFSET_MASK;
             self.inc(l2, self.cs);
-            if l2 % self.cs != 0 {
+            if !l2.is_multiple_of(self.cs) {
                 self.corrupt(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -283,7 +283,7 @@ impl Checker<'_> {
                             "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         ));
                     }
-                    if host % self.cs != 0 {
+                    if !host.is_multiple_of(self.cs) {
                         let data = if ext {
                             bitmap & L2_BITMAP_ALL_ALLOC != 0
                         } else {
@@ -351,7 +351,8 @@ impl Checker<'_> {
                 for e in self.read_u64s(table_offset, table_size as usize)? {
                     let off = e & BME_OFFSET_MASK;
                     let bad = e & BME_RESERVED_MASK != 0
-                        || (off != 0 && (e & BME_FLAG_ALL_ONES != 0 || off % self.cs != 0));
+                        || (off != 0
+                            && (e & BME_FLAG_ALL_ONES != 0 || !off.is_multiple_of(self.cs)));
                     if bad {
                         self.corrupt(format!("ERROR: invalid bitmap table entry {e:#x}"));
                         continue;
@@ -376,7 +377,7 @@ impl Checker<'_> {
                 continue;
             }
             let off = e & !REFT_RESERVED_MASK;
-            if off % self.cs != 0 {
+            if !off.is_multiple_of(self.cs) {
                 self.corrupt(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
@@ -416,7 +417,7 @@ impl Checker<'_> {
         if off == 0 {
             return Ok(Some(0));
         }
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Ok(None);
         }
         if cache.as_ref().is_none_or(|(o, _)| *o != off) {

@@ -410,7 +410,7 @@ impl Header {
 
     fn check_tables(&self, ctx: &Ctx) -> Result<()> {
         let cs = self.cluster_size();
-        let aligned = |v: u64| v % cs == 0;
+        let aligned = |v: u64| v.is_multiple_of(cs);
         let needed = Header::l1_entries_needed(self.size, self.l2_coverage());
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
             return Err(ctx.invalid(

@@ -196,7 +196,7 @@ impl Qcow2Reader {
             return Ok(t.clone());
         }
         let cs = self.header.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(self.ctx.corrupt(
                 "L1 entry",
                 offset,
@@ -262,7 +262,7 @@ impl Qcow2Reader {
         // entry is marked allocated (QEMU maps guest cluster 0 there).
         let allocated_at_zero = self.data.is_some() && entry & OFLAG_COPIED != 0;
         let cs = self.header.cluster_size();
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(self.ctx.corrupt(
                 "L2 entry",
                 host,

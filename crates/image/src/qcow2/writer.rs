@@ -523,7 +523,7 @@ impl ImageWriter for Qcow2Writer {
             self.plan_plain(e.data, 0, e.offset, &mut out)?;
             return Ok(self.write_plan(out));
         };
-        if e.offset % self.cs != 0 {
+        if !e.offset.is_multiple_of(self.cs) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 "compressed writes must be cluster aligned",

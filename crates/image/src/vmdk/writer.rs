@@ -295,7 +295,7 @@ impl VmdkWriter {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % GRAIN != 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if !offset.is_multiple_of(GRAIN) || offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!("VMDK writes must be grain aligned and inside the disk (offset {offset:#x}, {len} bytes)"),
