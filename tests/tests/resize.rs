@@ -274,3 +274,92 @@ fn killed_anywhere_a_resize_leaves_the_old_or_the_new_image() {
         tool_ok(d, "qemu-img", &["compare", "q0.raw", "q.qcow2"]);
     }
 }
+
+#[test]
+fn vmdk_subformats_grow_with_their_data_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 20 << 20);
+    for (sub, by) in [
+        ("monolithicSparse", "+3G"),
+        ("monolithicSparse", "+100G"), // the grain directory moves
+        ("streamOptimized", "+3G"),
+        ("monolithicFlat", "+3G"),
+    ] {
+        let img = format!("{sub}{by}.vmdk");
+        let opt = format!("subformat={sub}");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "vmdk", "-o", &opt, "a.raw", &img],
+        );
+        vmshift_ok(d, &["resize", &img, by]);
+        copy(d, "a.raw", "want.raw");
+        tool_ok(d, "qemu-img", &["resize", "-f", "raw", "want.raw", by]);
+        // qemu-img reads the old data and zeros beyond, at the new size.
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "want.raw", &img]);
+        tool_ok(d, "qemu-img", &["check", &img]);
+        assert_eq!(vmshift(d, &["check", &img]).status.code(), Some(0), "{img}");
+        let info = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", &img]).stdout);
+        let want = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "want.raw"]).stdout);
+        assert_eq!(info["virtual-size"], want["virtual-size"], "{img}");
+    }
+    // An ESXi pair: the flat file grows, the descriptor follows.
+    let esxi = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms/esxi-db");
+    for f in ["esxi-db.vmdk", "esxi-db-flat.vmdk"] {
+        std::fs::copy(esxi.join(f), d.join(f)).unwrap();
+    }
+    vmshift_ok(d, &["resize", "esxi-db.vmdk", "+16M"]);
+    let text = std::fs::read_to_string(d.join("esxi-db.vmdk")).unwrap();
+    assert!(
+        text.contains("RW 65536 VMFS \"esxi-db-flat.vmdk\""),
+        "{text}"
+    );
+    tool_ok(d, "qemu-img", &["check", "esxi-db.vmdk"]);
+    assert_eq!(
+        std::fs::metadata(d.join("esxi-db-flat.vmdk"))
+            .unwrap()
+            .len(),
+        32 << 20
+    );
+}
+
+#[test]
+fn killed_sparse_vmdk_resize_is_old_or_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            "a.raw",
+            "v0.vmdk",
+        ],
+    );
+    for ms in [0, 20, 50, 80, 110, 150, 300] {
+        copy(d, "v0.vmdk", "v.vmdk");
+        killed_resize(d, &["resize", "v.vmdk", "+100G"], ms);
+        tool_ok(d, "qemu-img", &["check", "v.vmdk"]);
+        let size = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "v.vmdk"]).stdout)
+            ["virtual-size"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            size == 8 << 20 || size == (8 << 20) + (100 << 30),
+            "{ms} ms: {size}"
+        );
+        copy(d, "a.raw", "w.raw");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["resize", "-f", "raw", "w.raw", &size.to_string()],
+        );
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "w.raw", "v.vmdk"]);
+    }
+}

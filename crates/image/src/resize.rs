@@ -110,11 +110,7 @@ pub fn resize(
     match format {
         DiskFormat::Raw => resize_raw(file, path, new_size, opts),
         DiskFormat::Qcow2 => resize_qcow2(file, path, new_size, opts),
-        DiskFormat::Vmdk => Err(Error::new(
-            ErrorKind::Unsupported,
-            "resizing VMDK images is not supported yet; convert to qcow2 or raw, resize, and convert back",
-        )
-        .at_path(path)),
+        DiskFormat::Vmdk => resize_vmdk(file, path, new_size, opts),
     }
 }
 
@@ -553,4 +549,263 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
     write_all_at(&file, path, &upd, 24)?;
     sync(&file, path)?;
     Ok(report)
+}
+
+fn unsupported(path: &Path, msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Unsupported, msg).at_path(path)
+}
+
+/// VMDK: a hosted sparse file grows in place (capacity, grain directory,
+/// embedded descriptor); a stream is rewritten to a temp file and renamed;
+/// a flat disk's extent file is resized like a raw disk (GPT included) and
+/// its descriptor replaced atomically.
+fn resize_vmdk(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result<ResizeReport> {
+    if new % 512 != 0 {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is not a whole number of 512-byte sectors"),
+        ));
+    }
+    let mut head = [0u8; 512];
+    let n = crate::fileio::read_up_to_at(&file, path, &mut head, 0)?;
+    if n >= 4 && &head[0..4] == b"KDMV" {
+        return resize_vmdk_sparse(file, path, &head, new, opts);
+    }
+    // A descriptor file.
+    let len = file_len(&file, path)?;
+    if len > crate::vmdk::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
+        return Err(invalid(path, "not a VMDK descriptor (too large)"));
+    }
+    let mut text = vec![0u8; len as usize];
+    read_exact_at(&file, path, &mut text, 0, "descriptor")?;
+    let ctx = crate::error::Ctx::new(path);
+    let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, 0)?;
+    if d.parent_hint().is_some() {
+        return Err(unsupported(path, "a delta disk follows its parent's size; resize the base disk and commit or recreate the delta"));
+    }
+    let ext = match d.extents.as_slice() {
+        [e] if e.kind == crate::vmdk::descriptor::ExtentType::Flat && e.offset == 0 => e,
+        [_] => {
+            return Err(unsupported(
+                path,
+                "resizing this VMDK's extent type is not supported yet (monolithicFlat/vmfs flat, monolithicSparse and streamOptimized are)",
+            ))
+        }
+        _ => {
+            return Err(unsupported(
+                path,
+                "resizing a multi-extent VMDK (twoGbMaxExtent*) is not supported yet; convert it to a single-file subformat first",
+            ))
+        }
+    };
+    let name = ext.file.clone().unwrap_or_default();
+    let flat = crate::gate::Gate::new().resolve(path, &name, "extent")?;
+    let new_text = d
+        .resized_text(new / 512)
+        .ok_or_else(|| invalid(path, "the descriptor's extent line could not be rewritten"))?;
+    let write_descriptor = || -> Result<()> {
+        let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
+        std::io::Write::write_all(&mut f, new_text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(path, "writing the descriptor", e))?;
+        out.commit()
+    };
+    let old = ext.sectors * 512;
+    if new < old {
+        if opts.fix_gpt {
+            return Err(unsupported(path, "shrinking a flat VMDK that may hold a GPT: pass --no-fix-gpt after shrinking its partitions"));
+        }
+        // The descriptor first: a shorter disk over a longer file reads.
+        write_descriptor()?;
+        step();
+        let mut report = resize(&flat, DiskFormat::Raw, new, opts)?;
+        report.old_size = old;
+        return Ok(report);
+    }
+    // Growing: the extent file first (with any GPT moved), then the
+    // descriptor that says so.
+    let mut report = resize(&flat, DiskFormat::Raw, new, opts)?;
+    report.old_size = old;
+    step();
+    write_descriptor()?;
+    Ok(report)
+}
+
+fn resize_vmdk_sparse(
+    file: File,
+    path: &Path,
+    head: &[u8; 512],
+    new: u64,
+    opts: &ResizeOptions,
+) -> Result<ResizeReport> {
+    let u32_at = |o: usize| LittleEndian::read_u32(&head[o..o + 4]);
+    let u64_at = |o: usize| LittleEndian::read_u64(&head[o..o + 8]);
+    let (flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd) = (
+        u32_at(8),
+        u64_at(12),
+        u64_at(20),
+        u64_at(28),
+        u64_at(36),
+        u64::from(u32_at(44)),
+        u64_at(48),
+        u64_at(56),
+    );
+    let old = capacity * 512;
+    let report = ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    };
+    if new == old {
+        return Ok(report);
+    }
+    if new < old {
+        return Err(unsupported(
+            path,
+            "shrinking a sparse VMDK is not supported yet",
+        ));
+    }
+    if opts.grow_partition.is_some() || opts.prealloc != Prealloc::Off {
+        return Err(unsupported(
+            path,
+            "a sparse VMDK grows without preallocation or partition changes for now",
+        ));
+    }
+    // The reader checks the whole image (and names a parent, if any).
+    let reader = crate::open::open_image(
+        path,
+        Some(DiskFormat::Vmdk),
+        &crate::open::OpenOptions::default(),
+    )?;
+    if reader.backing().is_some() {
+        return Err(unsupported(
+            path,
+            "a delta disk follows its parent's size; resize the base disk",
+        ));
+    }
+    if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
+        return Err(unsupported(
+            path,
+            "the image holds a GPT, and moving it inside a sparse VMDK is not supported yet: pass --no-fix-gpt, or resize a raw copy",
+        ));
+    }
+    if flags & (1 << 16) != 0 {
+        // streamOptimized: a stream is written once, front to back.
+        drop(reader);
+        return rewrite_stream(path, new).map(|()| report);
+    }
+    if grain == 0 || gtes == 0 {
+        return Err(invalid(path, "a sparse header without grain geometry"));
+    }
+    let per = gtes * grain;
+    let (old_n, new_n) = (capacity.div_ceil(per), (new / 512).div_ceil(per));
+    let old_bytes = (old_n * 4).div_ceil(512) * 512;
+    let mut hdr = *head;
+    let dirs: Vec<(u64, usize)> = [(gd, 56usize), (rgd, 48)]
+        .into_iter()
+        .filter(|&(sector, _)| sector != 0 && sector != u64::MAX)
+        .collect();
+    if new_n * 4 <= old_bytes {
+        // The directories have room in their last sector: make sure the
+        // new entries read as "no table".
+        for &(sector, _) in &dirs {
+            let zeros = vec![0u8; ((new_n - old_n) * 4) as usize];
+            write_all_at(&file, path, &zeros, sector * 512 + old_n * 4)?;
+        }
+    } else {
+        // New, larger directories at the end of the file; the old ones are
+        // left as they are until the header points away from them.
+        let mut end = file_len(&file, path)?.div_ceil(512) * 512;
+        for &(sector, field) in &dirs {
+            let mut table = vec![0u8; ((new_n * 4).div_ceil(512) * 512) as usize];
+            read_exact_at(
+                &file,
+                path,
+                &mut table[..(old_n * 4) as usize],
+                sector * 512,
+                "grain directory",
+            )?;
+            write_all_at(&file, path, &table, end)?;
+            LittleEndian::write_u64(&mut hdr[field..field + 8], end / 512);
+            end += table.len() as u64;
+        }
+    }
+    sync(&file, path)?;
+    step();
+    // The header (one sector) switches to the new capacity and directories.
+    LittleEndian::write_u64(&mut hdr[12..20], new / 512);
+    write_all_at(&file, path, &hdr, 0)?;
+    sync(&file, path)?;
+    step();
+    // The embedded descriptor's extent line follows (QEMU and vmshift read
+    // the capacity from the header).
+    if desc_off != 0 && desc_size != 0 {
+        let mut text = vec![0u8; (desc_size * 512) as usize];
+        read_exact_at(
+            &file,
+            path,
+            &mut text,
+            desc_off * 512,
+            "embedded descriptor",
+        )?;
+        let ctx = crate::error::Ctx::new(path);
+        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
+        if let Some(t) = d.resized_text(new / 512) {
+            if t.len() < text.len() {
+                let mut area = vec![0u8; text.len()];
+                area[..t.len()].copy_from_slice(t.as_bytes());
+                write_all_at(&file, path, &area, desc_off * 512)?;
+                sync(&file, path)?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Rewrites a streamOptimized VMDK at a larger size: the stream is copied
+/// to a temp file beside it (in VMware's layout, as `convert` writes it)
+/// and renamed over it.
+fn rewrite_stream(path: &Path, new: u64) -> Result<()> {
+    use crate::create::{create_writer, CreateSpec};
+    use crate::output::{AtomicOutput, SideOutputs};
+    let src = crate::open::open_image(
+        path,
+        Some(DiskFormat::Vmdk),
+        &crate::open::OpenOptions::default(),
+    )?;
+    let adapter = src
+        .info()
+        .format_specific
+        .iter()
+        .find(|(k, _)| *k == "adapter-type")
+        .and_then(|(_, v)| v.as_str().map(str::to_string));
+    let mut options = vec![("subformat".to_string(), "streamOptimized".to_string())];
+    if let Some(a) =
+        adapter.filter(|a| ["ide", "lsilogic", "buslogic", "legacyESX"].contains(&a.as_str()))
+    {
+        options.push(("adapter_type".into(), a));
+    }
+    let spec = CreateSpec {
+        format: DiskFormat::Vmdk,
+        size: new,
+        options,
+        compress: false,
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    spec.validate()?;
+    let (out, f) = AtomicOutput::create(path, true)?;
+    let mut sides = SideOutputs::new(path, true);
+    let mut writer = create_writer(f, out.temp_path(), &spec, &mut sides)?;
+    crate::engine::convert(
+        src.as_ref(),
+        writer.as_mut(),
+        &crate::engine::ConvertOptions::default(),
+        &|_, _| {},
+    )?;
+    writer.finish()?;
+    sides.commit()?;
+    out.commit()
 }

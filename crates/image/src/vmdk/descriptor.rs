@@ -122,6 +122,43 @@ impl Descriptor {
         Ok(d)
     }
 
+    /// The descriptor's text for a disk of `sectors` sectors: its one
+    /// extent line and `ddb.geometry.cylinders` rewritten, every other
+    /// line as it was.
+    pub(crate) fn resized_text(&self, sectors: u64) -> Option<String> {
+        let [ext] = self.extents.as_slice() else {
+            return None;
+        };
+        let mut lines = self.lines.clone();
+        let access = match ext.access {
+            Access::ReadWrite => "RW",
+            Access::ReadOnly => "RDONLY",
+            Access::NoAccess => "NOACCESS",
+        };
+        let file = ext
+            .file
+            .as_deref()
+            .map(|f| format!(" \"{f}\""))
+            .unwrap_or_default();
+        let offset = if ext.kind == ExtentType::Flat && ext.type_word == "FLAT" {
+            format!(" {}", ext.offset)
+        } else {
+            String::new()
+        };
+        *lines.get_mut(ext.line.checked_sub(1)?)? =
+            format!("{access} {sectors} {}{file}{offset}", ext.type_word);
+        let num = |k: &str| self.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(h), Some(s)) = (num("ddb.geometry.heads"), num("ddb.geometry.sectors")) {
+            let cylinders = (sectors / (h * s).max(1)).min(65535);
+            for l in &mut lines {
+                if l.trim_start().starts_with("ddb.geometry.cylinders") {
+                    *l = format!("ddb.geometry.cylinders = \"{cylinders}\"");
+                }
+            }
+        }
+        Some(lines.join(if self.crlf { "\r\n" } else { "\n" }))
+    }
+
     /// A header key's value (keys compare case-insensitively).
     pub fn get(&self, key: &str) -> Option<&str> {
         self.header
