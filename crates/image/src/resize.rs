@@ -560,7 +560,7 @@ fn unsupported(path: &Path, msg: impl Into<String>) -> Error {
 /// a flat disk's extent file is resized like a raw disk (GPT included) and
 /// its descriptor replaced atomically.
 fn resize_vmdk(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result<ResizeReport> {
-    if new % 512 != 0 {
+    if !new.is_multiple_of(512) {
         return Err(invalid(
             path,
             format!("{new} bytes is not a whole number of 512-byte sectors"),
