@@ -285,6 +285,8 @@ fn vmdk_subformats_grow_with_their_data_intact() {
         ("monolithicSparse", "+100G"), // the grain directory moves
         ("streamOptimized", "+3G"),
         ("monolithicFlat", "+3G"),
+        ("twoGbMaxExtentSparse", "+5G"), // new extents after the old ones
+        ("twoGbMaxExtentFlat", "+5G"),
     ] {
         let img = format!("{sub}{by}.vmdk");
         let opt = format!("subformat={sub}");

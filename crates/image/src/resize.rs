@@ -583,6 +583,13 @@ fn resize_vmdk(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resul
     if d.parent_hint().is_some() {
         return Err(unsupported(path, "a delta disk follows its parent's size; resize the base disk and commit or recreate the delta"));
     }
+    let split = matches!(
+        d.create_type(),
+        "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat"
+    );
+    if split {
+        return grow_vmdk_set(path, &d, new, opts);
+    }
     let ext = match d.extents.as_slice() {
         [e] if e.kind == crate::vmdk::descriptor::ExtentType::Flat && e.offset == 0 => e,
         [_] => {
@@ -808,4 +815,112 @@ fn rewrite_stream(path: &Path, new: u64) -> Result<()> {
     writer.finish()?;
     sides.commit()?;
     out.commit()
+}
+
+/// Grows a twoGbMaxExtent set by adding extents (2 GiB each, the last one
+/// smaller): the new files are written and synced first, the descriptor
+/// that lists them replaces the old one last. Existing extents are not
+/// touched, so until the descriptor lands the old set is intact.
+fn grow_vmdk_set(
+    path: &Path,
+    d: &crate::vmdk::descriptor::Descriptor,
+    new: u64,
+    opts: &ResizeOptions,
+) -> Result<ResizeReport> {
+    use crate::block::ImageWriter;
+    use crate::vmdk::descriptor::ExtentType;
+    use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
+    const SPLIT: u64 = 2 << 30;
+    let old: u64 = d.extents.iter().map(|e| e.sectors * 512).sum();
+    let report = ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    };
+    if new == old {
+        return Ok(report);
+    }
+    if new < old {
+        return Err(unsupported(
+            path,
+            "shrinking a twoGbMaxExtent set is not supported yet",
+        ));
+    }
+    if opts.grow_partition.is_some() || opts.prealloc != Prealloc::Off {
+        return Err(unsupported(
+            path,
+            "a twoGbMaxExtent set grows without preallocation or partition changes for now",
+        ));
+    }
+    let sparse = d.extents.iter().all(|e| e.kind == ExtentType::Sparse);
+    let flat = d
+        .extents
+        .iter()
+        .all(|e| e.kind == ExtentType::Flat && e.type_word == "FLAT");
+    if !sparse && !flat {
+        return Err(unsupported(
+            path,
+            "a set mixing extent types is not resized",
+        ));
+    }
+    let reader = crate::open::open_image(
+        path,
+        Some(DiskFormat::Vmdk),
+        &crate::open::OpenOptions::default(),
+    )?;
+    if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
+        return Err(unsupported(
+            path,
+            "the image holds a GPT, and moving it inside a twoGbMaxExtent set is not supported yet: pass --no-fix-gpt, or resize a raw copy",
+        ));
+    }
+    drop(reader);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".vmdk").unwrap_or(&name).to_string();
+    let mut sides = crate::output::SideOutputs::new(path, false);
+    let mut lines = Vec::new();
+    let mut at = old;
+    let mut n = d.extents.len() + 1;
+    while at < new {
+        let len = (new - at).min(SPLIT);
+        let extent = format!("{stem}-{}{n:03}.vmdk", if sparse { "s" } else { "f" });
+        let (f, temp) = sides.create(&extent)?;
+        if sparse {
+            let mut w = VmdkWriter::create(
+                f,
+                &temp,
+                len,
+                &extent,
+                VmdkOptions {
+                    subformat: Subformat::MonolithicSparse,
+                    ..VmdkOptions::default()
+                },
+            )?;
+            w.embed_descriptor = false;
+            Box::new(w).finish()?;
+            lines.push(format!("RW {} SPARSE \"{extent}\"", len / 512));
+        } else {
+            f.set_len(len)
+                .map_err(|e| Error::io(&temp, "sizing the extent", e))?;
+            f.sync_all()
+                .map_err(|e| Error::io(&temp, "syncing the extent", e))?;
+            lines.push(format!("RW {} FLAT \"{extent}\" 0", len / 512));
+        }
+        at += len;
+        n += 1;
+    }
+    sides.commit()?;
+    step();
+    let text = d
+        .with_more_extents(&lines, new / 512)
+        .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be extended"))?;
+    let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path, "writing the descriptor", e))?;
+    out.commit()?;
+    Ok(report)
 }

@@ -159,6 +159,29 @@ impl Descriptor {
         Some(lines.join(if self.crlf { "\r\n" } else { "\n" }))
     }
 
+    /// The descriptor's text with `extra` extent lines after its last one,
+    /// for a disk of `sectors` sectors in all (cylinders follow).
+    pub(crate) fn with_more_extents(&self, extra: &[String], sectors: u64) -> Option<String> {
+        let last = self.extents.last()?.line;
+        let mut lines = self.lines.clone();
+        if last == 0 || last > lines.len() {
+            return None;
+        }
+        for (k, l) in extra.iter().enumerate() {
+            lines.insert(last + k, l.clone());
+        }
+        let num = |k: &str| self.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(h), Some(s)) = (num("ddb.geometry.heads"), num("ddb.geometry.sectors")) {
+            let cylinders = (sectors / (h * s).max(1)).min(65535);
+            for l in &mut lines {
+                if l.trim_start().starts_with("ddb.geometry.cylinders") {
+                    *l = format!("ddb.geometry.cylinders = \"{cylinders}\"");
+                }
+            }
+        }
+        Some(lines.join(if self.crlf { "\r\n" } else { "\n" }))
+    }
+
     /// A header key's value (keys compare case-insensitively).
     pub fn get(&self, key: &str) -> Option<&str> {
         self.header
