@@ -179,3 +179,44 @@ pub fn assert_common_fields_agree(
         _ => assert_eq!(ours, theirs, "{path} differs"),
     }
 }
+
+/// A sparse raw disk of `size` bytes.
+pub fn sparse_disk(dir: &Path, name: &str, size: u64) {
+    std::fs::File::create(dir.join(name))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+/// Runs `program args` in `dir` with `input` on stdin; it must succeed.
+pub fn tool_with_input(dir: &Path, program: &str, args: &[&str], input: &[u8]) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    assert!(child.wait().unwrap().success(), "{program} {args:?} failed");
+}
+
+/// Partitions `image` with an sfdisk script.
+pub fn sfdisk(dir: &Path, image: &str, script: &str) {
+    tool_with_input(dir, "sfdisk", &["-q", image], script.as_bytes());
+}
+
+/// A 64 MiB disk with a GPT of 4096-byte sectors (fdisk -b 4096): an
+/// 8 MiB partition 1 and partition 2 filling the rest.
+pub fn gpt_4096_disk(dir: &Path, name: &str) {
+    sparse_disk(dir, name, 64 << 20);
+    tool_with_input(
+        dir,
+        "fdisk",
+        &["-b", "4096", name],
+        b"g\nn\n1\n\n+8M\nn\n2\n\n\nw\n",
+    );
+}

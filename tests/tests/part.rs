@@ -2,34 +2,8 @@
 //! compared with what sfdisk reads from them; damaged tables reported.
 
 use std::path::Path;
-use std::process::Stdio;
 
-use vmshift_tests::{json, tool_ok, vmshift, vmshift_ok};
-
-/// A sparse raw disk of `size` bytes.
-fn disk(dir: &Path, name: &str, size: u64) {
-    let f = std::fs::File::create(dir.join(name)).unwrap();
-    f.set_len(size).unwrap();
-}
-
-/// Runs `sfdisk` on `image` with `script` on stdin.
-fn sfdisk(dir: &Path, image: &str, script: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sfdisk")
-        .args(["-q", image])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sfdisk (Debian package fdisk) must be installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
+use vmshift_tests::{gpt_4096_disk, json, sfdisk, sparse_disk, tool_ok, vmshift, vmshift_ok};
 
 fn part_json(dir: &Path, image: &str) -> serde_json::Value {
     json(vmshift_ok(dir, &["part", "--output", "json", image]).as_bytes())
@@ -84,7 +58,7 @@ fn assert_agrees_with_sfdisk(dir: &Path, image: &str) {
 fn gpt_made_by_sgdisk_and_sfdisk_reads_as_sfdisk_reads_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "g.raw", 64 << 20);
+    sparse_disk(d, "g.raw", 64 << 20);
     tool_ok(
         d,
         "sgdisk",
@@ -132,7 +106,7 @@ fn gpt_made_by_sgdisk_and_sfdisk_reads_as_sfdisk_reads_it() {
 fn mbr_with_logical_partitions_reads_as_sfdisk_reads_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "m.raw", 64 << 20);
+    sparse_disk(d, "m.raw", 64 << 20);
     sfdisk(
         d,
         "m.raw",
@@ -153,23 +127,7 @@ fn mbr_with_logical_partitions_reads_as_sfdisk_reads_it() {
 fn gpt_with_4096_byte_sectors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "s4.raw", 64 << 20);
-    use std::io::Write;
-    let mut child = std::process::Command::new("fdisk")
-        .args(["-b", "4096", "s4.raw"])
-        .current_dir(d)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"g\nn\n1\n\n+8M\nn\n2\n\n\nw\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    gpt_4096_disk(d, "s4.raw");
     let listing =
         String::from_utf8(tool_ok(d, "fdisk", &["-b", "4096", "-l", "s4.raw"]).stdout).unwrap();
     let v = part_json(d, "s4.raw");
@@ -194,7 +152,7 @@ fn gpt_with_4096_byte_sectors() {
 fn damaged_tables_are_reported_and_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "g.raw", 32 << 20);
+    sparse_disk(d, "g.raw", 32 << 20);
     tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
     let pristine = std::fs::read(d.join("g.raw")).unwrap();
     let patched = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
@@ -236,7 +194,7 @@ fn damaged_tables_are_reported_and_never_panic() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("not at the end of the disk"));
     // An MBR whose extended chain loops.
-    disk(d, "loop.raw", 16 << 20);
+    sparse_disk(d, "loop.raw", 16 << 20);
     sfdisk(d, "loop.raw", "label: dos\n,4M,83\n,,5\n,2M,83\n,2M,83\n");
     let mut b = std::fs::read(d.join("loop.raw")).unwrap();
     // The first EBR (at the extended partition's start) points back at itself.
@@ -254,7 +212,7 @@ fn damaged_tables_are_reported_and_never_panic() {
         "{out:?}"
     );
     // Overlapping MBR partitions.
-    disk(d, "ov.raw", 16 << 20);
+    sparse_disk(d, "ov.raw", 16 << 20);
     sfdisk(d, "ov.raw", "label: dos\n2048,8192,83\n10240,8192,83\n");
     // sfdisk refuses overlaps; move the second partition's start by hand.
     let mut b = std::fs::read(d.join("ov.raw")).unwrap();
@@ -264,6 +222,6 @@ fn damaged_tables_are_reported_and_never_panic() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("overlap"));
     // No table at all.
-    disk(d, "blank.raw", 1 << 20);
+    sparse_disk(d, "blank.raw", 1 << 20);
     assert!(vmshift_ok(d, &["part", "blank.raw"]).contains("no partition table"));
 }

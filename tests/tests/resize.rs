@@ -5,32 +5,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use vmshift_tests::{json, patterned_raw, tool, tool_ok, vmshift, vmshift_bin, vmshift_ok};
-
-fn disk(dir: &Path, name: &str, size: u64) {
-    std::fs::File::create(dir.join(name))
-        .unwrap()
-        .set_len(size)
-        .unwrap();
-}
-
-fn sfdisk(dir: &Path, image: &str, script: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sfdisk")
-        .args(["-q", image])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
+use vmshift_tests::{
+    gpt_4096_disk, json, patterned_raw, sfdisk, sparse_disk, tool, tool_ok, vmshift, vmshift_bin,
+    vmshift_ok,
+};
 
 fn copy(dir: &Path, a: &str, b: &str) {
     std::fs::copy(dir.join(a), dir.join(b)).unwrap();
@@ -109,7 +87,7 @@ fn agree_outside(d: &Path, a: &str, b: &str, head: usize, tail: usize) {
 fn gpt_moves_to_the_new_end_and_the_last_partition_grows() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "g.raw", 64 << 20);
+    sparse_disk(d, "g.raw", 64 << 20);
     tool_ok(
         d,
         "sgdisk",
@@ -153,23 +131,7 @@ fn gpt_moves_to_the_new_end_and_the_last_partition_grows() {
 fn gpt_with_4096_byte_sectors_moves_too() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "s4.raw", 64 << 20);
-    use std::io::Write;
-    let mut child = std::process::Command::new("fdisk")
-        .args(["-b", "4096", "s4.raw"])
-        .current_dir(d)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"g\nn\n1\n\n+8M\nn\n2\n\n\nw\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    gpt_4096_disk(d, "s4.raw");
     vmshift_ok(d, &["resize", "--grow-partition", "2", "s4.raw", "+32M"]);
     let out = tool(d, "fdisk", &["-b", "4096", "-l", "s4.raw"]);
     let text =
@@ -191,7 +153,7 @@ fn gpt_with_4096_byte_sectors_moves_too() {
 fn mbr_primary_and_logical_partitions_grow() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "p.raw", 32 << 20);
+    sparse_disk(d, "p.raw", 32 << 20);
     sfdisk(d, "p.raw", "label: dos\n,8M,83\n,,83\n");
     vmshift_ok(d, &["resize", "--grow-partition", "2", "p.raw", "+32M"]);
     let dump = json(&tool_ok(d, "sfdisk", &["-J", "p.raw"]).stdout);
@@ -200,7 +162,7 @@ fn mbr_primary_and_logical_partitions_grow() {
         p["start"].as_u64().unwrap() + p["size"].as_u64().unwrap(),
         (64u64 << 20) / 512
     );
-    disk(d, "l.raw", 32 << 20);
+    sparse_disk(d, "l.raw", 32 << 20);
     sfdisk(d, "l.raw", "label: dos\n,8M,83\n,,5\n,4M,83\n,,83\n");
     vmshift_ok(d, &["resize", "--grow-partition", "6", "l.raw", "+32M"]);
     let dump = json(&tool_ok(d, "sfdisk", &["-J", "l.raw"]).stdout);
@@ -237,7 +199,7 @@ fn killed_resize(d: &Path, args: &[&str], ms: u64) {
 fn killed_anywhere_a_resize_leaves_the_old_or_the_new_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    disk(d, "g0.raw", 32 << 20);
+    sparse_disk(d, "g0.raw", 32 << 20);
     tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g0.raw"]);
     patterned_raw(&d.join("q0.raw"), 8 << 20);
     tool_ok(
