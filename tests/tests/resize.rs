@@ -327,3 +327,144 @@ fn killed_sparse_vmdk_resize_is_old_or_new() {
         tool_ok(d, "qemu-img", &["compare", "-f", "raw", "w.raw", "v.vmdk"]);
     }
 }
+
+#[test]
+fn grown_sparse_vmdk_takes_writes_in_its_new_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 16 << 20);
+    for by in ["+3G", "+100G"] {
+        let img = format!("w{by}.vmdk");
+        tool_ok(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=monolithicSparse",
+                "a.raw",
+                &img,
+            ],
+        );
+        vmshift_ok(d, &["resize", &img, by]);
+        // QEMU writes into the new range (it needs a grain table there).
+        tool_ok(
+            d,
+            "qemu-io",
+            &["-f", "vmdk", "-c", "write -P 0x44 40M 64k", &img],
+        );
+        tool_ok(d, "qemu-img", &["check", &img]);
+        copy(d, "a.raw", "want.raw");
+        tool_ok(d, "qemu-img", &["resize", "-f", "raw", "want.raw", by]);
+        tool_ok(
+            d,
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x44 40M 64k", "want.raw"],
+        );
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "want.raw", &img]);
+        assert_eq!(vmshift(d, &["check", &img]).status.code(), Some(0));
+    }
+}
+
+#[test]
+fn refused_resizes_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    let before = std::fs::read(d.join("g.raw")).unwrap();
+    for args in [
+        vec!["resize", "--grow-partition", "1", "g.raw", "+1M"],
+        vec!["resize", "--shrink", "g.raw", "-1M"],
+        vec!["resize", "--preallocation", "metadata", "g.raw", "+1M"],
+        vec!["resize", "g.raw", "+100"],
+    ] {
+        let out = vmshift(d, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(
+            std::fs::read(d.join("g.raw")).unwrap() == before,
+            "{args:?} changed the image"
+        );
+    }
+    // A damaged primary header (a crafted header size) is never trusted.
+    let mut b = before.clone();
+    b[512 + 12..512 + 16].copy_from_slice(&600u32.to_le_bytes());
+    std::fs::write(d.join("h.raw"), &b).unwrap();
+    let out = vmshift(d, &["resize", "h.raw", "+1M"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{out:?}"
+    );
+    // qcow2 with a persistent bitmap: refused, untouched.
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "bm.qcow2", "64M"]);
+    tool_ok(d, "qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
+    let q = std::fs::read(d.join("bm.qcow2")).unwrap();
+    let out = vmshift(d, &["resize", "bm.qcow2", "+1G"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bitmap"));
+    assert!(std::fs::read(d.join("bm.qcow2")).unwrap() == q);
+    tool_ok(d, "qemu-img", &["check", "bm.qcow2"]);
+    // An MBR primary partition before an extended container cannot grow.
+    sparse_disk(d, "e.raw", 32 << 20);
+    sfdisk(d, "e.raw", "label: dos\n,8M,83\n,8M,5\n");
+    let out = vmshift(d, &["resize", "--grow-partition", "1", "e.raw", "+32M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::metadata(d.join("e.raw")).unwrap().len(), 32 << 20);
+}
+
+#[test]
+fn leftover_and_hybrid_tables_are_respected() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A DOS table written over an old GPT: the MBR is the table.
+    sparse_disk(d, "l.raw", 32 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "l.raw"]);
+    sparse_disk(d, "dos.raw", 32 << 20);
+    sfdisk(d, "dos.raw", "label: dos\n,4M,83\n");
+    let dos = std::fs::read(d.join("dos.raw")).unwrap();
+    let mut b = std::fs::read(d.join("l.raw")).unwrap();
+    b[..512].copy_from_slice(&dos[..512]);
+    std::fs::write(d.join("l.raw"), b).unwrap();
+    let out = vmshift(d, &["part", "--output", "json", "l.raw"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the leftover GPT is a problem worth knowing"
+    );
+    let v = json(&out.stdout);
+    assert_eq!(v["kind"], "mbr", "{v}");
+    assert!(
+        v["problems"][0].as_str().unwrap().contains("leftover GPT"),
+        "{v}"
+    );
+    // A hybrid MBR keeps its own entries when the GPT moves.
+    sparse_disk(d, "hy.raw", 32 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "hy.raw"]);
+    tool_ok(d, "sgdisk", &["-h", "1", "hy.raw"]);
+    let mbr_before = std::fs::read(d.join("hy.raw")).unwrap()[..512].to_vec();
+    vmshift_ok(d, &["resize", "hy.raw", "+32M"]);
+    let v = String::from_utf8(tool_ok(d, "sgdisk", &["-v", "hy.raw"]).stdout).unwrap();
+    assert!(v.contains("No problems found"), "{v}");
+    assert_eq!(
+        std::fs::read(d.join("hy.raw")).unwrap()[..512],
+        mbr_before[..]
+    );
+}
+
+#[test]
+fn an_interrupted_gpt_move_is_finished_by_running_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "g0.raw", 32 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g0.raw"]);
+    for ms in [30, 90, 150, 210] {
+        copy(d, "g0.raw", "g.raw");
+        killed_resize(d, &["resize", "--grow-partition", "2", "g.raw", "64M"], ms);
+        vmshift_ok(d, &["resize", "--grow-partition", "2", "g.raw", "64M"]);
+        let v = String::from_utf8(tool_ok(d, "sgdisk", &["-v", "g.raw"]).stdout).unwrap();
+        assert!(v.contains("No problems found"), "{ms} ms: {v}");
+        assert_eq!(std::fs::metadata(d.join("g.raw")).unwrap().len(), 64 << 20);
+    }
+}

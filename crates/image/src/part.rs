@@ -131,10 +131,23 @@ pub fn read_table(img: &dyn ImageReader) -> Result<Option<PartitionTable>> {
     let has_sig = mbr[510] == 0x55 && mbr[511] == 0xaa;
     // GPT: the header is at LBA 1, whose byte offset depends on the
     // sector size; try 512 then 4096.
+    let entries = mbr_entries(&mbr);
+    let protective = entries.iter().any(|e| e.kind == 0xee);
+    let mbr_in_use = has_sig && entries.iter().any(|e| e.kind != 0);
     for ss in [512u64, 4096] {
         if size >= ss * 2 {
             let h = read(img, ss, 8)?;
             if h == GPT_SIGNATURE {
+                // A GPT counts only behind a protective MBR (as the kernel
+                // and libblkid have it); a DOS table written over an old GPT
+                // is the disk's table.
+                if mbr_in_use && !protective {
+                    let mut t = read_mbr(img, &entries)?;
+                    t.problems.push(format!(
+                        "a leftover GPT header at byte {ss} (no protective MBR entry); the MBR is the table"
+                    ));
+                    return Ok(Some(t));
+                }
                 return read_gpt(img, ss).map(Some);
             }
         }
@@ -142,10 +155,12 @@ pub fn read_table(img: &dyn ImageReader) -> Result<Option<PartitionTable>> {
     if !has_sig {
         return Ok(None);
     }
-    let entries = mbr_entries(&mbr);
-    if entries.iter().any(|e| e.kind == 0xee) {
-        // A protective MBR whose GPT headers are both unreadable.
-        return read_gpt(img, 512).map(Some);
+    if protective {
+        // A protective MBR whose primary GPT header is unreadable: the
+        // backup may still be whole, at the end, in either sector size.
+        return read_gpt(img, 512)
+            .or_else(|e| read_gpt(img, 4096).map_err(|_| e))
+            .map(Some);
     }
     if entries.iter().all(|e| e.kind == 0) {
         return Ok(None);

@@ -73,6 +73,8 @@ pub struct ResizeReport {
     pub gpt_moved: bool,
     /// A partition that grew: (number, old end, new end) in bytes.
     pub partition_grown: Option<(u32, u64, u64)>,
+    /// Things the user should know (a table left alone, …).
+    pub notes: Vec<String>,
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> Error {
@@ -102,6 +104,12 @@ pub fn resize(
     new_size: u64,
     opts: &ResizeOptions,
 ) -> Result<ResizeReport> {
+    // The file itself, not a symlink to it: a rewritten stream replaces
+    // the real file.
+    let real = path
+        .canonicalize()
+        .map_err(|e| Error::io(path, "finding the image", e))?;
+    let path = real.as_path();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -121,7 +129,7 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
     if !meta.is_file() {
         return Err(invalid(
             path,
-            "a block device's size is not the image's to change",
+            "not a regular file; only image files are resized",
         ));
     }
     let old = file_len(&file, path)?;
@@ -130,64 +138,92 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
         new_size: new,
         ..ResizeReport::default()
     };
-    if new == old && opts.grow_partition.is_none() {
-        return Ok(report);
-    }
     if !new.is_multiple_of(512) {
         return Err(invalid(
             path,
             format!("{new} bytes is not a whole number of 512-byte sectors"),
         ));
     }
+    if new < old && !opts.shrink {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
+        ));
+    }
+    if opts.prealloc == Prealloc::Metadata {
+        return Err(invalid(
+            path,
+            "--preallocation metadata applies to qcow2; a raw image has no metadata (use falloc or full)",
+        ));
+    }
+    // The partition table matters only to what is asked: a table vmshift
+    // cannot read does not stop a plain resize (as with qemu-img).
+    let needs_table = opts.grow_partition.is_some() || new < old;
     let table = {
         let reader = RawReader::open(
             file.try_clone()
                 .map_err(|e| Error::io(path, "reopening the image", e))?,
             path,
         )?;
-        read_table(&reader)?
+        match read_table(&reader) {
+            Ok(t) => t,
+            Err(e) if !needs_table => {
+                report.notes.push(format!(
+                    "the partition table is unreadable and was left as it is: {e}"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        }
     };
-    if new < old {
-        if !opts.shrink {
-            return Err(invalid(
-                path,
-                format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
-            ));
-        }
-        if !opts.force {
-            if let Some(p) = table
-                .as_ref()
-                .and_then(|t| t.partitions.iter().find(|p| p.end > new))
-            {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force",
-                        p.number, p.end
-                    ),
-                ));
-            }
-            // GPT metadata at the old end is expected there; other data is not.
-            let keep_from = match &table {
-                Some(t) if t.kind == TableKind::Gpt => {
-                    let g = t.gpt.as_ref().map_or(0, |g| g.sector_size);
-                    old.saturating_sub(g * 33)
-                }
-                _ => old,
-            };
-            if let Some(d) = seek_data_hole(&file, new, true).filter(|&d| d < keep_from) {
-                return Err(invalid(
-                    path,
-                    format!("data is stored at byte {d}, beyond the new end ({new}); pass --force to cut it off"),
-                ));
-            }
-        }
-    }
     let gpt = table
         .as_ref()
         .filter(|t| t.kind == TableKind::Gpt && opts.fix_gpt)
-        .and_then(|t| t.gpt.as_ref().map(|g| g.sector_size));
-    let mbr = table.as_ref().filter(|t| t.kind == TableKind::Mbr);
+        .and_then(|t| t.gpt.as_ref());
+    // Nothing to do: same size, and any GPT already whole and at the end.
+    let gpt_needs_fix = gpt.is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok);
+    if new == old && opts.grow_partition.is_none() && !gpt_needs_fix {
+        return Ok(report);
+    }
+    // Plan everything before the first write: a refused resize changes
+    // nothing.
+    let gpt_plan = match gpt {
+        Some(g) => Some(plan_gpt(
+            &file,
+            path,
+            g.sector_size,
+            old,
+            new,
+            opts.grow_partition,
+        )?),
+        None => None,
+    };
+    let mbr_plan = match (opts.grow_partition, &gpt_plan, &table) {
+        (Some(n), None, Some(t)) if t.kind == TableKind::Mbr => {
+            Some(plan_mbr_growth(&file, path, t, n, new)?)
+        }
+        (Some(n), None, _) => {
+            return Err(invalid(
+                path,
+                format!(
+                    "--grow-partition {n}: the image has no partition table vmshift can change"
+                ),
+            ))
+        }
+        _ => None,
+    };
+    if new < old && !opts.force {
+        shrink_checks(&file, path, table.as_ref(), gpt_plan.as_ref(), old, new)?;
+    }
+    if let Some(p) = gpt_plan.as_ref().filter(|p| p.last_usable < p.first_usable) {
+        return Err(invalid(
+            path,
+            format!(
+                "the disk is too small for its GPT ({} sectors of entries)",
+                p.entry_sectors
+            ),
+        ));
+    }
 
     // Grow: the new end exists before anything points at it.
     if new > old {
@@ -197,20 +233,17 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
         sync(&file, path)?;
         step();
     }
-    if let Some(ss) = gpt {
-        report.partition_grown = move_gpt(&file, path, ss, new, opts.grow_partition)?;
+    if let Some(plan) = gpt_plan {
+        report.partition_grown = plan.grown;
+        apply_gpt(&file, path, &plan)?;
         report.gpt_moved = true;
-    } else if let Some(n) = opts.grow_partition {
-        match mbr {
-            Some(_) => report.partition_grown = Some(grow_mbr_partition(&file, path, n, new)?),
-            None => {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "--grow-partition {n}: the image has no partition table vmshift can change"
-                    ),
-                ))
-            }
+    }
+    if let Some(plan) = mbr_plan {
+        report.partition_grown = Some(plan.grown);
+        for (at, sector) in &plan.writes {
+            write_all_at(&file, path, sector, *at)?;
+            sync(&file, path)?;
+            step();
         }
     }
     // Shrink: the table has moved in; now cut.
@@ -224,7 +257,11 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
 
 fn preallocate(file: &File, path: &Path, from: u64, to: u64, how: Prealloc) -> Result<()> {
     match how {
-        Prealloc::Off | Prealloc::Metadata => Ok(()),
+        Prealloc::Off => Ok(()),
+        Prealloc::Metadata => Err(invalid(
+            path,
+            "--preallocation metadata applies to qcow2; a raw image has no metadata (use falloc or full)",
+        )),
         Prealloc::Falloc => crate::raw::fallocate(file, path, from, to - from),
         Prealloc::Full => {
             let zeros = vec![0u8; 1 << 20];
@@ -239,63 +276,166 @@ fn preallocate(file: &File, path: &Path, from: u64, to: u64, how: Prealloc) -> R
     }
 }
 
-/// Moves the backup GPT to the end of a disk of `new` bytes and points the
-/// primary header at it (growing partition `grow` to the new last usable
-/// LBA when asked). Returns the partition grown.
-fn move_gpt(
+/// Refuses a shrink that would cut off a partition or stored data (other
+/// than the GPT's own backup, which moves).
+fn shrink_checks(
+    file: &File,
+    path: &Path,
+    table: Option<&crate::part::PartitionTable>,
+    gpt: Option<&GptPlan>,
+    old: u64,
+    new: u64,
+) -> Result<()> {
+    if let Some(p) = table.and_then(|t| t.partitions.iter().find(|p| p.end > new)) {
+        return Err(invalid(
+            path,
+            format!(
+                "partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force",
+                p.number, p.end
+            ),
+        ));
+    }
+    // The old backup array and header are expected at the old end; the
+    // file-system block that holds the array's start counts with them.
+    let keep_from = match gpt {
+        Some(g) => (g.old_backup_entries_lba * g.ss) / 4096 * 4096,
+        None => old,
+    };
+    if let Some(d) = seek_data_hole(file, new, true).filter(|&d| d < keep_from) {
+        return Err(invalid(
+            path,
+            format!("data is stored at byte {d}, beyond the new end ({new}); pass --force to cut it off"),
+        ));
+    }
+    Ok(())
+}
+
+/// A GPT as it will be written for the new size.
+#[derive(Debug)]
+struct GptPlan {
+    ss: u64,
+    /// The new primary header (for LBA 1), the new backup header (for the
+    /// last LBA), both CRCs done.
+    primary: Vec<u8>,
+    backup: Vec<u8>,
+    entries: Vec<u8>,
+    primary_entries_lba: u64,
+    backup_entries_lba: u64,
+    last_lba: u64,
+    first_usable: u64,
+    last_usable: u64,
+    entry_sectors: u64,
+    /// Where the current backup's entries start (for the shrink check).
+    old_backup_entries_lba: u64,
+    /// The primary's entries change (a grown partition, or rebuilt from
+    /// the backup).
+    rewrite_primary_entries: bool,
+    grown: Option<(u32, u64, u64)>,
+    /// The protective MBR sector, updated (`None` when it is hybrid or
+    /// absent: then it is left alone).
+    pmbr: Option<[u8; 512]>,
+}
+
+/// Reads one GPT copy (header at `lba`) with every field checked; `None`
+/// when it is not sound.
+fn read_gpt_copy(
     file: &File,
     path: &Path,
     ss: u64,
-    new: u64,
-    grow: Option<u32>,
-) -> Result<Option<(u32, u64, u64)>> {
+    lba: u64,
+    len: u64,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let at = lba
+        .checked_mul(ss)
+        .filter(|a| a.checked_add(ss).is_some_and(|e| e <= len))?;
     let mut hdr = vec![0u8; ss as usize];
-    read_exact_at(file, path, &mut hdr, ss, "GPT header")?;
+    read_exact_at(file, path, &mut hdr, at, "GPT header").ok()?;
+    if &hdr[0..8] != b"EFI PART" {
+        return None;
+    }
     let hsize = LittleEndian::read_u32(&hdr[12..16]) as usize;
-    let crc_ok = {
-        let mut h = hdr[..hsize.clamp(92, ss as usize)].to_vec();
-        let want = LittleEndian::read_u32(&h[16..20]);
-        h[16..20].fill(0);
-        crc32fast::hash(&h) == want
-    };
-    if &hdr[0..8] != b"EFI PART" || !crc_ok {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "the primary GPT header is damaged; repair the table (sgdisk -e / gdisk) before resizing, or pass --no-fix-gpt",
-        )
-        .at_path(path));
+    if !(92..=ss as usize).contains(&hsize) {
+        return None;
+    }
+    let mut h = hdr[..hsize].to_vec();
+    let want = LittleEndian::read_u32(&h[16..20]);
+    h[16..20].fill(0);
+    if crc32fast::hash(&h) != want || LittleEndian::read_u64(&hdr[24..32]) != lba {
+        return None;
     }
     let entries_lba = LittleEndian::read_u64(&hdr[72..80]);
     let count = LittleEndian::read_u32(&hdr[80..84]);
     let esize = LittleEndian::read_u32(&hdr[84..88]);
-    let bytes = u64::from(count) * u64::from(esize);
-    let mut entries = vec![0u8; bytes as usize];
-    read_exact_at(file, path, &mut entries, entries_lba * ss, "GPT entries")?;
-    if crc32fast::hash(&entries) != LittleEndian::read_u32(&hdr[88..92]) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "the primary GPT entry array is damaged; repair the table before resizing, or pass --no-fix-gpt",
-        )
-        .at_path(path));
+    if !(128..=4096).contains(&esize) || !esize.is_power_of_two() || count == 0 || count > 16384 {
+        return None;
     }
+    let bytes = u64::from(count) * u64::from(esize);
+    let eat = entries_lba
+        .checked_mul(ss)
+        .filter(|a| a.checked_add(bytes).is_some_and(|e| e <= len))?;
+    let mut entries = vec![0u8; bytes as usize];
+    read_exact_at(file, path, &mut entries, eat, "GPT entries").ok()?;
+    (crc32fast::hash(&entries) == LittleEndian::read_u32(&hdr[88..92])).then_some((hdr, entries))
+}
+
+/// Plans the GPT for a disk of `new` bytes: from the primary copy when it
+/// is sound, else from the backup (an interrupted earlier run, or a
+/// damaged primary), growing partition `grow` when asked.
+fn plan_gpt(
+    file: &File,
+    path: &Path,
+    ss: u64,
+    old: u64,
+    new: u64,
+    grow: Option<u32>,
+) -> Result<GptPlan> {
+    let old_last = old / ss - 1;
+    let primary = read_gpt_copy(file, path, ss, 1, old);
+    let alt = primary
+        .as_ref()
+        .map(|(h, _)| LittleEndian::read_u64(&h[32..40]))
+        .unwrap_or(old_last);
+    let backup = read_gpt_copy(file, path, ss, alt, old)
+        .or_else(|| read_gpt_copy(file, path, ss, old_last, old));
+    let from_primary = primary.is_some();
+    let (hdr, mut entries) = primary.or(backup.clone()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Corrupt,
+            "both GPT copies are damaged; repair the table (gdisk) before resizing, or pass --no-fix-gpt",
+        )
+        .at_path(path)
+    })?;
+    let old_backup_entries_lba = backup
+        .as_ref()
+        .map_or(old_last, |(h, _)| LittleEndian::read_u64(&h[72..80]));
+    let hsize = LittleEndian::read_u32(&hdr[12..16]) as usize;
+    let esize = LittleEndian::read_u32(&hdr[84..88]) as usize;
+    let bytes = entries.len() as u64;
     let entry_sectors = bytes.div_ceil(ss);
-    let last_lba = new / ss - 1;
-    let backup_entries_lba = last_lba - entry_sectors;
-    let last_usable = backup_entries_lba - 1;
     let first_usable = LittleEndian::read_u64(&hdr[40..48]);
-    if last_usable <= first_usable {
+    let primary_entries_lba = if from_primary {
+        LittleEndian::read_u64(&hdr[72..80])
+    } else {
+        2
+    };
+    let last_lba = (new / ss)
+        .checked_sub(1)
+        .ok_or_else(|| invalid(path, "the new size holds no sector"))?;
+    let backup_entries_lba = last_lba.saturating_sub(entry_sectors);
+    let last_usable = backup_entries_lba.saturating_sub(1);
+    if primary_entries_lba + entry_sectors > first_usable || last_usable <= first_usable {
         return Err(invalid(path, "the disk is too small for its GPT"));
     }
     // Grow the partition that ends last, if asked.
+    let used = |e: &[u8]| e[0..16].iter().any(|&b| b != 0);
     let mut grown = None;
     if let Some(n) = grow {
-        let ends: Vec<(u32, u64)> = entries
-            .chunks_exact(esize as usize)
+        let last = entries
+            .chunks_exact(esize)
             .enumerate()
-            .filter(|(_, e)| e[0..16].iter().any(|&b| b != 0))
+            .filter(|(_, e)| used(e))
             .map(|(i, e)| (i as u32 + 1, LittleEndian::read_u64(&e[40..48])))
-            .collect();
-        let last = ends.iter().max_by_key(|(_, end)| *end).copied();
+            .max_by_key(|&(_, end)| end);
         match last {
             Some((num, end)) if num == n => {
                 if end > last_usable {
@@ -304,8 +444,7 @@ fn move_gpt(
                         format!("partition {n} already reaches past the new last usable sector"),
                     ));
                 }
-                let e =
-                    &mut entries[(n as usize - 1) * esize as usize..n as usize * esize as usize];
+                let e = &mut entries[(n as usize - 1) * esize..n as usize * esize];
                 LittleEndian::write_u64(&mut e[40..48], last_usable);
                 grown = Some((n, (end + 1) * ss, (last_usable + 1) * ss));
             }
@@ -325,15 +464,15 @@ fn move_gpt(
             }
         }
     }
-    if let Some(p) = entries
-        .chunks_exact(esize as usize)
-        .filter(|e| e[0..16].iter().any(|&b| b != 0))
+    if let Some(end) = entries
+        .chunks_exact(esize)
+        .filter(|e| used(e))
         .map(|e| LittleEndian::read_u64(&e[40..48]))
         .find(|&end| end > last_usable)
     {
         return Err(invalid(
             path,
-            format!("a partition ends at LBA {p}, past the new last usable LBA {last_usable}"),
+            format!("a partition ends at LBA {end}, past the new last usable LBA {last_usable}; shrink it first"),
         ));
     }
     let entries_crc = crc32fast::hash(&entries);
@@ -349,94 +488,147 @@ fn move_gpt(
         LittleEndian::write_u32(&mut h[16..20], crc);
         h
     };
-    // 1. The new backup (entries, then header), synced.
-    write_all_at(file, path, &entries, backup_entries_lba * ss)?;
-    write_all_at(
-        file,
-        path,
-        &header(last_lba, 1, backup_entries_lba),
-        last_lba * ss,
-    )?;
+    // The protective MBR: extended to the new end when it is purely
+    // protective (a hybrid MBR describes partitions of its own).
+    let mut mbr = [0u8; 512];
+    read_exact_at(file, path, &mut mbr, 0, "protective MBR")?;
+    let used_slots: Vec<usize> = (0..4).filter(|i| mbr[0x1be + i * 16 + 4] != 0).collect();
+    let pmbr = match used_slots.as_slice() {
+        [slot] if mbr[0x1be + slot * 16 + 4] == 0xee => {
+            let e = 0x1be + slot * 16;
+            let first = u64::from(LittleEndian::read_u32(&mbr[e + 8..e + 12]));
+            let sectors = (new / ss).saturating_sub(first).min(u64::from(u32::MAX)) as u32;
+            LittleEndian::write_u32(&mut mbr[e + 12..e + 16], sectors);
+            Some(mbr)
+        }
+        _ => None,
+    };
+    Ok(GptPlan {
+        ss,
+        primary: header(1, last_lba, primary_entries_lba),
+        backup: header(last_lba, 1, backup_entries_lba),
+        entries,
+        primary_entries_lba,
+        backup_entries_lba,
+        last_lba,
+        first_usable,
+        last_usable,
+        entry_sectors,
+        old_backup_entries_lba,
+        rewrite_primary_entries: grown.is_some() || !from_primary,
+        grown,
+        pmbr,
+    })
+}
+
+/// Writes a planned GPT: the new backup (entries, then header) first and
+/// synced; then the primary's entries if they change; then the primary
+/// header (one sector), which switches readers to the new table; then the
+/// protective MBR.
+fn apply_gpt(file: &File, path: &Path, p: &GptPlan) -> Result<()> {
+    write_all_at(file, path, &p.entries, p.backup_entries_lba * p.ss)?;
+    write_all_at(file, path, &p.backup, p.last_lba * p.ss)?;
     sync(file, path)?;
     step();
-    // 2. The primary: with a grown partition its entries change too. The
-    // entry array goes first; until the header (one sector) lands, the
-    // primary's CRC does not match and readers use the new backup.
-    if grown.is_some() {
-        write_all_at(file, path, &entries, entries_lba * ss)?;
+    if p.rewrite_primary_entries {
+        write_all_at(file, path, &p.entries, p.primary_entries_lba * p.ss)?;
         sync(file, path)?;
         step();
     }
-    write_all_at(file, path, &header(1, last_lba, entries_lba), ss)?;
+    write_all_at(file, path, &p.primary, p.ss)?;
     sync(file, path)?;
     step();
-    // 3. The protective MBR covers the whole disk (up to 2^32 - 1 sectors;
-    // it sits in the first logical sector whatever its size).
-    let mut mbr = [0u8; 512];
-    read_exact_at(file, path, &mut mbr, 0, "protective MBR")?;
-    if let Some(slot) = (0..4).find(|i| mbr[0x1be + i * 16 + 4] == 0xee) {
-        let e = 0x1be + slot * 16;
-        let first = u64::from(LittleEndian::read_u32(&mbr[e + 8..e + 12]));
-        // In the disk's logical sectors, like every GPT field.
-        let sectors = (new / ss - first).min(u64::from(u32::MAX)) as u32;
-        LittleEndian::write_u32(&mut mbr[e + 12..e + 16], sectors);
-        write_all_at(file, path, &mbr, 0)?;
+    if let Some(m) = &p.pmbr {
+        write_all_at(file, path, m, 0)?;
         sync(file, path)?;
     }
-    Ok(grown)
+    Ok(())
 }
 
-/// Extends MBR partition `n` (the one that ends last; a primary one, or a
-/// logical one with its extended container) to the end of a disk of `new`
-/// bytes.
-fn grow_mbr_partition(file: &File, path: &Path, n: u32, new: u64) -> Result<(u32, u64, u64)> {
-    let reader = RawReader::open(
-        file.try_clone()
-            .map_err(|e| Error::io(path, "reopening the image", e))?,
-        path,
-    )?;
-    let t = read_table(&reader)?.ok_or_else(|| invalid(path, "no partition table"))?;
-    let last = t
-        .last()
-        .ok_or_else(|| invalid(path, "the MBR has no partitions"))?;
-    if last.number != n {
+/// The sector writes that extend an MBR partition, and what grows.
+#[derive(Debug)]
+struct MbrPlan {
+    /// (byte offset, new sector), in the order they are written.
+    writes: Vec<(u64, [u8; 512])>,
+    grown: (u32, u64, u64),
+}
+
+/// Plans extending MBR partition `n` — the one that ends last on the disk:
+/// a primary one, or the last logical one together with its extended
+/// container — to the end of a disk of `new` bytes.
+fn plan_mbr_growth(
+    file: &File,
+    path: &Path,
+    t: &crate::part::PartitionTable,
+    n: u32,
+    new: u64,
+) -> Result<MbrPlan> {
+    let p = t
+        .partitions
+        .iter()
+        .find(|p| p.number == n && !p.extended)
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!("--grow-partition {n}: there is no partition {n}"),
+            )
+        })?;
+    // Nothing else may lie after it (an extended container included).
+    if let Some(q) = t
+        .partitions
+        .iter()
+        .filter(|q| q.number != n)
+        .filter(|q| !(q.extended && n > 4 && p.start >= q.start && p.end <= q.end))
+        .find(|q| q.end > p.end || q.start >= p.end)
+    {
         return Err(invalid(
             path,
-            format!(
-                "--grow-partition {n}: partition {} ends last; only that one can grow",
-                last.number
-            ),
+            format!("--grow-partition {n}: partition {} lies after it; only the partition that ends last can grow", q.number),
         ));
     }
-    let end_sector = (new / 512).min(u64::from(u32::MAX));
-    let grow = |sector_at: u64, slot: usize, base: u64| -> Result<()> {
+    let end_sector = new / 512;
+    if end_sector > u64::from(u32::MAX) {
+        return Err(invalid(
+            path,
+            "an MBR partition cannot reach past 2 TiB; convert the table to GPT first",
+        ));
+    }
+    if end_sector * 512 <= p.start {
+        return Err(invalid(
+            path,
+            format!("the new end lies before partition {n} starts"),
+        ));
+    }
+    let sector_with = |sector_at: u64, slot: usize, base: u64| -> Result<[u8; 512]> {
         let mut s = [0u8; 512];
         read_exact_at(file, path, &mut s, sector_at, "partition table")?;
         let e = 0x1be + slot * 16;
         let lba = u64::from(LittleEndian::read_u32(&s[e + 8..e + 12]));
-        let sectors = end_sector - base - lba;
+        let sectors = end_sector
+            .checked_sub(base + lba)
+            .ok_or_else(|| invalid(path, "the partition starts past the new end"))?;
         LittleEndian::write_u32(&mut s[e + 12..e + 16], sectors as u32);
-        write_all_at(file, path, &s, sector_at)?;
-        sync(file, path)
+        Ok(s)
     };
+    let mut writes = Vec::new();
     if n <= 4 {
-        grow(0, n as usize - 1, 0)?;
+        writes.push((0, sector_with(0, n as usize - 1, 0)?));
     } else {
-        // The container first (a larger container with the old logical
+        // The container first (a larger container around the old logical
         // partition is still a valid table), then the logical one.
         let ext = t
             .partitions
             .iter()
-            .find(|p| p.extended)
+            .find(|q| q.extended)
             .ok_or_else(|| invalid(path, "a logical partition without an extended one"))?;
-        grow(0, ext.number as usize - 1, 0)?;
-        step();
-        // The logical partition's EBR sits right before it... find it: the
-        // EBR whose first entry starts the partition.
-        let ebr = find_ebr(file, path, ext.start / 512, last.start / 512)?;
-        grow(ebr * 512, 0, ebr)?;
+        writes.push((0, sector_with(0, ext.number as usize - 1, 0)?));
+        let ebr = find_ebr(file, path, ext.start / 512, p.start / 512)?;
+        writes.push((ebr * 512, sector_with(ebr * 512, 0, ebr)?));
     }
-    Ok((n, last.end, end_sector * 512))
+    Ok(MbrPlan {
+        writes,
+        grown: (n, p.end, end_sector * 512),
+    })
 }
 
 /// The EBR (sector) whose first entry describes the partition starting at
@@ -487,6 +679,24 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
             "shrinking a qcow2 image is not supported yet",
         )
         .at_path(path));
+    }
+    if BigEndian::read_u32(&h[4..8]) >= 3 {
+        let incompatible = BigEndian::read_u64(&h[72..80]);
+        let mut more = [0u8; 8];
+        read_exact_at(&file, path, &mut more, 88, "qcow2 header")?;
+        let autoclear = BigEndian::read_u64(&more);
+        if autoclear & 1 != 0 {
+            return Err(unsupported(
+                path,
+                "the image has persistent dirty bitmaps, whose tables would have to grow too; not supported yet (remove them with qemu-img bitmap --remove, or use qemu-img resize)",
+            ));
+        }
+        if incompatible & (1 << 2) != 0 {
+            return Err(unsupported(
+                path,
+                "the image keeps its data in an external data file, which would have to grow too; not supported yet",
+            ));
+        }
     }
     if !new.is_multiple_of(512) {
         return Err(invalid(
@@ -619,10 +829,26 @@ fn resize_vmdk(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resul
     };
     let old = ext.sectors * 512;
     if new < old {
-        if opts.fix_gpt {
-            return Err(unsupported(path, "shrinking a flat VMDK that may hold a GPT: pass --no-fix-gpt after shrinking its partitions"));
+        // Every check first (data and partitions beyond the new end), then
+        // the descriptor: a shorter disk over a longer file reads.
+        let ff = OpenOptions::new()
+            .read(true)
+            .open(&flat)
+            .map_err(|e| Error::io(&flat, "opening the extent", e))?;
+        let table = read_table(&RawReader::open(
+            ff.try_clone()
+                .map_err(|e| Error::io(&flat, "reopening", e))?,
+            &flat,
+        )?)?;
+        if table.as_ref().is_some_and(|t| t.kind == TableKind::Gpt) && opts.fix_gpt {
+            return Err(unsupported(
+                path,
+                "shrinking a flat VMDK that holds a GPT is not supported yet: shrink a raw copy",
+            ));
         }
-        // The descriptor first: a shorter disk over a longer file reads.
+        if !opts.force {
+            shrink_checks(&ff, &flat, table.as_ref(), None, old, new)?;
+        }
         write_descriptor()?;
         step();
         let mut report = resize(&flat, DiskFormat::Raw, new, opts)?;
@@ -706,36 +932,99 @@ fn resize_vmdk_sparse(
     }
     let per = gtes * grain;
     let (old_n, new_n) = (capacity.div_ceil(per), (new / 512).div_ceil(per));
+    if new_n > 1 << 22 {
+        return Err(invalid(
+            path,
+            format!("{new} bytes needs {new_n} grain tables; too many for one sparse file"),
+        ));
+    }
+    // The embedded descriptor must take the new extent line; check before
+    // writing anything.
+    let descriptor = if desc_off != 0 && desc_size != 0 {
+        let area = desc_size
+            .checked_mul(512)
+            .filter(|&n| n <= crate::vmdk::descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1)
+            .ok_or_else(|| invalid(path, "descriptor area too large"))?;
+        let mut text = vec![0u8; area as usize];
+        read_exact_at(
+            &file,
+            path,
+            &mut text,
+            desc_off * 512,
+            "embedded descriptor",
+        )?;
+        let ctx = crate::error::Ctx::new(path);
+        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
+        let t = d.resized_text(new / 512).ok_or_else(|| {
+            invalid(
+                path,
+                "the embedded descriptor's extent line could not be rewritten",
+            )
+        })?;
+        if t.len() > text.len() {
+            return Err(unsupported(
+                path,
+                "the new embedded descriptor does not fit its area",
+            ));
+        }
+        let mut out = vec![0u8; text.len()];
+        out[..t.len()].copy_from_slice(t.as_bytes());
+        Some(out)
+    } else {
+        None
+    };
     let old_bytes = (old_n * 4).div_ceil(512) * 512;
     let mut hdr = *head;
     let dirs: Vec<(u64, usize)> = [(gd, 56usize), (rgd, 48)]
         .into_iter()
         .filter(|&(sector, _)| sector != 0 && sector != u64::MAX)
         .collect();
-    if new_n * 4 <= old_bytes {
-        // The directories have room in their last sector: make sure the
-        // new entries read as "no table".
-        for &(sector, _) in &dirs {
-            let zeros = vec![0u8; ((new_n - old_n) * 4) as usize];
-            write_all_at(&file, path, &zeros, sector * 512 + old_n * 4)?;
+    // Every new directory entry gets an empty grain table, as VMware and
+    // QEMU expect of a hosted sparse file (QEMU cannot write through an
+    // entry of 0). Tables and any moved directories go at the end.
+    let gt_bytes = (gtes * 4).div_ceil(512) * 512;
+    let mut end = file_len(&file, path)?.div_ceil(512) * 512;
+    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    for &(sector, field) in &dirs {
+        let mut entries = vec![0u8; (new_n * 4) as usize];
+        read_exact_at(
+            &file,
+            path,
+            &mut entries[..(old_n * 4) as usize],
+            sector * 512,
+            "grain directory",
+        )?;
+        for k in old_n..new_n {
+            LittleEndian::write_u32(
+                &mut entries[(k * 4) as usize..(k * 4 + 4) as usize],
+                (end / 512) as u32,
+            );
+            end += gt_bytes;
         }
-    } else {
-        // New, larger directories at the end of the file; the old ones are
-        // left as they are until the header points away from them.
-        let mut end = file_len(&file, path)?.div_ceil(512) * 512;
-        for &(sector, field) in &dirs {
-            let mut table = vec![0u8; ((new_n * 4).div_ceil(512) * 512) as usize];
-            read_exact_at(
-                &file,
-                path,
-                &mut table[..(old_n * 4) as usize],
-                sector * 512,
-                "grain directory",
-            )?;
-            write_all_at(&file, path, &table, end)?;
+        if new_n * 4 <= old_bytes {
+            writes.push((
+                sector * 512 + old_n * 4,
+                entries[(old_n * 4) as usize..].to_vec(),
+            ));
+        } else {
+            let mut table = entries;
+            table.resize(((new_n * 4).div_ceil(512) * 512) as usize, 0);
+            writes.push((end, table.clone()));
             LittleEndian::write_u64(&mut hdr[field..field + 8], end / 512);
             end += table.len() as u64;
         }
+    }
+    if end / 512 > u64::from(u32::MAX) {
+        return Err(invalid(
+            path,
+            "the grown file would pass the 2 TiB a sparse VMDK can address",
+        ));
+    }
+    // The new tables read as zeros: the file's new end is a hole.
+    file.set_len(end)
+        .map_err(|e| Error::io(path, "extending the file", e))?;
+    for (at, bytes) in &writes {
+        write_all_at(&file, path, bytes, *at)?;
     }
     sync(&file, path)?;
     step();
@@ -746,25 +1035,9 @@ fn resize_vmdk_sparse(
     step();
     // The embedded descriptor's extent line follows (QEMU and vmshift read
     // the capacity from the header).
-    if desc_off != 0 && desc_size != 0 {
-        let mut text = vec![0u8; (desc_size * 512) as usize];
-        read_exact_at(
-            &file,
-            path,
-            &mut text,
-            desc_off * 512,
-            "embedded descriptor",
-        )?;
-        let ctx = crate::error::Ctx::new(path);
-        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
-        if let Some(t) = d.resized_text(new / 512) {
-            if t.len() < text.len() {
-                let mut area = vec![0u8; text.len()];
-                area[..t.len()].copy_from_slice(t.as_bytes());
-                write_all_at(&file, path, &area, desc_off * 512)?;
-                sync(&file, path)?;
-            }
-        }
+    if let Some(area) = descriptor {
+        write_all_at(&file, path, &area, desc_off * 512)?;
+        sync(&file, path)?;
     }
     Ok(report)
 }

@@ -47,6 +47,9 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
         format_size(report.old_size),
         format_size(report.new_size)
     );
+    for n in &report.notes {
+        println!("Note: {n}");
+    }
     if report.gpt_moved {
         println!("The GPT's backup header and entries moved to the new end.");
     }
