@@ -5,6 +5,13 @@ use vmshift::args::{Command, VmCommand};
 use vmshift::{cmd, Cli};
 
 fn main() -> ExitCode {
+    // Like other Unix tools, stop quietly when the reader of our output
+    // goes away (`vmshift map … | head`) instead of failing a write.
+    // SAFETY: signal() with SIG_DFL installs no handler of ours; called
+    // once, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let (result, error_code) = match &cli.command {
         Command::Info(a) => (cmd::info::run(a), 1),
