@@ -16,6 +16,7 @@ use std::path::Path;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 use vmshift_model::DiskFormat;
 
+use crate::block::ImageReader;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fileio::{file_len, read_exact_at, seek_data_hole, write_all_at};
 use crate::part::{read_table, TableKind};
@@ -188,14 +189,21 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
     // Plan everything before the first write: a refused resize changes
     // nothing.
     let gpt_plan = match gpt {
-        Some(g) => Some(plan_gpt(
-            &file,
-            path,
-            g.sector_size,
-            old,
-            new,
-            opts.grow_partition,
-        )?),
+        Some(g) => {
+            let reader = RawReader::open(
+                file.try_clone()
+                    .map_err(|e| Error::io(path, "reopening the image", e))?,
+                path,
+            )?;
+            Some(plan_gpt(
+                &reader,
+                path,
+                g.sector_size,
+                old,
+                new,
+                opts.grow_partition,
+            )?)
+        }
         None => None,
     };
     let mbr_plan = match (opts.grow_partition, &gpt_plan, &table) {
@@ -235,7 +243,7 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
     }
     if let Some(plan) = gpt_plan {
         report.partition_grown = plan.grown;
-        apply_gpt(&file, path, &plan)?;
+        apply_gpt(&mut RawSink { file: &file, path }, &plan)?;
         report.gpt_moved = true;
     }
     if let Some(plan) = mbr_plan {
@@ -339,7 +347,7 @@ struct GptPlan {
 /// Reads one GPT copy (header at `lba`) with every field checked; `None`
 /// when it is not sound.
 fn read_gpt_copy(
-    file: &File,
+    img: &dyn ImageReader,
     path: &Path,
     ss: u64,
     lba: u64,
@@ -349,7 +357,8 @@ fn read_gpt_copy(
         .checked_mul(ss)
         .filter(|a| a.checked_add(ss).is_some_and(|e| e <= len))?;
     let mut hdr = vec![0u8; ss as usize];
-    read_exact_at(file, path, &mut hdr, at, "GPT header").ok()?;
+    let _ = path;
+    img.read_at(&mut hdr, at).ok()?;
     if &hdr[0..8] != b"EFI PART" {
         return None;
     }
@@ -374,7 +383,7 @@ fn read_gpt_copy(
         .checked_mul(ss)
         .filter(|a| a.checked_add(bytes).is_some_and(|e| e <= len))?;
     let mut entries = vec![0u8; bytes as usize];
-    read_exact_at(file, path, &mut entries, eat, "GPT entries").ok()?;
+    img.read_at(&mut entries, eat).ok()?;
     (crc32fast::hash(&entries) == LittleEndian::read_u32(&hdr[88..92])).then_some((hdr, entries))
 }
 
@@ -382,7 +391,7 @@ fn read_gpt_copy(
 /// is sound, else from the backup (an interrupted earlier run, or a
 /// damaged primary), growing partition `grow` when asked.
 fn plan_gpt(
-    file: &File,
+    img: &dyn ImageReader,
     path: &Path,
     ss: u64,
     old: u64,
@@ -390,13 +399,13 @@ fn plan_gpt(
     grow: Option<u32>,
 ) -> Result<GptPlan> {
     let old_last = old / ss - 1;
-    let primary = read_gpt_copy(file, path, ss, 1, old);
+    let primary = read_gpt_copy(img, path, ss, 1, old);
     let alt = primary
         .as_ref()
         .map(|(h, _)| LittleEndian::read_u64(&h[32..40]))
         .unwrap_or(old_last);
-    let backup = read_gpt_copy(file, path, ss, alt, old)
-        .or_else(|| read_gpt_copy(file, path, ss, old_last, old));
+    let backup = read_gpt_copy(img, path, ss, alt, old)
+        .or_else(|| read_gpt_copy(img, path, ss, old_last, old));
     let from_primary = primary.is_some();
     let (hdr, mut entries) = primary.or(backup.clone()).ok_or_else(|| {
         Error::new(
@@ -491,7 +500,7 @@ fn plan_gpt(
     // The protective MBR: extended to the new end when it is purely
     // protective (a hybrid MBR describes partitions of its own).
     let mut mbr = [0u8; 512];
-    read_exact_at(file, path, &mut mbr, 0, "protective MBR")?;
+    img.read_at(&mut mbr, 0)?;
     let used_slots: Vec<usize> = (0..4).filter(|i| mbr[0x1be + i * 16 + 4] != 0).collect();
     let pmbr = match used_slots.as_slice() {
         [slot] if mbr[0x1be + slot * 16 + 4] == 0xee => {
@@ -525,24 +534,53 @@ fn plan_gpt(
 /// synced; then the primary's entries if they change; then the primary
 /// header (one sector), which switches readers to the new table; then the
 /// protective MBR.
-fn apply_gpt(file: &File, path: &Path, p: &GptPlan) -> Result<()> {
-    write_all_at(file, path, &p.entries, p.backup_entries_lba * p.ss)?;
-    write_all_at(file, path, &p.backup, p.last_lba * p.ss)?;
-    sync(file, path)?;
+fn apply_gpt(sink: &mut dyn GuestSink, p: &GptPlan) -> Result<()> {
+    let mut backup = p.entries.clone();
+    backup.resize(((p.last_lba - p.backup_entries_lba) * p.ss) as usize, 0);
+    backup.extend_from_slice(&p.backup);
+    sink.write(p.backup_entries_lba * p.ss, &backup)?;
+    sink.sync()?;
     step();
+    sink.switch()?;
     if p.rewrite_primary_entries {
-        write_all_at(file, path, &p.entries, p.primary_entries_lba * p.ss)?;
-        sync(file, path)?;
+        sink.write(p.primary_entries_lba * p.ss, &p.entries)?;
+        sink.sync()?;
         step();
     }
-    write_all_at(file, path, &p.primary, p.ss)?;
-    sync(file, path)?;
+    sink.write(p.ss, &p.primary)?;
+    sink.sync()?;
     step();
     if let Some(m) = &p.pmbr {
-        write_all_at(file, path, m, 0)?;
-        sync(file, path)?;
+        sink.write(0, m)?;
+        sink.sync()?;
     }
     Ok(())
+}
+
+/// Where a planned GPT is written: a raw file, or a qcow2 image's guest
+/// view. `switch` runs once the new backup is durable and before the
+/// primary changes (qcow2 makes its new size visible there).
+trait GuestSink {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<()>;
+    fn sync(&mut self) -> Result<()>;
+    fn switch(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A raw file is its own guest view.
+struct RawSink<'a> {
+    file: &'a File,
+    path: &'a Path,
+}
+
+impl GuestSink for RawSink<'_> {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        write_all_at(self.file, self.path, bytes, at)
+    }
+    fn sync(&mut self) -> Result<()> {
+        sync(self.file, self.path)
+    }
 }
 
 /// The sector writes that extend an MBR partition, and what grows.
@@ -670,7 +708,16 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         new_size: new,
         ..ResizeReport::default()
     };
-    if new == old {
+    let gpt_incomplete = || -> bool {
+        crate::open::open_image(path, Some(DiskFormat::Qcow2), &crate::open::OpenOptions::default())
+            .ok()
+            .and_then(|r| read_table(r.as_ref()).ok().flatten())
+            .and_then(|t| t.gpt)
+            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
+    };
+    // Same size: only an unfinished GPT move (an interrupted run, or a
+    // qemu-img resize) is left to do.
+    if new == old && !(opts.fix_gpt && gpt_incomplete()) {
         return Ok(report);
     }
     if new < old {
@@ -711,24 +758,32 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         )
         .at_path(path));
     }
-    // A partition table inside would need guest writes to follow the new
-    // end; refuse rather than leave a GPT's backup in the middle.
     let reader = crate::open::open_image(
         path,
         Some(DiskFormat::Qcow2),
         &crate::open::OpenOptions::default(),
     )?;
-    if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
-        return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the image holds a GPT, and moving it inside a qcow2 is not supported yet: pass --no-fix-gpt (and fix it in the guest), or resize a raw copy",
-            )
-            .at_path(path));
-    }
-
     // Version 3 images may have extended L2 entries (16 bytes each).
     let extended_l2 =
         BigEndian::read_u32(&h[4..8]) >= 3 && BigEndian::read_u64(&h[72..80]) & (1 << 4) != 0;
+    // A GPT inside follows the new end: planned (and checked) now,
+    // written after the size switch.
+    let gpt_plan = match opts.fix_gpt {
+        true => match read_table(reader.as_ref()) {
+            Ok(Some(t)) if t.kind == TableKind::Gpt => {
+                let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
+                if extended_l2 {
+                    return Err(unsupported(
+                        path,
+                        "moving a GPT inside a qcow2 with extended L2 entries is not supported yet: pass --no-fix-gpt",
+                    ));
+                }
+                Some(plan_gpt(reader.as_ref(), path, ss, old, new, None)?)
+            }
+            _ => None,
+        },
+        false => None,
+    };
     let cs = 1u64 << cluster_bits;
     let per_l2 = cs / if extended_l2 { 16 } else { 8 };
     let need = new.div_ceil(cs * per_l2);
@@ -743,6 +798,25 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         .at_path(path));
     }
     let need = need as u32;
+    // Every write the GPT needs is checked before the first one.
+    let sink = match &gpt_plan {
+        Some(p) => {
+            let mut sink = Qcow2Sink::new(&file, path, reader, old)?;
+            let mut ranges = vec![
+                (
+                    p.backup_entries_lba * p.ss,
+                    (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
+                ),
+                (0, 2 * p.ss),
+            ];
+            if p.rewrite_primary_entries {
+                ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
+            }
+            sink.preflight(&ranges)?;
+            Some(sink)
+        }
+        None => None,
+    };
     if need > l1_size {
         // The slack after the old entries must read as "unallocated".
         let slack = (u64::from(need - l1_size) * 8) as usize;
@@ -758,6 +832,14 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
     BigEndian::write_u32(&mut upd[12..16], need.max(l1_size));
     write_all_at(&file, path, &upd, 24)?;
     sync(&file, path)?;
+    step();
+    // The image has its new size (a GPT now like qemu-img leaves it); the
+    // GPT moves through guest writes.
+    let mut report = report;
+    if let Some((plan, mut sink)) = gpt_plan.zip(sink) {
+        apply_gpt(&mut sink, &plan)?;
+        report.gpt_moved = true;
+    }
     Ok(report)
 }
 
@@ -1196,4 +1278,291 @@ fn grow_vmdk_set(
         .map_err(|e| Error::io(path, "writing the descriptor", e))?;
     out.commit()?;
     Ok(report)
+}
+
+/// Guest writes into a qcow2 image, for moving a GPT: into clusters it
+/// owns alone (refcount 1, uncompressed) in place, or into new clusters at
+/// the end of the file. New clusters, new L2 tables and their refcounts are
+/// written and synced before any table points at them; a crash in between
+/// leaks those clusters (qemu-img check: leaks, no corruption), as QEMU's
+/// own allocation does.
+struct Qcow2Sink<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// The image as it was (for the parts of new clusters already there).
+    reader: Box<dyn ImageReader>,
+    old_size: u64,
+    cs: u64,
+    l2_coverage: u64,
+    l1_offset: u64,
+    /// Entries past the old L1 size read as unallocated (the slack is
+    /// zeroed before any write).
+    l1_size_old: u64,
+    rt_offset: u64,
+    rt_entries: u64,
+    refcount_bits: u64,
+    file_end: u64,
+    /// L1 entries written so far (index → entry), including new tables.
+    l1: std::collections::BTreeMap<u64, u64>,
+    /// New L2 tables not yet linked: L1 index → (host, entries).
+    new_tables: std::collections::BTreeMap<u64, (u64, Vec<u64>)>,
+    /// Entries to set in existing L2 tables: host offset of the entry → value.
+    links: Vec<(u64, u64)>,
+    /// Refcount blocks changed: block host offset → bytes.
+    blocks: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl<'a> Qcow2Sink<'a> {
+    fn new(
+        file: &'a File,
+        path: &'a Path,
+        reader: Box<dyn ImageReader>,
+        old_size: u64,
+    ) -> Result<Self> {
+        let mut b = [0u8; 104];
+        read_exact_at(file, path, &mut b, 0, "qcow2 header")?;
+        let cs = 1u64 << BigEndian::read_u32(&b[20..24]);
+        let version = BigEndian::read_u32(&b[4..8]);
+        let order = if version >= 3 {
+            BigEndian::read_u32(&b[96..100])
+        } else {
+            4
+        };
+        Ok(Qcow2Sink {
+            file,
+            path,
+            reader,
+            old_size,
+            cs,
+            l2_coverage: cs * (cs / 8),
+            l1_offset: BigEndian::read_u64(&b[40..48]),
+            l1_size_old: u64::from(BigEndian::read_u32(&b[36..40])),
+            rt_offset: BigEndian::read_u64(&b[48..56]),
+            rt_entries: u64::from(BigEndian::read_u32(&b[56..60])) * cs / 8,
+            refcount_bits: 1 << order,
+            file_end: file_len(file, path)?.div_ceil(cs) * cs,
+            l1: Default::default(),
+            new_tables: Default::default(),
+            links: Vec::new(),
+            blocks: Default::default(),
+        })
+    }
+
+    fn be64(&self, at: u64, what: &str) -> Result<u64> {
+        let mut e = [0u8; 8];
+        read_exact_at(self.file, self.path, &mut e, at, what)?;
+        Ok(BigEndian::read_u64(&e))
+    }
+
+    fn l1_entry(&mut self, i: u64) -> Result<u64> {
+        if let Some(&e) = self.l1.get(&i) {
+            return Ok(e);
+        }
+        let e = if i < self.l1_size_old {
+            self.be64(self.l1_offset + i * 8, "L1 table")?
+        } else {
+            0
+        };
+        self.l1.insert(i, e);
+        Ok(e)
+    }
+
+    /// Marks the cluster at `host` as used once.
+    fn take(&mut self, host: u64) -> Result<()> {
+        let per_block = self.cs * 8 / self.refcount_bits;
+        let index = host / self.cs;
+        let bi = index / per_block;
+        if bi >= self.rt_entries {
+            return Err(unsupported(
+                self.path,
+                "the refcount table would have to grow; not supported yet",
+            ));
+        }
+        let block = self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK;
+        if block == 0 {
+            return Err(unsupported(
+                self.path,
+                "a new refcount block would be needed; not supported yet",
+            ));
+        }
+        if !self.blocks.contains_key(&block) {
+            let mut b = vec![0u8; self.cs as usize];
+            read_exact_at(self.file, self.path, &mut b, block, "refcount block")?;
+            self.blocks.insert(block, b);
+        }
+        let b = self.blocks.get_mut(&block).expect("inserted above");
+        crate::qcow2::writer::put_refcount(b, (index % per_block) as usize, self.refcount_bits, 1);
+        Ok(())
+    }
+
+    /// Checks, before the first write, that every guest range can be
+    /// written: its clusters and L2 tables owned by the active image alone
+    /// and uncompressed, and refcount blocks in place for the clusters to
+    /// allocate.
+    fn preflight(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut allocs = 0u64;
+        let mut new_l2: std::collections::BTreeSet<u64> = Default::default();
+        for &(at, len) in ranges {
+            let mut g = at / self.cs * self.cs;
+            while g < at + len {
+                let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
+                let l1e = self.l1_entry(l1i)?;
+                let l2 = l1e & OFFSET_MASK;
+                if l2 != 0 && l1e & OFLAG_COPIED == 0 {
+                    return Err(unsupported(self.path, format!("guest offset {g:#x} is mapped by an L2 table a snapshot shares; pass --no-fix-gpt")));
+                }
+                let entry = if l2 != 0 {
+                    self.be64(l2 + l2i * 8, "L2 table")?
+                } else {
+                    0
+                };
+                let host = entry & OFFSET_MASK;
+                if entry & OFLAG_COMPRESSED != 0 {
+                    return Err(unsupported(
+                        self.path,
+                        format!(
+                            "guest offset {g:#x} is in a compressed cluster; pass --no-fix-gpt"
+                        ),
+                    ));
+                }
+                if host != 0 && entry & OFLAG_COPIED == 0 {
+                    return Err(unsupported(self.path, format!("guest offset {g:#x} is in a cluster a snapshot shares; pass --no-fix-gpt")));
+                }
+                if host == 0 {
+                    allocs += 1;
+                    if l2 == 0 && new_l2.insert(l1i) {
+                        allocs += 1;
+                    }
+                }
+                g += self.cs;
+            }
+        }
+        // The refcount blocks for the clusters to come must exist.
+        let per_block = self.cs * 8 / self.refcount_bits;
+        for k in 0..allocs {
+            let index = (self.file_end + k * self.cs) / self.cs;
+            let bi = index / per_block;
+            if bi >= self.rt_entries
+                || self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK == 0
+            {
+                return Err(unsupported(
+                    self.path,
+                    "moving the GPT needs a new refcount block, which is not supported yet: pass --no-fix-gpt",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn alloc(&mut self) -> Result<u64> {
+        let host = self.file_end;
+        self.file_end += self.cs;
+        self.take(host)?;
+        Ok(host)
+    }
+}
+
+const OFFSET_MASK: u64 = crate::qcow2::reader::OFFSET_MASK;
+const OFLAG_COPIED: u64 = crate::qcow2::reader::OFLAG_COPIED;
+const OFLAG_COMPRESSED: u64 = crate::qcow2::reader::OFLAG_COMPRESSED;
+const OFLAG_ZERO: u64 = crate::qcow2::reader::OFLAG_ZERO;
+
+impl GuestSink for Qcow2Sink<'_> {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let g = at + done as u64;
+            let cstart = g / self.cs * self.cs;
+            let within = (g - cstart) as usize;
+            let n = (self.cs as usize - within).min(bytes.len() - done);
+            let piece = &bytes[done..done + n];
+            let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
+            let l2 = self.l1_entry(l1i)? & OFFSET_MASK;
+            // An L2 table made earlier in this run.
+            if let Some((_, t)) = self.new_tables.get(&l1i) {
+                let host = t[l2i as usize] & OFFSET_MASK;
+                if host != 0 {
+                    write_all_at(self.file, self.path, piece, host + within as u64)?;
+                    done += n;
+                    continue;
+                }
+            }
+            let entry = if l2 != 0 {
+                self.be64(l2 + l2i * 8, "L2 table")?
+            } else {
+                0
+            };
+            let host = entry & OFFSET_MASK;
+            if entry & OFLAG_COMPRESSED != 0 {
+                return Err(unsupported(self.path, format!("guest offset {g:#x} is in a compressed cluster; moving the GPT would need it rewritten: pass --no-fix-gpt")));
+            }
+            if host != 0 && entry & OFLAG_COPIED == 0 {
+                return Err(unsupported(
+                    self.path,
+                    format!(
+                        "guest offset {g:#x} is in a cluster a snapshot shares; pass --no-fix-gpt"
+                    ),
+                ));
+            }
+            if host != 0 {
+                write_all_at(self.file, self.path, piece, host + within as u64)?;
+                done += n;
+                continue;
+            }
+            // A new cluster: what the guest sees there now, with the piece.
+            let mut cluster = vec![0u8; self.cs as usize];
+            if entry & OFLAG_ZERO == 0 && cstart < self.old_size {
+                let upto = (self.old_size - cstart).min(self.cs) as usize;
+                self.reader.read_at(&mut cluster[..upto], cstart)?;
+            }
+            cluster[within..within + n].copy_from_slice(piece);
+            let data = self.alloc()?;
+            write_all_at(self.file, self.path, &cluster, data)?;
+            if l2 != 0 {
+                self.links.push((l2 + l2i * 8, data | OFLAG_COPIED));
+            } else {
+                if !self.new_tables.contains_key(&l1i) {
+                    let t = self.alloc()?;
+                    self.new_tables
+                        .insert(l1i, (t, vec![0u64; (self.cs / 8) as usize]));
+                }
+                let (_, t) = self.new_tables.get_mut(&l1i).expect("inserted above");
+                t[l2i as usize] = data | OFLAG_COPIED;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        // 1. New tables and refcounts, durable before anything points at them.
+        for (t, entries) in self.new_tables.values() {
+            let mut b = vec![0u8; self.cs as usize];
+            for (k, e) in entries.iter().enumerate() {
+                BigEndian::write_u64(&mut b[k * 8..k * 8 + 8], *e);
+            }
+            write_all_at(self.file, self.path, &b, *t)?;
+        }
+        for (at, b) in &self.blocks {
+            write_all_at(self.file, self.path, b, *at)?;
+        }
+        sync(self.file, self.path)?;
+        // 2. The links.
+        for (at, v) in std::mem::take(&mut self.links) {
+            let mut e = [0u8; 8];
+            BigEndian::write_u64(&mut e, v);
+            write_all_at(self.file, self.path, &e, at)?;
+        }
+        let tables: Vec<(u64, u64)> = self.new_tables.iter().map(|(&i, (t, _))| (i, *t)).collect();
+        for (i, t) in tables {
+            let mut e = [0u8; 8];
+            BigEndian::write_u64(&mut e, t | OFLAG_COPIED);
+            write_all_at(self.file, self.path, &e, self.l1_offset + i * 8)?;
+            self.l1.insert(i, t | OFLAG_COPIED);
+        }
+        // Linked tables are existing tables from now on.
+        self.new_tables.clear();
+        self.blocks.clear();
+        sync(self.file, self.path)
+    }
 }

@@ -2,7 +2,7 @@
 
 pub mod check;
 pub(crate) mod header;
-mod reader;
+pub(crate) mod reader;
 mod snapshot;
 pub mod writer;
 
