@@ -500,6 +500,21 @@ fn a_gpt_inside_a_qcow2_moves_like_the_raw_one() {
         // The same guest bytes as the raw disk resized by vmshift.
         tool_ok(d, "qemu-img", &["compare", "-f", "raw", "r.raw", &img]);
     }
+    // Growing the last partition too: the same bytes as on raw.
+    copy(d, "g.raw", "rp.raw");
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "rp.raw", "+64M"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "g.raw", "gp.qcow2"],
+    );
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "gp.qcow2", "+64M"]);
+    tool_ok(d, "qemu-img", &["check", "gp.qcow2"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "rp.raw", "gp.qcow2"],
+    );
     // A snapshot shares the table's cluster: refused, untouched.
     tool_ok(
         d,

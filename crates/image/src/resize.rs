@@ -709,11 +709,15 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         ..ResizeReport::default()
     };
     let gpt_incomplete = || -> bool {
-        crate::open::open_image(path, Some(DiskFormat::Qcow2), &crate::open::OpenOptions::default())
-            .ok()
-            .and_then(|r| read_table(r.as_ref()).ok().flatten())
-            .and_then(|t| t.gpt)
-            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
+        crate::open::open_image(
+            path,
+            Some(DiskFormat::Qcow2),
+            &crate::open::OpenOptions::default(),
+        )
+        .ok()
+        .and_then(|r| read_table(r.as_ref()).ok().flatten())
+        .and_then(|t| t.gpt)
+        .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
     };
     // Same size: only an unfinished GPT move (an interrupted run, or a
     // qemu-img resize) is left to do.
@@ -751,12 +755,11 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
             format!("{new} bytes is not a whole number of 512-byte sectors"),
         ));
     }
-    if opts.prealloc != Prealloc::Off || opts.grow_partition.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "qcow2 resize supports growing without preallocation or partition changes for now",
-        )
-        .at_path(path));
+    if opts.prealloc != Prealloc::Off {
+        return Err(unsupported(
+            path,
+            "qcow2 resize grows without preallocation for now",
+        ));
     }
     let reader = crate::open::open_image(
         path,
@@ -778,12 +781,25 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
                         "moving a GPT inside a qcow2 with extended L2 entries is not supported yet: pass --no-fix-gpt",
                     ));
                 }
-                Some(plan_gpt(reader.as_ref(), path, ss, old, new, None)?)
+                Some(plan_gpt(
+                    reader.as_ref(),
+                    path,
+                    ss,
+                    old,
+                    new,
+                    opts.grow_partition,
+                )?)
             }
             _ => None,
         },
         false => None,
     };
+    if let (Some(n), None) = (opts.grow_partition, &gpt_plan) {
+        return Err(unsupported(
+            path,
+            format!("--grow-partition {n}: inside a qcow2 only a GPT partition can grow for now"),
+        ));
+    }
     let cs = 1u64 << cluster_bits;
     let per_l2 = cs / if extended_l2 { 16 } else { 8 };
     let need = new.div_ceil(cs * per_l2);
