@@ -565,3 +565,47 @@ fn killed_qcow2_gpt_move_never_corrupts() {
         assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{ms} ms: {v}");
     }
 }
+
+#[test]
+fn a_gpt_inside_a_sparse_or_stream_vmdk_moves_like_the_raw_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 20M 1M", "g.raw"],
+    );
+    copy(d, "g.raw", "r.raw");
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "r.raw", "+64M"]);
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let img = format!("{sub}.vmdk");
+        let opt = format!("subformat={sub}");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "vmdk", "-o", &opt, "g.raw", &img],
+        );
+        vmshift_ok(d, &["resize", "--grow-partition", "2", &img, "+64M"]);
+        tool_ok(d, "qemu-img", &["check", &img]);
+        assert_eq!(vmshift(d, &["check", &img]).status.code(), Some(0), "{img}");
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "r.raw", &img]);
+    }
+    // Killed anywhere, a sparse VMDK reads and a re-run finishes the move.
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "vmdk", "g.raw", "v0.vmdk"],
+    );
+    for ms in [0, 30, 70, 100, 140, 200] {
+        copy(d, "v0.vmdk", "v.vmdk");
+        killed_resize(d, &["resize", "v.vmdk", "+64M"], ms);
+        tool_ok(d, "qemu-img", &["check", "v.vmdk"]);
+        let out = vmshift(d, &["part", "v.vmdk"]);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(2)),
+            "{ms} ms: {out:?}"
+        );
+    }
+}

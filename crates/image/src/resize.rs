@@ -996,10 +996,10 @@ fn resize_vmdk_sparse(
             "shrinking a sparse VMDK is not supported yet",
         ));
     }
-    if opts.grow_partition.is_some() || opts.prealloc != Prealloc::Off {
+    if opts.prealloc != Prealloc::Off {
         return Err(unsupported(
             path,
-            "a sparse VMDK grows without preallocation or partition changes for now",
+            "a sparse VMDK grows without preallocation for now",
         ));
     }
     // The reader checks the whole image (and names a parent, if any).
@@ -1014,16 +1014,38 @@ fn resize_vmdk_sparse(
             "a delta disk follows its parent's size; resize the base disk",
         ));
     }
-    if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
+    // A GPT inside follows the new end (planned and checked now).
+    let gpt_plan = match read_table(reader.as_ref()) {
+        Ok(Some(t)) if t.kind == TableKind::Gpt && opts.fix_gpt => {
+            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
+            Some(plan_gpt(
+                reader.as_ref(),
+                path,
+                ss,
+                old,
+                new,
+                opts.grow_partition,
+            )?)
+        }
+        _ => None,
+    };
+    if let (Some(n), None) = (opts.grow_partition, &gpt_plan) {
         return Err(unsupported(
             path,
-            "the image holds a GPT, and moving it inside a sparse VMDK is not supported yet: pass --no-fix-gpt, or resize a raw copy",
+            format!(
+                "--grow-partition {n}: inside a sparse VMDK only a GPT partition can grow for now"
+            ),
         ));
     }
+    let mut report = report;
+    report.gpt_moved = gpt_plan.is_some();
+    report.partition_grown = gpt_plan.as_ref().and_then(|p| p.grown);
     if flags & (1 << 16) != 0 {
-        // streamOptimized: a stream is written once, front to back.
+        // streamOptimized: a stream is written once, front to back; the
+        // GPT's new sectors go into the copy.
         drop(reader);
-        return rewrite_stream(path, new).map(|()| report);
+        let patches = gpt_plan.as_ref().map(gpt_patches).unwrap_or_default();
+        return rewrite_stream(path, new, patches).map(|()| report);
     }
     if grain == 0 || gtes == 0 {
         return Err(invalid(path, "a sparse header without grain geometry"));
@@ -1137,13 +1159,30 @@ fn resize_vmdk_sparse(
         write_all_at(&file, path, &area, desc_off * 512)?;
         sync(&file, path)?;
     }
+    if let Some(plan) = gpt_plan {
+        let gd_now = LittleEndian::read_u64(&hdr[56..64]);
+        let rgd_now = LittleEndian::read_u64(&hdr[48..56]);
+        let mut sink = VmdkSink {
+            file: &file,
+            path,
+            reader,
+            old_size: old,
+            grain: grain * 512,
+            gtes,
+            gd: gd_now,
+            rgd: (flags & 2 != 0 && rgd_now != 0).then_some(rgd_now),
+            file_end: file_len(&file, path)?.div_ceil(512) * 512,
+            links: Vec::new(),
+        };
+        apply_gpt(&mut sink, &plan)?;
+    }
     Ok(report)
 }
 
 /// Rewrites a streamOptimized VMDK at a larger size: the stream is copied
 /// to a temp file beside it (in VMware's layout, as `convert` writes it)
 /// and renamed over it.
-fn rewrite_stream(path: &Path, new: u64) -> Result<()> {
+fn rewrite_stream(path: &Path, new: u64, patches: Vec<(u64, Vec<u8>)>) -> Result<()> {
     use crate::create::{create_writer, CreateSpec};
     use crate::output::{AtomicOutput, SideOutputs};
     let src = crate::open::open_image(
@@ -1177,8 +1216,13 @@ fn rewrite_stream(path: &Path, new: u64) -> Result<()> {
     let (out, f) = AtomicOutput::create(path, true)?;
     let mut sides = SideOutputs::new(path, true);
     let mut writer = create_writer(f, out.temp_path(), &spec, &mut sides)?;
+    let overlay = Overlay {
+        inner: src.as_ref(),
+        size: new,
+        patches,
+    };
     crate::engine::convert(
-        src.as_ref(),
+        &overlay,
         writer.as_mut(),
         &crate::engine::ConvertOptions::default(),
         &|_, _| {},
@@ -1579,6 +1623,207 @@ impl GuestSink for Qcow2Sink<'_> {
         // Linked tables are existing tables from now on.
         self.new_tables.clear();
         self.blocks.clear();
+        sync(self.file, self.path)
+    }
+}
+
+/// The sectors a planned GPT writes, in guest order.
+fn gpt_patches(p: &GptPlan) -> Vec<(u64, Vec<u8>)> {
+    let mut v = Vec::new();
+    if let Some(m) = &p.pmbr {
+        v.push((0, m.to_vec()));
+    }
+    v.push((p.ss, p.primary.clone()));
+    if p.rewrite_primary_entries {
+        v.push((p.primary_entries_lba * p.ss, p.entries.clone()));
+    }
+    let mut backup = p.entries.clone();
+    backup.resize(((p.last_lba - p.backup_entries_lba) * p.ss) as usize, 0);
+    backup.extend_from_slice(&p.backup);
+    v.push((p.backup_entries_lba * p.ss, backup));
+    v
+}
+
+/// An image seen at a larger size (zeros past its end) with some ranges
+/// replaced: what a rewritten stream is copied from.
+struct Overlay<'a> {
+    inner: &'a dyn ImageReader,
+    size: u64,
+    patches: Vec<(u64, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Overlay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay").field("size", &self.size).finish()
+    }
+}
+
+impl ImageReader for Overlay<'_> {
+    fn format(&self) -> DiskFormat {
+        self.inner.format()
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<crate::block::Extent> {
+        use crate::block::{BlockState, Extent};
+        let len = len.min(self.size - offset);
+        // Patched bytes are data; elsewhere the image's own answer (zeros
+        // past its end), cut at the next patch.
+        if let Some((at, b)) = self
+            .patches
+            .iter()
+            .find(|(at, b)| *at <= offset && offset < at + b.len() as u64)
+        {
+            return Ok(Extent {
+                start: offset,
+                len: (at + b.len() as u64 - offset).min(len),
+                state: BlockState::Data,
+                depth: 0,
+                host_offset: None,
+            });
+        }
+        let next = self
+            .patches
+            .iter()
+            .map(|(at, _)| *at)
+            .filter(|&at| at > offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        let len = len.min(next - offset);
+        if offset >= self.inner.size() {
+            return Ok(Extent {
+                start: offset,
+                len,
+                state: BlockState::Unallocated,
+                depth: 0,
+                host_offset: None,
+            });
+        }
+        let mut e = self
+            .inner
+            .map(offset, len.min(self.inner.size() - offset))?;
+        e.host_offset = None;
+        Ok(e)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = crate::block::read_range(self.inner.path(), self.size, offset, buf.len())?;
+        buf.fill(0);
+        let inner = self.inner.size();
+        if offset < inner {
+            let n = (inner.min(end) - offset) as usize;
+            self.inner.read_at(&mut buf[..n], offset)?;
+        }
+        for (at, b) in &self.patches {
+            let (s, e) = ((*at).max(offset), (at + b.len() as u64).min(end));
+            if s < e {
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&b[(s - at) as usize..(e - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+    fn info(&self) -> crate::block::ImageInfo {
+        self.inner.info()
+    }
+}
+
+/// Guest writes into a hosted sparse VMDK (for moving a GPT): into its
+/// allocated grains in place, or into new grains appended to the file,
+/// whose grain table entries (primary, then redundant) are set only once
+/// the grain is durable. A kill before that leaves an unreferenced grain
+/// at the end, which nothing reads.
+struct VmdkSink<'a> {
+    file: &'a File,
+    path: &'a Path,
+    reader: Box<dyn ImageReader>,
+    old_size: u64,
+    grain: u64,
+    gtes: u64,
+    gd: u64,
+    rgd: Option<u64>,
+    file_end: u64,
+    /// Grain table entries to set once the grains are durable: (byte
+    /// offset of the entry, sector).
+    links: Vec<(u64, u32)>,
+}
+
+impl VmdkSink<'_> {
+    fn le32(&self, at: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        read_exact_at(self.file, self.path, &mut b, at, "grain table")?;
+        Ok(LittleEndian::read_u32(&b))
+    }
+
+    /// The byte offset of grain `g`'s entry in the directory at `dir`.
+    fn entry_at(&self, dir: u64, g: u64) -> Result<u64> {
+        let gt = self.le32(dir * 512 + (g / self.gtes) * 4)?;
+        if gt == 0 {
+            return Err(unsupported(
+                self.path,
+                "a grain directory entry without its table; pass --no-fix-gpt",
+            ));
+        }
+        Ok(u64::from(gt) * 512 + (g % self.gtes) * 4)
+    }
+}
+
+impl GuestSink for VmdkSink<'_> {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let off = at + done as u64;
+            let g = off / self.grain;
+            let gstart = g * self.grain;
+            let within = (off - gstart) as usize;
+            let n = (self.grain as usize - within).min(bytes.len() - done);
+            let piece = &bytes[done..done + n];
+            let entry = self.entry_at(self.gd, g)?;
+            let sector = self.le32(entry)?;
+            let pending = self
+                .links
+                .iter()
+                .find(|(e, _)| *e == entry)
+                .map(|&(_, s)| s);
+            if let Some(s) = pending.or((sector > 1).then_some(sector)) {
+                write_all_at(
+                    self.file,
+                    self.path,
+                    piece,
+                    u64::from(s) * 512 + within as u64,
+                )?;
+            } else {
+                let mut data = vec![0u8; self.grain as usize];
+                if sector == 0 && gstart < self.old_size {
+                    let upto = (self.old_size - gstart).min(self.grain) as usize;
+                    self.reader.read_at(&mut data[..upto], gstart)?;
+                }
+                data[within..within + n].copy_from_slice(piece);
+                let s = u32::try_from(self.file_end / 512)
+                    .map_err(|_| invalid(self.path, "the file would pass 2 TiB"))?;
+                write_all_at(self.file, self.path, &data, self.file_end)?;
+                self.file_end += self.grain;
+                self.links.push((entry, s));
+                if let Some(r) = self.rgd {
+                    let re = self.entry_at(r, g)?;
+                    self.links.push((re, s));
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        sync(self.file, self.path)?;
+        for (at, s) in std::mem::take(&mut self.links) {
+            let mut b = [0u8; 4];
+            LittleEndian::write_u32(&mut b, s);
+            write_all_at(self.file, self.path, &b, at)?;
+        }
         sync(self.file, self.path)
     }
 }
