@@ -609,3 +609,79 @@ fn a_gpt_inside_a_sparse_or_stream_vmdk_moves_like_the_raw_one() {
         );
     }
 }
+
+#[test]
+fn qcow2_l1_table_moves_when_it_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 512-byte clusters: +64M needs a larger L1 table, and the GPT moves too.
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    copy(d, "g.raw", "r.raw");
+    vmshift_ok(d, &["resize", "r.raw", "+64M"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "g.raw",
+            "m.qcow2",
+        ],
+    );
+    vmshift_ok(d, &["resize", "m.qcow2", "+64M"]);
+    tool_ok(d, "qemu-img", &["check", "m.qcow2"]);
+    tool_ok(d, "qemu-img", &["compare", "-f", "raw", "r.raw", "m.qcow2"]);
+    // 64 KiB clusters past 4 TiB; old data reads, new space takes writes.
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "b.qcow2", "100G"]);
+    tool_ok(d, "qemu-io", &["-c", "write -P 1 50G 1M", "b.qcow2"]);
+    vmshift_ok(d, &["resize", "b.qcow2", "+8T"]);
+    tool_ok(d, "qemu-img", &["check", "b.qcow2"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 1 50G 1M",
+            "-c",
+            "write -P 2 8T 1M",
+            "b.qcow2",
+        ],
+    );
+    tool_ok(d, "qemu-img", &["check", "b.qcow2"]);
+    // Killed anywhere: never corrupt (a kill between the header switch and
+    // the old table's release leaks it: exit 3), old or new size.
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "k0.qcow2",
+            "1M",
+        ],
+    );
+    for ms in [0, 30, 70, 100, 150, 250] {
+        copy(d, "k0.qcow2", "k.qcow2");
+        killed_resize(d, &["resize", "k.qcow2", "+64M"], ms);
+        let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
+        assert!(
+            matches!(code, Some(0) | Some(3)),
+            "{ms} ms: check exit {code:?}"
+        );
+        let size = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "k.qcow2"]).stdout)
+            ["virtual-size"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            size == 1 << 20 || size == (1 << 20) + (64 << 20),
+            "{ms} ms: {size}"
+        );
+    }
+}

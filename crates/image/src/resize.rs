@@ -803,52 +803,112 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
     let cs = 1u64 << cluster_bits;
     let per_l2 = cs / if extended_l2 { 16 } else { 8 };
     let need = new.div_ceil(cs * per_l2);
+    if need > u64::from(u32::MAX) || need * 8 > 32 << 20 {
+        return Err(invalid(
+            path,
+            format!("{new} bytes needs an L1 table larger than QEMU allows"),
+        ));
+    }
     let room = (u64::from(l1_size) * 8).div_ceil(cs) * cs / 8;
-    if need > room || need > u64::from(u32::MAX) {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "growing to {new} bytes needs {need} L1 entries; the L1 table has room for {room} and moving it is not supported yet"
-            ),
-        )
-        .at_path(path));
-    }
+    let move_l1 = need > room;
     let need = need as u32;
-    // Every write the GPT needs is checked before the first one.
-    let sink = match &gpt_plan {
-        Some(p) => {
-            let mut sink = Qcow2Sink::new(&file, path, reader, old)?;
-            let mut ranges = vec![
-                (
-                    p.backup_entries_lba * p.ss,
-                    (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
-                ),
-                (0, 2 * p.ss),
-            ];
-            if p.rewrite_primary_entries {
-                ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
-            }
-            sink.preflight(&ranges)?;
-            Some(sink)
-        }
-        None => None,
+    // One allocator for everything that follows; nothing is written until
+    // every check has passed.
+    let mut sink = if move_l1 || gpt_plan.is_some() {
+        Some(Qcow2Sink::new(&file, path, reader, old)?)
+    } else {
+        None
     };
-    if need > l1_size {
-        // The slack after the old entries must read as "unallocated".
-        let slack = (u64::from(need - l1_size) * 8) as usize;
-        let zeros = vec![0u8; slack];
-        write_all_at(&file, path, &zeros, l1_offset + u64::from(l1_size) * 8)?;
-        sync(&file, path)?;
-        step();
+    let new_l1 = match (&mut sink, move_l1) {
+        (Some(sink), true) => {
+            let clusters = (u64::from(need) * 8).div_ceil(cs);
+            let first = sink.alloc()?;
+            for _ in 1..clusters {
+                sink.alloc()?;
+            }
+            Some((first, clusters))
+        }
+        _ => None,
+    };
+    if let (Some(p), Some(sink)) = (&gpt_plan, &mut sink) {
+        if let Some((first, _)) = new_l1 {
+            sink.l1_offset = first;
+            sink.l1_size_old = u64::from(l1_size);
+        }
+        let mut ranges = vec![
+            (
+                p.backup_entries_lba * p.ss,
+                (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
+            ),
+            (0, 2 * p.ss),
+        ];
+        if p.rewrite_primary_entries {
+            ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
+        }
+        // L1 entries are read from the old table until the switch.
+        sink.l1_offset = l1_offset;
+        sink.preflight(&ranges)?;
+        if let Some((first, _)) = new_l1 {
+            sink.l1_offset = first;
+        }
     }
-    // size (24..32), crypt_method (32..36), l1_size (36..40): one write.
-    let mut upd = [0u8; 16];
-    upd.copy_from_slice(&h[24..40]);
-    BigEndian::write_u64(&mut upd[0..8], new);
-    BigEndian::write_u32(&mut upd[12..16], need.max(l1_size));
-    write_all_at(&file, path, &upd, 24)?;
-    sync(&file, path)?;
-    step();
+    match (new_l1, &mut sink) {
+        (Some((first, clusters)), Some(sink)) => {
+            // A larger L1 table at the end of the file: written, refcounted
+            // and synced; then the header points at it (size, l1_size and
+            // l1_table_offset: bytes 24..48, one write); then the old table
+            // is released. A kill after the switch and before the release
+            // leaks the old table's clusters (qemu-img check: leaks), as in
+            // QEMU.
+            let mut table = vec![0u8; (clusters * cs) as usize];
+            read_exact_at(
+                &file,
+                path,
+                &mut table[..l1_size as usize * 8],
+                l1_offset,
+                "L1 table",
+            )?;
+            write_all_at(&file, path, &table, first)?;
+            sink.write_blocks()?;
+            sync(&file, path)?;
+            step();
+            let mut upd = [0u8; 24];
+            upd.copy_from_slice(&h[24..48]);
+            BigEndian::write_u64(&mut upd[0..8], new);
+            BigEndian::write_u32(&mut upd[12..16], need);
+            BigEndian::write_u64(&mut upd[16..24], first);
+            write_all_at(&file, path, &upd, 24)?;
+            sync(&file, path)?;
+            step();
+            let old_clusters = (u64::from(l1_size) * 8).div_ceil(cs);
+            for k in 0..old_clusters {
+                sink.set_refcount(l1_offset + k * cs, 0)?;
+            }
+            sink.write_blocks()?;
+            sync(&file, path)?;
+            step();
+            sink.l1.clear();
+            sink.l1_size_old = u64::from(need);
+        }
+        _ => {
+            if need > l1_size {
+                // The slack after the old entries must read as "unallocated".
+                let slack = (u64::from(need - l1_size) * 8) as usize;
+                let zeros = vec![0u8; slack];
+                write_all_at(&file, path, &zeros, l1_offset + u64::from(l1_size) * 8)?;
+                sync(&file, path)?;
+                step();
+            }
+            // size (24..32), crypt_method (32..36), l1_size (36..40): one write.
+            let mut upd = [0u8; 16];
+            upd.copy_from_slice(&h[24..40]);
+            BigEndian::write_u64(&mut upd[0..8], new);
+            BigEndian::write_u32(&mut upd[12..16], need.max(l1_size));
+            write_all_at(&file, path, &upd, 24)?;
+            sync(&file, path)?;
+            step();
+        }
+    }
     // The image has its new size (a GPT now like qemu-img leaves it); the
     // GPT moves through guest writes.
     let mut report = report;
@@ -1429,6 +1489,20 @@ impl<'a> Qcow2Sink<'a> {
 
     /// Marks the cluster at `host` as used once.
     fn take(&mut self, host: u64) -> Result<()> {
+        self.set_refcount(host, 1)
+    }
+
+    /// Writes the refcount blocks changed so far (not synced).
+    fn write_blocks(&mut self) -> Result<()> {
+        for (at, b) in &self.blocks {
+            write_all_at(self.file, self.path, b, *at)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the refcount of the cluster at `host` (in memory until the
+    /// blocks are written).
+    fn set_refcount(&mut self, host: u64, value: u64) -> Result<()> {
         let per_block = self.cs * 8 / self.refcount_bits;
         let index = host / self.cs;
         let bi = index / per_block;
@@ -1451,7 +1525,12 @@ impl<'a> Qcow2Sink<'a> {
             self.blocks.insert(block, b);
         }
         let b = self.blocks.get_mut(&block).expect("inserted above");
-        crate::qcow2::writer::put_refcount(b, (index % per_block) as usize, self.refcount_bits, 1);
+        crate::qcow2::writer::put_refcount(
+            b,
+            (index % per_block) as usize,
+            self.refcount_bits,
+            value,
+        );
         Ok(())
     }
 
