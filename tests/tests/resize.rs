@@ -685,3 +685,29 @@ fn qcow2_l1_table_moves_when_it_is_full() {
         );
     }
 }
+
+#[test]
+fn a_rewritten_stream_keeps_its_disk_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 8 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized,adapter_type=lsilogic,hwversion=6",
+            "a.raw",
+            "s.vmdk",
+        ],
+    );
+    vmshift_ok(d, &["resize", "s.vmdk", "+1G"]);
+    let info = json(vmshift_ok(d, &["info", "--output", "json", "s.vmdk"]).as_bytes());
+    let fs = &info["format-specific"]["data"];
+    assert_eq!(fs["adapter-type"], "lsilogic", "{info}");
+    assert_eq!(fs["hw-version"], "6", "{info}");
+    assert_eq!(fs["create-type"], "streamOptimized");
+}

@@ -1105,7 +1105,26 @@ fn resize_vmdk_sparse(
         // GPT's new sectors go into the copy.
         drop(reader);
         let patches = gpt_plan.as_ref().map(gpt_patches).unwrap_or_default();
-        return rewrite_stream(path, new, patches).map(|()| report);
+        // The stream's own disk database (uuid, hardware version, adapter)
+        // carries over.
+        let ddb = if desc_off != 0 && desc_size != 0 && desc_size <= 2048 {
+            let mut text = vec![0u8; (desc_size * 512) as usize];
+            read_exact_at(
+                &file,
+                path,
+                &mut text,
+                desc_off * 512,
+                "embedded descriptor",
+            )?;
+            let ctx = crate::error::Ctx::new(path);
+            crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)
+                .ok()
+                .map(|d| d.ddb)
+                .filter(|d| !d.is_empty())
+        } else {
+            None
+        };
+        return rewrite_stream(path, new, patches, ddb).map(|()| report);
     }
     if grain == 0 || gtes == 0 {
         return Err(invalid(path, "a sparse header without grain geometry"));
@@ -1242,40 +1261,36 @@ fn resize_vmdk_sparse(
 /// Rewrites a streamOptimized VMDK at a larger size: the stream is copied
 /// to a temp file beside it (in VMware's layout, as `convert` writes it)
 /// and renamed over it.
-fn rewrite_stream(path: &Path, new: u64, patches: Vec<(u64, Vec<u8>)>) -> Result<()> {
-    use crate::create::{create_writer, CreateSpec};
-    use crate::output::{AtomicOutput, SideOutputs};
+fn rewrite_stream(
+    path: &Path,
+    new: u64,
+    patches: Vec<(u64, Vec<u8>)>,
+    ddb: Option<Vec<(String, String)>>,
+) -> Result<()> {
+    use crate::block::ImageWriter;
+    use crate::output::AtomicOutput;
+    use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
     let src = crate::open::open_image(
         path,
         Some(DiskFormat::Vmdk),
         &crate::open::OpenOptions::default(),
     )?;
-    let adapter = src
-        .info()
-        .format_specific
-        .iter()
-        .find(|(k, _)| *k == "adapter-type")
-        .and_then(|(_, v)| v.as_str().map(str::to_string));
-    let mut options = vec![("subformat".to_string(), "streamOptimized".to_string())];
-    if let Some(a) =
-        adapter.filter(|a| ["ide", "lsilogic", "buslogic", "legacyESX"].contains(&a.as_str()))
-    {
-        options.push(("adapter_type".into(), a));
-    }
-    let spec = CreateSpec {
-        format: DiskFormat::Vmdk,
-        size: new,
-        options,
-        compress: false,
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    spec.validate()?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (out, f) = AtomicOutput::create(path, true)?;
-    let mut sides = SideOutputs::new(path, true);
-    let mut writer = create_writer(f, out.temp_path(), &spec, &mut sides)?;
+    let mut writer: Box<dyn ImageWriter> = Box::new(VmdkWriter::create(
+        f,
+        out.temp_path(),
+        new,
+        &name,
+        VmdkOptions {
+            subformat: Subformat::StreamOptimized,
+            ddb,
+            ..VmdkOptions::default()
+        },
+    )?);
     let overlay = Overlay {
         inner: src.as_ref(),
         size: new,
@@ -1288,7 +1303,6 @@ fn rewrite_stream(path: &Path, new: u64, patches: Vec<(u64, Vec<u8>)>) -> Result
         &|_, _| {},
     )?;
     writer.finish()?;
-    sides.commit()?;
     out.commit()
 }
 

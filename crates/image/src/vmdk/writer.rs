@@ -42,6 +42,10 @@ pub struct VmdkOptions {
     pub adapter_type: String,
     pub hw_version: String,
     pub tools_version: String,
+    /// A disk database to write instead of the one built from the options
+    /// (a resized stream keeps its own: uuid, hardware version, adapter);
+    /// the cylinders are recomputed.
+    pub ddb: Option<Vec<(String, String)>>,
 }
 
 impl Default for VmdkOptions {
@@ -51,6 +55,7 @@ impl Default for VmdkOptions {
             adapter_type: "ide".into(),
             hw_version: "4".into(),
             tools_version: "2147483647".into(),
+            ddb: None,
         }
     }
 }
@@ -314,6 +319,35 @@ pub(crate) fn descriptor_text(
     size: u64,
     opts: &VmdkOptions,
 ) -> String {
+    if let Some(ddb) = &opts.ddb {
+        let num = |k: &str| {
+            ddb.iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        };
+        let heads = num("ddb.geometry.heads").unwrap_or(16).max(1);
+        let sectors = num("ddb.geometry.sectors").unwrap_or(63).max(1);
+        let cylinders = (size / (heads * sectors * 512)).min(65535);
+        let lines: Vec<String> = ddb
+            .iter()
+            .map(|(k, v)| {
+                let v = if k == "ddb.geometry.cylinders" {
+                    cylinders.to_string()
+                } else {
+                    v.clone()
+                };
+                format!("{k} = \"{v}\"")
+            })
+            .collect();
+        return format!(
+            "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
+             # Extent description\n{extents}\n\n\
+             # The Disk Data Base\n#DDB\n\n{ddb}\n",
+            cid = new_cid(),
+            extents = extents.join("\n"),
+            ddb = lines.join("\n"),
+        );
+    }
     let heads: u64 = if opts.adapter_type == "ide" { 16 } else { 255 };
     let cylinders = size / (63 * heads * 512);
     format!(
