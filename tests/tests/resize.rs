@@ -711,3 +711,83 @@ fn a_rewritten_stream_keeps_its_disk_database() {
     assert_eq!(fs["hw-version"], "6", "{info}");
     assert_eq!(fs["create-type"], "streamOptimized");
 }
+
+#[test]
+fn qcow2_shrinks_like_qemu_img_and_keeps_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "a.qcow2", "64M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -P 2 40M 2M",
+            "-c",
+            "write -P 3 63M 1M",
+            "a.qcow2",
+        ],
+    );
+    copy(d, "a.qcow2", "q.qcow2");
+    tool_ok(d, "qemu-img", &["resize", "--shrink", "q.qcow2", "32M"]);
+    // Data past the new end needs --force.
+    copy(d, "a.qcow2", "b.qcow2");
+    let before = std::fs::read(d.join("b.qcow2")).unwrap();
+    let out = vmshift(d, &["resize", "--shrink", "b.qcow2", "32M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(std::fs::read(d.join("b.qcow2")).unwrap() == before);
+    for (name, prep) in [("plain", ""), ("compressed", "c"), ("snapshot", "s")] {
+        let img = format!("{name}.qcow2");
+        match prep {
+            "c" => {
+                tool_ok(
+                    d,
+                    "qemu-img",
+                    &["convert", "-c", "-O", "qcow2", "a.qcow2", &img],
+                );
+            }
+            _ => copy(d, "a.qcow2", &img),
+        }
+        if prep == "s" {
+            tool_ok(d, "qemu-img", &["snapshot", "-c", "before", &img]);
+        }
+        vmshift_ok(d, &["resize", "--shrink", "--force", &img, "32M"]);
+        tool_ok(d, "qemu-img", &["check", &img]);
+        tool_ok(d, "qemu-img", &["compare", &img, "q.qcow2"]);
+        if prep == "s" {
+            // The snapshot still holds everything it held.
+            tool_ok(d, "qemu-img", &["snapshot", "-a", "before", &img]);
+            tool_ok(d, "qemu-img", &["compare", &img, "a.qcow2"]);
+            tool_ok(d, "qemu-img", &["check", &img]);
+        }
+    }
+    // A GPT moves inside the new end.
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:+8M", "g.raw"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "g.raw", "g.qcow2"],
+    );
+    vmshift_ok(d, &["resize", "--shrink", "g.qcow2", "32M"]);
+    tool_ok(d, "qemu-img", &["check", "g.qcow2"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "g.qcow2", "back.raw"],
+    );
+    let v = String::from_utf8(tool_ok(d, "sgdisk", &["-v", "back.raw"]).stdout).unwrap();
+    assert!(v.contains("No problems found"), "{v}");
+    // Killed anywhere: never corrupt, old or new size.
+    for ms in [0, 30, 70, 110, 160] {
+        copy(d, "a.qcow2", "k.qcow2");
+        killed_resize(d, &["resize", "--shrink", "--force", "k.qcow2", "32M"], ms);
+        let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
+        assert!(
+            matches!(code, Some(0) | Some(3)),
+            "{ms} ms: check exit {code:?}"
+        );
+    }
+}

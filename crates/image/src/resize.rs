@@ -724,12 +724,11 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
     if new == old && !(opts.fix_gpt && gpt_incomplete()) {
         return Ok(report);
     }
-    if new < old {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "shrinking a qcow2 image is not supported yet",
-        )
-        .at_path(path));
+    if new < old && !opts.shrink {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
+        ));
     }
     if BigEndian::read_u32(&h[4..8]) >= 3 {
         let incompatible = BigEndian::read_u64(&h[72..80]);
@@ -769,6 +768,9 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
     // Version 3 images may have extended L2 entries (16 bytes each).
     let extended_l2 =
         BigEndian::read_u32(&h[4..8]) >= 3 && BigEndian::read_u64(&h[72..80]) & (1 << 4) != 0;
+    if new < old {
+        return shrink_qcow2(&file, path, old, new, opts, reader, extended_l2);
+    }
     // A GPT inside follows the new end: planned (and checked) now,
     // written after the size switch.
     let gpt_plan = match opts.fix_gpt {
@@ -1506,6 +1508,31 @@ impl<'a> Qcow2Sink<'a> {
         self.set_refcount(host, 1)
     }
 
+    /// The refcount of the cluster at `host` (changes made so far included).
+    fn refcount(&mut self, host: u64) -> Result<u64> {
+        let per_block = self.cs * 8 / self.refcount_bits;
+        let index = host / self.cs;
+        let bi = index / per_block;
+        if bi >= self.rt_entries {
+            return Ok(0);
+        }
+        let block = self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if !self.blocks.contains_key(&block) {
+            let mut b = vec![0u8; self.cs as usize];
+            read_exact_at(self.file, self.path, &mut b, block, "refcount block")?;
+            self.blocks.insert(block, b);
+        }
+        let b = &self.blocks[&block];
+        Ok(crate::qcow2::writer::get_refcount(
+            b,
+            (index % per_block) as usize,
+            self.refcount_bits,
+        ))
+    }
+
     /// Writes the refcount blocks changed so far (not synced).
     fn write_blocks(&mut self) -> Result<()> {
         for (at, b) in &self.blocks {
@@ -1919,4 +1946,249 @@ impl GuestSink for VmdkSink<'_> {
         }
         sync(self.file, self.path)
     }
+}
+
+/// Shrinks a qcow2 image: a GPT moves inside the new end first; then the
+/// header's size (one write); then the references past the end are cleared
+/// (L1 entries of tables wholly past it, L2 entries in the table that
+/// straddles it) and synced; then the clusters they held lose a refcount —
+/// freed when nothing else (an internal snapshot) still holds them. A kill
+/// between the last two steps leaks those clusters (qemu-img check: leaks).
+fn shrink_qcow2(
+    file: &File,
+    path: &Path,
+    old: u64,
+    new: u64,
+    opts: &ResizeOptions,
+    reader: Box<dyn ImageReader>,
+    extended_l2: bool,
+) -> Result<ResizeReport> {
+    if extended_l2 {
+        return Err(unsupported(
+            path,
+            "shrinking a qcow2 with extended L2 entries is not supported yet",
+        ));
+    }
+    let table = read_table(reader.as_ref())?;
+    if !opts.force {
+        if let Some(p) = table
+            .as_ref()
+            .and_then(|t| t.partitions.iter().find(|p| p.end > new))
+        {
+            return Err(invalid(
+                path,
+                format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
+            ));
+        }
+    }
+    let gpt_plan = match table.as_ref() {
+        Some(t) if t.kind == TableKind::Gpt && opts.fix_gpt => {
+            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
+            Some(plan_gpt(
+                reader.as_ref(),
+                path,
+                ss,
+                old,
+                new,
+                opts.grow_partition,
+            )?)
+        }
+        _ => None,
+    };
+    let gpt_exempt_from = gpt_plan
+        .as_ref()
+        .map_or(u64::MAX, |p| p.old_backup_entries_lba * p.ss);
+    let mut sink = Qcow2Sink::new(file, path, reader, old)?;
+    let cs = sink.cs;
+    let layout = crate::qcow2::reader::CompressedLayout::new(cs.trailing_zeros());
+    // What lies past the new end: (entry offset to clear, clusters to
+    // release) for L2 entries, (L1 index, table, owned) for whole tables.
+    let first_gone = new.div_ceil(cs);
+    let old_clusters = old.div_ceil(cs);
+    let per_l2 = cs / 8;
+    let mut clear_l2: Vec<u64> = Vec::new();
+    let mut clear_l1: Vec<u64> = Vec::new();
+    let mut release: Vec<u64> = Vec::new();
+    // Table copies (L1 index, table bytes).
+    let mut copies: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut data_beyond = false;
+    let l1_first = first_gone / per_l2;
+    let l1_last = old_clusters.div_ceil(per_l2);
+    for i in l1_first..l1_last {
+        let l1e = sink.l1_entry(i)?;
+        let l2 = l1e & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let owned = l1e & OFLAG_COPIED != 0;
+        let whole = i * per_l2 >= first_gone;
+        let mut raw = vec![0u8; cs as usize];
+        read_exact_at(file, path, &mut raw, l2, "L2 table")?;
+        let from = if whole { 0 } else { first_gone - i * per_l2 };
+        let mut held = Vec::new();
+        for j in from..per_l2 {
+            let e = BigEndian::read_u64(&raw[(j * 8) as usize..(j * 8 + 8) as usize]);
+            if e & !OFLAG_ZERO == 0 {
+                continue;
+            }
+            // The old GPT backup at the old end moves; it is not data.
+            let guest = (i * per_l2 + j) * cs;
+            let stored = e & OFFSET_MASK != 0 || e & OFLAG_COMPRESSED != 0;
+            if stored && guest + cs <= gpt_exempt_from {
+                data_beyond = true;
+            } else if stored && guest < gpt_exempt_from {
+                // The cluster holding the backup's start: data only if its
+                // part before the backup is not all zeros.
+                let mut head = vec![0u8; (gpt_exempt_from - guest) as usize];
+                sink.reader.read_at(&mut head, guest)?;
+                data_beyond |= head.iter().any(|&b| b != 0);
+            }
+            if e & OFLAG_COMPRESSED != 0 {
+                let (off, len) = layout.decode(e & !OFLAG_COMPRESSED);
+                let start = off & !511;
+                let mut c = start / cs * cs;
+                while c < start + len {
+                    held.push(c);
+                    c += cs;
+                }
+            } else if e & OFFSET_MASK != 0 {
+                held.push(e & OFFSET_MASK);
+            }
+            if !whole {
+                clear_l2.push(l2 + j * 8);
+            }
+        }
+        if whole {
+            clear_l1.push(i);
+            release.push(l2);
+            // qcow2 counts a data cluster once per L1 table that reaches
+            // it: the active image's path to these goes, shared or not.
+            release.extend(held);
+        } else if !owned && !held.is_empty() {
+            // The table that straddles the new end is shared with a
+            // snapshot: the active image gets its own copy without the
+            // entries past the end. The clusters it keeps are reached by
+            // the active image as before (no refcount change); those past
+            // the end and the shared table lose the active image's count.
+            let mut copy = raw.clone();
+            let mut keep: Vec<(usize, u64)> = Vec::new();
+            for j in 0..per_l2 {
+                let at = (j * 8) as usize;
+                let e = BigEndian::read_u64(&copy[at..at + 8]);
+                if j >= from {
+                    copy[at..at + 8].fill(0);
+                    continue;
+                }
+                if e & OFLAG_COMPRESSED == 0 && e & OFFSET_MASK != 0 {
+                    keep.push((at, e));
+                }
+            }
+            // The straddling entries are not cleared in place: the copy
+            // replaces the table.
+            clear_l2.retain(|&a| a < l2 || a >= l2 + cs);
+            // OFLAG_COPIED marks the clusters only the active image holds.
+            for (at, e) in keep {
+                let rc = sink.refcount(e & OFFSET_MASK)?;
+                let flag = if rc == 1 { OFLAG_COPIED } else { 0 };
+                BigEndian::write_u64(&mut copy[at..at + 8], (e & !OFLAG_COPIED) | flag);
+            }
+            copies.push((i, copy));
+            release.push(l2);
+            release.extend(held);
+        } else if !held.is_empty() {
+            release.extend(held);
+        }
+    }
+    if data_beyond && !opts.force {
+        return Err(invalid(
+            path,
+            format!("data is stored beyond the new end ({new}); pass --force to cut it off"),
+        ));
+    }
+    // Every release must find its refcount block (checked before writing).
+    let mut counts: std::collections::BTreeMap<u64, u64> = Default::default();
+    for &c in &release {
+        *counts.entry(c).or_default() += 1;
+    }
+    for (&c, &n) in &counts {
+        let now = sink.refcount(c)?;
+        if now < n {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("cluster {c:#x} has refcount {now} but {n} references to drop; run qemu-img check -r"),
+            )
+            .at_path(path));
+        }
+    }
+    if gpt_plan.is_some() && !copies.is_empty() {
+        return Err(unsupported(
+            path,
+            "moving a GPT while shrinking through a table a snapshot shares is not supported yet: pass --no-fix-gpt",
+        ));
+    }
+    // Table copies: allocated and counted now, written before the size
+    // changes, linked with the other reference changes.
+    let mut links: Vec<(u64, u64)> = Vec::new();
+    for (i, bytes) in &copies {
+        let t = sink.alloc()?;
+        write_all_at(file, path, bytes, t)?;
+        links.push((*i, t));
+    }
+    if let Some(p) = &gpt_plan {
+        let mut ranges = vec![
+            (
+                p.backup_entries_lba * p.ss,
+                (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
+            ),
+            (0, 2 * p.ss),
+        ];
+        if p.rewrite_primary_entries {
+            ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
+        }
+        sink.preflight(&ranges)?;
+    }
+    // 1. The GPT moves inside the new end.
+    let mut report = ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    };
+    if let Some(p) = &gpt_plan {
+        apply_gpt(&mut sink, p)?;
+        report.gpt_moved = true;
+        report.partition_grown = p.grown;
+    }
+    if !copies.is_empty() {
+        sink.write_blocks()?;
+        sync(file, path)?;
+        step();
+    }
+    // 2. The size.
+    let mut size = [0u8; 8];
+    BigEndian::write_u64(&mut size, new);
+    write_all_at(file, path, &size, 24)?;
+    sync(file, path)?;
+    step();
+    // 3. The references.
+    for at in clear_l2 {
+        write_all_at(file, path, &[0u8; 8], at)?;
+    }
+    for i in clear_l1 {
+        write_all_at(file, path, &[0u8; 8], sink.l1_offset + i * 8)?;
+    }
+    for (i, t) in links {
+        let mut e = [0u8; 8];
+        BigEndian::write_u64(&mut e, t | OFLAG_COPIED);
+        write_all_at(file, path, &e, sink.l1_offset + i * 8)?;
+    }
+    sync(file, path)?;
+    step();
+    // 4. The refcounts.
+    for (&c, &n) in &counts {
+        let now = sink.refcount(c)?;
+        sink.set_refcount(c, now.saturating_sub(n))?;
+    }
+    sink.write_blocks()?;
+    sync(file, path)?;
+    Ok(report)
 }
