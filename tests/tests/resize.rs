@@ -791,3 +791,47 @@ fn qcow2_shrinks_like_qemu_img_and_keeps_its_snapshots() {
         );
     }
 }
+
+#[test]
+fn sparse_and_stream_vmdk_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:+8M", "g.raw"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 3M 1M", "g.raw"],
+    );
+    copy(d, "g.raw", "r.raw");
+    vmshift_ok(d, &["resize", "--shrink", "r.raw", "32M"]);
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let img = format!("{sub}.vmdk");
+        let opt = format!("subformat={sub}");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "vmdk", "-o", &opt, "g.raw", &img],
+        );
+        vmshift_ok(d, &["resize", "--shrink", &img, "32M"]);
+        tool_ok(d, "qemu-img", &["check", &img]);
+        assert_eq!(vmshift(d, &["check", &img]).status.code(), Some(0), "{img}");
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "r.raw", &img]);
+    }
+    // Data past the new end needs --force; nothing changes without it.
+    patterned_raw(&d.join("p.raw"), 16 << 20);
+    tool_ok(d, "qemu-img", &["convert", "-O", "vmdk", "p.raw", "p.vmdk"]);
+    let before = std::fs::read(d.join("p.vmdk")).unwrap();
+    let out = vmshift(d, &["resize", "--shrink", "p.vmdk", "8M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(std::fs::read(d.join("p.vmdk")).unwrap() == before);
+    vmshift_ok(d, &["resize", "--shrink", "--force", "p.vmdk", "8M"]);
+    tool_ok(d, "qemu-img", &["check", "p.vmdk"]);
+    assert_eq!(vmshift(d, &["check", "p.vmdk"]).status.code(), Some(0));
+    tool_ok(
+        d,
+        "qemu-img",
+        &["resize", "-f", "raw", "--shrink", "p.raw", "8M"],
+    );
+    tool_ok(d, "qemu-img", &["compare", "-f", "raw", "p.raw", "p.vmdk"]);
+}

@@ -309,11 +309,33 @@ fn shrink_checks(
         Some(g) => (g.old_backup_entries_lba * g.ss) / 4096 * 4096,
         None => old,
     };
-    if let Some(d) = seek_data_hole(file, new, true).filter(|&d| d < keep_from) {
-        return Err(invalid(
-            path,
-            format!("data is stored at byte {d}, beyond the new end ({new}); pass --force to cut it off"),
-        ));
+    // Holes are skipped; what the file system stores is read, and only
+    // non-zero bytes count (blocks of zeros are no data to lose).
+    let mut pos = new;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < keep_from {
+        let Some(d) = seek_data_hole(file, pos, true).filter(|&d| d < keep_from) else {
+            break;
+        };
+        let h = seek_data_hole(file, d, false)
+            .unwrap_or(keep_from)
+            .min(keep_from);
+        let mut at = d;
+        while at < h {
+            let n = (h - at).min(buf.len() as u64) as usize;
+            read_exact_at(file, path, &mut buf[..n], at, "data")?;
+            if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off",
+                        at + k as u64
+                    ),
+                ));
+            }
+            at += n as u64;
+        }
+        pos = h.max(d + 1);
     }
     Ok(())
 }
@@ -1052,10 +1074,10 @@ fn resize_vmdk_sparse(
     if new == old {
         return Ok(report);
     }
-    if new < old {
-        return Err(unsupported(
+    if new < old && !opts.shrink {
+        return Err(invalid(
             path,
-            "shrinking a sparse VMDK is not supported yet",
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
         ));
     }
     if opts.prealloc != Prealloc::Off {
@@ -1102,6 +1124,51 @@ fn resize_vmdk_sparse(
     let mut report = report;
     report.gpt_moved = gpt_plan.is_some();
     report.partition_grown = gpt_plan.as_ref().and_then(|p| p.grown);
+    if new < old && !opts.force {
+        // Nothing may be cut off: no partition, no stored data (the GPT's
+        // own backup moves).
+        if let Some(p) = read_table(reader.as_ref())
+            .ok()
+            .flatten()
+            .and_then(|t| t.partitions.into_iter().find(|p| p.end > new))
+        {
+            return Err(invalid(
+                path,
+                format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
+            ));
+        }
+        let exempt = gpt_plan
+            .as_ref()
+            .map_or(old, |p| p.old_backup_entries_lba * p.ss);
+        let mut at = new;
+        while at < exempt {
+            let e = reader.map(at, exempt - at)?;
+            if matches!(
+                e.state,
+                crate::block::BlockState::Data | crate::block::BlockState::Compressed
+            ) {
+                // Stored, but only non-zero bytes are data to lose.
+                let mut p = at;
+                let end = at + e.len;
+                let mut buf = vec![0u8; 1 << 20];
+                while p < end {
+                    let n = (end - p).min(buf.len() as u64) as usize;
+                    reader.read_at(&mut buf[..n], p)?;
+                    if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
+                        return Err(invalid(
+                            path,
+                            format!(
+                                "data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off",
+                                p + k as u64
+                            ),
+                        ));
+                    }
+                    p += n as u64;
+                }
+            }
+            at += e.len;
+        }
+    }
     if flags & (1 << 16) != 0 {
         // streamOptimized: a stream is written once, front to back; the
         // GPT's new sectors go into the copy.
@@ -1130,6 +1197,9 @@ fn resize_vmdk_sparse(
     }
     if grain == 0 || gtes == 0 {
         return Err(invalid(path, "a sparse header without grain geometry"));
+    }
+    if new < old {
+        return shrink_vmdk_sparse(&file, path, head, new, reader, gpt_plan.as_ref(), report);
     }
     let per = gtes * grain;
     let (old_n, new_n) = (capacity.div_ceil(per), (new / 512).div_ceil(per));
@@ -2034,14 +2104,13 @@ fn shrink_qcow2(
             // The old GPT backup at the old end moves; it is not data.
             let guest = (i * per_l2 + j) * cs;
             let stored = e & OFFSET_MASK != 0 || e & OFLAG_COMPRESSED != 0;
-            if stored && guest + cs <= gpt_exempt_from {
-                data_beyond = true;
-            } else if stored && guest < gpt_exempt_from {
-                // The cluster holding the backup's start: data only if its
-                // part before the backup is not all zeros.
-                let mut head = vec![0u8; (gpt_exempt_from - guest) as usize];
-                sink.reader.read_at(&mut head, guest)?;
-                data_beyond |= head.iter().any(|&b| b != 0);
+            if stored && guest < gpt_exempt_from.min(old) && !data_beyond {
+                // Stored, but only non-zero bytes are data to lose (the old
+                // GPT backup excepted).
+                let upto = (guest + cs).min(gpt_exempt_from).min(old);
+                let mut bytes = vec![0u8; (upto - guest) as usize];
+                sink.reader.read_at(&mut bytes, guest)?;
+                data_beyond |= bytes.iter().any(|&b| b != 0);
             }
             if e & OFLAG_COMPRESSED != 0 {
                 let (off, len) = layout.decode(e & !OFLAG_COMPRESSED);
@@ -2190,5 +2259,115 @@ fn shrink_qcow2(
     }
     sink.write_blocks()?;
     sync(file, path)?;
+    Ok(report)
+}
+
+/// Shrinks a hosted sparse VMDK in place: a GPT moves inside the new end
+/// first; the grain table entries past it are cleared (in both
+/// directories); then the header's capacity (one sector); then the
+/// embedded descriptor.
+fn shrink_vmdk_sparse(
+    file: &File,
+    path: &Path,
+    head: &[u8; 512],
+    new: u64,
+    reader: Box<dyn ImageReader>,
+    gpt: Option<&GptPlan>,
+    report: ResizeReport,
+) -> Result<ResizeReport> {
+    let u64_at = |o: usize| LittleEndian::read_u64(&head[o..o + 8]);
+    let (flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd) = (
+        LittleEndian::read_u32(&head[8..12]),
+        u64_at(12),
+        u64_at(20),
+        u64_at(28),
+        u64_at(36),
+        u64::from(LittleEndian::read_u32(&head[44..48])),
+        u64_at(48),
+        u64_at(56),
+    );
+    let old = capacity * 512;
+    // The new embedded descriptor must fit (checked before writing).
+    let descriptor = if desc_off != 0 && desc_size != 0 && desc_size <= 2048 {
+        let mut text = vec![0u8; (desc_size * 512) as usize];
+        read_exact_at(file, path, &mut text, desc_off * 512, "embedded descriptor")?;
+        let ctx = crate::error::Ctx::new(path);
+        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
+        let t = d.resized_text(new / 512).ok_or_else(|| {
+            invalid(
+                path,
+                "the embedded descriptor's extent line could not be rewritten",
+            )
+        })?;
+        let mut out = vec![0u8; text.len()];
+        if t.len() > out.len() {
+            return Err(unsupported(
+                path,
+                "the new embedded descriptor does not fit its area",
+            ));
+        }
+        out[..t.len()].copy_from_slice(t.as_bytes());
+        Some(out)
+    } else {
+        None
+    };
+    let dirs: Vec<u64> = [gd, rgd]
+        .into_iter()
+        .filter(|&d| d != 0 && d != u64::MAX)
+        .collect();
+    // 1. The GPT.
+    if let Some(p) = gpt {
+        let mut sink = VmdkSink {
+            file,
+            path,
+            reader,
+            old_size: old,
+            grain: grain * 512,
+            gtes,
+            gd,
+            rgd: (flags & 2 != 0 && rgd != 0).then_some(rgd),
+            file_end: file_len(file, path)?.div_ceil(512) * 512,
+            links: Vec::new(),
+        };
+        apply_gpt(&mut sink, p)?;
+    }
+    // 2. Grain table entries past the new end.
+    let first_gone = (new / 512).div_ceil(grain);
+    let grains = capacity.div_ceil(grain);
+    for &dir in &dirs {
+        let mut g = first_gone;
+        while g < grains {
+            let gt = {
+                let mut b = [0u8; 4];
+                read_exact_at(
+                    file,
+                    path,
+                    &mut b,
+                    dir * 512 + (g / gtes) * 4,
+                    "grain directory",
+                )?;
+                LittleEndian::read_u32(&b)
+            };
+            let upto = ((g / gtes + 1) * gtes).min(grains);
+            if gt != 0 {
+                let zeros = vec![0u8; ((upto - g) * 4) as usize];
+                write_all_at(file, path, &zeros, u64::from(gt) * 512 + (g % gtes) * 4)?;
+            }
+            g = upto;
+        }
+    }
+    sync(file, path)?;
+    step();
+    // 3. The capacity.
+    let mut hdr = *head;
+    LittleEndian::write_u64(&mut hdr[12..20], new / 512);
+    write_all_at(file, path, &hdr, 0)?;
+    sync(file, path)?;
+    step();
+    // 4. The embedded descriptor.
+    if let Some(area) = descriptor {
+        write_all_at(file, path, &area, desc_off * 512)?;
+        sync(file, path)?;
+    }
     Ok(report)
 }
