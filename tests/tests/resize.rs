@@ -835,3 +835,38 @@ fn sparse_and_stream_vmdk_shrink() {
     );
     tool_ok(d, "qemu-img", &["compare", "-f", "raw", "p.raw", "p.vmdk"]);
 }
+
+#[test]
+fn an_image_qemu_holds_is_not_resized() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "lk.qcow2", "64M"]);
+    let mut qemu = std::process::Command::new("qemu-io")
+        .args(["-c", "sleep 20000", "lk.qcow2"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // qemu-img itself is refused while qemu-io holds the image.
+    let mut held = false;
+    for _ in 0..50 {
+        if !tool(d, "qemu-img", &["resize", "lk.qcow2", "+1M"])
+            .status
+            .success()
+        {
+            held = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(held, "qemu-io did not take its lock");
+    let out = vmshift(d, &["resize", "lk.qcow2", "+1G"]);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+    vmshift_ok(d, &["resize", "lk.qcow2", "+1G"]);
+}
