@@ -871,3 +871,27 @@ fn an_image_qemu_holds_is_not_resized() {
     );
     vmshift_ok(d, &["resize", "lk.qcow2", "+1G"]);
 }
+
+#[test]
+fn a_killed_stream_rewrite_leaves_no_temp_file_behind_for_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("a.raw"), 64 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "a.raw",
+            "s.vmdk",
+        ],
+    );
+    // A temp file of a vmshift that no longer runs (PIDs are below 2^22).
+    std::fs::write(d.join(".s.vmdk.vmshift-4194305-0.tmp"), b"partial").unwrap();
+    vmshift_ok(d, &["resize", "s.vmdk", "+1G"]);
+    assert_eq!(vmshift_tests::names_in(d), ["a.raw", "s.vmdk"]);
+}

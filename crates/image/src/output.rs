@@ -8,6 +8,32 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// Removes temp files an earlier vmshift left for `name` in `dir` when it
+/// was killed (`.NAME.vmshift-PID-N.tmp` whose process is gone). A PID
+/// that is alive again, whoever it is, keeps its file.
+fn sweep_stale(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.vmshift-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let Some(rest) = file
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A file being written that appears at its target path only on
 /// [`commit`](AtomicOutput::commit). Dropped uncommitted, it leaves nothing.
 #[derive(Debug)]
@@ -23,16 +49,16 @@ impl AtomicOutput {
     /// unless `force`.
     pub fn create(target: &Path, force: bool) -> Result<(Self, File)> {
         if !force && target.symlink_metadata().is_ok() {
-            return Err(Error::new(
-                ErrorKind::Exists,
-                "already exists; pass --force to replace it (or -n to write into it)",
-            )
-            .at_path(target));
+            return Err(
+                Error::new(ErrorKind::Exists, "already exists; --force replaces it")
+                    .at_path(target),
+            );
         }
         let dir = parent_dir(target);
         let name = target.file_name().ok_or_else(|| {
             Error::new(ErrorKind::InvalidInput, "is not a file name").at_path(target)
         })?;
+        sweep_stale(&dir, &name.to_string_lossy());
         for attempt in 0..100u32 {
             let temp = dir.join(format!(
                 ".{}.vmshift-{}-{attempt}.tmp",
