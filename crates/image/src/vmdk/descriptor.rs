@@ -147,16 +147,7 @@ impl Descriptor {
         };
         *lines.get_mut(ext.line.checked_sub(1)?)? =
             format!("{access} {sectors} {}{file}{offset}", ext.type_word);
-        let num = |k: &str| self.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
-        if let (Some(h), Some(s)) = (num("ddb.geometry.heads"), num("ddb.geometry.sectors")) {
-            let cylinders = (sectors / (h * s).max(1)).min(65535);
-            for l in &mut lines {
-                if l.trim_start().starts_with("ddb.geometry.cylinders") {
-                    *l = format!("ddb.geometry.cylinders = \"{cylinders}\"");
-                }
-            }
-        }
-        Some(lines.join(if self.crlf { "\r\n" } else { "\n" }))
+        Some(self.finish_text(lines, sectors))
     }
 
     /// The descriptor's text with `extra` extent lines after its last one,
@@ -170,6 +161,12 @@ impl Descriptor {
         for (k, l) in extra.iter().enumerate() {
             lines.insert(last + k, l.clone());
         }
+        Some(self.finish_text(lines, sectors))
+    }
+
+    /// `lines` as descriptor text for a disk of `sectors` sectors: the
+    /// geometry's cylinders follow the size; the line ends stay as read.
+    fn finish_text(&self, mut lines: Vec<String>, sectors: u64) -> String {
         let num = |k: &str| self.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
         if let (Some(h), Some(s)) = (num("ddb.geometry.heads"), num("ddb.geometry.sectors")) {
             let cylinders = (sectors / (h * s).max(1)).min(65535);
@@ -179,7 +176,7 @@ impl Descriptor {
                 }
             }
         }
-        Some(lines.join(if self.crlf { "\r\n" } else { "\n" }))
+        lines.join(if self.crlf { "\r\n" } else { "\n" })
     }
 
     /// A header key's value (keys compare case-insensitively).
