@@ -1446,6 +1446,33 @@ fn grow_vmdk_set(
     let mut lines = Vec::new();
     let mut at = old;
     let mut n = d.extents.len() + 1;
+    // A flat set's last extent fills up to 2 GiB first (its file may be
+    // longer than the old descriptor says; the old set still reads), so
+    // only the set's last extent is short, as VMware lays sets out.
+    let mut last_sectors = None;
+    if let (true, Some(last)) = (flat, d.extents.last()) {
+        let have = last.sectors * 512;
+        if have < SPLIT {
+            let fill = (SPLIT - have).min(new - old);
+            let file = crate::gate::Gate::new().resolve(
+                path,
+                last.file.as_deref().unwrap_or(""),
+                "extent",
+            )?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .map_err(|e| Error::io(&file, "opening the extent", e))?;
+            let len = file_len(&f, &file)?;
+            if len < have + fill {
+                f.set_len(have + fill)
+                    .map_err(|e| Error::io(&file, "growing the extent", e))?;
+                sync(&f, &file)?;
+            }
+            last_sectors = Some((have + fill) / 512);
+            at += fill;
+        }
+    }
     while at < new {
         let len = (new - at).min(SPLIT);
         let extent = format!("{stem}-{}{n:03}.vmdk", if sparse { "s" } else { "f" });
@@ -1477,7 +1504,7 @@ fn grow_vmdk_set(
     sides.commit()?;
     step();
     let text = d
-        .with_more_extents(&lines, new / 512)
+        .with_more_extents(&lines, new / 512, last_sectors)
         .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be extended"))?;
     let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
     std::io::Write::write_all(&mut f, text.as_bytes())

@@ -150,13 +150,30 @@ impl Descriptor {
         Some(self.finish_text(lines, sectors))
     }
 
-    /// The descriptor's text with `extra` extent lines after its last one,
-    /// for a disk of `sectors` sectors in all (cylinders follow).
-    pub(crate) fn with_more_extents(&self, extra: &[String], sectors: u64) -> Option<String> {
-        let last = self.extents.last()?.line;
+    /// The descriptor's text with `extra` extent lines after its last one
+    /// (whose size becomes `last_sectors`, when given), for a disk of
+    /// `sectors` sectors in all (cylinders follow).
+    pub(crate) fn with_more_extents(
+        &self,
+        extra: &[String],
+        sectors: u64,
+        last_sectors: Option<u64>,
+    ) -> Option<String> {
+        let ext = self.extents.last()?;
+        let last = ext.line;
         let mut lines = self.lines.clone();
         if last == 0 || last > lines.len() {
             return None;
+        }
+        if let Some(n) = last_sectors {
+            // The last extent line with its new size (same access, type,
+            // file and offset).
+            let line = &lines[last - 1];
+            let t = line.trim_start();
+            let (access, rest) = t.split_once(char::is_whitespace)?;
+            let rest = rest.trim_start();
+            let (_, tail) = rest.split_once(char::is_whitespace)?;
+            lines[last - 1] = format!("{access} {n} {}", tail.trim_start());
         }
         for (k, l) in extra.iter().enumerate() {
             lines.insert(last + k, l.clone());
