@@ -895,3 +895,58 @@ fn a_killed_stream_rewrite_leaves_no_temp_file_behind_for_long() {
     vmshift_ok(d, &["resize", "s.vmdk", "+1G"]);
     assert_eq!(vmshift_tests::names_in(d), ["a.raw", "s.vmdk"]);
 }
+
+#[test]
+fn split_sets_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "a.raw", 5 << 30);
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 1M 1M",
+            "-c",
+            "write -P 8 2600M 1M",
+            "a.raw",
+        ],
+    );
+    for (sub, to) in [("twoGbMaxExtentFlat", "3G"), ("twoGbMaxExtentSparse", "4G")] {
+        let img = format!("{sub}.vmdk");
+        let opt = format!("subformat={sub}");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "vmdk", "-o", &opt, "a.raw", &img],
+        );
+        vmshift_ok(d, &["resize", "--shrink", &img, to]);
+        tool_ok(d, "qemu-img", &["check", &img]);
+        copy(d, "a.raw", "want.raw");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["resize", "-f", "raw", "--shrink", "want.raw", to],
+        );
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "want.raw", &img]);
+        std::fs::remove_file(d.join("want.raw")).unwrap();
+    }
+    // A sparse extent is not cut in the middle; data is not cut without --force.
+    let out = vmshift(
+        d,
+        &["resize", "--shrink", "twoGbMaxExtentSparse.vmdk", "3G"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("extent boundaries"),
+        "{out:?}"
+    );
+    let out = vmshift(d, &["resize", "--shrink", "twoGbMaxExtentFlat.vmdk", "2G"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{out:?}"
+    );
+}

@@ -1403,10 +1403,7 @@ fn grow_vmdk_set(
         return Ok(report);
     }
     if new < old {
-        return Err(unsupported(
-            path,
-            "shrinking a twoGbMaxExtent set is not supported yet",
-        ));
+        return shrink_vmdk_set(path, d, old, new, opts);
     }
     if opts.grow_partition.is_some() || opts.prealloc != Prealloc::Off {
         return Err(unsupported(
@@ -2462,4 +2459,111 @@ fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shrinks a twoGbMaxExtent set: the descriptor that lists fewer (or a
+/// shorter last flat) extent(s) replaces the old one first — a longer file
+/// under a shorter description still reads —; then the last flat extent is
+/// cut and the extents past the end are removed. A sparse extent cannot be
+/// cut in the middle (its own header states its size), so a sparse set
+/// shrinks to extent boundaries.
+fn shrink_vmdk_set(
+    path: &Path,
+    d: &crate::vmdk::descriptor::Descriptor,
+    old: u64,
+    new: u64,
+    opts: &ResizeOptions,
+) -> Result<ResizeReport> {
+    use crate::vmdk::descriptor::ExtentType;
+    if !opts.shrink {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
+        ));
+    }
+    let reader = crate::open::open_image(
+        path,
+        Some(DiskFormat::Vmdk),
+        &crate::open::OpenOptions::default(),
+    )?;
+    let table = read_table(reader.as_ref()).ok().flatten();
+    if table.as_ref().is_some_and(|t| t.kind == TableKind::Gpt) && opts.fix_gpt {
+        return Err(unsupported(path, "moving a GPT inside a twoGbMaxExtent set is not supported yet: pass --no-fix-gpt after shrinking the partitions"));
+    }
+    if !opts.force {
+        if let Some(p) = table.and_then(|t| t.partitions.into_iter().find(|p| p.end > new)) {
+            return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
+        }
+        let mut at = new;
+        let mut buf = vec![0u8; 1 << 20];
+        while at < old {
+            let e = reader.map(at, old - at)?;
+            if matches!(
+                e.state,
+                crate::block::BlockState::Data | crate::block::BlockState::Compressed
+            ) {
+                let mut p = at;
+                while p < at + e.len {
+                    let n = (at + e.len - p).min(buf.len() as u64) as usize;
+                    reader.read_at(&mut buf[..n], p)?;
+                    if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
+                        return Err(invalid(path, format!("data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off", p + k as u64)));
+                    }
+                    p += n as u64;
+                }
+            }
+            at += e.len;
+        }
+    }
+    drop(reader);
+    // The extent holding the new end, and where it starts.
+    let mut start = 0u64;
+    let mut keep = 0usize;
+    for (k, e) in d.extents.iter().enumerate() {
+        let end = start + e.sectors * 512;
+        if new <= end {
+            keep = k + 1;
+            break;
+        }
+        start = end;
+    }
+    let last = &d.extents[keep - 1];
+    let cut = new - start;
+    let shorter = cut < last.sectors * 512;
+    if shorter && last.kind != ExtentType::Flat {
+        return Err(unsupported(
+            path,
+            format!("{new} bytes ends inside sparse extent {keep}; a sparse set shrinks to extent boundaries (for example {start} bytes)"),
+        ));
+    }
+    let text = d
+        .truncated_text(keep, shorter.then_some(cut / 512), new / 512)
+        .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be rewritten"))?;
+    let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path, "writing the descriptor", e))?;
+    out.commit()?;
+    step();
+    let gate = crate::gate::Gate::new();
+    if shorter {
+        let file = gate.resolve(path, last.file.as_deref().unwrap_or(""), "extent")?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map_err(|e| Error::io(&file, "opening the extent", e))?;
+        f.set_len(cut)
+            .map_err(|e| Error::io(&file, "cutting the extent", e))?;
+        sync(&f, &file)?;
+    }
+    for e in &d.extents[keep..] {
+        if let Ok(file) = gate.resolve(path, e.file.as_deref().unwrap_or(""), "extent") {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    Ok(ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    })
 }

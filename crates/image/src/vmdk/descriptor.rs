@@ -181,6 +181,36 @@ impl Descriptor {
         Some(self.finish_text(lines, sectors))
     }
 
+    /// The descriptor's text with only its first `keep` extent lines (the
+    /// last one's size becoming `last_sectors`, when given), for a disk of
+    /// `sectors` sectors in all.
+    pub(crate) fn truncated_text(
+        &self,
+        keep: usize,
+        last_sectors: Option<u64>,
+        sectors: u64,
+    ) -> Option<String> {
+        let dropped: Vec<usize> = self.extents.get(keep..)?.iter().map(|e| e.line).collect();
+        let mut lines = self.lines.clone();
+        if let (Some(n), Some(e)) = (
+            last_sectors,
+            keep.checked_sub(1).and_then(|k| self.extents.get(k)),
+        ) {
+            let line = lines.get(e.line.checked_sub(1)?)?;
+            let t = line.trim_start();
+            let (access, rest) = t.split_once(char::is_whitespace)?;
+            let (_, tail) = rest.trim_start().split_once(char::is_whitespace)?;
+            lines[e.line - 1] = format!("{access} {n} {}", tail.trim_start());
+        }
+        let lines: Vec<String> = lines
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !dropped.contains(&(i + 1)))
+            .map(|(_, l)| l)
+            .collect();
+        Some(self.finish_text(lines, sectors))
+    }
+
     /// `lines` as descriptor text for a disk of `sectors` sectors: the
     /// geometry's cylinders follow the size; the line ends stay as read.
     fn finish_text(&self, mut lines: Vec<String>, sectors: u64) -> String {
