@@ -78,6 +78,22 @@ pub struct ResizeReport {
     pub notes: Vec<String>,
 }
 
+/// A smaller size needs `--shrink`.
+fn needs_shrink(path: &Path, old: u64, new: u64, opts: &ResizeOptions) -> Result<()> {
+    if new < old && !opts.shrink {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
+        ));
+    }
+    Ok(())
+}
+
+/// The image at `path` opened for reading as `format`.
+fn open_as(path: &Path, format: DiskFormat) -> Result<Box<dyn ImageReader>> {
+    crate::open::open_image(path, Some(format), &crate::open::OpenOptions::default())
+}
+
 fn invalid(path: &Path, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidInput, msg).at_path(path)
 }
@@ -107,6 +123,12 @@ pub fn resize(
 ) -> Result<ResizeReport> {
     // The file itself, not a symlink to it: a rewritten stream replaces
     // the real file.
+    if !new_size.is_multiple_of(512) {
+        return Err(invalid(
+            path,
+            format!("{new_size} bytes is not a whole number of 512-byte sectors"),
+        ));
+    }
     let real = path
         .canonicalize()
         .map_err(|e| Error::io(path, "finding the image", e))?;
@@ -140,18 +162,7 @@ fn resize_raw(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result
         new_size: new,
         ..ResizeReport::default()
     };
-    if !new.is_multiple_of(512) {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is not a whole number of 512-byte sectors"),
-        ));
-    }
-    if new < old && !opts.shrink {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
-        ));
-    }
+    needs_shrink(path, old, new, opts)?;
     if opts.prealloc == Prealloc::Metadata {
         return Err(invalid(
             path,
@@ -732,27 +743,18 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
         ..ResizeReport::default()
     };
     let gpt_incomplete = || -> bool {
-        crate::open::open_image(
-            path,
-            Some(DiskFormat::Qcow2),
-            &crate::open::OpenOptions::default(),
-        )
-        .ok()
-        .and_then(|r| read_table(r.as_ref()).ok().flatten())
-        .and_then(|t| t.gpt)
-        .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
+        open_as(path, DiskFormat::Qcow2)
+            .ok()
+            .and_then(|r| read_table(r.as_ref()).ok().flatten())
+            .and_then(|t| t.gpt)
+            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
     };
     // Same size: only an unfinished GPT move (an interrupted run, or a
     // qemu-img resize) is left to do.
     if new == old && !(opts.fix_gpt && gpt_incomplete()) {
         return Ok(report);
     }
-    if new < old && !opts.shrink {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
-        ));
-    }
+    needs_shrink(path, old, new, opts)?;
     if BigEndian::read_u32(&h[4..8]) >= 3 {
         let incompatible = BigEndian::read_u64(&h[72..80]);
         let mut more = [0u8; 8];
@@ -771,23 +773,13 @@ fn resize_qcow2(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Resu
             ));
         }
     }
-    if !new.is_multiple_of(512) {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is not a whole number of 512-byte sectors"),
-        ));
-    }
     if opts.prealloc != Prealloc::Off {
         return Err(unsupported(
             path,
             "qcow2 resize grows without preallocation for now",
         ));
     }
-    let reader = crate::open::open_image(
-        path,
-        Some(DiskFormat::Qcow2),
-        &crate::open::OpenOptions::default(),
-    )?;
+    let reader = open_as(path, DiskFormat::Qcow2)?;
     // Version 3 images may have extended L2 entries (16 bytes each).
     let extended_l2 =
         BigEndian::read_u32(&h[4..8]) >= 3 && BigEndian::read_u64(&h[72..80]) & (1 << 4) != 0;
@@ -953,12 +945,6 @@ fn unsupported(path: &Path, msg: impl Into<String>) -> Error {
 /// a flat disk's extent file is resized like a raw disk (GPT included) and
 /// its descriptor replaced atomically.
 fn resize_vmdk(file: File, path: &Path, new: u64, opts: &ResizeOptions) -> Result<ResizeReport> {
-    if !new.is_multiple_of(512) {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is not a whole number of 512-byte sectors"),
-        ));
-    }
     let mut head = [0u8; 512];
     let n = crate::fileio::read_up_to_at(&file, path, &mut head, 0)?;
     if n >= 4 && &head[0..4] == b"KDMV" {
@@ -1075,12 +1061,7 @@ fn resize_vmdk_sparse(
     if new == old {
         return Ok(report);
     }
-    if new < old && !opts.shrink {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
-        ));
-    }
+    needs_shrink(path, old, new, opts)?;
     if opts.prealloc != Prealloc::Off {
         return Err(unsupported(
             path,
@@ -1088,11 +1069,7 @@ fn resize_vmdk_sparse(
         ));
     }
     // The reader checks the whole image (and names a parent, if any).
-    let reader = crate::open::open_image(
-        path,
-        Some(DiskFormat::Vmdk),
-        &crate::open::OpenOptions::default(),
-    )?;
+    let reader = open_as(path, DiskFormat::Vmdk)?;
     if reader.backing().is_some() {
         return Err(unsupported(
             path,
@@ -1343,11 +1320,7 @@ fn rewrite_stream(
     use crate::block::ImageWriter;
     use crate::output::AtomicOutput;
     use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
-    let src = crate::open::open_image(
-        path,
-        Some(DiskFormat::Vmdk),
-        &crate::open::OpenOptions::default(),
-    )?;
+    let src = open_as(path, DiskFormat::Vmdk)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1422,11 +1395,7 @@ fn grow_vmdk_set(
             "a set mixing extent types is not resized",
         ));
     }
-    let reader = crate::open::open_image(
-        path,
-        Some(DiskFormat::Vmdk),
-        &crate::open::OpenOptions::default(),
-    )?;
+    let reader = open_as(path, DiskFormat::Vmdk)?;
     if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
         return Err(unsupported(
             path,
@@ -2475,17 +2444,8 @@ fn shrink_vmdk_set(
     opts: &ResizeOptions,
 ) -> Result<ResizeReport> {
     use crate::vmdk::descriptor::ExtentType;
-    if !opts.shrink {
-        return Err(invalid(
-            path,
-            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
-        ));
-    }
-    let reader = crate::open::open_image(
-        path,
-        Some(DiskFormat::Vmdk),
-        &crate::open::OpenOptions::default(),
-    )?;
+    needs_shrink(path, old, new, opts)?;
+    let reader = open_as(path, DiskFormat::Vmdk)?;
     let table = read_table(reader.as_ref()).ok().flatten();
     if table.as_ref().is_some_and(|t| t.kind == TableKind::Gpt) && opts.fix_gpt {
         return Err(unsupported(path, "moving a GPT inside a twoGbMaxExtent set is not supported yet: pass --no-fix-gpt after shrinking the partitions"));
