@@ -44,6 +44,14 @@ fn essentials(v: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// `vmshift vm convert --to libvirt --out OUT VMX` in `dir`; its report.
+fn to_libvirt(dir: &Path, out: &str, vmx: &str) -> String {
+    vmshift_ok(
+        dir,
+        &["vm", "convert", "--to", "libvirt", "--out", out, vmx],
+    )
+}
+
 fn validate_xml(dir: &Path, xml: &Path) {
     let out = tool(dir, "virt-xml-validate", &[xml.to_str().unwrap(), "domain"]);
     assert!(
@@ -77,18 +85,7 @@ fn every_sample_vmx_inspects_as_toml_and_json() {
 fn linux_vm_to_libvirt_keeps_disks_macs_topology_and_validates() {
     let dir = tempfile::tempdir().unwrap();
     let d = sample(dir.path(), "linux-web");
-    let out = vmshift_ok(
-        &d,
-        &[
-            "vm",
-            "convert",
-            "--to",
-            "libvirt",
-            "--out",
-            "out",
-            "linux-web.vmx",
-        ],
-    );
+    let out = to_libvirt(&d, "out", "linux-web.vmx");
     assert!(
         out.contains("changed nics[0].model: e1000 → virtio"),
         "{out}"
@@ -126,18 +123,7 @@ fn linux_vm_to_libvirt_keeps_disks_macs_topology_and_validates() {
 fn windows_uefi_vm_to_libvirt_and_proxmox() {
     let dir = tempfile::tempdir().unwrap();
     let d = sample(dir.path(), "winsrv");
-    let out = vmshift_ok(
-        &d,
-        &[
-            "vm",
-            "convert",
-            "--to",
-            "libvirt",
-            "--out",
-            "lv",
-            "winsrv.vmx",
-        ],
-    );
+    let out = to_libvirt(&d, "lv", "winsrv.vmx");
     assert!(out.contains("nvram-not-carried"), "{out}");
     assert!(out.contains("windows-virtio-drivers"), "{out}");
     assert!(out.contains("vtpm"), "{out}");
@@ -283,18 +269,7 @@ fn esxi_datastore_paths_resolve_in_the_vms_own_folder() {
 fn workstation_snapshot_delta_converts_its_current_state() {
     let dir = tempfile::tempdir().unwrap();
     let d = sample(dir.path(), "ws-snap");
-    let out = vmshift_ok(
-        &d,
-        &[
-            "vm",
-            "convert",
-            "--to",
-            "libvirt",
-            "--out",
-            "o",
-            "ws-snap.vmx",
-        ],
-    );
+    let out = to_libvirt(&d, "o", "ws-snap.vmx");
     assert!(
         out.contains("snapshots-present") && out.contains("before upgrade"),
         "{out}"
@@ -512,10 +487,7 @@ fn ova_manifest_is_verified_and_its_disk_is_read_in_place() {
     let v = inspect(d, "good.ova");
     assert_eq!(v["vm"]["memory-mib"], 2048);
     // The streamOptimized disk is converted straight out of the tar.
-    vmshift_ok(
-        d,
-        &["vm", "convert", "--to", "libvirt", "--out", "o", "good.ova"],
-    );
+    to_libvirt(&d, "o", "good.ova");
     let xml = names_in(&d.join("o"))
         .into_iter()
         .find(|n| n.ends_with(".xml"))
@@ -746,18 +718,7 @@ fn serial_logs_and_snapshot_lists_cannot_reach_host_files() {
 fn vm_validate_checks_libvirt_xml_against_the_installed_schema() {
     let dir = tempfile::tempdir().unwrap();
     let d = sample(dir.path(), "linux-web");
-    vmshift_ok(
-        &d,
-        &[
-            "vm",
-            "convert",
-            "--to",
-            "libvirt",
-            "--out",
-            "o",
-            "linux-web.vmx",
-        ],
-    );
+    to_libvirt(&d, "o", "linux-web.vmx");
     let out = vmshift_ok(
         &d,
         &["vm", "validate", "--libvirt-schema", "o/linux-web.xml"],
