@@ -487,7 +487,7 @@ fn ova_manifest_is_verified_and_its_disk_is_read_in_place() {
     let v = inspect(d, "good.ova");
     assert_eq!(v["vm"]["memory-mib"], 2048);
     // The streamOptimized disk is converted straight out of the tar.
-    to_libvirt(&d, "o", "good.ova");
+    to_libvirt(d, "o", "good.ova");
     let xml = names_in(&d.join("o"))
         .into_iter()
         .find(|n| n.ends_with(".xml"))
