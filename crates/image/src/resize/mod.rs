@@ -1,0 +1,225 @@
+//! Resizing images in place, crash-safe: every step is ordered so that a
+//! kill at any point leaves either the old image or the new one.
+//!
+//! - raw: the file's length changes (`ftruncate`; `falloc`/`full`
+//!   preallocation for growth). A GPT is moved to the new end: the backup
+//!   entries and header are written and synced first, then the primary
+//!   header (one sector) points at them. Growing writes the new end before
+//!   the table moves; shrinking moves the table before the end is cut.
+//! - qcow2: growing within the L1 table's clusters changes the header's
+//!   `size` and `l1_size` in one 16-byte write (the L1 slack is zeroed and
+//!   synced first). Nothing else is touched.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use byteorder::{BigEndian, ByteOrder, LittleEndian};
+use vmshift_model::DiskFormat;
+
+use crate::block::ImageReader;
+use crate::error::{Error, ErrorKind, Result};
+use crate::fileio::{file_len, read_exact_at, seek_data_hole, write_all_at};
+use crate::part::{read_table, TableKind};
+use crate::raw::RawReader;
+
+mod gpt;
+mod qcow2;
+mod raw;
+mod vmdk;
+
+use gpt::*;
+use qcow2::*;
+use raw::*;
+use vmdk::*;
+
+/// How new space is provided when growing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prealloc {
+    /// Sparse: nothing is allocated.
+    #[default]
+    Off,
+    /// Metadata only (qcow2); for raw the same as `Off`.
+    Metadata,
+    /// Space reserved with fallocate.
+    Falloc,
+    /// Zeros written.
+    Full,
+}
+
+/// What a resize may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeOptions {
+    /// Shrinking is allowed.
+    pub shrink: bool,
+    /// Shrink even when data or a partition lies beyond the new end.
+    pub force: bool,
+    /// How new space is provided.
+    pub prealloc: Prealloc,
+    /// Move a GPT's backup header and entries to the new end.
+    pub fix_gpt: bool,
+    /// Extend this partition (the one that ends last) into the new space.
+    pub grow_partition: Option<u32>,
+}
+
+impl Default for ResizeOptions {
+    fn default() -> Self {
+        ResizeOptions {
+            shrink: false,
+            force: false,
+            prealloc: Prealloc::Off,
+            fix_gpt: true,
+            grow_partition: None,
+        }
+    }
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResizeReport {
+    /// Bytes before.
+    pub old_size: u64,
+    /// Bytes after.
+    pub new_size: u64,
+    /// The GPT's backup header moved to the new end.
+    pub gpt_moved: bool,
+    /// A partition that grew: (number, old end, new end) in bytes.
+    pub partition_grown: Option<(u32, u64, u64)>,
+    /// Things the user should know (a table left alone, …).
+    pub notes: Vec<String>,
+}
+
+/// A smaller size needs `--shrink`.
+pub(super) fn needs_shrink(path: &Path, old: u64, new: u64, opts: &ResizeOptions) -> Result<()> {
+    if new < old && !opts.shrink {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
+        ));
+    }
+    Ok(())
+}
+
+/// The image at `path` opened for reading as `format`.
+pub(super) fn open_as(path: &Path, format: DiskFormat) -> Result<Box<dyn ImageReader>> {
+    crate::open::open_image(path, Some(format), &crate::open::OpenOptions::default())
+}
+
+pub(super) fn invalid(path: &Path, msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidInput, msg).at_path(path)
+}
+
+/// A pause between the steps of a resize, for the kill tests
+/// (`VMSHIFT_RESIZE_STEP_DELAY_MS`); nothing otherwise.
+pub(super) fn step() {
+    if let Some(ms) = std::env::var("VMSHIFT_RESIZE_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+pub(super) fn sync(file: &File, path: &Path) -> Result<()> {
+    file.sync_all()
+        .map_err(|e| Error::io(path, "syncing the image", e))
+}
+
+/// Resizes the image at `path` (in format `format`) to `new_size` bytes.
+pub fn resize(
+    path: &Path,
+    format: DiskFormat,
+    new_size: u64,
+    opts: &ResizeOptions,
+) -> Result<ResizeReport> {
+    // The file itself, not a symlink to it: a rewritten stream replaces
+    // the real file.
+    if !new_size.is_multiple_of(512) {
+        return Err(invalid(
+            path,
+            format!("{new_size} bytes is not a whole number of 512-byte sectors"),
+        ));
+    }
+    let real = path
+        .canonicalize()
+        .map_err(|e| Error::io(path, "finding the image", e))?;
+    let path = real.as_path();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "opening the image for writing", e))?;
+    lock_like_qemu(&file, path)?;
+    match format {
+        DiskFormat::Raw => resize_raw(file, path, new_size, opts),
+        DiskFormat::Qcow2 => resize_qcow2(file, path, new_size, opts),
+        DiskFormat::Vmdk => resize_vmdk(file, path, new_size, opts),
+    }
+}
+
+pub(super) fn unsupported(path: &Path, msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Unsupported, msg).at_path(path)
+}
+
+/// QEMU's permission bits for its image locks (block.h BLK_PERM_*):
+/// consistent read, write, write unchanged, resize, graph modification.
+pub(super) const QEMU_PERMS: u64 = 5;
+pub(super) const QEMU_LOCK_PERM_BASE: i64 = 100;
+pub(super) const QEMU_LOCK_SHARED_BASE: i64 = 200;
+
+/// Takes the image the way QEMU takes one it resizes — open file
+/// description locks on QEMU's bytes: 100+perm for what it uses,
+/// 200+perm for what it does not share — after checking that no running
+/// QEMU (or qemu-img) holds it. The locks go with the file.
+pub(super) fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let conflict = |byte: i64| -> Option<bool> {
+        // SAFETY: a zeroed `flock` is a valid value for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: fcntl on a valid descriptor borrowed from `file`, with a
+        // pointer to a live `flock` it fills in.
+        let r = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
+        (r == 0).then_some(fl.l_type != libc::F_UNLCK as i16)
+    };
+    // Anyone using the image at all, or not sharing write or resize, holds
+    // one of these.
+    let busy = (0..QEMU_PERMS as i64)
+        .map(|i| QEMU_LOCK_PERM_BASE + i)
+        .chain([QEMU_LOCK_SHARED_BASE + 1, QEMU_LOCK_SHARED_BASE + 3])
+        .any(|b| conflict(b) == Some(true));
+    if busy {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the image is in use (a running QEMU or qemu-img holds its lock); stop it first",
+        )
+        .at_path(path));
+    }
+    // Our own: we use write and resize, and share nothing.
+    for byte in [QEMU_LOCK_PERM_BASE + 1, QEMU_LOCK_PERM_BASE + 3]
+        .into_iter()
+        .chain((0..QEMU_PERMS as i64).map(|i| QEMU_LOCK_SHARED_BASE + i))
+    {
+        // SAFETY: as above.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_RDLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: fcntl on a valid descriptor borrowed from `file`, with a
+        // pointer to a live `flock`; the lock belongs to this open file
+        // description and ends when it is closed.
+        let r = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+        if r != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the image is in use (its lock is held); stop the process that has it open",
+            )
+            .at_path(path));
+        }
+    }
+    Ok(())
+}

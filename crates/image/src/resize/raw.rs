@@ -1,0 +1,220 @@
+//! Resizing raw images.
+
+use super::*;
+
+pub(super) fn resize_raw(
+    file: File,
+    path: &Path,
+    new: u64,
+    opts: &ResizeOptions,
+) -> Result<ResizeReport> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, "reading file metadata", e))?;
+    if !meta.is_file() {
+        return Err(invalid(
+            path,
+            "not a regular file; only image files are resized",
+        ));
+    }
+    let old = file_len(&file, path)?;
+    let mut report = ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    };
+    needs_shrink(path, old, new, opts)?;
+    if opts.prealloc == Prealloc::Metadata {
+        return Err(invalid(
+            path,
+            "--preallocation metadata applies to qcow2; a raw image has no metadata (use falloc or full)",
+        ));
+    }
+    // The partition table matters only to what is asked: a table vmshift
+    // cannot read does not stop a plain resize (as with qemu-img).
+    let needs_table = opts.grow_partition.is_some() || new < old;
+    let table = {
+        let reader = RawReader::open(
+            file.try_clone()
+                .map_err(|e| Error::io(path, "reopening the image", e))?,
+            path,
+        )?;
+        match read_table(&reader) {
+            Ok(t) => t,
+            Err(e) if !needs_table => {
+                report.notes.push(format!(
+                    "the partition table is unreadable and was left as it is: {e}"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let gpt = table
+        .as_ref()
+        .filter(|t| t.kind == TableKind::Gpt && opts.fix_gpt)
+        .and_then(|t| t.gpt.as_ref());
+    // Nothing to do: same size, and any GPT already whole and at the end.
+    let gpt_needs_fix = gpt.is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok);
+    if new == old && opts.grow_partition.is_none() && !gpt_needs_fix {
+        return Ok(report);
+    }
+    // Plan everything before the first write: a refused resize changes
+    // nothing.
+    let gpt_plan = match gpt {
+        Some(g) => {
+            let reader = RawReader::open(
+                file.try_clone()
+                    .map_err(|e| Error::io(path, "reopening the image", e))?,
+                path,
+            )?;
+            Some(plan_gpt(
+                &reader,
+                path,
+                g.sector_size,
+                old,
+                new,
+                opts.grow_partition,
+            )?)
+        }
+        None => None,
+    };
+    let mbr_plan = match (opts.grow_partition, &gpt_plan, &table) {
+        (Some(n), None, Some(t)) if t.kind == TableKind::Mbr => {
+            Some(plan_mbr_growth(&file, path, t, n, new)?)
+        }
+        (Some(n), None, _) => {
+            return Err(invalid(
+                path,
+                format!(
+                    "--grow-partition {n}: the image has no partition table vmshift can change"
+                ),
+            ))
+        }
+        _ => None,
+    };
+    if new < old && !opts.force {
+        shrink_checks(&file, path, table.as_ref(), gpt_plan.as_ref(), old, new)?;
+    }
+    if let Some(p) = gpt_plan.as_ref().filter(|p| p.last_usable < p.first_usable) {
+        return Err(invalid(
+            path,
+            format!(
+                "the disk is too small for its GPT ({} sectors of entries)",
+                p.entry_sectors
+            ),
+        ));
+    }
+
+    // Grow: the new end exists before anything points at it.
+    if new > old {
+        file.set_len(new)
+            .map_err(|e| Error::io(path, "growing the image", e))?;
+        preallocate(&file, path, old, new, opts.prealloc)?;
+        sync(&file, path)?;
+        step();
+    }
+    if let Some(plan) = gpt_plan {
+        report.partition_grown = plan.grown;
+        apply_gpt(&mut RawSink { file: &file, path }, &plan)?;
+        report.gpt_moved = true;
+    }
+    if let Some(plan) = mbr_plan {
+        report.partition_grown = Some(plan.grown);
+        for (at, sector) in &plan.writes {
+            write_all_at(&file, path, sector, *at)?;
+            sync(&file, path)?;
+            step();
+        }
+    }
+    // Shrink: the table has moved in; now cut.
+    if new < old {
+        file.set_len(new)
+            .map_err(|e| Error::io(path, "shrinking the image", e))?;
+        sync(&file, path)?;
+    }
+    Ok(report)
+}
+
+pub(super) fn preallocate(
+    file: &File,
+    path: &Path,
+    from: u64,
+    to: u64,
+    how: Prealloc,
+) -> Result<()> {
+    match how {
+        Prealloc::Off => Ok(()),
+        Prealloc::Metadata => Err(invalid(
+            path,
+            "--preallocation metadata applies to qcow2; a raw image has no metadata (use falloc or full)",
+        )),
+        Prealloc::Falloc => crate::raw::fallocate(file, path, from, to - from),
+        Prealloc::Full => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(zeros.len() as u64) as usize;
+                write_all_at(file, path, &zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Refuses a shrink that would cut off a partition or stored data (other
+/// than the GPT's own backup, which moves).
+pub(super) fn shrink_checks(
+    file: &File,
+    path: &Path,
+    table: Option<&crate::part::PartitionTable>,
+    gpt: Option<&GptPlan>,
+    old: u64,
+    new: u64,
+) -> Result<()> {
+    if let Some(p) = table.and_then(|t| t.partitions.iter().find(|p| p.end > new)) {
+        return Err(invalid(
+            path,
+            format!(
+                "partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force",
+                p.number, p.end
+            ),
+        ));
+    }
+    // The old backup array and header are expected at the old end; the
+    // file-system block that holds the array's start counts with them.
+    let keep_from = match gpt {
+        Some(g) => (g.old_backup_entries_lba * g.ss) / 4096 * 4096,
+        None => old,
+    };
+    // Holes are skipped; what the file system stores is read, and only
+    // non-zero bytes count (blocks of zeros are no data to lose).
+    let mut pos = new;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < keep_from {
+        let Some(d) = seek_data_hole(file, pos, true).filter(|&d| d < keep_from) else {
+            break;
+        };
+        let h = seek_data_hole(file, d, false)
+            .unwrap_or(keep_from)
+            .min(keep_from);
+        let mut at = d;
+        while at < h {
+            let n = (h - at).min(buf.len() as u64) as usize;
+            read_exact_at(file, path, &mut buf[..n], at, "data")?;
+            if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off",
+                        at + k as u64
+                    ),
+                ));
+            }
+            at += n as u64;
+        }
+        pos = h.max(d + 1);
+    }
+    Ok(())
+}
