@@ -950,3 +950,228 @@ fn split_sets_shrink() {
         "{out:?}"
     );
 }
+
+/// "1000K", "3M" in bytes.
+fn size_of(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.len() - 1);
+    n.parse::<u64>().unwrap() << if unit == "K" { 10 } else { 20 }
+}
+
+/// The virtual size qemu-img reports.
+fn virtual_size(d: &Path, img: &str) -> u64 {
+    json(&tool_ok(d, "qemu-img", &["info", "--output", "json", img]).stdout)["virtual-size"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn qcow2_preallocation_agrees_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 64 KiB clusters with an end inside a cluster; version 2; and 512-byte
+    // clusters, where +40M needs new refcount blocks, a larger refcount
+    // table and a larger L1 table.
+    for (opts, old, grow, cs) in [
+        ("cluster_size=65536", "1000K", "3M", 65536u64),
+        ("compat=0.10", "1M", "3M", 65536),
+        ("cluster_size=512", "1M", "41M", 512),
+    ] {
+        for mode in ["metadata", "falloc", "full"] {
+            for f in ["ours.qcow2", "theirs.qcow2"] {
+                tool_ok(
+                    d,
+                    "qemu-img",
+                    &["create", "-f", "qcow2", "-o", opts, f, old],
+                );
+                tool_ok(d, "qemu-io", &["-c", "write -P 0x5a 0 512k", f]);
+            }
+            let pre = format!("--preallocation={mode}");
+            vmshift_ok(d, &["resize", &pre, "ours.qcow2", grow]);
+            tool_ok(d, "qemu-img", &["resize", &pre, "theirs.qcow2", grow]);
+            let what = format!("{opts} {mode}");
+            tool_ok(d, "qemu-img", &["check", "ours.qcow2"]);
+            tool_ok(d, "qemu-img", &["compare", "ours.qcow2", "theirs.qcow2"]);
+            assert_eq!(
+                virtual_size(d, "ours.qcow2"),
+                virtual_size(d, "theirs.qcow2"),
+                "{what}"
+            );
+            // Every cluster past the old end is allocated in the image.
+            let old_bytes = size_of(old);
+            let from = old_bytes.div_ceil(cs) * cs;
+            let map =
+                json(&tool_ok(d, "qemu-img", &["map", "--output", "json", "ours.qcow2"]).stdout);
+            for e in map.as_array().unwrap() {
+                let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                if start + len > from {
+                    assert_eq!(e["data"], true, "{what}: {e}");
+                    assert_eq!(e["depth"], 0, "{what}: {e}");
+                }
+            }
+            // falloc and full take the space on disk.
+            use std::os::unix::fs::MetadataExt;
+            let used = std::fs::metadata(d.join("ours.qcow2")).unwrap().blocks() * 512;
+            let grown = size_of(grow) - old_bytes;
+            if mode != "metadata" {
+                assert!(used >= grown, "{what}: {used} bytes on disk");
+            }
+        }
+    }
+}
+
+#[test]
+fn new_space_reads_as_zeros_over_a_longer_backing_file_or_a_shrunk_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    tool_ok(d, "qemu-io", &["-c", "write -P 0xcd 0 4M", "base.qcow2"]);
+    for old in ["1M", "1000K"] {
+        for f in ["ours.qcow2", "theirs.qcow2"] {
+            tool_ok(
+                d,
+                "qemu-img",
+                &[
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "base.qcow2",
+                    "-F",
+                    "qcow2",
+                    f,
+                    old,
+                ],
+            );
+        }
+        vmshift_ok(d, &["resize", "ours.qcow2", "3M"]);
+        tool_ok(d, "qemu-img", &["resize", "theirs.qcow2", "3M"]);
+        tool_ok(d, "qemu-img", &["check", "ours.qcow2"]);
+        tool_ok(d, "qemu-img", &["compare", "ours.qcow2", "theirs.qcow2"]);
+        let read = format!("read -P 0 {old} {}", (3 << 20) - size_of(old));
+        tool_ok(d, "qemu-io", &["-r", "-c", &read, "ours.qcow2"]);
+    }
+    // Version 2 cannot mark clusters zero: refused, nothing changed; with
+    // preallocation the new clusters are allocated and read as zeros.
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "v2.qcow2",
+            "1M",
+        ],
+    );
+    let before = std::fs::read(d.join("v2.qcow2")).unwrap();
+    let out = vmshift(d, &["resize", "v2.qcow2", "3M"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backing file"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(d.join("v2.qcow2")).unwrap(), before);
+    vmshift_ok(d, &["resize", "--preallocation=metadata", "v2.qcow2", "3M"]);
+    tool_ok(d, "qemu-img", &["check", "v2.qcow2"]);
+    tool_ok(d, "qemu-io", &["-r", "-c", "read -P 0 1M 2M", "v2.qcow2"]);
+
+    // A shrink to inside a cluster (or grain) leaves bytes after the end;
+    // growing again shows zeros there (qemu-img resize shows the old bytes).
+    patterned_raw(&d.join("p.raw"), 1 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "p.raw", "q.qcow2"],
+    );
+    tool_ok(d, "qemu-img", &["resize", "--shrink", "q.qcow2", "1000K"]);
+    vmshift_ok(d, &["resize", "q.qcow2", "1M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-c", "read -P 0 1000K 24K", "q.qcow2"],
+    );
+    tool_ok(d, "qemu-img", &["check", "q.qcow2"]);
+    for (fmt, img) in [("qcow2", "s.qcow2"), ("vmdk", "s.vmdk")] {
+        tool_ok(d, "qemu-img", &["convert", "-O", fmt, "p.raw", img]);
+        vmshift_ok(d, &["resize", "--shrink", "--force", img, "1000K"]);
+        vmshift_ok(d, &["resize", img, "1M"]);
+        tool_ok(
+            d,
+            "qemu-io",
+            &["-r", "-f", fmt, "-c", "read -P 0 1000K 24K", img],
+        );
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-f", fmt, "-O", "raw", img, "back.raw"],
+        );
+        let (was, now) = (
+            std::fs::read(d.join("p.raw")).unwrap(),
+            std::fs::read(d.join("back.raw")).unwrap(),
+        );
+        assert!(
+            was[..1000 << 10] == now[..1000 << 10],
+            "{img}: the data before the end changed"
+        );
+    }
+    // A sparse VMDK whose header was cut inside a grain by another tool.
+    tool_ok(d, "qemu-img", &["convert", "-O", "vmdk", "p.raw", "c.vmdk"]);
+    let mut bytes = std::fs::read(d.join("c.vmdk")).unwrap();
+    bytes[12..20].copy_from_slice(&2000u64.to_le_bytes());
+    std::fs::write(d.join("c.vmdk"), bytes).unwrap();
+    vmshift_ok(d, &["resize", "c.vmdk", "1M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-f", "vmdk", "-c", "read -P 0 1000K 24K", "c.vmdk"],
+    );
+}
+
+#[test]
+fn killed_qcow2_preallocation_never_corrupts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 512-byte clusters: new refcount blocks, a new refcount table and a
+    // new L1 table, each switched to at its own step.
+    patterned_raw(&d.join("k.raw"), 1 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "k.raw",
+            "k0.qcow2",
+        ],
+    );
+    for ms in [0, 30, 70, 100, 140, 190, 250, 330, 500] {
+        copy(d, "k0.qcow2", "k.qcow2");
+        killed_resize(
+            d,
+            &["resize", "--preallocation=metadata", "k.qcow2", "+24M"],
+            ms,
+        );
+        let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
+        assert!(
+            matches!(code, Some(0) | Some(3)),
+            "{ms} ms: check exit {code:?}"
+        );
+        let size = virtual_size(d, "k.qcow2");
+        assert!(size == 1 << 20 || size == 25 << 20, "{ms} ms: {size}");
+        // The old data, and zeros after it.
+        tool_ok(d, "qemu-img", &["compare", "-f", "raw", "k.raw", "k.qcow2"]);
+    }
+}

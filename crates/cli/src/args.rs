@@ -45,11 +45,11 @@ pub enum PreallocArg {
     /// Sparse.
     #[default]
     Off,
-    /// Metadata only (qcow2).
+    /// Tables and clusters allocated, nothing written (qcow2).
     Metadata,
-    /// Reserved with fallocate (raw).
+    /// Reserved with fallocate (raw, flat VMDK; qcow2 clusters allocated too).
     Falloc,
-    /// Zeros written (raw).
+    /// Zeros written (raw, flat VMDK; qcow2 clusters allocated too).
     Full,
 }
 

@@ -53,12 +53,6 @@ pub(super) fn resize_qcow2(
             ));
         }
     }
-    if opts.prealloc != Prealloc::Off {
-        return Err(unsupported(
-            path,
-            "qcow2 resize grows without preallocation for now",
-        ));
-    }
     let reader = open_as(path, DiskFormat::Qcow2)?;
     // Version 3 images may have extended L2 entries (16 bytes each).
     let extended_l2 =
@@ -98,6 +92,7 @@ pub(super) fn resize_qcow2(
         ));
     }
     let cs = 1u64 << cluster_bits;
+    let version = BigEndian::read_u32(&h[4..8]);
     let per_l2 = cs / if extended_l2 { 16 } else { 8 };
     let need = new.div_ceil(cs * per_l2);
     if need > u64::from(u32::MAX) || need * 8 > 32 << 20 {
@@ -106,32 +101,75 @@ pub(super) fn resize_qcow2(
             format!("{new} bytes needs an L1 table larger than QEMU allows"),
         ));
     }
+    // The new space must read as zeros: where a longer backing file would
+    // show through, its clusters are marked zero (version 3), like QEMU.
+    let backing_len = reader.backing().map_or(0, |b| b.size());
+    let zero_to = if backing_len > old {
+        backing_len.min(new)
+    } else {
+        old
+    };
+    if zero_to > old && version < 3 && opts.prealloc == Prealloc::Off {
+        return Err(unsupported(
+            path,
+            format!(
+                "the backing file is {backing_len} bytes, longer than the image, and a version 2 qcow2 cannot mark the new clusters as zero, so its data would show through; upgrade with qemu-img amend -o compat=1.1, or grow with --preallocation metadata"
+            ),
+        ));
+    }
+    let fill = opts.prealloc != Prealloc::Off || zero_to > old;
+    if fill && extended_l2 {
+        return Err(unsupported(
+            path,
+            "preallocating or zeroing new space in a qcow2 with extended L2 entries is not supported yet",
+        ));
+    }
     let room = (u64::from(l1_size) * 8).div_ceil(cs) * cs / 8;
     let move_l1 = need > room;
     let need = need as u32;
-    // One allocator for everything that follows; nothing is written until
-    // every check has passed.
-    let mut sink = if move_l1 || gpt_plan.is_some() {
-        Some(Qcow2Sink::new(&file, path, reader, old)?)
+    // Bytes a shrink left after the end, in the cluster the old end falls
+    // in, must not reappear (qemu-img resize shows them again).
+    let mut sink = Qcow2Sink::new(&file, path, reader, old)?;
+    let fill = fill || (!extended_l2 && sink.tail_state()?.0);
+    let plain = !move_l1 && gpt_plan.is_none() && !fill;
+    if plain {
+        // Metadata only, nothing allocated: the L1 slack zeroed, then the
+        // size and l1_size (bytes 24..40) in one write.
+        zero_l1_slack(&file, path, l1_offset, l1_size, need)?;
+        let mut upd = [0u8; 16];
+        upd.copy_from_slice(&h[24..40]);
+        BigEndian::write_u64(&mut upd[0..8], new);
+        BigEndian::write_u32(&mut upd[12..16], need.max(l1_size));
+        write_all_at(&file, path, &upd, 24)?;
+        sync(&file, path)?;
+        return Ok(report);
+    }
+    // One allocator for everything that follows; nothing the old image
+    // uses is written before every check has passed.
+    let new_l1 = if move_l1 {
+        // A larger L1 table at the end of the file, a copy of the old one
+        // for now; what follows reads and links through it.
+        let clusters = (u64::from(need) * 8).div_ceil(cs);
+        let first = sink.alloc()?;
+        for _ in 1..clusters {
+            sink.alloc()?;
+        }
+        let mut table = vec![0u8; (clusters * cs) as usize];
+        read_exact_at(
+            &file,
+            path,
+            &mut table[..l1_size as usize * 8],
+            l1_offset,
+            "L1 table",
+        )?;
+        write_all_at(&file, path, &table, first)?;
+        sink.l1_offset = first;
+        Some((first, clusters))
     } else {
+        zero_l1_slack(&file, path, l1_offset, l1_size, need)?;
         None
     };
-    let new_l1 = match (&mut sink, move_l1) {
-        (Some(sink), true) => {
-            let clusters = (u64::from(need) * 8).div_ceil(cs);
-            let first = sink.alloc()?;
-            for _ in 1..clusters {
-                sink.alloc()?;
-            }
-            Some((first, clusters))
-        }
-        _ => None,
-    };
-    if let (Some(p), Some(sink)) = (&gpt_plan, &mut sink) {
-        if let Some((first, _)) = new_l1 {
-            sink.l1_offset = first;
-            sink.l1_size_old = u64::from(l1_size);
-        }
+    if let Some(p) = &gpt_plan {
         let mut ranges = vec![
             (
                 p.backup_entries_lba * p.ss,
@@ -142,33 +180,21 @@ pub(super) fn resize_qcow2(
         if p.rewrite_primary_entries {
             ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
         }
-        // L1 entries are read from the old table until the switch.
-        sink.l1_offset = l1_offset;
         sink.preflight(&ranges)?;
-        if let Some((first, _)) = new_l1 {
-            sink.l1_offset = first;
-        }
     }
-    match (new_l1, &mut sink) {
-        (Some((first, clusters)), Some(sink)) => {
-            // A larger L1 table at the end of the file: written, refcounted
-            // and synced; then the header points at it (size, l1_size and
-            // l1_table_offset: bytes 24..48, one write); then the old table
-            // is released. A kill after the switch and before the release
+    if fill {
+        sink.fill_new_space(new, zero_to, opts.prealloc)?;
+    }
+    // New tables, refcounts, links and L1 entries, durable before the
+    // header makes them part of the image.
+    sink.sync()?;
+    step();
+    match new_l1 {
+        Some((first, _)) => {
+            // size, l1_size and l1_table_offset: bytes 24..48, one write;
+            // then the old table is released. A kill before the release
             // leaks the old table's clusters (qemu-img check: leaks), as in
             // QEMU.
-            let mut table = vec![0u8; (clusters * cs) as usize];
-            read_exact_at(
-                &file,
-                path,
-                &mut table[..l1_size as usize * 8],
-                l1_offset,
-                "L1 table",
-            )?;
-            write_all_at(&file, path, &table, first)?;
-            sink.write_blocks()?;
-            sync(&file, path)?;
-            step();
             let mut upd = [0u8; 24];
             upd.copy_from_slice(&h[24..48]);
             BigEndian::write_u64(&mut upd[0..8], new);
@@ -181,22 +207,10 @@ pub(super) fn resize_qcow2(
             for k in 0..old_clusters {
                 sink.set_refcount(l1_offset + k * cs, 0)?;
             }
-            sink.write_blocks()?;
-            sync(&file, path)?;
+            sink.commit_refcounts()?;
             step();
-            sink.l1.clear();
-            sink.l1_size_old = u64::from(need);
         }
-        _ => {
-            if need > l1_size {
-                // The slack after the old entries must read as "unallocated".
-                let slack = (u64::from(need - l1_size) * 8) as usize;
-                let zeros = vec![0u8; slack];
-                write_all_at(&file, path, &zeros, l1_offset + u64::from(l1_size) * 8)?;
-                sync(&file, path)?;
-                step();
-            }
-            // size (24..32), crypt_method (32..36), l1_size (36..40): one write.
+        None => {
             let mut upd = [0u8; 16];
             upd.copy_from_slice(&h[24..40]);
             BigEndian::write_u64(&mut upd[0..8], new);
@@ -206,14 +220,28 @@ pub(super) fn resize_qcow2(
             step();
         }
     }
+    sink.l1_size_old = u64::from(need.max(l1_size));
     // The image has its new size (a GPT now like qemu-img leaves it); the
     // GPT moves through guest writes.
     let mut report = report;
-    if let Some((plan, mut sink)) = gpt_plan.zip(sink) {
+    if let Some(plan) = gpt_plan {
         apply_gpt(&mut sink, &plan)?;
         report.gpt_moved = true;
     }
     Ok(report)
+}
+
+/// Zeroes the L1 entries past the old `l1_size` up to `need` (they must
+/// read as "unallocated" once the header counts them), synced.
+fn zero_l1_slack(file: &File, path: &Path, l1_offset: u64, l1_size: u32, need: u32) -> Result<()> {
+    if need <= l1_size {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (u64::from(need - l1_size) * 8) as usize];
+    write_all_at(file, path, &zeros, l1_offset + u64::from(l1_size) * 8)?;
+    sync(file, path)?;
+    step();
+    Ok(())
 }
 
 /// Guest writes into a qcow2 image, for moving a GPT: into clusters it
@@ -234,8 +262,15 @@ pub(super) struct Qcow2Sink<'a> {
     /// Entries past the old L1 size read as unallocated (the slack is
     /// zeroed before any write).
     pub(super) l1_size_old: u64,
+    /// The refcount table (entries changed in this run included).
+    pub(super) rt: Vec<u64>,
     pub(super) rt_offset: u64,
-    pub(super) rt_entries: u64,
+    /// Table entries that point at refcount blocks made in this run.
+    pub(super) rt_new: std::collections::BTreeSet<u64>,
+    /// A larger refcount table, allocated at the end of the file and not
+    /// yet switched to: (offset, clusters); the old one's clusters.
+    pub(super) rt_moved: Option<(u64, u64)>,
+    pub(super) rt_clusters: u64,
     pub(super) refcount_bits: u64,
     pub(super) file_end: u64,
     /// L1 entries written so far (index → entry), including new tables.
@@ -243,7 +278,7 @@ pub(super) struct Qcow2Sink<'a> {
     /// New L2 tables not yet linked: L1 index → (host, entries).
     pub(super) new_tables: std::collections::BTreeMap<u64, (u64, Vec<u64>)>,
     /// Entries to set in existing L2 tables: host offset of the entry → value.
-    pub(super) links: Vec<(u64, u64)>,
+    pub(super) links: std::collections::BTreeMap<u64, u64>,
     /// Refcount blocks changed: block host offset → bytes.
     pub(super) blocks: std::collections::BTreeMap<u64, Vec<u8>>,
 }
@@ -264,6 +299,19 @@ impl<'a> Qcow2Sink<'a> {
         } else {
             4
         };
+        let rt_offset = BigEndian::read_u64(&b[48..56]);
+        let rt_clusters = u64::from(BigEndian::read_u32(&b[56..60]));
+        if rt_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(invalid(
+                path,
+                format!(
+                    "the refcount table has {rt_clusters} clusters, more than QEMU's 8 MiB limit"
+                ),
+            ));
+        }
+        let mut raw = vec![0u8; (rt_clusters * cs) as usize];
+        read_exact_at(file, path, &mut raw, rt_offset, "refcount table")?;
+        let rt = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         Ok(Qcow2Sink {
             file,
             path,
@@ -273,13 +321,16 @@ impl<'a> Qcow2Sink<'a> {
             l2_coverage: cs * (cs / 8),
             l1_offset: BigEndian::read_u64(&b[40..48]),
             l1_size_old: u64::from(BigEndian::read_u32(&b[36..40])),
-            rt_offset: BigEndian::read_u64(&b[48..56]),
-            rt_entries: u64::from(BigEndian::read_u32(&b[56..60])) * cs / 8,
+            rt,
+            rt_offset,
+            rt_new: Default::default(),
+            rt_moved: None,
+            rt_clusters,
             refcount_bits: 1 << order,
             file_end: file_len(file, path)?.div_ceil(cs) * cs,
             l1: Default::default(),
             new_tables: Default::default(),
-            links: Vec::new(),
+            links: Default::default(),
             blocks: Default::default(),
         })
     }
@@ -312,76 +363,152 @@ impl<'a> Qcow2Sink<'a> {
     pub(super) fn refcount(&mut self, host: u64) -> Result<u64> {
         let per_block = self.cs * 8 / self.refcount_bits;
         let index = host / self.cs;
-        let bi = index / per_block;
-        if bi >= self.rt_entries {
+        let Some(&entry) = self.rt.get((index / per_block) as usize) else {
             return Ok(0);
-        }
-        let block = self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK;
+        };
+        let block = entry & OFFSET_MASK;
         if block == 0 {
             return Ok(0);
         }
-        if !self.blocks.contains_key(&block) {
-            let mut b = vec![0u8; self.cs as usize];
-            read_exact_at(self.file, self.path, &mut b, block, "refcount block")?;
-            self.blocks.insert(block, b);
-        }
-        let b = &self.blocks[&block];
+        let bits = self.refcount_bits;
+        let b = self.block(block)?;
         Ok(crate::qcow2::writer::get_refcount(
             b,
             (index % per_block) as usize,
-            self.refcount_bits,
+            bits,
         ))
     }
 
-    /// Writes the refcount blocks changed so far (not synced).
-    pub(super) fn write_blocks(&mut self) -> Result<()> {
-        for (at, b) in &self.blocks {
-            write_all_at(self.file, self.path, b, *at)?;
+    /// The refcount block at `host`, read once.
+    fn block(&mut self, host: u64) -> Result<&mut Vec<u8>> {
+        if !self.blocks.contains_key(&host) {
+            let mut b = vec![0u8; self.cs as usize];
+            read_exact_at(self.file, self.path, &mut b, host, "refcount block")?;
+            self.blocks.insert(host, b);
         }
-        Ok(())
+        Ok(self.blocks.get_mut(&host).expect("inserted above"))
     }
 
-    /// Sets the refcount of the cluster at `host` (in memory until the
-    /// blocks are written).
+    /// Sets the refcount of the cluster at `host` (in memory until
+    /// [`Self::commit_refcounts`]). A missing refcount block is made at the
+    /// end of the file, and a refcount table too small for it is replaced
+    /// by a larger one there.
     pub(super) fn set_refcount(&mut self, host: u64, value: u64) -> Result<()> {
         let per_block = self.cs * 8 / self.refcount_bits;
         let index = host / self.cs;
         let bi = index / per_block;
-        if bi >= self.rt_entries {
-            return Err(unsupported(
-                self.path,
-                "the refcount table would have to grow; not supported yet",
-            ));
+        if bi >= self.rt.len() as u64 {
+            if value == 0 {
+                return Ok(());
+            }
+            self.grow_refcount_table(bi)?;
         }
-        let block = self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK;
+        let mut block = self.rt[bi as usize] & OFFSET_MASK;
         if block == 0 {
+            if value == 0 {
+                return Ok(());
+            }
+            // A new block; it may have to count itself.
+            block = self.file_end;
+            self.file_end += self.cs;
+            self.blocks.insert(block, vec![0u8; self.cs as usize]);
+            self.rt[bi as usize] = block;
+            self.rt_new.insert(bi);
+            self.set_refcount(block, 1)?;
+        }
+        let bits = self.refcount_bits;
+        let b = self.block(block)?;
+        crate::qcow2::writer::put_refcount(b, (index % per_block) as usize, bits, value);
+        Ok(())
+    }
+
+    /// Makes room in the refcount table for block index `bi`: a table twice
+    /// as large (at least) at the end of the file, counted in itself.
+    fn grow_refcount_table(&mut self, bi: u64) -> Result<()> {
+        let per_cluster = self.cs / 8;
+        if let Some((at, clusters)) = self.rt_moved.take() {
+            // A table grown earlier in this run and not switched to yet is
+            // given up for a larger one.
+            for k in 0..clusters {
+                self.set_refcount(at + k * self.cs, 0)?;
+            }
+        }
+        let entries = (bi + 1).max(self.rt.len() as u64) * 2;
+        let clusters = entries.div_ceil(per_cluster);
+        if clusters * self.cs > MAX_REFTABLE_BYTES {
             return Err(unsupported(
                 self.path,
-                "a new refcount block would be needed; not supported yet",
+                "the refcount table would grow past QEMU's 8 MiB limit",
             ));
         }
-        if !self.blocks.contains_key(&block) {
-            let mut b = vec![0u8; self.cs as usize];
-            read_exact_at(self.file, self.path, &mut b, block, "refcount block")?;
-            self.blocks.insert(block, b);
+        let at = self.file_end;
+        self.file_end += clusters * self.cs;
+        self.rt.resize((clusters * per_cluster) as usize, 0);
+        self.rt_moved = Some((at, clusters));
+        for k in 0..clusters {
+            self.set_refcount(at + k * self.cs, 1)?;
         }
-        let b = self.blocks.get_mut(&block).expect("inserted above");
-        crate::qcow2::writer::put_refcount(
-            b,
-            (index % per_block) as usize,
-            self.refcount_bits,
-            value,
-        );
+        Ok(())
+    }
+
+    /// Makes the refcount changes durable, in an order that never lets a
+    /// table entry point at a block not yet written: the blocks (and a new
+    /// table) are written and synced; then the table entries for new blocks
+    /// are written, or the header switches to the new table (bytes 48..60,
+    /// one write) and the old table's clusters are released. A kill between
+    /// the steps leaves clusters counted that nothing uses (leaks), never a
+    /// reference without a count.
+    pub(super) fn commit_refcounts(&mut self) -> Result<()> {
+        for (at, b) in &self.blocks {
+            write_all_at(self.file, self.path, b, *at)?;
+        }
+        match self.rt_moved.take() {
+            Some((at, clusters)) => {
+                let mut t = vec![0u8; (clusters * self.cs) as usize];
+                for (k, e) in self.rt.iter().enumerate() {
+                    BigEndian::write_u64(&mut t[k * 8..k * 8 + 8], *e);
+                }
+                write_all_at(self.file, self.path, &t, at)?;
+                sync(self.file, self.path)?;
+                step();
+                let mut h = [0u8; 12];
+                BigEndian::write_u64(&mut h[0..8], at);
+                BigEndian::write_u32(&mut h[8..12], clusters as u32);
+                write_all_at(self.file, self.path, &h, 48)?;
+                sync(self.file, self.path)?;
+                step();
+                let (old, old_clusters) = (self.rt_offset, self.rt_clusters);
+                self.rt_offset = at;
+                self.rt_clusters = clusters;
+                self.rt_new.clear();
+                for k in 0..old_clusters {
+                    self.set_refcount(old + k * self.cs, 0)?;
+                }
+                for (at, b) in &self.blocks {
+                    write_all_at(self.file, self.path, b, *at)?;
+                }
+                sync(self.file, self.path)?;
+            }
+            None => {
+                sync(self.file, self.path)?;
+                if !self.rt_new.is_empty() {
+                    step();
+                    for bi in std::mem::take(&mut self.rt_new) {
+                        let mut e = [0u8; 8];
+                        BigEndian::write_u64(&mut e, self.rt[bi as usize]);
+                        write_all_at(self.file, self.path, &e, self.rt_offset + bi * 8)?;
+                    }
+                    sync(self.file, self.path)?;
+                }
+            }
+        }
         Ok(())
     }
 
     /// Checks, before the first write, that every guest range can be
     /// written: its clusters and L2 tables owned by the active image alone
-    /// and uncompressed, and refcount blocks in place for the clusters to
-    /// allocate.
+    /// and uncompressed.
     pub(super) fn preflight(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
-        let mut allocs = 0u64;
-        let mut new_l2: std::collections::BTreeSet<u64> = Default::default();
         for &(at, len) in ranges {
             let mut g = at / self.cs * self.cs;
             while g < at + len {
@@ -408,28 +535,224 @@ impl<'a> Qcow2Sink<'a> {
                 if host != 0 && entry & OFLAG_COPIED == 0 {
                     return Err(unsupported(self.path, format!("guest offset {g:#x} is in a cluster a snapshot shares; pass --no-fix-gpt")));
                 }
-                if host == 0 {
-                    allocs += 1;
-                    if l2 == 0 && new_l2.insert(l1i) {
-                        allocs += 1;
-                    }
-                }
                 g += self.cs;
             }
         }
-        // The refcount blocks for the clusters to come must exist.
-        let per_block = self.cs * 8 / self.refcount_bits;
-        for k in 0..allocs {
-            let index = (self.file_end + k * self.cs) / self.cs;
-            let bi = index / per_block;
-            if bi >= self.rt_entries
-                || self.be64(self.rt_offset + bi * 8, "refcount table")? & OFFSET_MASK == 0
-            {
+        Ok(())
+    }
+
+    /// The L2 entry for guest offset `g`: (where it is stored, its value),
+    /// the place `None` when no table maps `g` yet. Refuses a table a
+    /// snapshot shares.
+    pub(super) fn l2_slot(&mut self, g: u64) -> Result<(Option<u64>, u64)> {
+        let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
+        if let Some((t, entries)) = self.new_tables.get(&l1i) {
+            let at = t + l2i * 8;
+            return match (entries.is_empty(), self.links.get(&at)) {
+                (false, _) => Ok((Some(at), entries[l2i as usize])),
+                (true, Some(&v)) => Ok((Some(at), v)),
+                (true, None) => Ok((Some(at), self.be64(at, "L2 table")?)),
+            };
+        }
+        let l1e = self.l1_entry(l1i)?;
+        let l2 = l1e & OFFSET_MASK;
+        if l2 == 0 {
+            return Ok((None, 0));
+        }
+        if l1e & OFLAG_COPIED == 0 {
+            return Err(unsupported(
+                self.path,
+                format!("guest offset {g:#x} is mapped by an L2 table a snapshot shares"),
+            ));
+        }
+        let at = l2 + l2i * 8;
+        match self.links.get(&at) {
+            Some(&v) => Ok((Some(at), v)),
+            None => Ok((Some(at), self.be64(at, "L2 table")?)),
+        }
+    }
+
+    /// Sets the L2 entry for guest offset `g` to `value`: in a table made
+    /// in this run (made now if none maps `g`), or as a link into an
+    /// existing table, written by [`GuestSink::sync`].
+    fn set_l2(&mut self, g: u64, value: u64) -> Result<()> {
+        let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
+        match self.new_tables.get_mut(&l1i) {
+            Some((_, entries)) if !entries.is_empty() => {
+                entries[l2i as usize] = value;
+                return Ok(());
+            }
+            Some((t, _)) => {
+                let at = *t + l2i * 8;
+                self.links.insert(at, value);
+                return Ok(());
+            }
+            None => {}
+        }
+        match self.l2_slot(g)? {
+            (Some(at), _) => {
+                self.links.insert(at, value);
+            }
+            (None, _) => {
+                let t = self.alloc()?;
+                let mut entries = vec![0u64; (self.cs / 8) as usize];
+                entries[l2i as usize] = value;
+                self.new_tables.insert(l1i, (t, entries));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a finished new L2 table now and keeps only its place, so that
+    /// memory stays bounded however much is preallocated.
+    fn flush_table(&mut self, l1i: u64) -> Result<()> {
+        if let Some((t, entries)) = self.new_tables.get_mut(&l1i) {
+            if !entries.is_empty() {
+                let mut b = vec![0u8; self.cs as usize];
+                for (k, e) in entries.iter().enumerate() {
+                    BigEndian::write_u64(&mut b[k * 8..k * 8 + 8], *e);
+                }
+                write_all_at(self.file, self.path, &b, *t)?;
+                *entries = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of the cluster the old end falls in that lies past the end:
+    /// (something other than zeros is stored there — a longer backing file,
+    /// or bytes a shrink left —, the cluster is unallocated).
+    pub(super) fn tail_state(&mut self) -> Result<(bool, bool)> {
+        let (cs, old) = (self.cs, self.old_size);
+        let c = old / cs * cs;
+        if c == old {
+            return Ok((false, false));
+        }
+        let tail = (c + cs - old) as usize;
+        let (_, entry) = self.l2_slot(c)?;
+        let host = entry & OFFSET_MASK;
+        let mut stored = vec![0u8; tail];
+        let unallocated = host == 0 && entry & OFLAG_ZERO == 0;
+        if entry & OFLAG_COMPRESSED != 0 {
+            // A compressed cluster is written whole, zeros after the end.
+        } else if host != 0 {
+            read_exact_at(
+                self.file,
+                self.path,
+                &mut stored,
+                host + (old - c),
+                "cluster",
+            )?;
+        } else if unallocated {
+            if let Some(b) = self.reader.backing() {
+                let upto = b.size().min(c + cs);
+                if upto > old {
+                    b.read_at(&mut stored[..(upto - old) as usize], old)?;
+                }
+            }
+        }
+        Ok((stored.iter().any(|&x| x != 0), unallocated))
+    }
+
+    /// Makes the space past the old end read as zeros and, with
+    /// preallocation, allocates it: the cluster the old end falls in gets
+    /// zeros after the end (only when something else is stored there — a
+    /// longer backing file, or bytes left by a shrink); whole clusters up to
+    /// `new` are allocated (`prealloc`), or marked zero up to `zero_to`
+    /// (where a longer backing file would show through). Data clusters are
+    /// reserved (`metadata`), fallocated (`falloc`) or written with zeros
+    /// (`full`); tables and refcounts go through [`GuestSink::sync`].
+    pub(super) fn fill_new_space(
+        &mut self,
+        new: u64,
+        zero_to: u64,
+        prealloc: Prealloc,
+    ) -> Result<()> {
+        let cs = self.cs;
+        let old = self.old_size;
+        let first_new = self.file_end;
+        let c = old / cs * cs;
+        if c < old {
+            let (dirty, unallocated) = self.tail_state()?;
+            if dirty || (prealloc != Prealloc::Off && unallocated) {
+                self.write(old, &vec![0u8; (c + cs - old) as usize])?;
+            }
+        }
+        let end = match prealloc {
+            Prealloc::Off => zero_to,
+            _ => new,
+        };
+        let mut g = old.div_ceil(cs) * cs;
+        let mut last_l1 = None;
+        let mut run: Option<(u64, u64)> = None;
+        while g < end {
+            let l1i = g / self.l2_coverage;
+            if let Some(prev) = last_l1.filter(|&p| p != l1i) {
+                self.flush_table(prev)?;
+            }
+            last_l1 = Some(l1i);
+            let (_, entry) = self.l2_slot(g)?;
+            if entry != 0 {
                 return Err(unsupported(
                     self.path,
-                    "moving the GPT needs a new refcount block, which is not supported yet: pass --no-fix-gpt",
+                    format!(
+                        "the L2 entry for guest offset {g:#x}, past the image's end, is in use ({entry:#x}); qemu-img check -r all may clean it up"
+                    ),
                 ));
             }
+            let value = match prealloc {
+                Prealloc::Off => OFLAG_ZERO,
+                _ => {
+                    let data = self.alloc()?;
+                    if prealloc == Prealloc::Full {
+                        // Contiguous data clusters are zeroed as one run.
+                        match &mut run {
+                            Some((_, e)) if *e == data => *e += cs,
+                            _ => {
+                                if let Some((s, e)) = run.replace((data, data + cs)) {
+                                    self.write_zeros(s, e)?;
+                                }
+                            }
+                        }
+                    }
+                    data | OFLAG_COPIED
+                }
+            };
+            self.set_l2(g, value)?;
+            g += cs;
+        }
+        if let Some((s, e)) = run {
+            self.write_zeros(s, e)?;
+        }
+        // Everything appended: reserved in the file (tables and refcount
+        // blocks are written over it later).
+        let end = self.file_end;
+        if end > first_new {
+            match prealloc {
+                Prealloc::Off | Prealloc::Full => {}
+                Prealloc::Metadata => {
+                    if file_len(self.file, self.path)? < end {
+                        self.file
+                            .set_len(end)
+                            .map_err(|e| Error::io(self.path, "extending the image", e))?;
+                    }
+                }
+                Prealloc::Falloc => {
+                    crate::raw::fallocate(self.file, self.path, first_new, end - first_new)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over host bytes [from, to), a MiB at a time.
+    pub(super) fn write_zeros(&self, from: u64, to: u64) -> Result<()> {
+        let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(zeros.len() as u64);
+            write_all_at(self.file, self.path, &zeros[..n as usize], at)?;
+            at += n;
         }
         Ok(())
     }
@@ -441,6 +764,9 @@ impl<'a> Qcow2Sink<'a> {
         Ok(host)
     }
 }
+
+/// QEMU's limit on the refcount table (`QCOW_MAX_REFTABLE_SIZE`).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 pub(super) const OFFSET_MASK: u64 = crate::qcow2::reader::OFFSET_MASK;
 pub(super) const OFLAG_COPIED: u64 = crate::qcow2::reader::OFLAG_COPIED;
@@ -456,22 +782,7 @@ impl GuestSink for Qcow2Sink<'_> {
             let within = (g - cstart) as usize;
             let n = (self.cs as usize - within).min(bytes.len() - done);
             let piece = &bytes[done..done + n];
-            let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
-            let l2 = self.l1_entry(l1i)? & OFFSET_MASK;
-            // An L2 table made earlier in this run.
-            if let Some((_, t)) = self.new_tables.get(&l1i) {
-                let host = t[l2i as usize] & OFFSET_MASK;
-                if host != 0 {
-                    write_all_at(self.file, self.path, piece, host + within as u64)?;
-                    done += n;
-                    continue;
-                }
-            }
-            let entry = if l2 != 0 {
-                self.be64(l2 + l2i * 8, "L2 table")?
-            } else {
-                0
-            };
+            let (_, entry) = self.l2_slot(g)?;
             let host = entry & OFFSET_MASK;
             if entry & OFLAG_COMPRESSED != 0 {
                 return Err(unsupported(self.path, format!("guest offset {g:#x} is in a compressed cluster; moving the GPT would need it rewritten: pass --no-fix-gpt")));
@@ -498,17 +809,7 @@ impl GuestSink for Qcow2Sink<'_> {
             cluster[within..within + n].copy_from_slice(piece);
             let data = self.alloc()?;
             write_all_at(self.file, self.path, &cluster, data)?;
-            if l2 != 0 {
-                self.links.push((l2 + l2i * 8, data | OFLAG_COPIED));
-            } else {
-                if !self.new_tables.contains_key(&l1i) {
-                    let t = self.alloc()?;
-                    self.new_tables
-                        .insert(l1i, (t, vec![0u64; (self.cs / 8) as usize]));
-                }
-                let (_, t) = self.new_tables.get_mut(&l1i).expect("inserted above");
-                t[l2i as usize] = data | OFLAG_COPIED;
-            }
+            self.set_l2(g, data | OFLAG_COPIED)?;
             done += n;
         }
         Ok(())
@@ -517,16 +818,16 @@ impl GuestSink for Qcow2Sink<'_> {
     fn sync(&mut self) -> Result<()> {
         // 1. New tables and refcounts, durable before anything points at them.
         for (t, entries) in self.new_tables.values() {
+            if entries.is_empty() {
+                continue; // written by flush_table
+            }
             let mut b = vec![0u8; self.cs as usize];
             for (k, e) in entries.iter().enumerate() {
                 BigEndian::write_u64(&mut b[k * 8..k * 8 + 8], *e);
             }
             write_all_at(self.file, self.path, &b, *t)?;
         }
-        for (at, b) in &self.blocks {
-            write_all_at(self.file, self.path, b, *at)?;
-        }
-        sync(self.file, self.path)?;
+        self.commit_refcounts()?;
         // 2. The links.
         for (at, v) in std::mem::take(&mut self.links) {
             let mut e = [0u8; 8];
@@ -542,7 +843,6 @@ impl GuestSink for Qcow2Sink<'_> {
         }
         // Linked tables are existing tables from now on.
         self.new_tables.clear();
-        self.blocks.clear();
         sync(self.file, self.path)
     }
 }
@@ -757,8 +1057,7 @@ pub(super) fn shrink_qcow2(
         report.partition_grown = p.grown;
     }
     if !copies.is_empty() {
-        sink.write_blocks()?;
-        sync(file, path)?;
+        sink.commit_refcounts()?;
         step();
     }
     // 2. The size.
@@ -767,6 +1066,16 @@ pub(super) fn shrink_qcow2(
     write_all_at(file, path, &size, 24)?;
     sync(file, path)?;
     step();
+    // The bytes after the new end in the cluster it falls in are past the
+    // image now; zeroed, so that growing again shows zeros (a cluster a
+    // snapshot shares keeps them; growing zeroes them then).
+    let c = new / cs * cs;
+    if c < new && !extended_l2 && sink.l1_entry(c / sink.l2_coverage)? & OFLAG_COPIED != 0 {
+        let (_, e) = sink.l2_slot(c)?;
+        if e & OFFSET_MASK != 0 && e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0 {
+            sink.write_zeros((e & OFFSET_MASK) + (new - c), (e & OFFSET_MASK) + cs)?;
+        }
+    }
     // 3. The references.
     for at in clear_l2 {
         write_all_at(file, path, &[0u8; 8], at)?;
@@ -786,7 +1095,6 @@ pub(super) fn shrink_qcow2(
         let now = sink.refcount(c)?;
         sink.set_refcount(c, now.saturating_sub(n))?;
     }
-    sink.write_blocks()?;
-    sync(file, path)?;
+    sink.commit_refcounts()?;
     Ok(report)
 }

@@ -289,6 +289,9 @@ pub(super) fn resize_vmdk_sparse(
     } else {
         None
     };
+    // Bytes a shrink left after the old end, in the grain it falls in,
+    // must not reappear (past the end, so invisible until the switch).
+    zero_grain_tail(&file, path, gd, gtes, grain, old)?;
     let old_bytes = (old_n * 4).div_ceil(512) * 512;
     let mut hdr = *head;
     let dirs: Vec<(u64, usize)> = [(gd, 56usize), (rgd, 48)]
@@ -833,6 +836,8 @@ pub(super) fn shrink_vmdk_sparse(
     write_all_at(file, path, &hdr, 0)?;
     sync(file, path)?;
     step();
+    // The grain the new end falls in keeps no bytes past it.
+    zero_grain_tail(file, path, gd, gtes, grain, new)?;
     // 4. The embedded descriptor.
     if let Some(area) = descriptor {
         write_all_at(file, path, &area, desc_off * 512)?;
@@ -937,4 +942,39 @@ pub(super) fn shrink_vmdk_set(
         new_size: new,
         ..ResizeReport::default()
     })
+}
+
+/// Zeros the part of the grain that byte `end` falls in past `end`, when
+/// the grain is stored (a sparse extent's grains are its own, uncompressed):
+/// a shrink leaves the bytes there, and growing must not show them again.
+pub(super) fn zero_grain_tail(
+    file: &File,
+    path: &Path,
+    gd: u64,
+    gtes: u64,
+    grain: u64,
+    end: u64,
+) -> Result<()> {
+    let gbytes = grain * 512;
+    if end % gbytes == 0 || gd == 0 || gd == u64::MAX {
+        return Ok(());
+    }
+    let g = end / gbytes;
+    let le32 = |at: u64, what: &str| -> Result<u32> {
+        let mut b = [0u8; 4];
+        read_exact_at(file, path, &mut b, at, what)?;
+        Ok(LittleEndian::read_u32(&b))
+    };
+    let gt = le32(gd * 512 + (g / gtes) * 4, "grain directory")?;
+    if gt == 0 {
+        return Ok(());
+    }
+    let sector = le32(u64::from(gt) * 512 + (g % gtes) * 4, "grain table")?;
+    if sector <= 1 {
+        return Ok(()); // unallocated, or a zero grain
+    }
+    let from = u64::from(sector) * 512 + (end - g * gbytes);
+    let zeros = vec![0u8; (gbytes - (end - g * gbytes)) as usize];
+    write_all_at(file, path, &zeros, from)?;
+    sync(file, path)
 }
