@@ -956,7 +956,7 @@ pub(super) fn zero_grain_tail(
     end: u64,
 ) -> Result<()> {
     let gbytes = grain * 512;
-    if end % gbytes == 0 || gd == 0 || gd == u64::MAX {
+    if end.is_multiple_of(gbytes) || gd == 0 || gd == u64::MAX {
         return Ok(());
     }
     let g = end / gbytes;
