@@ -136,6 +136,21 @@ pub fn resize(
     new_size: u64,
     opts: &ResizeOptions,
 ) -> Result<ResizeReport> {
+    resize_with_switch(path, format, new_size, opts, &mut || Ok(()))
+}
+
+/// [`resize`], with `switch` run when a raw disk takes its new size as far
+/// as its partition table is concerned: after the file grew and before a
+/// GPT moves out to the new end; after a GPT moved in and before the file
+/// is cut. A flat VMDK's descriptor is replaced there, so that a table
+/// never points past the disk its descriptor describes.
+pub(super) fn resize_with_switch(
+    path: &Path,
+    format: DiskFormat,
+    new_size: u64,
+    opts: &ResizeOptions,
+    switch: &mut dyn FnMut() -> Result<()>,
+) -> Result<ResizeReport> {
     // The file itself, not a symlink to it: a rewritten stream replaces
     // the real file.
     if !new_size.is_multiple_of(512) {
@@ -155,7 +170,7 @@ pub fn resize(
         .map_err(|e| Error::io(path, "opening the image for writing", e))?;
     lock_like_qemu(&file, path)?;
     match format {
-        DiskFormat::Raw => resize_raw(file, path, new_size, opts),
+        DiskFormat::Raw => resize_raw(file, path, new_size, opts, switch),
         DiskFormat::Qcow2 => resize_qcow2(file, path, new_size, opts),
         DiskFormat::Vmdk => resize_vmdk(file, path, new_size, opts),
     }

@@ -7,6 +7,7 @@ pub(super) fn resize_raw(
     path: &Path,
     new: u64,
     opts: &ResizeOptions,
+    switch: &mut dyn FnMut() -> Result<()>,
 ) -> Result<ResizeReport> {
     let meta = file
         .metadata()
@@ -114,6 +115,10 @@ pub(super) fn resize_raw(
         sync(&file, path)?;
         step();
     }
+    if new >= old {
+        switch()?;
+        step();
+    }
     if let Some(plan) = gpt_plan {
         report.partition_grown = plan.grown;
         apply_gpt(&mut RawSink { file: &file, path }, &plan)?;
@@ -129,6 +134,8 @@ pub(super) fn resize_raw(
     }
     // Shrink: the table has moved in; now cut.
     if new < old {
+        switch()?;
+        step();
         file.set_len(new)
             .map_err(|e| Error::io(path, "shrinking the image", e))?;
         sync(&file, path)?;

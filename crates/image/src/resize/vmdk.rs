@@ -56,47 +56,20 @@ pub(super) fn resize_vmdk(
     let new_text = d
         .resized_text(new / 512)
         .ok_or_else(|| invalid(path, "the descriptor's extent line could not be rewritten"))?;
-    let write_descriptor = || -> Result<()> {
+    let mut write_descriptor = || -> Result<()> {
         let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
         std::io::Write::write_all(&mut f, new_text.as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io(path, "writing the descriptor", e))?;
         out.commit()
     };
+    // The extent file resizes like a raw disk (every check before the
+    // first write); the descriptor is replaced when the disk takes its new
+    // size: after the file grew and before a GPT moves out, after a GPT
+    // moved in and before the file is cut.
     let old = ext.sectors * 512;
-    if new < old {
-        // Every check first (data and partitions beyond the new end), then
-        // the descriptor: a shorter disk over a longer file reads.
-        let ff = OpenOptions::new()
-            .read(true)
-            .open(&flat)
-            .map_err(|e| Error::io(&flat, "opening the extent", e))?;
-        let table = read_table(&RawReader::open(
-            ff.try_clone()
-                .map_err(|e| Error::io(&flat, "reopening", e))?,
-            &flat,
-        )?)?;
-        if table.as_ref().is_some_and(|t| t.kind == TableKind::Gpt) && opts.fix_gpt {
-            return Err(unsupported(
-                path,
-                "shrinking a flat VMDK that holds a GPT is not supported yet: shrink a raw copy",
-            ));
-        }
-        if !opts.force {
-            shrink_checks(&ff, &flat, table.as_ref(), None, old, new)?;
-        }
-        write_descriptor()?;
-        step();
-        let mut report = resize(&flat, DiskFormat::Raw, new, opts)?;
-        report.old_size = old;
-        return Ok(report);
-    }
-    // Growing: the extent file first (with any GPT moved), then the
-    // descriptor that says so.
-    let mut report = resize(&flat, DiskFormat::Raw, new, opts)?;
+    let mut report = resize_with_switch(&flat, DiskFormat::Raw, new, opts, &mut write_descriptor)?;
     report.old_size = old;
-    step();
-    write_descriptor()?;
     Ok(report)
 }
 
