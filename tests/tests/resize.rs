@@ -933,16 +933,46 @@ fn split_sets_shrink() {
         tool_ok(d, "qemu-img", &["compare", "-f", "raw", "want.raw", &img]);
         std::fs::remove_file(d.join("want.raw")).unwrap();
     }
-    // A sparse extent is not cut in the middle; data is not cut without --force.
-    let out = vmshift(
+    // A sparse extent cut in the middle is copied up to the cut into a new
+    // extent file, which the descriptor lists instead.
+    let before = vmshift_tests::names_in(d);
+    vmshift_ok(
         d,
         &["resize", "--shrink", "twoGbMaxExtentSparse.vmdk", "3G"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("extent boundaries"),
-        "{out:?}"
+    tool_ok(d, "qemu-img", &["check", "twoGbMaxExtentSparse.vmdk"]);
+    copy(d, "a.raw", "want.raw");
+    tool_ok(
+        d,
+        "qemu-img",
+        &["resize", "-f", "raw", "--shrink", "want.raw", "3G"],
     );
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "want.raw",
+            "twoGbMaxExtentSparse.vmdk",
+        ],
+    );
+    let text = std::fs::read_to_string(d.join("twoGbMaxExtentSparse.vmdk")).unwrap();
+    assert!(
+        text.contains("RW 2097152 SPARSE \"twoGbMaxExtentSparse-s002-cut1.vmdk\""),
+        "{text}"
+    );
+    let after = vmshift_tests::names_in(d);
+    assert!(
+        !after.contains(&"twoGbMaxExtentSparse-s002.vmdk".to_string()),
+        "{after:?}"
+    );
+    assert!(
+        before.contains(&"twoGbMaxExtentSparse-s002.vmdk".to_string()),
+        "{before:?}"
+    );
+    // Data is not cut without --force.
     let out = vmshift(d, &["resize", "--shrink", "twoGbMaxExtentFlat.vmdk", "2G"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -1263,5 +1293,126 @@ fn a_gpt_inside_a_flat_vmdk_moves_and_never_points_past_the_described_disk() {
             v["gpt"]["backup-lba"].as_u64().unwrap() < size / 512,
             "{ms} ms: {v}"
         );
+    }
+}
+
+#[test]
+fn a_gpt_inside_a_split_set_moves_like_the_raw_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 3 GiB: two extents, the second one short.
+    sparse_disk(d, "g.raw", 3 << 30);
+    tool_ok(
+        d,
+        "sgdisk",
+        &["-n", "1:2048:+100M", "-n", "2:0:+1G", "g.raw"],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 2M 1M",
+            "-c",
+            "write -P 8 1100M 1M",
+            "g.raw",
+        ],
+    );
+    for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+        let opt = format!("subformat={sub}");
+        for (args, size) in [
+            (&["--grow-partition", "2"][..], "+3G"),
+            (&["--shrink"][..], "2560M"),
+        ] {
+            copy(d, "g.raw", "r.raw");
+            tool_ok(
+                d,
+                "qemu-img",
+                &["convert", "-O", "vmdk", "-o", &opt, "g.raw", "s.vmdk"],
+            );
+            let mut a = vec!["resize"];
+            a.extend_from_slice(args);
+            vmshift_ok(d, &[&a[..], &["r.raw", size]].concat());
+            let out = vmshift_ok(d, &[&a[..], &["s.vmdk", size]].concat());
+            assert!(out.contains("GPT"), "{sub} {size}: {out}");
+            let what = format!("{sub} {size}");
+            tool_ok(d, "qemu-img", &["check", "s.vmdk"]);
+            tool_ok(
+                d,
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", "vmdk", "r.raw", "s.vmdk"],
+            );
+            assert_eq!(
+                virtual_size(d, "s.vmdk"),
+                virtual_size(d, "r.raw"),
+                "{what}"
+            );
+            let v = json(vmshift_ok(d, &["part", "--output", "json", "s.vmdk"]).as_bytes());
+            assert_eq!(v["gpt"]["backup-at-end"], true, "{what}: {v}");
+            for f in vmshift_tests::names_in(d) {
+                if f.starts_with("s-") || f == "s.vmdk" {
+                    std::fs::remove_file(d.join(f)).unwrap();
+                }
+            }
+        }
+    }
+    // Killed anywhere while growing a sparse set: the table read through
+    // the descriptor is the old one or the new one; a re-run finishes.
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "g.raw",
+            "n.vmdk",
+        ],
+    );
+    vmshift_ok(d, &["resize", "--grow-partition", "2", "n.vmdk", "+3G"]);
+    let parts =
+        |f: &str| json(&vmshift(d, &["part", "--output", "json", f]).stdout)["partitions"].clone();
+    let (old_parts, new_parts) = (parts("g.raw"), parts("n.vmdk"));
+    for ms in [0, 40, 80, 120, 170, 230, 300] {
+        tool_ok(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=twoGbMaxExtentSparse",
+                "g.raw",
+                "k.vmdk",
+            ],
+        );
+        killed_resize(d, &["resize", "--grow-partition", "2", "k.vmdk", "+3G"], ms);
+        tool_ok(d, "qemu-img", &["check", "k.vmdk"]);
+        let out = vmshift(d, &["part", "--output", "json", "k.vmdk"]);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(2)),
+            "{ms} ms: {out:?}"
+        );
+        let v = json(&out.stdout);
+        assert!(
+            v["partitions"] == old_parts || v["partitions"] == new_parts,
+            "{ms} ms: {v}"
+        );
+        let size = virtual_size(d, "k.vmdk");
+        assert!(size == 3 << 30 || size == 6 << 30, "{ms} ms: {size}");
+        // Run again at the size it has now: the move finishes.
+        vmshift_ok(d, &["resize", "--grow-partition", "2", "k.vmdk", "6G"]);
+        let v = json(vmshift_ok(d, &["part", "--output", "json", "k.vmdk"]).as_bytes());
+        assert!(v["partitions"] == new_parts, "{ms} ms, run again: {v}");
+        for f in vmshift_tests::names_in(d) {
+            if f.starts_with("k") && f.ends_with(".vmdk") {
+                std::fs::remove_file(d.join(f)).unwrap();
+            }
+        }
     }
 }

@@ -337,7 +337,7 @@ pub(super) fn resize_vmdk_sparse(
         let mut sink = VmdkSink {
             file: &file,
             path,
-            reader,
+            reader: Some(reader),
             old_size: old,
             grain: grain * 512,
             gtes,
@@ -416,16 +416,29 @@ pub(super) fn grow_vmdk_set(
         ..ResizeReport::default()
     };
     if new == old {
+        // Only an unfinished GPT move (an interrupted run) is left to do.
+        let reader = open_as(path, DiskFormat::Vmdk)?;
+        let unfinished = read_table(reader.as_ref())
+            .ok()
+            .flatten()
+            .and_then(|t| t.gpt)
+            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok);
+        if !(opts.fix_gpt && unfinished) && opts.grow_partition.is_none() {
+            return Ok(report);
+        }
+        let Some(plan) = set_gpt_plan(path, reader.as_ref(), old, new, opts)? else {
+            return Ok(report);
+        };
+        drop(reader);
+        let extents = open_set_extents(path, d)?;
+        apply_gpt(&mut SetSink::new(&extents, &mut || Ok(()))?, &plan)?;
+        let mut report = report;
+        report.gpt_moved = true;
+        report.partition_grown = plan.grown;
         return Ok(report);
     }
     if new < old {
         return shrink_vmdk_set(path, d, old, new, opts);
-    }
-    if opts.grow_partition.is_some() || opts.prealloc != Prealloc::Off {
-        return Err(unsupported(
-            path,
-            "a twoGbMaxExtent set grows without preallocation or partition changes for now",
-        ));
     }
     let sparse = d.extents.iter().all(|e| e.kind == ExtentType::Sparse);
     let flat = d
@@ -438,13 +451,25 @@ pub(super) fn grow_vmdk_set(
             "a set mixing extent types is not resized",
         ));
     }
-    let reader = open_as(path, DiskFormat::Vmdk)?;
-    if opts.fix_gpt && read_table(reader.as_ref())?.is_some_and(|t| t.kind == TableKind::Gpt) {
-        return Err(unsupported(
-            path,
-            "the image holds a GPT, and moving it inside a twoGbMaxExtent set is not supported yet: pass --no-fix-gpt, or resize a raw copy",
-        ));
+    match opts.prealloc {
+        Prealloc::Off => {}
+        Prealloc::Falloc | Prealloc::Full if flat => {}
+        Prealloc::Metadata if flat => {
+            return Err(invalid(
+                path,
+                "--preallocation metadata applies to qcow2; flat extents have no metadata (use falloc or full)",
+            ))
+        }
+        _ => {
+            return Err(unsupported(
+                path,
+                "a twoGbMaxExtentSparse set grows without preallocation for now",
+            ))
+        }
     }
+    let reader = open_as(path, DiskFormat::Vmdk)?;
+    // A GPT inside follows the new end (planned and checked now).
+    let gpt_plan = set_gpt_plan(path, reader.as_ref(), old, new, opts)?;
     drop(reader);
     let name = path
         .file_name()
@@ -476,15 +501,29 @@ pub(super) fn grow_vmdk_set(
             if len < have + fill {
                 f.set_len(have + fill)
                     .map_err(|e| Error::io(&file, "growing the extent", e))?;
-                sync(&f, &file)?;
             }
+            preallocate(&f, &file, have, have + fill, opts.prealloc)?;
+            sync(&f, &file)?;
             last_sectors = Some((have + fill) / 512);
             at += fill;
         }
     }
     while at < new {
         let len = (new - at).min(SPLIT);
-        let extent = format!("{stem}-{}{n:03}.vmdk", if sparse { "s" } else { "f" });
+        // The next free name: a file an interrupted run left (written but
+        // never listed) is not replaced, nor anything else already there.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let extent = loop {
+            let name = format!("{stem}-{}{n:03}.vmdk", if sparse { "s" } else { "f" });
+            let listed = d
+                .extents
+                .iter()
+                .any(|e| e.file.as_deref() == Some(name.as_str()));
+            if !listed && std::fs::symlink_metadata(dir.join(&name)).is_err() {
+                break name;
+            }
+            n += 1;
+        };
         let (f, temp) = sides.create(&extent)?;
         if sparse {
             let mut w = VmdkWriter::create(
@@ -503,6 +542,7 @@ pub(super) fn grow_vmdk_set(
         } else {
             f.set_len(len)
                 .map_err(|e| Error::io(&temp, "sizing the extent", e))?;
+            preallocate(&f, &temp, 0, len, opts.prealloc)?;
             f.sync_all()
                 .map_err(|e| Error::io(&temp, "syncing the extent", e))?;
             lines.push(format!("RW {} FLAT \"{extent}\" 0", len / 512));
@@ -515,11 +555,28 @@ pub(super) fn grow_vmdk_set(
     let text = d
         .with_more_extents(&lines, new / 512, last_sectors)
         .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be extended"))?;
-    let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
-    std::io::Write::write_all(&mut f, text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(path, "writing the descriptor", e))?;
-    out.commit()?;
+    let mut write_descriptor = || -> Result<()> {
+        let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(path, "writing the descriptor", e))?;
+        out.commit()
+    };
+    let mut report = report;
+    match gpt_plan {
+        // The new backup goes into the new space, then the descriptor
+        // switches, then the primary points at the new backup.
+        Some(plan) => {
+            let ctx = crate::error::Ctx::new(path);
+            let grown = crate::vmdk::descriptor::Descriptor::parse(text.as_bytes(), &ctx, 0)?;
+            let extents = open_set_extents(path, &grown)?;
+            let mut sink = SetSink::new(&extents, &mut write_descriptor)?;
+            apply_gpt(&mut sink, &plan)?;
+            report.gpt_moved = true;
+            report.partition_grown = plan.grown;
+        }
+        None => write_descriptor()?,
+    }
     Ok(report)
 }
 
@@ -618,7 +675,8 @@ impl ImageReader for Overlay<'_> {
 pub(super) struct VmdkSink<'a> {
     pub(super) file: &'a File,
     pub(super) path: &'a Path,
-    pub(super) reader: Box<dyn ImageReader>,
+    /// What the guest sees where no grain is stored yet (`None`: zeros).
+    pub(super) reader: Option<Box<dyn ImageReader>>,
     pub(super) old_size: u64,
     pub(super) grain: u64,
     pub(super) gtes: u64,
@@ -676,9 +734,11 @@ impl GuestSink for VmdkSink<'_> {
                 )?;
             } else {
                 let mut data = vec![0u8; self.grain as usize];
-                if sector == 0 && gstart < self.old_size {
-                    let upto = (self.old_size - gstart).min(self.grain) as usize;
-                    self.reader.read_at(&mut data[..upto], gstart)?;
+                if let (0, Some(r)) = (sector, &self.reader) {
+                    if gstart < self.old_size {
+                        let upto = (self.old_size - gstart).min(self.grain) as usize;
+                        r.read_at(&mut data[..upto], gstart)?;
+                    }
                 }
                 data[within..within + n].copy_from_slice(piece);
                 let s = u32::try_from(self.file_end / 512)
@@ -765,7 +825,7 @@ pub(super) fn shrink_vmdk_sparse(
         let mut sink = VmdkSink {
             file,
             path,
-            reader,
+            reader: Some(reader),
             old_size: old,
             grain: grain * 512,
             gtes,
@@ -819,12 +879,12 @@ pub(super) fn shrink_vmdk_sparse(
     Ok(report)
 }
 
-/// Shrinks a twoGbMaxExtent set: the descriptor that lists fewer (or a
-/// shorter last flat) extent(s) replaces the old one first — a longer file
-/// under a shorter description still reads —; then the last flat extent is
-/// cut and the extents past the end are removed. A sparse extent cannot be
-/// cut in the middle (its own header states its size), so a sparse set
-/// shrinks to extent boundaries.
+/// Shrinks a twoGbMaxExtent set: a GPT moves inside the new end first
+/// (in place, the old descriptor still in force); a sparse extent the new
+/// end falls inside is copied, up to the end, to a new extent file (its
+/// header states its size, so it cannot be cut in place); then the
+/// shorter descriptor replaces the old one in one rename; then the flat
+/// extent the end falls in is cut and the extents past it are removed.
 pub(super) fn shrink_vmdk_set(
     path: &Path,
     d: &crate::vmdk::descriptor::Descriptor,
@@ -832,21 +892,25 @@ pub(super) fn shrink_vmdk_set(
     new: u64,
     opts: &ResizeOptions,
 ) -> Result<ResizeReport> {
+    use crate::block::ImageWriter;
     use crate::vmdk::descriptor::ExtentType;
+    use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
     needs_shrink(path, old, new, opts)?;
     let reader = open_as(path, DiskFormat::Vmdk)?;
     let table = read_table(reader.as_ref()).ok().flatten();
-    if table.as_ref().is_some_and(|t| t.kind == TableKind::Gpt) && opts.fix_gpt {
-        return Err(unsupported(path, "moving a GPT inside a twoGbMaxExtent set is not supported yet: pass --no-fix-gpt after shrinking the partitions"));
-    }
+    let gpt_plan = set_gpt_plan(path, reader.as_ref(), old, new, opts)?;
     if !opts.force {
         if let Some(p) = table.and_then(|t| t.partitions.into_iter().find(|p| p.end > new)) {
             return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
         }
+        // The GPT's own backup moves; anything else stored is data.
+        let exempt = gpt_plan
+            .as_ref()
+            .map_or(old, |p| p.old_backup_entries_lba * p.ss);
         let mut at = new;
         let mut buf = vec![0u8; 1 << 20];
-        while at < old {
-            let e = reader.map(at, old - at)?;
+        while at < exempt {
+            let e = reader.map(at, exempt - at)?;
             if matches!(
                 e.state,
                 crate::block::BlockState::Data | crate::block::BlockState::Compressed
@@ -879,14 +943,95 @@ pub(super) fn shrink_vmdk_set(
     let last = &d.extents[keep - 1];
     let cut = new - start;
     let shorter = cut < last.sectors * 512;
-    if shorter && last.kind != ExtentType::Flat {
+    if shorter && !matches!(last.kind, ExtentType::Flat | ExtentType::Sparse) {
         return Err(unsupported(
             path,
-            format!("{new} bytes ends inside sparse extent {keep}; a sparse set shrinks to extent boundaries (for example {start} bytes)"),
+            format!(
+                "{new} bytes ends inside extent {keep}, a {} extent that is not cut",
+                last.type_word
+            ),
         ));
     }
+    let mut report = ResizeReport {
+        old_size: old,
+        new_size: new,
+        ..ResizeReport::default()
+    };
+    // 1. The GPT, in place.
+    if let Some(plan) = &gpt_plan {
+        let extents = open_set_extents(path, d)?;
+        apply_gpt(&mut SetSink::new(&extents, &mut || Ok(()))?, plan)?;
+        report.gpt_moved = true;
+        report.partition_grown = plan.grown;
+        step();
+    }
+    // 2. A sparse extent cut inside: its kept part copied to a new file.
+    let gate = crate::gate::Gate::new();
+    let mut replaced = None;
+    let mut sides = crate::output::SideOutputs::new(path, false);
+    if shorter && last.kind == ExtentType::Sparse {
+        let reader = open_as(path, DiskFormat::Vmdk)?;
+        let old_name = last.file.clone().unwrap_or_default();
+        let stem = old_name
+            .strip_suffix(".vmdk")
+            .unwrap_or(&old_name)
+            .to_string();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut k = 1;
+        let name = loop {
+            let name = format!("{stem}-cut{k}.vmdk");
+            let listed = d
+                .extents
+                .iter()
+                .any(|e| e.file.as_deref() == Some(name.as_str()));
+            if !listed && std::fs::symlink_metadata(dir.join(&name)).is_err() {
+                break name;
+            }
+            k += 1;
+        };
+        let (f, temp) = sides.create(&name)?;
+        let mut w = VmdkWriter::create(
+            f,
+            &temp,
+            cut,
+            &name,
+            VmdkOptions {
+                subformat: Subformat::MonolithicSparse,
+                ..VmdkOptions::default()
+            },
+        )?;
+        w.embed_descriptor = false;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < cut {
+            let e = reader.map(start + at, cut - at)?;
+            let span = e.len.min(cut - at);
+            if !e.reads_as_zero() {
+                let mut p = 0;
+                while p < span {
+                    let n = (span - p).min(buf.len() as u64) as usize;
+                    reader.read_at(&mut buf[..n], start + at + p)?;
+                    if buf[..n].iter().any(|&b| b != 0) {
+                        w.write_at(&buf[..n], at + p)?;
+                    }
+                    p += n as u64;
+                }
+            }
+            at += span;
+        }
+        Box::new(w).finish()?;
+        replaced = Some((old_name, name));
+    }
+    sides.commit()?;
+    step();
+    // 3. The descriptor.
     let text = d
-        .truncated_text(keep, shorter.then_some(cut / 512), new / 512)
+        .truncated_text(
+            keep,
+            shorter.then_some(cut / 512),
+            replaced.as_ref().map(|(_, n)| n.as_str()),
+            new / 512,
+        )
         .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be rewritten"))?;
     let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
     std::io::Write::write_all(&mut f, text.as_bytes())
@@ -894,8 +1039,8 @@ pub(super) fn shrink_vmdk_set(
         .map_err(|e| Error::io(path, "writing the descriptor", e))?;
     out.commit()?;
     step();
-    let gate = crate::gate::Gate::new();
-    if shorter {
+    // 4. What the descriptor no longer lists.
+    if shorter && last.kind == ExtentType::Flat {
         let file = gate.resolve(path, last.file.as_deref().unwrap_or(""), "extent")?;
         let f = OpenOptions::new()
             .write(true)
@@ -905,16 +1050,16 @@ pub(super) fn shrink_vmdk_set(
             .map_err(|e| Error::io(&file, "cutting the extent", e))?;
         sync(&f, &file)?;
     }
-    for e in &d.extents[keep..] {
-        if let Ok(file) = gate.resolve(path, e.file.as_deref().unwrap_or(""), "extent") {
+    let gone = d.extents[keep..]
+        .iter()
+        .filter_map(|e| e.file.clone())
+        .chain(replaced.map(|(old, _)| old));
+    for name in gone {
+        if let Ok(file) = gate.resolve(path, &name, "extent") {
             let _ = std::fs::remove_file(file);
         }
     }
-    Ok(ResizeReport {
-        old_size: old,
-        new_size: new,
-        ..ResizeReport::default()
-    })
+    Ok(report)
 }
 
 /// Zeros the part of the grain that byte `end` falls in past `end`, when
@@ -950,4 +1095,191 @@ pub(super) fn zero_grain_tail(
     let zeros = vec![0u8; (gbytes - (end - g * gbytes)) as usize];
     write_all_at(file, path, &zeros, from)?;
     sync(file, path)
+}
+
+/// One extent of a twoGbMaxExtent set, open for guest writes.
+pub(super) struct SetExtent {
+    pub(super) start: u64,
+    pub(super) len: u64,
+    pub(super) file: File,
+    pub(super) path: std::path::PathBuf,
+    /// A hosted sparse extent: (grain sectors, GT entries, GD, RGD).
+    pub(super) sparse: Option<(u64, u64, u64, Option<u64>)>,
+}
+
+impl SetExtent {
+    /// Opens extent `e` of the set described at `desc`, starting at guest
+    /// byte `start` and `sectors` long (its new length, when it grows).
+    pub(super) fn open(
+        desc: &Path,
+        e: &crate::vmdk::descriptor::ExtentLine,
+        start: u64,
+        sectors: u64,
+    ) -> Result<Self> {
+        use crate::vmdk::descriptor::ExtentType;
+        let path =
+            crate::gate::Gate::new().resolve(desc, e.file.as_deref().unwrap_or(""), "extent")?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|err| Error::io(&path, "opening the extent for writing", err))?;
+        let sparse = match e.kind {
+            ExtentType::Flat if e.type_word == "FLAT" && e.offset == 0 => None,
+            ExtentType::Sparse => {
+                let mut h = [0u8; 512];
+                read_exact_at(&file, &path, &mut h, 0, "sparse extent header")?;
+                let (flags, grain, gtes, rgd, gd) = (
+                    LittleEndian::read_u32(&h[8..12]),
+                    LittleEndian::read_u64(&h[20..28]),
+                    u64::from(LittleEndian::read_u32(&h[44..48])),
+                    LittleEndian::read_u64(&h[48..56]),
+                    LittleEndian::read_u64(&h[56..64]),
+                );
+                if &h[0..4] != b"KDMV" || flags & (1 << 16) != 0 || grain == 0 || gtes == 0 {
+                    return Err(unsupported(
+                        &path,
+                        "only hosted sparse extents take writes in a set",
+                    ));
+                }
+                Some((grain, gtes, gd, (flags & 2 != 0 && rgd != 0).then_some(rgd)))
+            }
+            _ => {
+                return Err(unsupported(
+                    &path,
+                    format!("a {} extent does not take writes here", e.type_word),
+                ))
+            }
+        };
+        Ok(SetExtent {
+            start,
+            len: sectors * 512,
+            file,
+            path,
+            sparse,
+        })
+    }
+}
+
+/// Guest writes into a twoGbMaxExtent set, for moving a GPT: flat extents
+/// are written in place; sparse extents like a monolithicSparse file
+/// (stored grains in place, new grains appended and linked once durable).
+/// `switch` replaces the descriptor.
+pub(super) struct SetSink<'a> {
+    pub(super) extents: &'a [SetExtent],
+    pub(super) sinks: Vec<Option<VmdkSink<'a>>>,
+    pub(super) switch: &'a mut dyn FnMut() -> Result<()>,
+}
+
+impl<'a> SetSink<'a> {
+    pub(super) fn new(
+        extents: &'a [SetExtent],
+        switch: &'a mut dyn FnMut() -> Result<()>,
+    ) -> Result<Self> {
+        let mut sinks = Vec::new();
+        for e in extents {
+            sinks.push(match e.sparse {
+                Some((grain, gtes, gd, rgd)) => Some(VmdkSink {
+                    file: &e.file,
+                    path: &e.path,
+                    // A set that is not a delta: unstored grains read as zeros.
+                    reader: None,
+                    old_size: 0,
+                    grain: grain * 512,
+                    gtes,
+                    gd,
+                    rgd,
+                    file_end: file_len(&e.file, &e.path)?.div_ceil(512) * 512,
+                    links: Vec::new(),
+                }),
+                None => None,
+            });
+        }
+        Ok(SetSink {
+            extents,
+            sinks,
+            switch,
+        })
+    }
+}
+
+impl GuestSink for SetSink<'_> {
+    fn write(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let g = at + done as u64;
+            let k = self
+                .extents
+                .iter()
+                .position(|e| g >= e.start && g < e.start + e.len)
+                .ok_or_else(|| {
+                    invalid(
+                        &self.extents[0].path,
+                        format!("guest byte {g} is past the set's extents"),
+                    )
+                })?;
+            let e = &self.extents[k];
+            let n = ((e.start + e.len - g) as usize).min(bytes.len() - done);
+            let piece = &bytes[done..done + n];
+            match &mut self.sinks[k] {
+                Some(s) => s.write(g - e.start, piece)?,
+                None => write_all_at(&e.file, &e.path, piece, g - e.start)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        for (k, e) in self.extents.iter().enumerate() {
+            match &mut self.sinks[k] {
+                Some(s) => s.sync()?,
+                None => sync(&e.file, &e.path)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn switch(&mut self) -> Result<()> {
+        (self.switch)()
+    }
+}
+
+/// The GPT plan for a set, when one is to move; `--grow-partition` needs
+/// one.
+fn set_gpt_plan(
+    path: &Path,
+    reader: &dyn ImageReader,
+    old: u64,
+    new: u64,
+    opts: &ResizeOptions,
+) -> Result<Option<GptPlan>> {
+    let plan = match read_table(reader) {
+        Ok(Some(t)) if t.kind == TableKind::Gpt && opts.fix_gpt => {
+            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
+            Some(plan_gpt(reader, path, ss, old, new, opts.grow_partition)?)
+        }
+        _ => None,
+    };
+    if let (Some(n), None) = (opts.grow_partition, &plan) {
+        return Err(unsupported(
+            path,
+            format!("--grow-partition {n}: inside a twoGbMaxExtent set only a GPT partition can grow for now"),
+        ));
+    }
+    Ok(plan)
+}
+
+/// Every extent of the set `d` describes (at `desc`), open for writes.
+fn open_set_extents(
+    desc: &Path,
+    d: &crate::vmdk::descriptor::Descriptor,
+) -> Result<Vec<SetExtent>> {
+    let mut start = 0;
+    let mut out = Vec::new();
+    for e in &d.extents {
+        out.push(SetExtent::open(desc, e, start, e.sectors)?);
+        start += e.sectors * 512;
+    }
+    Ok(out)
 }

@@ -188,6 +188,7 @@ impl Descriptor {
         &self,
         keep: usize,
         last_sectors: Option<u64>,
+        last_file: Option<&str>,
         sectors: u64,
     ) -> Option<String> {
         let dropped: Vec<usize> = self.extents.get(keep..)?.iter().map(|e| e.line).collect();
@@ -200,7 +201,14 @@ impl Descriptor {
             let t = line.trim_start();
             let (access, rest) = t.split_once(char::is_whitespace)?;
             let (_, tail) = rest.trim_start().split_once(char::is_whitespace)?;
-            lines[e.line - 1] = format!("{access} {n} {}", tail.trim_start());
+            let mut tail = tail.trim_start().to_string();
+            if let Some(name) = last_file {
+                // TYPE "file" [offset]: the quoted name replaced.
+                let open = tail.find('"')?;
+                let close = open + 1 + tail[open + 1..].find('"')?;
+                tail.replace_range(open..=close, &format!("\"{name}\""));
+            }
+            lines[e.line - 1] = format!("{access} {n} {tail}");
         }
         let lines: Vec<String> = lines
             .into_iter()
