@@ -169,19 +169,6 @@ pub(super) fn resize_qcow2(
         zero_l1_slack(&file, path, l1_offset, l1_size, need)?;
         None
     };
-    if let Some(p) = &gpt_plan {
-        let mut ranges = vec![
-            (
-                p.backup_entries_lba * p.ss,
-                (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
-            ),
-            (0, 2 * p.ss),
-        ];
-        if p.rewrite_primary_entries {
-            ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
-        }
-        sink.preflight(&ranges)?;
-    }
     if fill {
         sink.fill_new_space(new, zero_to, opts.prealloc)?;
     }
@@ -279,6 +266,10 @@ pub(super) struct Qcow2Sink<'a> {
     pub(super) new_tables: std::collections::BTreeMap<u64, (u64, Vec<u64>)>,
     /// Entries to set in existing L2 tables: host offset of the entry → value.
     pub(super) links: std::collections::BTreeMap<u64, u64>,
+    /// Clusters the active image stops using once the links are durable
+    /// (copied-on-write data and shared tables): each loses one count.
+    pub(super) releases: Vec<u64>,
+    pub(super) layout: crate::qcow2::reader::CompressedLayout,
     /// Refcount blocks changed: block host offset → bytes.
     pub(super) blocks: std::collections::BTreeMap<u64, Vec<u8>>,
 }
@@ -331,6 +322,8 @@ impl<'a> Qcow2Sink<'a> {
             l1: Default::default(),
             new_tables: Default::default(),
             links: Default::default(),
+            releases: Vec::new(),
+            layout: crate::qcow2::reader::CompressedLayout::new(BigEndian::read_u32(&b[20..24])),
             blocks: Default::default(),
         })
     }
@@ -505,45 +498,8 @@ impl<'a> Qcow2Sink<'a> {
         Ok(())
     }
 
-    /// Checks, before the first write, that every guest range can be
-    /// written: its clusters and L2 tables owned by the active image alone
-    /// and uncompressed.
-    pub(super) fn preflight(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
-        for &(at, len) in ranges {
-            let mut g = at / self.cs * self.cs;
-            while g < at + len {
-                let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
-                let l1e = self.l1_entry(l1i)?;
-                let l2 = l1e & OFFSET_MASK;
-                if l2 != 0 && l1e & OFLAG_COPIED == 0 {
-                    return Err(unsupported(self.path, format!("guest offset {g:#x} is mapped by an L2 table a snapshot shares; pass --no-fix-gpt")));
-                }
-                let entry = if l2 != 0 {
-                    self.be64(l2 + l2i * 8, "L2 table")?
-                } else {
-                    0
-                };
-                let host = entry & OFFSET_MASK;
-                if entry & OFLAG_COMPRESSED != 0 {
-                    return Err(unsupported(
-                        self.path,
-                        format!(
-                            "guest offset {g:#x} is in a compressed cluster; pass --no-fix-gpt"
-                        ),
-                    ));
-                }
-                if host != 0 && entry & OFLAG_COPIED == 0 {
-                    return Err(unsupported(self.path, format!("guest offset {g:#x} is in a cluster a snapshot shares; pass --no-fix-gpt")));
-                }
-                g += self.cs;
-            }
-        }
-        Ok(())
-    }
-
     /// The L2 entry for guest offset `g`: (where it is stored, its value),
-    /// the place `None` when no table maps `g` yet. Refuses a table a
-    /// snapshot shares.
+    /// the place `None` when no table maps `g` yet.
     pub(super) fn l2_slot(&mut self, g: u64) -> Result<(Option<u64>, u64)> {
         let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
         if let Some((t, entries)) = self.new_tables.get(&l1i) {
@@ -559,12 +515,6 @@ impl<'a> Qcow2Sink<'a> {
         if l2 == 0 {
             return Ok((None, 0));
         }
-        if l1e & OFLAG_COPIED == 0 {
-            return Err(unsupported(
-                self.path,
-                format!("guest offset {g:#x} is mapped by an L2 table a snapshot shares"),
-            ));
-        }
         let at = l2 + l2i * 8;
         match self.links.get(&at) {
             Some(&v) => Ok((Some(at), v)),
@@ -577,6 +527,7 @@ impl<'a> Qcow2Sink<'a> {
     /// existing table, written by [`GuestSink::sync`].
     fn set_l2(&mut self, g: u64, value: u64) -> Result<()> {
         let (l1i, l2i) = (g / self.l2_coverage, (g % self.l2_coverage) / self.cs);
+        self.own_table(l1i)?;
         match self.new_tables.get_mut(&l1i) {
             Some((_, entries)) if !entries.is_empty() => {
                 entries[l2i as usize] = value;
@@ -601,6 +552,56 @@ impl<'a> Qcow2Sink<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Makes the L2 table for L1 index `l1i` the active image's own: a
+    /// table an internal snapshot shares is copied to a new cluster (linked
+    /// by [`GuestSink::sync`]; the shared one loses the active image's count
+    /// after that). The data clusters it maps keep their counts: qcow2
+    /// counts a cluster once per table path, and the copy replaces one path.
+    fn own_table(&mut self, l1i: u64) -> Result<()> {
+        if self.new_tables.contains_key(&l1i) {
+            return Ok(());
+        }
+        let l1e = self.l1_entry(l1i)?;
+        let l2 = l1e & OFFSET_MASK;
+        if l2 == 0 || l1e & OFLAG_COPIED != 0 {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; self.cs as usize];
+        read_exact_at(self.file, self.path, &mut raw, l2, "L2 table")?;
+        let mut entries = Vec::with_capacity(raw.len() / 8);
+        for e in raw.chunks_exact(8).map(BigEndian::read_u64) {
+            let host = e & OFFSET_MASK;
+            if e & OFLAG_COMPRESSED == 0 && host != 0 {
+                // OFLAG_COPIED marks the clusters only the active image holds.
+                let flag = if self.refcount(host)? == 1 {
+                    OFLAG_COPIED
+                } else {
+                    0
+                };
+                entries.push((e & !OFLAG_COPIED) | flag);
+            } else {
+                entries.push(e);
+            }
+        }
+        let t = self.alloc()?;
+        self.new_tables.insert(l1i, (t, entries));
+        self.releases.push(l2);
+        Ok(())
+    }
+
+    /// The host clusters a compressed L2 entry's data touches.
+    fn compressed_clusters(&self, entry: u64) -> Vec<u64> {
+        let (off, len) = self.layout.decode(entry & !OFLAG_COMPRESSED);
+        let start = off & !511;
+        let mut out = Vec::new();
+        let mut c = start / self.cs * self.cs;
+        while c < start + len {
+            out.push(c);
+            c += self.cs;
+        }
+        out
     }
 
     /// Writes a finished new L2 table now and keeps only its place, so that
@@ -782,27 +783,20 @@ impl GuestSink for Qcow2Sink<'_> {
             let within = (g - cstart) as usize;
             let n = (self.cs as usize - within).min(bytes.len() - done);
             let piece = &bytes[done..done + n];
+            // Nothing a snapshot shares is written in place.
+            self.own_table(g / self.l2_coverage)?;
             let (_, entry) = self.l2_slot(g)?;
             let host = entry & OFFSET_MASK;
-            if entry & OFLAG_COMPRESSED != 0 {
-                return Err(unsupported(self.path, format!("guest offset {g:#x} is in a compressed cluster; moving the GPT would need it rewritten: pass --no-fix-gpt")));
-            }
-            if host != 0 && entry & OFLAG_COPIED == 0 {
-                return Err(unsupported(
-                    self.path,
-                    format!(
-                        "guest offset {g:#x} is in a cluster a snapshot shares; pass --no-fix-gpt"
-                    ),
-                ));
-            }
-            if host != 0 {
+            let compressed = entry & OFLAG_COMPRESSED != 0;
+            if !compressed && host != 0 && entry & OFLAG_COPIED != 0 {
                 write_all_at(self.file, self.path, piece, host + within as u64)?;
                 done += n;
                 continue;
             }
-            // A new cluster: what the guest sees there now, with the piece.
+            // A new cluster (copy-on-write for a shared or compressed one):
+            // what the guest sees there now, with the piece.
             let mut cluster = vec![0u8; self.cs as usize];
-            if entry & OFLAG_ZERO == 0 && cstart < self.old_size {
+            if (compressed || entry & OFLAG_ZERO == 0) && cstart < self.old_size {
                 let upto = (self.old_size - cstart).min(self.cs) as usize;
                 self.reader.read_at(&mut cluster[..upto], cstart)?;
             }
@@ -810,6 +804,12 @@ impl GuestSink for Qcow2Sink<'_> {
             let data = self.alloc()?;
             write_all_at(self.file, self.path, &cluster, data)?;
             self.set_l2(g, data | OFLAG_COPIED)?;
+            if compressed {
+                let touched = self.compressed_clusters(entry);
+                self.releases.extend(touched);
+            } else if host != 0 {
+                self.releases.push(host);
+            }
             done += n;
         }
         Ok(())
@@ -843,7 +843,19 @@ impl GuestSink for Qcow2Sink<'_> {
         }
         // Linked tables are existing tables from now on.
         self.new_tables.clear();
-        sync(self.file, self.path)
+        sync(self.file, self.path)?;
+        // 3. What the active image no longer uses loses its count (a kill
+        // before this leaks it: qemu-img check reports leaks, no corruption).
+        let releases = std::mem::take(&mut self.releases);
+        if !releases.is_empty() {
+            step();
+            for c in releases {
+                let rc = self.refcount(c)?;
+                self.set_refcount(c, rc.saturating_sub(1))?;
+            }
+            self.commit_refcounts()?;
+        }
+        Ok(())
     }
 }
 
@@ -1031,19 +1043,6 @@ pub(super) fn shrink_qcow2(
         let t = sink.alloc()?;
         write_all_at(file, path, bytes, t)?;
         links.push((*i, t));
-    }
-    if let Some(p) = &gpt_plan {
-        let mut ranges = vec![
-            (
-                p.backup_entries_lba * p.ss,
-                (p.last_lba + 1 - p.backup_entries_lba) * p.ss,
-            ),
-            (0, 2 * p.ss),
-        ];
-        if p.rewrite_primary_entries {
-            ranges.push((p.primary_entries_lba * p.ss, p.entries.len() as u64));
-        }
-        sink.preflight(&ranges)?;
     }
     // 1. The GPT moves inside the new end.
     let mut report = ResizeReport {
