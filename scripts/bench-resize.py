@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Times `vmshift resize` against `qemu-img resize` growing 100 GiB images
-by 100 GiB (metadata only), median of 15 runs each, in a scratch folder.
+by 100 GiB (metadata only, then qcow2 with metadata preallocation), median
+of 15 runs each (5 for preallocation), in a scratch folder.
 
     cargo build --release -p vmshift && scripts/bench-resize.py [DIR]
 """
@@ -37,13 +38,13 @@ def raw_gpt(f):
     subprocess.run(["sgdisk", "-n", "1:2048:0", f], check=True, stdout=subprocess.DEVNULL)
 
 
-def bench(label, prep, fmt, n=15):
+def bench(label, prep, fmt, n=15, extra=()):
     ours, theirs = [], []
     for _ in range(n):
         prep("v.img")
-        ours.append(run([V, "resize", "-f", fmt, "v.img", "+100G"]))
+        ours.append(run([V, "resize", *extra, "-f", fmt, "v.img", "+100G"]))
         prep("q.img")
-        theirs.append(run(["qemu-img", "resize", "-q", "-f", fmt, "q.img", "+100G"]))
+        theirs.append(run(["qemu-img", "resize", "-q", *extra, "-f", fmt, "q.img", "+100G"]))
     a, b = statistics.median(ours), statistics.median(theirs)
     print(f"| {label} | {a * 1000:.1f} | {b * 1000:.1f} | {b / a:.2f} |")
 
@@ -53,5 +54,6 @@ print("|---|---|---|---|")
 bench("qcow2 100 GiB", qcow2, "qcow2")
 bench("raw 100 GiB", raw, "raw")
 bench("raw 100 GiB with a GPT (vmshift also moves the GPT)", raw_gpt, "raw")
+bench("qcow2 100 GiB, --preallocation=metadata", qcow2, "qcow2", 5, ["--preallocation=metadata"])
 for f in ("v.img", "q.img"):
     fresh(f)
