@@ -68,9 +68,12 @@ pub struct ResizeArgs {
     /// How new space is provided.
     #[arg(long, value_enum, default_value_t)]
     pub preallocation: PreallocArg,
-    /// Leave a GPT's backup header where it is (by default it moves to the
-    /// new end, as the GPT requires).
-    #[arg(long)]
+    /// Move a GPT's backup header and entries to the new end and update the
+    /// primary header (the default when a GPT is found).
+    #[arg(long, overrides_with = "no_fix_gpt")]
+    pub fix_gpt: bool,
+    /// Leave a GPT's backup header where it is, as qemu-img resize does.
+    #[arg(long, overrides_with = "fix_gpt")]
     pub no_fix_gpt: bool,
     /// Also extend partition N (the one that ends last) to the new end; the
     /// filesystem inside is grown from the guest.
