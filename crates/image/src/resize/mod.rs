@@ -136,7 +136,21 @@ pub fn resize(
     new_size: u64,
     opts: &ResizeOptions,
 ) -> Result<ResizeReport> {
-    resize_with_switch(path, format, new_size, opts, &mut || Ok(()))
+    let mut report = resize_with_switch(path, format, new_size, opts, &mut || Ok(()))?;
+    if !opts.fix_gpt && report.new_size != report.old_size {
+        let gpt = open_as(path, format)
+            .ok()
+            .and_then(|r| read_table(r.as_ref()).ok().flatten())
+            .and_then(|t| t.gpt);
+        if gpt.is_some_and(|g| !g.backup_at_end) {
+            report.notes.push(format!(
+                "the GPT's backup header is not at the end of the disk now (--no-fix-gpt); `vmshift resize {} {}` moves it",
+                path.display(),
+                report.new_size
+            ));
+        }
+    }
+    Ok(report)
 }
 
 /// [`resize`], with `switch` run when a raw disk takes its new size as far
