@@ -8,10 +8,10 @@
 //!   the table moves; shrinking moves the table before the end is cut.
 //! - qcow2: growing within the L1 table's clusters changes the header's
 //!   `size` and `l1_size` in one 16-byte write (the L1 slack is zeroed and
-//!   synced first). Whatever must be allocated (a larger L1 table,
-//!   preallocated clusters, zero clusters over a longer backing file, a
-//!   moved GPT, refcount blocks, a larger refcount table) is written and
-//!   synced before a header write makes it part of the image.
+//!   synced first). Anything else (a larger L1 table, preallocation, zero
+//!   clusters over a longer backing file, a moved GPT, a shrink) is a
+//!   copy-on-write transaction switched to by one header write, so not even
+//!   a cluster leaks when a resize is killed.
 //! - VMDK: see [`vmdk`]; sparse files in place, streams through a copy,
 //!   flat extents like raw with an atomically replaced descriptor.
 
