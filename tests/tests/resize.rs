@@ -572,10 +572,7 @@ fn killed_qcow2_gpt_move_never_corrupts() {
         // Clean at any point: new structures are switched to in one header
         // write, so not even a leak (qemu-img check exit 0).
         let code = tool(d, "qemu-img", &["check", "q.qcow2"]).status.code();
-        assert!(
-            code == Some(0),
-            "{ms} ms: check exit {code:?}"
-        );
+        assert!(code == Some(0), "{ms} ms: check exit {code:?}");
         // The table reads; a re-run finishes the move.
         let out = vmshift(d, &["part", "q.qcow2"]);
         assert!(
@@ -692,10 +689,7 @@ fn qcow2_l1_table_moves_when_it_is_full() {
         copy(d, "k0.qcow2", "k.qcow2");
         killed_resize(d, &["resize", "k.qcow2", "+64M"], ms);
         let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
-        assert!(
-            code == Some(0),
-            "{ms} ms: check exit {code:?}"
-        );
+        assert!(code == Some(0), "{ms} ms: check exit {code:?}");
         let size = json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "k.qcow2"]).stdout)
             ["virtual-size"]
             .as_u64()
@@ -806,10 +800,7 @@ fn qcow2_shrinks_like_qemu_img_and_keeps_its_snapshots() {
         copy(d, "a.qcow2", "k.qcow2");
         killed_resize(d, &["resize", "--shrink", "--force", "k.qcow2", "32M"], ms);
         let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
-        assert!(
-            code == Some(0),
-            "{ms} ms: check exit {code:?}"
-        );
+        assert!(code == Some(0), "{ms} ms: check exit {code:?}");
     }
 }
 
@@ -1216,10 +1207,7 @@ fn killed_qcow2_preallocation_never_corrupts() {
             ms,
         );
         let code = tool(d, "qemu-img", &["check", "k.qcow2"]).status.code();
-        assert!(
-            code == Some(0),
-            "{ms} ms: check exit {code:?}"
-        );
+        assert!(code == Some(0), "{ms} ms: check exit {code:?}");
         let size = virtual_size(d, "k.qcow2");
         assert!(size == 1 << 20 || size == 25 << 20, "{ms} ms: {size}");
         // The old data, and zeros after it.

@@ -385,7 +385,9 @@ impl<'a> Txn<'a> {
         if rc == 0 {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                format!("cluster {host:#x} is in use but its refcount is 0; run qemu-img check -r all"),
+                format!(
+                    "cluster {host:#x} is in use but its refcount is 0; run qemu-img check -r all"
+                ),
             )
             .at_path(self.path));
         }
@@ -451,7 +453,11 @@ impl<'a> Txn<'a> {
             for (k, e) in raw.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
                 let host = e & OFFSET_MASK;
                 entries[k] = if l1e & OFLAG_COPIED == 0 && e & OFLAG_COMPRESSED == 0 && host != 0 {
-                    let flag = if self.refcount(host)? == 1 { OFLAG_COPIED } else { 0 };
+                    let flag = if self.refcount(host)? == 1 {
+                        OFLAG_COPIED
+                    } else {
+                        0
+                    };
                     (e & !OFLAG_COPIED) | flag
                 } else {
                     e
@@ -689,7 +695,11 @@ impl<'a> Txn<'a> {
         let cs = self.cs;
         let per_l2 = cs / 8;
         let first_gone = new.div_ceil(cs);
-        let last = self.size.div_ceil(cs).div_ceil(per_l2).max(self.l1.len() as u64);
+        let last = self
+            .size
+            .div_ceil(cs)
+            .div_ceil(per_l2)
+            .max(self.l1.len() as u64);
         for i in first_gone / per_l2..last {
             let l1e = self.l1_entry(i);
             let l2 = l1e & OFFSET_MASK;
@@ -755,7 +765,10 @@ impl<'a> Txn<'a> {
         if self.new_l1_size * 8 > MAX_L1_BYTES {
             return Err(invalid(
                 self.path,
-                format!("{} bytes needs an L1 table larger than QEMU allows", self.new_size),
+                format!(
+                    "{} bytes needs an L1 table larger than QEMU allows",
+                    self.new_size
+                ),
             ));
         }
         let room = (self.l1_size * 8).div_ceil(cs) * cs / 8;
@@ -879,8 +892,7 @@ impl GuestSink for Txn<'_> {
             let l1i = g / self.l2_coverage();
             let entry = self.l2_entry(g)?;
             let host = entry & OFFSET_MASK;
-            let table_owned =
-                self.l2.contains_key(&l1i) || self.l1_entry(l1i) & OFLAG_COPIED != 0;
+            let table_owned = self.l2.contains_key(&l1i) || self.l1_entry(l1i) & OFLAG_COPIED != 0;
             if table_owned
                 && entry & OFLAG_COMPRESSED == 0
                 && host != 0
