@@ -1425,3 +1425,177 @@ fn a_gpt_inside_a_split_set_moves_like_the_raw_one() {
         }
     }
 }
+
+#[test]
+fn shrink_refuses_data_from_a_backing_file_or_past_a_gpt_not_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Data the overlay shows from its backing file is data too.
+    tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "b.qcow2", "64M"]);
+    tool_ok(d, "qemu-io", &["-c", "write -P 0xaa 50M 1M", "b.qcow2"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2",
+        ],
+    );
+    let before = std::fs::read(d.join("o.qcow2")).unwrap();
+    let out = vmshift(d, &["resize", "--shrink", "o.qcow2", "32M"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("52428800"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(d.join("o.qcow2")).unwrap(), before);
+    // A GPT whose backup is not at the old end (grown by qemu-img): only
+    // the backup's own sectors are exempt, data past them still counts.
+    sparse_disk(d, "g.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+30M", "g.raw"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "g.raw", "g.qcow2"],
+    );
+    for (img, fmt) in [("g.raw", "raw"), ("g.qcow2", "qcow2")] {
+        tool_ok(d, "qemu-img", &["resize", "-f", fmt, img, "128M"]);
+        tool_ok(
+            d,
+            "qemu-io",
+            &["-f", fmt, "-c", "write -P 0xaa 100M 1M", img],
+        );
+        let before = std::fs::read(d.join(img)).unwrap();
+        let out = vmshift(d, &["resize", "--shrink", img, "80M"]);
+        assert_eq!(out.status.code(), Some(1), "{img}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("104857600"),
+            "{out:?}"
+        );
+        assert_eq!(std::fs::read(d.join(img)).unwrap(), before, "{img}");
+        // Without that data the shrink goes through and the table is whole.
+        tool_ok(d, "qemu-io", &["-f", fmt, "-c", "write -z 100M 1M", img]);
+        vmshift_ok(d, &["resize", "--shrink", img, "80M"]);
+        let v = json(vmshift_ok(d, &["part", "--output", "json", img]).as_bytes());
+        assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{img}: {v}");
+    }
+}
+
+#[test]
+fn qcow2_zero_clusters_compressed_tails_v2_snapshots_and_dirty_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The GPT backup lands in clusters zeroed without unmapping: written,
+    // not lost behind the zero flag (shrink and grow).
+    sparse_disk(d, "z.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+30M", "z.raw"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "z.raw", "z.qcow2"],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x55 46M 2M",
+            "-c",
+            "write -z 46M 2M",
+            "z.qcow2",
+        ],
+    );
+    vmshift_ok(d, &["resize", "--shrink", "z.qcow2", "48M"]);
+    tool_ok(d, "qemu-img", &["check", "z.qcow2"]);
+    let v = json(vmshift_ok(d, &["part", "--output", "json", "z.qcow2"]).as_bytes());
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["gpt"]["backup-at-end"], true, "{v}");
+    // A shrink ending inside a compressed cluster, then growth: zeros.
+    patterned_raw(&d.join("p.raw"), 1 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "p.raw", "c.qcow2"],
+    );
+    vmshift_ok(d, &["resize", "--shrink", "--force", "c.qcow2", "1015808"]);
+    vmshift_ok(d, &["resize", "c.qcow2", "1M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-c", "read -P 0 1015808 32768", "c.qcow2"],
+    );
+    tool_ok(d, "qemu-img", &["check", "c.qcow2"]);
+    // Same size, a partition to grow: it grows (like raw).
+    sparse_disk(d, "s.raw", 64 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "s.raw"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "s.raw", "s.qcow2"],
+    );
+    vmshift_ok(d, &["resize", "--grow-partition", "1", "s.qcow2", "64M"]);
+    let v = json(vmshift_ok(d, &["part", "--output", "json", "s.qcow2"]).as_bytes());
+    assert!(
+        v["partitions"][0]["end"].as_u64().unwrap() > 60 << 20,
+        "{v}"
+    );
+    // A protective MBR left short by a kill is finished by a re-run.
+    vmshift_ok(d, &["resize", "s.qcow2", "+16M"]);
+    tool_ok(d, "qemu-io", &["-c", "write -P 0xff 458 4", "s.qcow2"]);
+    let out = vmshift_ok(d, &["resize", "s.qcow2", "80M"]);
+    assert!(out.contains("GPT"), "{out}");
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "s.qcow2", "back.raw"],
+    );
+    let v = tool_ok(d, "sgdisk", &["-v", "back.raw"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+        "{v:?}"
+    );
+    // Refused, nothing changed: a version 2 image with snapshots (QEMU could
+    // not apply them at another size), a dirty or a corrupt image.
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "16M",
+        ],
+    );
+    tool_ok(d, "qemu-img", &["snapshot", "-c", "s", "v2.qcow2"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "dirty.qcow2", "16M"],
+    );
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "corrupt.qcow2", "16M"],
+    );
+    for (img, bit) in [("dirty.qcow2", 1u8), ("corrupt.qcow2", 2)] {
+        let mut b = std::fs::read(d.join(img)).unwrap();
+        b[79] |= bit;
+        std::fs::write(d.join(img), b).unwrap();
+    }
+    for (img, says) in [
+        ("v2.qcow2", "snapshots"),
+        ("dirty.qcow2", "dirty"),
+        ("corrupt.qcow2", "corrupt"),
+    ] {
+        let before = std::fs::read(d.join(img)).unwrap();
+        let out = vmshift(d, &["resize", img, "32M"]);
+        assert_ne!(out.status.code(), Some(0), "{img}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{img}: {out:?}"
+        );
+        assert_eq!(std::fs::read(d.join(img)).unwrap(), before, "{img}");
+    }
+}

@@ -18,8 +18,10 @@ pub(super) struct GptPlan {
     pub(super) first_usable: u64,
     pub(super) last_usable: u64,
     pub(super) entry_sectors: u64,
-    /// Where the current backup's entries start (for the shrink check).
+    /// Where the current backup's entries start and its header is (for the
+    /// shrink check: they move, they are not data).
     pub(super) old_backup_entries_lba: u64,
+    pub(super) old_backup_lba: u64,
     /// The primary's entries change (a grown partition, or rebuilt from
     /// the backup).
     pub(super) rewrite_primary_entries: bool,
@@ -102,6 +104,9 @@ pub(super) fn plan_gpt(
     let old_backup_entries_lba = backup
         .as_ref()
         .map_or(old_last, |(h, _)| LittleEndian::read_u64(&h[72..80]));
+    let old_backup_lba = backup
+        .as_ref()
+        .map_or(old_last, |(h, _)| LittleEndian::read_u64(&h[24..32]));
     let hsize = LittleEndian::read_u32(&hdr[12..16]) as usize;
     let esize = LittleEndian::read_u32(&hdr[84..88]) as usize;
     let bytes = entries.len() as u64;
@@ -209,6 +214,7 @@ pub(super) fn plan_gpt(
         last_usable,
         entry_sectors,
         old_backup_entries_lba,
+        old_backup_lba,
         rewrite_primary_entries: grown.is_some() || !from_primary,
         grown,
         pmbr,
@@ -393,4 +399,41 @@ pub(super) fn gpt_patches(p: &GptPlan) -> Vec<(u64, Vec<u8>)> {
     backup.extend_from_slice(&p.backup);
     v.push((p.backup_entries_lba * p.ss, backup));
     v
+}
+
+/// Whether a GPT move is left unfinished on `img` (by an interrupted run,
+/// or by a tool that only changed the size): a copy damaged, the backup
+/// not at the end, or a protective MBR that does not cover the disk.
+pub(super) fn gpt_unfinished(img: &dyn ImageReader) -> bool {
+    let Some(g) = read_table(img).ok().flatten().and_then(|t| t.gpt) else {
+        return false;
+    };
+    if !g.backup_at_end || !g.primary_ok || !g.backup_ok {
+        return true;
+    }
+    // A pure protective MBR (one 0xEE entry, nothing else) covers the disk
+    // from LBA 1 to its end (or 2^32 - 1 sectors).
+    let mut mbr = [0u8; 512];
+    if img.read_at(&mut mbr, 0).is_err() || mbr[510..512] != [0x55, 0xaa] {
+        return false;
+    }
+    let entries: Vec<&[u8]> = (0..4).map(|k| &mbr[446 + k * 16..462 + k * 16]).collect();
+    let used: Vec<&&[u8]> = entries.iter().filter(|e| e[4] != 0).collect();
+    match used.as_slice() {
+        [e] if e[4] == 0xee => {
+            let sectors = u64::from(LittleEndian::read_u32(&e[12..16]));
+            let want = (img.size() / g.sector_size - 1).min(u64::from(u32::MAX));
+            sectors != want
+        }
+        _ => false,
+    }
+}
+
+impl GptPlan {
+    /// The bytes the current backup copy (entries and header) occupies.
+    pub(super) fn old_backup_bytes(&self) -> (u64, u64) {
+        let a = self.old_backup_entries_lba.min(self.old_backup_lba);
+        let b = self.old_backup_entries_lba.max(self.old_backup_lba);
+        (a * self.ss, (b + 1) * self.ss)
+    }
 }

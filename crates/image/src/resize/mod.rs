@@ -23,7 +23,7 @@ use vmshift_model::DiskFormat;
 
 use crate::block::ImageReader;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fileio::{file_len, read_exact_at, seek_data_hole, write_all_at};
+use crate::fileio::{file_len, read_exact_at, write_all_at};
 use crate::part::{read_table, TableKind};
 use crate::raw::RawReader;
 
@@ -100,6 +100,50 @@ pub(super) fn needs_shrink(path: &Path, old: u64, new: u64, opts: &ResizeOptions
             path,
             format!("{new} bytes is smaller than the image's {old}; shrinking needs --shrink"),
         ));
+    }
+    Ok(())
+}
+
+/// Refuses a shrink that would cut data: the first byte in `[from, to)`
+/// that reads as non-zero (stored in the image or in its backing file),
+/// outside `exempt` (a GPT backup that moves), is named. Ranges the image
+/// maps as holes or zeros are skipped; stored ranges are read, since only
+/// non-zero bytes are data to lose.
+fn refuse_data_beyond(
+    reader: &dyn ImageReader,
+    path: &Path,
+    from: u64,
+    to: u64,
+    exempt: Option<(u64, u64)>,
+) -> Result<()> {
+    let to = to.min(reader.size());
+    let mut at = from;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < to {
+        let e = reader.map(at, to - at)?;
+        let end = (at + e.len.max(1)).min(to);
+        if !e.reads_as_zero() {
+            let mut p = at;
+            while p < end {
+                let n = (end - p).min(buf.len() as u64);
+                reader.read_at(&mut buf[..n as usize], p)?;
+                let hit = buf[..n as usize].iter().enumerate().position(|(k, &b)| {
+                    let byte = p + k as u64;
+                    b != 0 && !exempt.is_some_and(|(a, z)| byte >= a && byte < z)
+                });
+                if let Some(k) = hit {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "data is stored at byte {}, beyond the new end ({from}); pass --force to cut it off",
+                            p + k as u64
+                        ),
+                    ));
+                }
+                p += n;
+            }
+        }
+        at = end;
     }
     Ok(())
 }

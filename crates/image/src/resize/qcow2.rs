@@ -27,18 +27,37 @@ pub(super) fn resize_qcow2(
     let gpt_incomplete = || -> bool {
         open_as(path, DiskFormat::Qcow2)
             .ok()
-            .and_then(|r| read_table(r.as_ref()).ok().flatten())
-            .and_then(|t| t.gpt)
-            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok)
+            .is_some_and(|r| gpt_unfinished(r.as_ref()))
     };
     // Same size: only an unfinished GPT move (an interrupted run, or a
-    // qemu-img resize) is left to do.
-    if new == old && !(opts.fix_gpt && gpt_incomplete()) {
+    // qemu-img resize) or a partition to grow is left to do.
+    if new == old && opts.grow_partition.is_none() && !(opts.fix_gpt && gpt_incomplete()) {
         return Ok(report);
     }
     needs_shrink(path, old, new, opts)?;
-    if BigEndian::read_u32(&h[4..8]) >= 3 {
+    let version = BigEndian::read_u32(&h[4..8]);
+    if version < 3 && BigEndian::read_u32(&h[60..64]) != 0 {
+        // A version 2 snapshot does not record its disk size; QEMU then
+        // cannot apply it to a disk of another size.
+        return Err(unsupported(
+            path,
+            "a version 2 qcow2 with internal snapshots cannot change size (QEMU could not apply the snapshots afterwards); upgrade it with qemu-img amend -o compat=1.1 first",
+        ));
+    }
+    if version >= 3 {
         let incompatible = BigEndian::read_u64(&h[72..80]);
+        if incompatible & 1 != 0 {
+            return Err(invalid(
+                path,
+                "the image is marked dirty (its refcounts may be stale, as after a crash with lazy_refcounts): repair it with qemu-img check -r all first",
+            ));
+        }
+        if incompatible & 2 != 0 {
+            return Err(invalid(
+                path,
+                "the image is marked corrupt: repair it with qemu-img check -r all first",
+            ));
+        }
         let mut more = [0u8; 8];
         read_exact_at(&file, path, &mut more, 88, "qcow2 header")?;
         let autoclear = BigEndian::read_u64(&more);
@@ -94,7 +113,6 @@ pub(super) fn resize_qcow2(
         ));
     }
     let cs = 1u64 << cluster_bits;
-    let version = BigEndian::read_u32(&h[4..8]);
     let per_l2 = cs / if extended_l2 { 16 } else { 8 };
     let need = new.div_ceil(cs * per_l2);
     if need > u64::from(u32::MAX) || need * 8 > 32 << 20 {
@@ -146,22 +164,22 @@ pub(super) fn resize_qcow2(
         sync(&file, path)?;
         return Ok(report);
     }
-    // One transaction: the new size (with a larger L1 table when needed)
-    // and the new space, switched to in one header write; a GPT's backup
-    // joins it, then the primary moves in a transaction of its own.
+    // One transaction: the new size (with a larger L1 table when needed),
+    // the new space and a moved GPT, switched to in one header write.
     txn.set_size(new, u64::from(need.max(l1_size)));
     if fill {
         txn.fill_new_space(new, zero_to, opts.prealloc)?;
     }
     let mut report = report;
-    match gpt_plan {
-        Some(plan) => {
-            apply_gpt(&mut txn, &plan)?;
-            report.gpt_moved = true;
-            report.partition_grown = plan.grown;
-        }
-        None => txn.commit()?,
+    if let Some(plan) = gpt_plan {
+        // The moved GPT joins the same switch: the old disk with its old
+        // table, or the new disk with the new one.
+        txn.atomic = true;
+        apply_gpt(&mut txn, &plan)?;
+        report.gpt_moved = true;
+        report.partition_grown = plan.grown;
     }
+    txn.commit()?;
     Ok(report)
 }
 
@@ -219,8 +237,13 @@ pub(super) struct Txn<'a> {
     /// …and the L2 tables made or copied: L1 index → (host, entries; empty
     /// once written out early).
     l2: std::collections::BTreeMap<u64, (u64, Vec<u64>)>,
-    /// Where the next cluster is allocated.
+    /// Where the next cluster is allocated, and where this transaction's
+    /// clusters begin (everything from there on is new).
     file_end: u64,
+    base_end: u64,
+    /// One switch for everything: guest writes copy even the image's own
+    /// clusters, and [`GuestSink::sync`] waits for [`Txn::commit`].
+    pub(super) atomic: bool,
 }
 
 /// QEMU's limits on the refcount table (`QCOW_MAX_REFTABLE_SIZE`) and the
@@ -275,6 +298,7 @@ impl<'a> Txn<'a> {
         read_exact_at(file, path, &mut raw, rt_offset, "refcount table")?;
         let rt = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         let size = BigEndian::read_u64(&b[24..32]);
+        let file_end = file_len(file, path)?.div_ceil(cs) * cs;
         Ok(Txn {
             file,
             path,
@@ -296,7 +320,9 @@ impl<'a> Txn<'a> {
             rb: Default::default(),
             rb_dirty: Default::default(),
             l2: Default::default(),
-            file_end: file_len(file, path)?.div_ceil(cs) * cs,
+            file_end,
+            base_end: file_end,
+            atomic: false,
         })
     }
 
@@ -536,7 +562,11 @@ impl<'a> Txn<'a> {
         let mut stored = vec![0u8; tail];
         let unallocated = host == 0 && entry & OFLAG_ZERO == 0;
         if entry & OFLAG_COMPRESSED != 0 {
-            // A compressed cluster is written whole, zeros after the end.
+            // What a compressed cluster holds past the end is not known
+            // without inflating it: rewritten to be sure.
+            return Ok((true, false));
+        } else if entry & OFLAG_ZERO != 0 {
+            // Reads as zeros.
         } else if host != 0 {
             read_exact_at(
                 self.file,
@@ -657,35 +687,6 @@ impl<'a> Txn<'a> {
             at += n;
         }
         Ok(())
-    }
-
-    /// The first guest byte at or past `from` (and before `to`) the active
-    /// image stores something other than zeros for.
-    fn stored_data_in(&mut self, from: u64, to: u64) -> Result<Option<u64>> {
-        let cs = self.cs;
-        let cov = self.l2_coverage();
-        let to = to.min(self.old_size);
-        let mut raw = vec![0u8; cs as usize];
-        for i in from / cov..to.div_ceil(cov) {
-            let l2 = self.l1_entry(i) & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            read_exact_at(self.file, self.path, &mut raw, l2, "L2 table")?;
-            for (j, e) in raw.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
-                let g = i * cov + j as u64 * cs;
-                let (a, b) = (g.max(from), (g + cs).min(to));
-                if a >= b || (e & OFFSET_MASK == 0 && e & OFLAG_COMPRESSED == 0) {
-                    continue;
-                }
-                let mut bytes = vec![0u8; (b - a) as usize];
-                self.reader.read_at(&mut bytes, a)?;
-                if let Some(k) = bytes.iter().position(|&x| x != 0) {
-                    return Ok(Some(a + k as u64));
-                }
-            }
-        }
-        Ok(None)
     }
 
     /// Drops every reference past guest byte `new`: L1 entries of tables
@@ -876,6 +877,7 @@ impl<'a> Txn<'a> {
         self.l1_dirty = false;
         self.rb_dirty.clear();
         self.l2.clear();
+        self.base_end = self.file_end;
         Ok(())
     }
 }
@@ -895,6 +897,7 @@ impl GuestSink for Txn<'_> {
             let table_owned = self.l2.contains_key(&l1i) || self.l1_entry(l1i) & OFLAG_COPIED != 0;
             if table_owned
                 && entry & OFLAG_COMPRESSED == 0
+                && entry & OFLAG_ZERO == 0
                 && host != 0
                 && entry & OFLAG_COPIED != 0
             {
@@ -922,13 +925,16 @@ impl GuestSink for Txn<'_> {
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.commit()
+        match self.atomic {
+            true => Ok(()),
+            false => self.commit(),
+        }
     }
 }
 
-/// Shrinks a qcow2 image: a GPT moves inside the new end first (its own
-/// transactions); then one transaction sets the size and drops every
-/// reference past the end (clusters no snapshot holds are freed).
+/// Shrinks a qcow2 image in one transaction: a GPT moved inside the new
+/// end, the size, and every reference past the end dropped (clusters no
+/// snapshot holds are freed).
 pub(super) fn shrink_qcow2(
     file: &File,
     path: &Path,
@@ -970,31 +976,25 @@ pub(super) fn shrink_qcow2(
         }
         _ => None,
     };
-    let mut txn = Txn::new(file, path, reader, old)?;
     if !opts.force {
-        // The old GPT backup at the old end moves; it is not data.
-        let exempt = gpt_plan
-            .as_ref()
-            .map_or(old, |p| p.old_backup_entries_lba * p.ss);
-        if let Some(at) = txn.stored_data_in(new, exempt.min(old))? {
-            return Err(invalid(
-                path,
-                format!("data is stored at byte {at}, beyond the new end ({new}); pass --force to cut it off"),
-            ));
-        }
+        // The old GPT backup moves; it is not data.
+        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
+        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
     }
+    let mut txn = Txn::new(file, path, reader, old)?;
     let mut report = ResizeReport {
         old_size: old,
         new_size: new,
         ..ResizeReport::default()
     };
-    // 1. The GPT moves inside the new end.
+    // The GPT moved inside the new end, the size and the references past
+    // it dropped: one switch.
+    txn.atomic = true;
     if let Some(p) = &gpt_plan {
         apply_gpt(&mut txn, p)?;
         report.gpt_moved = true;
         report.partition_grown = p.grown;
     }
-    // 2. The size and the references past it, in one switch.
     txn.drop_past(new)?;
     let l1_size = txn.l1_size;
     txn.set_size(new, l1_size);

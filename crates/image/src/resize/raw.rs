@@ -56,7 +56,14 @@ pub(super) fn resize_raw(
         .filter(|t| t.kind == TableKind::Gpt && opts.fix_gpt)
         .and_then(|t| t.gpt.as_ref());
     // Nothing to do: same size, and any GPT already whole and at the end.
-    let gpt_needs_fix = gpt.is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok);
+    let gpt_needs_fix = gpt.is_some() && {
+        let reader = RawReader::open(
+            file.try_clone()
+                .map_err(|e| Error::io(path, "reopening the image", e))?,
+            path,
+        )?;
+        gpt_unfinished(&reader)
+    };
     if new == old && opts.grow_partition.is_none() && !gpt_needs_fix {
         return Ok(report);
     }
@@ -189,39 +196,11 @@ pub(super) fn shrink_checks(
             ),
         ));
     }
-    // The old backup array and header are expected at the old end; the
-    // file-system block that holds the array's start counts with them.
-    let keep_from = match gpt {
-        Some(g) => (g.old_backup_entries_lba * g.ss) / 4096 * 4096,
-        None => old,
-    };
-    // Holes are skipped; what the file system stores is read, and only
-    // non-zero bytes count (blocks of zeros are no data to lose).
-    let mut pos = new;
-    let mut buf = vec![0u8; 1 << 20];
-    while pos < keep_from {
-        let Some(d) = seek_data_hole(file, pos, true).filter(|&d| d < keep_from) else {
-            break;
-        };
-        let h = seek_data_hole(file, d, false)
-            .unwrap_or(keep_from)
-            .min(keep_from);
-        let mut at = d;
-        while at < h {
-            let n = (h - at).min(buf.len() as u64) as usize;
-            read_exact_at(file, path, &mut buf[..n], at, "data")?;
-            if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off",
-                        at + k as u64
-                    ),
-                ));
-            }
-            at += n as u64;
-        }
-        pos = h.max(d + 1);
-    }
+    let reader = RawReader::open(
+        file.try_clone()
+            .map_err(|e| Error::io(path, "reopening the image", e))?,
+        path,
+    )?;
+    refuse_data_beyond(&reader, path, new, old, gpt.map(GptPlan::old_backup_bytes))?;
     Ok(())
 }

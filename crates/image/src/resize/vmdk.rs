@@ -155,37 +155,8 @@ pub(super) fn resize_vmdk_sparse(
                 format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
             ));
         }
-        let exempt = gpt_plan
-            .as_ref()
-            .map_or(old, |p| p.old_backup_entries_lba * p.ss);
-        let mut at = new;
-        while at < exempt {
-            let e = reader.map(at, exempt - at)?;
-            if matches!(
-                e.state,
-                crate::block::BlockState::Data | crate::block::BlockState::Compressed
-            ) {
-                // Stored, but only non-zero bytes are data to lose.
-                let mut p = at;
-                let end = at + e.len;
-                let mut buf = vec![0u8; 1 << 20];
-                while p < end {
-                    let n = (end - p).min(buf.len() as u64) as usize;
-                    reader.read_at(&mut buf[..n], p)?;
-                    if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
-                        return Err(invalid(
-                            path,
-                            format!(
-                                "data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off",
-                                p + k as u64
-                            ),
-                        ));
-                    }
-                    p += n as u64;
-                }
-            }
-            at += e.len;
-        }
+        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
+        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
     }
     if flags & (1 << 16) != 0 {
         // streamOptimized: a stream is written once, front to back; the
@@ -418,11 +389,7 @@ pub(super) fn grow_vmdk_set(
     if new == old {
         // Only an unfinished GPT move (an interrupted run) is left to do.
         let reader = open_as(path, DiskFormat::Vmdk)?;
-        let unfinished = read_table(reader.as_ref())
-            .ok()
-            .flatten()
-            .and_then(|t| t.gpt)
-            .is_some_and(|g| !g.backup_at_end || !g.primary_ok || !g.backup_ok);
+        let unfinished = gpt_unfinished(reader.as_ref());
         if !(opts.fix_gpt && unfinished) && opts.grow_partition.is_none() {
             return Ok(report);
         }
@@ -904,29 +871,8 @@ pub(super) fn shrink_vmdk_set(
             return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
         }
         // The GPT's own backup moves; anything else stored is data.
-        let exempt = gpt_plan
-            .as_ref()
-            .map_or(old, |p| p.old_backup_entries_lba * p.ss);
-        let mut at = new;
-        let mut buf = vec![0u8; 1 << 20];
-        while at < exempt {
-            let e = reader.map(at, exempt - at)?;
-            if matches!(
-                e.state,
-                crate::block::BlockState::Data | crate::block::BlockState::Compressed
-            ) {
-                let mut p = at;
-                while p < at + e.len {
-                    let n = (at + e.len - p).min(buf.len() as u64) as usize;
-                    reader.read_at(&mut buf[..n], p)?;
-                    if let Some(k) = buf[..n].iter().position(|&b| b != 0) {
-                        return Err(invalid(path, format!("data is stored at byte {}, beyond the new end ({new}); pass --force to cut it off", p + k as u64)));
-                    }
-                    p += n as u64;
-                }
-            }
-            at += e.len;
-        }
+        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
+        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
     }
     drop(reader);
     // The extent holding the new end, and where it starts.
