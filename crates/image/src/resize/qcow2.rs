@@ -241,6 +241,12 @@ pub(super) struct Txn<'a> {
     /// clusters begin (everything from there on is new).
     file_end: u64,
     base_end: u64,
+    /// Clusters below `base_end` this transaction took (new, like the
+    /// ones past it), clusters it freed (the old image may use them until
+    /// the switch), and where to look for free clusters next.
+    reused: std::collections::BTreeSet<u64>,
+    freed: std::collections::BTreeSet<u64>,
+    free_hint: u64,
     /// One switch for everything: guest writes copy even the image's own
     /// clusters, and [`GuestSink::sync`] waits for [`Txn::commit`].
     pub(super) atomic: bool,
@@ -322,6 +328,9 @@ impl<'a> Txn<'a> {
             l2: Default::default(),
             file_end,
             base_end: file_end,
+            reused: Default::default(),
+            freed: Default::default(),
+            free_hint: 0,
             atomic: false,
         })
     }
@@ -417,11 +426,29 @@ impl<'a> Txn<'a> {
             )
             .at_path(self.path));
         }
+        if rc == 1 {
+            self.freed.insert(host);
+        }
         self.set_refcount(host, rc - 1)
     }
 
-    /// `n` free clusters in a row at the end of the file, counted once.
+    /// `n` free clusters in a row, counted once: the first run free in
+    /// the image as committed (and not freed by this transaction, whose
+    /// old image may still use it), else at the end of the file.
     fn alloc_run(&mut self, n: u64) -> Result<u64> {
+        if let Some(start) = self.find_free(n)? {
+            for k in 0..n {
+                self.set_refcount(start + k * self.cs, 1)?;
+                self.reused.insert(start + k * self.cs);
+            }
+            return Ok(start);
+        }
+        self.alloc_at_end(n)
+    }
+
+    /// `n` clusters in a row at the end of the file (never used before:
+    /// they read as zeros until written).
+    fn alloc_at_end(&mut self, n: u64) -> Result<u64> {
         'search: loop {
             let start = self.file_end;
             for k in 0..n {
@@ -437,6 +464,59 @@ impl<'a> Txn<'a> {
             }
             return Ok(start);
         }
+    }
+
+    /// The first run of `n` clusters inside the file (below where this
+    /// transaction began appending) that nothing counts, scanning the
+    /// refcount blocks from a hint.
+    fn find_free(&mut self, n: u64) -> Result<Option<u64>> {
+        let cs = self.cs;
+        let per_block = cs * 8 / self.refcount_bits;
+        let end = self.base_end / cs;
+        let mut idx = self.free_hint / cs;
+        let mut run: Option<(u64, u64)> = None;
+        let mut buf = vec![0u8; cs as usize];
+        while idx < end {
+            let bi = idx / per_block;
+            let at = self.rt.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            let content: &[u8] = match self.rb.get(&bi) {
+                Some(b) => b,
+                None if at == 0 => {
+                    buf.fill(0);
+                    &buf
+                }
+                None => {
+                    read_exact_at(self.file, self.path, &mut buf, at, "refcount block")?;
+                    &buf
+                }
+            };
+            let upto = ((bi + 1) * per_block).min(end);
+            for i in idx..upto {
+                let c = i * cs;
+                let rc = crate::qcow2::writer::get_refcount(
+                    content,
+                    (i % per_block) as usize,
+                    self.refcount_bits,
+                );
+                if rc == 0 && !self.freed.contains(&c) {
+                    let (s, len) = run.map_or((c, 1), |(s, l)| (s, l + 1));
+                    if len == n {
+                        if n == 1 {
+                            self.free_hint = c + cs;
+                        }
+                        return Ok(Some(s));
+                    }
+                    run = Some((s, len));
+                } else {
+                    run = None;
+                }
+            }
+            idx = upto;
+        }
+        if n == 1 {
+            self.free_hint = self.base_end;
+        }
+        Ok(None)
     }
 
     pub(super) fn alloc(&mut self) -> Result<u64> {
@@ -635,7 +715,9 @@ impl<'a> Txn<'a> {
             let value = match prealloc {
                 Prealloc::Off => OFLAG_ZERO,
                 _ => {
-                    let data = self.alloc()?;
+                    // Past the old end of the file: reads as zeros (a
+                    // reused cluster could show old bytes).
+                    let data = self.alloc_at_end(1)?;
                     if prealloc == Prealloc::Full {
                         // Contiguous data clusters are zeroed as one run.
                         match &mut run {
@@ -731,6 +813,53 @@ impl<'a> Txn<'a> {
                     self.release_entry(e)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// After a shrink: the L1 table, refcount table and refcount blocks
+    /// that lie past everything else in use move further in (one more
+    /// transaction, into clusters freed before), then the file is cut
+    /// after its last cluster in use, as QEMU does.
+    pub(super) fn trim(&mut self) -> Result<()> {
+        let cs = self.cs;
+        let l1_clusters = (self.l1_size * 8).div_ceil(cs);
+        let mut meta: std::collections::BTreeSet<u64> =
+            (0..l1_clusters).map(|k| self.l1_offset + k * cs).collect();
+        meta.extend((0..self.rt_clusters).map(|k| self.rt_offset + k * cs));
+        meta.extend(self.rt.iter().map(|e| e & OFFSET_MASK).filter(|&a| a != 0));
+        let mut limit = cs;
+        let mut c = self.file_end;
+        while c > cs {
+            c -= cs;
+            if !meta.contains(&c) && self.refcount(c)? != 0 {
+                limit = c + cs;
+                break;
+            }
+        }
+        if meta.iter().any(|&m| m >= limit) {
+            self.l1_dirty |= (0..l1_clusters).any(|k| self.l1_offset + k * cs >= limit);
+            for bi in 0..self.rt.len() as u64 {
+                let at = self.rt[bi as usize] & OFFSET_MASK;
+                if at >= limit || (bi == 0 && self.rt_offset + self.rt_clusters * cs > limit) {
+                    // Block 0 stands for the table: moving any block moves it.
+                    self.block(bi)?;
+                    self.rb_dirty.insert(bi);
+                }
+            }
+            self.commit()?;
+        }
+        let mut end = self.file_end;
+        while end > cs && self.refcount(end - cs)? == 0 {
+            end -= cs;
+        }
+        if end < file_len(self.file, self.path)? {
+            self.file
+                .set_len(end)
+                .map_err(|e| Error::io(self.path, "cutting the image's free end", e))?;
+            sync(self.file, self.path)?;
+            self.file_end = end;
+            self.base_end = end;
         }
         Ok(())
     }
@@ -878,6 +1007,11 @@ impl<'a> Txn<'a> {
         self.rb_dirty.clear();
         self.l2.clear();
         self.base_end = self.file_end;
+        if let Some(&first) = self.freed.first() {
+            self.free_hint = self.free_hint.min(first);
+        }
+        self.freed.clear();
+        self.reused.clear();
         Ok(())
     }
 }
@@ -895,13 +1029,12 @@ impl GuestSink for Txn<'_> {
             let entry = self.l2_entry(g)?;
             let host = entry & OFFSET_MASK;
             let table_owned = self.l2.contains_key(&l1i) || self.l1_entry(l1i) & OFLAG_COPIED != 0;
-            if table_owned
-                && entry & OFLAG_COMPRESSED == 0
-                && entry & OFLAG_ZERO == 0
-                && host != 0
-                && entry & OFLAG_COPIED != 0
-            {
-                // The image's own cluster: in place.
+            let plain = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_ZERO == 0 && host != 0;
+            let fresh = host >= self.base_end || self.reused.contains(&host);
+            let owned = table_owned && entry & OFLAG_COPIED != 0;
+            if plain && (fresh || (owned && !self.atomic)) {
+                // A cluster of this transaction, or the image's own one
+                // (when writes may show before the switch): in place.
                 write_all_at(self.file, self.path, piece, host + within as u64)?;
                 done += n;
                 continue;
@@ -1011,5 +1144,6 @@ pub(super) fn shrink_qcow2(
             sync(file, path)?;
         }
     }
+    txn.trim()?;
     Ok(report)
 }
