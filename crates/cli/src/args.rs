@@ -62,7 +62,9 @@ pub struct ResizeArgs {
     /// Allow the image to become smaller.
     #[arg(long)]
     pub shrink: bool,
-    /// With --shrink: cut even when data or a partition lies beyond the new end.
+    /// With --shrink: cut even when data or a partition lies beyond the new
+    /// end (a GPT cannot list a partition past the disk: shrink that one
+    /// first, or keep the table as it is with --no-fix-gpt).
     #[arg(long, requires = "shrink")]
     pub force: bool,
     /// How new space is provided.

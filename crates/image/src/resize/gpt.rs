@@ -171,7 +171,7 @@ pub(super) fn plan_gpt(
     {
         return Err(invalid(
             path,
-            format!("a partition ends at LBA {end}, past the new last usable LBA {last_usable}; shrink it first"),
+            format!("a partition ends at LBA {end}, past the new last usable LBA {last_usable}; a GPT cannot list it there, even with --force: shrink or delete the partition first (or leave the table as it is with --no-fix-gpt)"),
         ));
     }
     let entries_crc = crc32fast::hash(&entries);
