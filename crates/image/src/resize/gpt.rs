@@ -437,3 +437,32 @@ impl GptPlan {
         (a * self.ss, (b + 1) * self.ss)
     }
 }
+
+/// The plan for moving the GPT inside `img` (in a container such as "a
+/// qcow2"), when there is one and it is to move; `--grow-partition` needs
+/// one there.
+pub(super) fn gpt_plan_inside(
+    img: &dyn ImageReader,
+    path: &Path,
+    old: u64,
+    new: u64,
+    opts: &ResizeOptions,
+    container: &str,
+) -> Result<Option<GptPlan>> {
+    let plan = match read_table(img) {
+        Ok(Some(t)) if t.kind == TableKind::Gpt && opts.fix_gpt => {
+            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
+            Some(plan_gpt(img, path, ss, old, new, opts.grow_partition)?)
+        }
+        _ => None,
+    };
+    if let (Some(n), None) = (opts.grow_partition, &plan) {
+        return Err(unsupported(
+            path,
+            format!(
+                "--grow-partition {n}: inside {container} only a GPT partition can grow for now"
+            ),
+        ));
+    }
+    Ok(plan)
+}

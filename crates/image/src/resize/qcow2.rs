@@ -81,35 +81,12 @@ pub(super) fn resize_qcow2(
     if new < old {
         return shrink_qcow2(&file, path, old, new, opts, reader, extended_l2);
     }
-    // A GPT inside follows the new end: planned (and checked) now,
-    // written after the size switch.
-    let gpt_plan = match opts.fix_gpt {
-        true => match read_table(reader.as_ref()) {
-            Ok(Some(t)) if t.kind == TableKind::Gpt => {
-                let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
-                if extended_l2 {
-                    return Err(unsupported(
-                        path,
-                        "moving a GPT inside a qcow2 with extended L2 entries is not supported yet: pass --no-fix-gpt",
-                    ));
-                }
-                Some(plan_gpt(
-                    reader.as_ref(),
-                    path,
-                    ss,
-                    old,
-                    new,
-                    opts.grow_partition,
-                )?)
-            }
-            _ => None,
-        },
-        false => None,
-    };
-    if let (Some(n), None) = (opts.grow_partition, &gpt_plan) {
+    // A GPT inside follows the new end: planned (and checked) now.
+    let gpt_plan = gpt_plan_inside(reader.as_ref(), path, old, new, opts, "a qcow2")?;
+    if gpt_plan.is_some() && extended_l2 {
         return Err(unsupported(
             path,
-            format!("--grow-partition {n}: inside a qcow2 only a GPT partition can grow for now"),
+            "moving a GPT inside a qcow2 with extended L2 entries is not supported yet: pass --no-fix-gpt",
         ));
     }
     let cs = 1u64 << cluster_bits;
@@ -1095,20 +1072,7 @@ pub(super) fn shrink_qcow2(
             ));
         }
     }
-    let gpt_plan = match table.as_ref() {
-        Some(t) if t.kind == TableKind::Gpt && opts.fix_gpt => {
-            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
-            Some(plan_gpt(
-                reader.as_ref(),
-                path,
-                ss,
-                old,
-                new,
-                opts.grow_partition,
-            )?)
-        }
-        _ => None,
-    };
+    let gpt_plan = gpt_plan_inside(reader.as_ref(), path, old, new, opts, "a qcow2")?;
     if !opts.force {
         // The old GPT backup moves; it is not data.
         let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);

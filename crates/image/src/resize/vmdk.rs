@@ -117,28 +117,7 @@ pub(super) fn resize_vmdk_sparse(
         ));
     }
     // A GPT inside follows the new end (planned and checked now).
-    let gpt_plan = match read_table(reader.as_ref()) {
-        Ok(Some(t)) if t.kind == TableKind::Gpt && opts.fix_gpt => {
-            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
-            Some(plan_gpt(
-                reader.as_ref(),
-                path,
-                ss,
-                old,
-                new,
-                opts.grow_partition,
-            )?)
-        }
-        _ => None,
-    };
-    if let (Some(n), None) = (opts.grow_partition, &gpt_plan) {
-        return Err(unsupported(
-            path,
-            format!(
-                "--grow-partition {n}: inside a sparse VMDK only a GPT partition can grow for now"
-            ),
-        ));
-    }
+    let gpt_plan = gpt_plan_inside(reader.as_ref(), path, old, new, opts, "a sparse VMDK")?;
     let mut report = report;
     report.gpt_moved = gpt_plan.is_some();
     report.partition_grown = gpt_plan.as_ref().and_then(|p| p.grown);
@@ -393,7 +372,15 @@ pub(super) fn grow_vmdk_set(
         if !(opts.fix_gpt && unfinished) && opts.grow_partition.is_none() {
             return Ok(report);
         }
-        let Some(plan) = set_gpt_plan(path, reader.as_ref(), old, new, opts)? else {
+        let Some(plan) = gpt_plan_inside(
+            reader.as_ref(),
+            path,
+            old,
+            new,
+            opts,
+            "a twoGbMaxExtent set",
+        )?
+        else {
             return Ok(report);
         };
         drop(reader);
@@ -436,7 +423,14 @@ pub(super) fn grow_vmdk_set(
     }
     let reader = open_as(path, DiskFormat::Vmdk)?;
     // A GPT inside follows the new end (planned and checked now).
-    let gpt_plan = set_gpt_plan(path, reader.as_ref(), old, new, opts)?;
+    let gpt_plan = gpt_plan_inside(
+        reader.as_ref(),
+        path,
+        old,
+        new,
+        opts,
+        "a twoGbMaxExtent set",
+    )?;
     drop(reader);
     let name = path
         .file_name()
@@ -477,20 +471,9 @@ pub(super) fn grow_vmdk_set(
     }
     while at < new {
         let len = (new - at).min(SPLIT);
-        // The next free name: a file an interrupted run left (written but
-        // never listed) is not replaced, nor anything else already there.
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let extent = loop {
-            let name = format!("{stem}-{}{n:03}.vmdk", if sparse { "s" } else { "f" });
-            let listed = d
-                .extents
-                .iter()
-                .any(|e| e.file.as_deref() == Some(name.as_str()));
-            if !listed && std::fs::symlink_metadata(dir.join(&name)).is_err() {
-                break name;
-            }
-            n += 1;
-        };
+        let kind = if sparse { "s" } else { "f" };
+        let (extent, k) = free_name(path, d, n, |k| format!("{stem}-{kind}{k:03}.vmdk"));
+        n = k + 1;
         let (f, temp) = sides.create(&extent)?;
         if sparse {
             let mut w = VmdkWriter::create(
@@ -515,7 +498,6 @@ pub(super) fn grow_vmdk_set(
             lines.push(format!("RW {} FLAT \"{extent}\" 0", len / 512));
         }
         at += len;
-        n += 1;
     }
     sides.commit()?;
     step();
@@ -865,7 +847,14 @@ pub(super) fn shrink_vmdk_set(
     needs_shrink(path, old, new, opts)?;
     let reader = open_as(path, DiskFormat::Vmdk)?;
     let table = read_table(reader.as_ref()).ok().flatten();
-    let gpt_plan = set_gpt_plan(path, reader.as_ref(), old, new, opts)?;
+    let gpt_plan = gpt_plan_inside(
+        reader.as_ref(),
+        path,
+        old,
+        new,
+        opts,
+        "a twoGbMaxExtent set",
+    )?;
     if !opts.force {
         if let Some(p) = table.and_then(|t| t.partitions.into_iter().find(|p| p.end > new)) {
             return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
@@ -922,19 +911,7 @@ pub(super) fn shrink_vmdk_set(
             .strip_suffix(".vmdk")
             .unwrap_or(&old_name)
             .to_string();
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut k = 1;
-        let name = loop {
-            let name = format!("{stem}-cut{k}.vmdk");
-            let listed = d
-                .extents
-                .iter()
-                .any(|e| e.file.as_deref() == Some(name.as_str()));
-            if !listed && std::fs::symlink_metadata(dir.join(&name)).is_err() {
-                break name;
-            }
-            k += 1;
-        };
+        let (name, _) = free_name(path, d, 1, |k| format!("{stem}-cut{k}.vmdk"));
         let (f, temp) = sides.create(&name)?;
         let mut w = VmdkWriter::create(
             f,
@@ -1191,29 +1168,29 @@ impl GuestSink for SetSink<'_> {
     }
 }
 
-/// The GPT plan for a set, when one is to move; `--grow-partition` needs
-/// one.
-fn set_gpt_plan(
-    path: &Path,
-    reader: &dyn ImageReader,
-    old: u64,
-    new: u64,
-    opts: &ResizeOptions,
-) -> Result<Option<GptPlan>> {
-    let plan = match read_table(reader) {
-        Ok(Some(t)) if t.kind == TableKind::Gpt && opts.fix_gpt => {
-            let ss = t.gpt.as_ref().map_or(512, |g| g.sector_size);
-            Some(plan_gpt(reader, path, ss, old, new, opts.grow_partition)?)
+/// The first name `name(k)` (k = start, start + 1, …) that the set's
+/// descriptor does not list and no file beside it has: a file an
+/// interrupted run left (written but never listed) is not replaced, nor
+/// anything else already there.
+fn free_name(
+    desc: &Path,
+    d: &crate::vmdk::descriptor::Descriptor,
+    start: usize,
+    name: impl Fn(usize) -> String,
+) -> (String, usize) {
+    let dir = desc.parent().unwrap_or(Path::new("."));
+    let mut k = start;
+    loop {
+        let n = name(k);
+        let listed = d
+            .extents
+            .iter()
+            .any(|e| e.file.as_deref() == Some(n.as_str()));
+        if !listed && std::fs::symlink_metadata(dir.join(&n)).is_err() {
+            return (n, k);
         }
-        _ => None,
-    };
-    if let (Some(n), None) = (opts.grow_partition, &plan) {
-        return Err(unsupported(
-            path,
-            format!("--grow-partition {n}: inside a twoGbMaxExtent set only a GPT partition can grow for now"),
-        ));
+        k += 1;
     }
-    Ok(plan)
 }
 
 /// Every extent of the set `d` describes (at `desc`), open for writes.
