@@ -144,23 +144,11 @@ pub(super) fn resize_vmdk_sparse(
         let patches = gpt_plan.as_ref().map(gpt_patches).unwrap_or_default();
         // The stream's own disk database (uuid, hardware version, adapter)
         // carries over.
-        let ddb = if desc_off != 0 && desc_size != 0 && desc_size <= 2048 {
-            let mut text = vec![0u8; (desc_size * 512) as usize];
-            read_exact_at(
-                &file,
-                path,
-                &mut text,
-                desc_off * 512,
-                "embedded descriptor",
-            )?;
-            let ctx = crate::error::Ctx::new(path);
-            crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)
-                .ok()
-                .map(|d| d.ddb)
-                .filter(|d| !d.is_empty())
-        } else {
-            None
-        };
+        let ddb = embedded_descriptor(&file, path, desc_off, desc_size)
+            .ok()
+            .flatten()
+            .map(|(_, d)| d.ddb)
+            .filter(|d| !d.is_empty());
         return rewrite_stream(path, new, patches, ddb).map(|()| report);
     }
     if grain == 0 || gtes == 0 {
@@ -179,39 +167,7 @@ pub(super) fn resize_vmdk_sparse(
     }
     // The embedded descriptor must take the new extent line; check before
     // writing anything.
-    let descriptor = if desc_off != 0 && desc_size != 0 {
-        let area = desc_size
-            .checked_mul(512)
-            .filter(|&n| n <= crate::vmdk::descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1)
-            .ok_or_else(|| invalid(path, "descriptor area too large"))?;
-        let mut text = vec![0u8; area as usize];
-        read_exact_at(
-            &file,
-            path,
-            &mut text,
-            desc_off * 512,
-            "embedded descriptor",
-        )?;
-        let ctx = crate::error::Ctx::new(path);
-        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
-        let t = d.resized_text(new / 512).ok_or_else(|| {
-            invalid(
-                path,
-                "the embedded descriptor's extent line could not be rewritten",
-            )
-        })?;
-        if t.len() > text.len() {
-            return Err(unsupported(
-                path,
-                "the new embedded descriptor does not fit its area",
-            ));
-        }
-        let mut out = vec![0u8; text.len()];
-        out[..t.len()].copy_from_slice(t.as_bytes());
-        Some(out)
-    } else {
-        None
-    };
+    let descriptor = resized_embedded(&file, path, desc_off, desc_size, new / 512)?;
     // Bytes a shrink left after the old end, in the grain it falls in,
     // must not reappear (past the end, so invisible until the switch).
     zero_grain_tail(&file, path, gd, gtes, grain, old)?;
@@ -742,29 +698,7 @@ pub(super) fn shrink_vmdk_sparse(
     );
     let old = capacity * 512;
     // The new embedded descriptor must fit (checked before writing).
-    let descriptor = if desc_off != 0 && desc_size != 0 && desc_size <= 2048 {
-        let mut text = vec![0u8; (desc_size * 512) as usize];
-        read_exact_at(file, path, &mut text, desc_off * 512, "embedded descriptor")?;
-        let ctx = crate::error::Ctx::new(path);
-        let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
-        let t = d.resized_text(new / 512).ok_or_else(|| {
-            invalid(
-                path,
-                "the embedded descriptor's extent line could not be rewritten",
-            )
-        })?;
-        let mut out = vec![0u8; text.len()];
-        if t.len() > out.len() {
-            return Err(unsupported(
-                path,
-                "the new embedded descriptor does not fit its area",
-            ));
-        }
-        out[..t.len()].copy_from_slice(t.as_bytes());
-        Some(out)
-    } else {
-        None
-    };
+    let descriptor = resized_embedded(file, path, desc_off, desc_size, new / 512)?;
     let dirs: Vec<u64> = [gd, rgd]
         .into_iter()
         .filter(|&d| d != 0 && d != u64::MAX)
@@ -1205,4 +1139,55 @@ fn open_set_extents(
         start += e.sectors * 512;
     }
     Ok(out)
+}
+
+/// A sparse file's embedded descriptor (its area's bytes, parsed), when it
+/// has one.
+fn embedded_descriptor(
+    file: &File,
+    path: &Path,
+    desc_off: u64,
+    desc_size: u64,
+) -> Result<Option<(Vec<u8>, crate::vmdk::descriptor::Descriptor)>> {
+    if desc_off == 0 || desc_size == 0 {
+        return Ok(None);
+    }
+    let area = desc_size
+        .checked_mul(512)
+        .filter(|&n| n <= crate::vmdk::descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1)
+        .ok_or_else(|| invalid(path, "descriptor area too large"))?;
+    let mut text = vec![0u8; area as usize];
+    read_exact_at(file, path, &mut text, desc_off * 512, "embedded descriptor")?;
+    let ctx = crate::error::Ctx::new(path);
+    let d = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, desc_off * 512)?;
+    Ok(Some((text, d)))
+}
+
+/// The embedded descriptor's area with the extent line for `sectors`,
+/// checked to fit before anything is written.
+fn resized_embedded(
+    file: &File,
+    path: &Path,
+    desc_off: u64,
+    desc_size: u64,
+    sectors: u64,
+) -> Result<Option<Vec<u8>>> {
+    let Some((text, d)) = embedded_descriptor(file, path, desc_off, desc_size)? else {
+        return Ok(None);
+    };
+    let t = d.resized_text(sectors).ok_or_else(|| {
+        invalid(
+            path,
+            "the embedded descriptor's extent line could not be rewritten",
+        )
+    })?;
+    if t.len() > text.len() {
+        return Err(unsupported(
+            path,
+            "the new embedded descriptor does not fit its area",
+        ));
+    }
+    let mut out = vec![0u8; text.len()];
+    out[..t.len()].copy_from_slice(t.as_bytes());
+    Ok(Some(out))
 }
