@@ -853,26 +853,7 @@ fn an_image_qemu_holds_is_not_resized() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     tool_ok(d, "qemu-img", &["create", "-f", "qcow2", "lk.qcow2", "64M"]);
-    let mut qemu = std::process::Command::new("qemu-io")
-        .args(["-c", "sleep 20000", "lk.qcow2"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait (without touching the image) until qemu-io's locks show in
-    // /proc/locks.
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(d.join("lk.qcow2")).unwrap().ino();
-    let mut held = false;
-    for _ in 0..100 {
-        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-        if locks.lines().any(|l| l.contains(&format!(":{ino} "))) {
-            held = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(held, "qemu-io did not take its lock");
+    let mut qemu = qemu_io_holding(d, "qcow2", "lk.qcow2");
     let out = vmshift(d, &["resize", "lk.qcow2", "+1G"]);
     let _ = qemu.kill();
     let _ = qemu.wait();
@@ -1647,4 +1628,162 @@ fn qcow2_resizes_reuse_free_clusters_and_a_shrink_cuts_the_free_end() {
             "p.qcow2",
         ],
     );
+}
+
+/// Spawns qemu-io holding `file` (opened as `fmt`) and waits for its lock.
+fn qemu_io_holding(d: &Path, fmt: &str, file: &str) -> std::process::Child {
+    let mut child = std::process::Command::new("qemu-io")
+        .args(["-f", fmt, "-c", "sleep 20000", file])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(d.join(file)).unwrap().ino();
+    for _ in 0..100 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if locks.lines().any(|l| l.contains(&format!(":{ino} "))) {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("qemu-io did not take its lock on {file}");
+}
+
+#[test]
+fn vmdk_resizes_after_interrupted_runs_and_odd_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let convert = |sub: &str, from: &str, to: &str| {
+        let o = format!("subformat={sub}");
+        tool_ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "vmdk", "-o", &o, from, to],
+        );
+    };
+    // Extent bytes past the described disk (a killed shrink's, or a killed
+    // grow's) never come back: a flat file and a flat set's last extent.
+    sparse_disk(d, "z.raw", 100 << 20);
+    convert("monolithicFlat", "z.raw", "f.vmdk");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("f-flat.vmdk"))
+        .unwrap()
+        .set_len(150 << 20)
+        .unwrap();
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 120M 1M", "f-flat.vmdk"],
+    );
+    vmshift_ok(d, &["resize", "f.vmdk", "150M"]);
+    assert_eq!(virtual_size(d, "f.vmdk"), 150 << 20);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-f", "vmdk", "-c", "read -P 0 100M 50M", "f.vmdk"],
+    );
+    sparse_disk(d, "s.raw", 3000 << 20);
+    convert("twoGbMaxExtentFlat", "s.raw", "set.vmdk");
+    let last = "set-f002.vmdk";
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join(last))
+        .unwrap()
+        .set_len(1500 << 20)
+        .unwrap();
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 1000M 1M", last],
+    );
+    vmshift_ok(d, &["resize", "set.vmdk", "3600M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-f", "vmdk", "-c", "read -P 0 3000M 600M", "set.vmdk"],
+    );
+    // A set extent qemu-io holds is not touched.
+    let mut q = qemu_io_holding(d, "raw", last);
+    let out = vmshift(d, &["resize", "--shrink", "set.vmdk", "2100M"]);
+    let _ = q.kill();
+    let _ = q.wait();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+    assert_eq!(virtual_size(d, "set.vmdk"), 3600 << 20);
+    // A sparse VMDK left with its GPT backup mid-disk is finished by a
+    // run at the size it has.
+    sparse_disk(d, "g.raw", 100 << 20);
+    tool_ok(d, "sgdisk", &["-n", "1:2048:+20M", "g.raw"]);
+    convert("monolithicSparse", "g.raw", "g.vmdk");
+    vmshift_ok(d, &["resize", "--no-fix-gpt", "g.vmdk", "150M"]);
+    vmshift_ok(d, &["resize", "g.vmdk", "150M"]);
+    let v = json(vmshift_ok(d, &["part", "--output", "json", "g.vmdk"]).as_bytes());
+    assert_eq!(v["gpt"]["backup-at-end"], true, "{v}");
+    // A stale backup an earlier growth left inside the disk is not data.
+    copy(d, "g.raw", "r.raw");
+    vmshift_ok(d, &["resize", "r.raw", "200M"]);
+    vmshift_ok(d, &["resize", "r.raw", "300M"]);
+    vmshift_ok(d, &["resize", "--shrink", "r.raw", "150M"]);
+    let v = tool_ok(d, "sgdisk", &["-v", "r.raw"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+        "{v:?}"
+    );
+    // A hybrid MBR's entry for the grown partition follows it.
+    copy(d, "g.raw", "h.raw");
+    tool_ok(d, "sgdisk", &["-h", "1", "h.raw"]);
+    vmshift_ok(d, &["resize", "--grow-partition", "1", "h.raw", "150M"]);
+    let v = tool_ok(d, "sgdisk", &["-v", "h.raw"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+        "{v:?}"
+    );
+    // A sparse VMDK cut with --force and grown again shows zeros where the
+    // cut data was.
+    copy(d, "z.raw", "c.raw");
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x55 50M 1M", "c.raw"],
+    );
+    convert("monolithicSparse", "c.raw", "c.vmdk");
+    vmshift_ok(d, &["resize", "--shrink", "--force", "c.vmdk", "32M"]);
+    vmshift_ok(d, &["resize", "c.vmdk", "64M"]);
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-r", "-f", "vmdk", "-c", "read -P 0 32M 32M", "c.vmdk"],
+    );
+    // A descriptor named with a quote gets extents named without one.
+    convert("twoGbMaxExtentSparse", "z.raw", "q.vmdk");
+    std::fs::rename(d.join("q.vmdk"), d.join("a\"b.vmdk")).unwrap();
+    vmshift_ok(d, &["resize", "a\"b.vmdk", "3000M"]);
+    tool_ok(d, "qemu-img", &["check", "a\"b.vmdk"]);
+    assert_eq!(virtual_size(d, "a\"b.vmdk"), 3000 << 20);
+    // Past VMware's 62 TiB: refused before any file is written.
+    let before = vmshift_tests::names_in(d);
+    let out = vmshift(d, &["resize", "set.vmdk", "63T"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(vmshift_tests::names_in(d), before);
+    // A windows-1252 descriptor stays windows-1252.
+    convert("monolithicFlat", "z.raw", "w.vmdk");
+    let text = std::fs::read(d.join("w.vmdk")).unwrap();
+    let mut text = String::from_utf8(text).unwrap().replace(
+        "# Disk DescriptorFile",
+        "# Disk DescriptorFile\n# caf\u{e9}",
+    );
+    text = text.replace("encoding=\"UTF-8\"", "encoding=\"windows-1252\"");
+    let bytes: Vec<u8> = text.chars().map(|c| c as u32 as u8).collect();
+    std::fs::write(d.join("w.vmdk"), &bytes).unwrap();
+    vmshift_ok(d, &["resize", "w.vmdk", "120M"]);
+    let after = std::fs::read(d.join("w.vmdk")).unwrap();
+    assert!(after.windows(5).any(|w| w == b"caf\xe9\n"), "{after:?}");
+    assert_eq!(virtual_size(d, "w.vmdk"), 120 << 20);
 }

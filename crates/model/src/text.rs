@@ -20,6 +20,19 @@ pub fn decode_windows_1252(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Encodes `text` as windows-1252; a character it cannot hold becomes `?`.
+pub fn encode_windows_1252(text: &str) -> Vec<u8> {
+    text.chars()
+        .map(|c| match u32::from(c) {
+            n @ (0..=0x7f | 0xa0..=0xff) => n as u8,
+            n => CP1252_HIGH
+                .iter()
+                .position(|&h| h != 0 && u32::from(h) == n)
+                .map_or(b'?', |k| 0x80 + k as u8),
+        })
+        .collect()
+}
+
 /// UTF-8 when it is valid, else windows-1252 (what older VMware products
 /// on Windows wrote).
 pub fn decode_utf8_or_windows_1252(bytes: &[u8]) -> String {
@@ -37,5 +50,8 @@ mod tests {
     fn windows_1252_high_block_and_latin1() {
         assert_eq!(decode_windows_1252(b"caf\xe9 \x80 \x93x\x94"), "café € “x”");
         assert_eq!(decode_utf8_or_windows_1252("café".as_bytes()), "café");
+        let bytes = b"caf\xe9 \x80 \x93x\x94";
+        assert_eq!(encode_windows_1252(&decode_windows_1252(bytes)), bytes);
+        assert_eq!(encode_windows_1252("\u{4e2d}"), b"?");
     }
 }

@@ -22,6 +22,8 @@ pub(super) struct GptPlan {
     /// shrink check: they move, they are not data).
     pub(super) old_backup_entries_lba: u64,
     pub(super) old_backup_lba: u64,
+    /// A whole backup copy was found there.
+    pub(super) old_backup_found: bool,
     /// The primary's entries change (a grown partition, or rebuilt from
     /// the backup).
     pub(super) rewrite_primary_entries: bool,
@@ -128,6 +130,7 @@ pub(super) fn plan_gpt(
     // Grow the partition that ends last, if asked.
     let used = |e: &[u8]| e[0..16].iter().any(|&b| b != 0);
     let mut grown = None;
+    let mut grown_first = 0u64;
     if let Some(n) = grow {
         let last = entries
             .chunks_exact(esize)
@@ -144,6 +147,7 @@ pub(super) fn plan_gpt(
                     ));
                 }
                 let e = &mut entries[(n as usize - 1) * esize..n as usize * esize];
+                grown_first = LittleEndian::read_u64(&e[32..40]);
                 LittleEndian::write_u64(&mut e[40..48], last_usable);
                 grown = Some((n, (end + 1) * ss, (last_usable + 1) * ss));
             }
@@ -200,7 +204,21 @@ pub(super) fn plan_gpt(
             LittleEndian::write_u32(&mut mbr[e + 12..e + 16], sectors);
             Some(mbr)
         }
-        _ => None,
+        // A hybrid MBR: its entry mirroring the grown partition (same
+        // start, same old end) follows it, in LBA terms (CHS end: maximum).
+        _ => grown.and_then(|(_, old_end, new_end)| {
+            let slot = used_slots.iter().copied().find(|&s| {
+                let e = 0x1be + s * 16;
+                let first = u64::from(LittleEndian::read_u32(&mbr[e + 8..e + 12]));
+                let n = u64::from(LittleEndian::read_u32(&mbr[e + 12..e + 16]));
+                mbr[e + 4] != 0xee && first == grown_first && (first + n) * ss == old_end
+            })?;
+            let e = 0x1be + slot * 16;
+            let sectors = (new_end / ss - grown_first).min(u64::from(u32::MAX)) as u32;
+            LittleEndian::write_u32(&mut mbr[e + 12..e + 16], sectors);
+            mbr[e + 5..e + 8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+            Some(mbr)
+        }),
     };
     Ok(GptPlan {
         ss,
@@ -215,6 +233,7 @@ pub(super) fn plan_gpt(
         entry_sectors,
         old_backup_entries_lba,
         old_backup_lba,
+        old_backup_found: backup.is_some(),
         rewrite_primary_entries: grown.is_some() || !from_primary,
         grown,
         pmbr,
@@ -243,6 +262,16 @@ pub(super) fn apply_gpt(sink: &mut dyn GuestSink, p: &GptPlan) -> Result<()> {
     step();
     if let Some(m) = &p.pmbr {
         sink.write(0, m)?;
+        sink.sync()?;
+    }
+    // Past the new end, the old backup is garbage now: zeroed, so that a
+    // re-run of an interrupted shrink does not count it as data. (Inside
+    // the disk it stays, as qemu-img and sgdisk leave it.)
+    if let Some((a, z)) = p
+        .stale_backup()
+        .filter(|&(a, _)| a >= (p.last_lba + 1) * p.ss)
+    {
+        sink.write(a, &vec![0u8; (z - a) as usize])?;
         sink.sync()?;
     }
     Ok(())
@@ -430,6 +459,51 @@ pub(super) fn gpt_unfinished(img: &dyn ImageReader) -> bool {
 }
 
 impl GptPlan {
+    /// When guest byte `byte` lies in a stale copy of this table (a
+    /// backup header with the same disk GUID and a sound CRC, or the entry
+    /// array before it): where that copy ends.
+    pub(super) fn stale_copy_around(&self, img: &dyn ImageReader, byte: u64) -> Option<u64> {
+        let ss = self.ss;
+        let guid = &self.primary[56..72];
+        let lba = byte / ss;
+        // The header is at most the entry array's length after the byte.
+        let span = self.entry_sectors + 1;
+        let mut h = vec![0u8; ss as usize];
+        for at in lba..lba + span {
+            if (at + 1) * ss > img.size() || img.read_at(&mut h, at * ss).is_err() {
+                return None;
+            }
+            if &h[0..8] != b"EFI PART" || &h[56..72] != guid {
+                continue;
+            }
+            let hsize = (LittleEndian::read_u32(&h[12..16]) as usize).clamp(92, ss as usize);
+            let mut c = h[..hsize].to_vec();
+            c[16..20].fill(0);
+            let entries = LittleEndian::read_u64(&h[72..80]);
+            let sound = crc32fast::hash(&c) == LittleEndian::read_u32(&h[16..20]);
+            if sound && LittleEndian::read_u64(&h[24..32]) == at && entries <= lba {
+                return Some((at + 1) * ss);
+            }
+        }
+        None
+    }
+
+    /// The old backup copy's bytes when the move leaves them behind (a
+    /// whole copy was there, clear of the new backup and the primary).
+    pub(super) fn stale_backup(&self) -> Option<(u64, u64)> {
+        let (a, z) = self.old_backup_bytes();
+        let new_backup = (
+            self.backup_entries_lba * self.ss,
+            (self.last_lba + 1) * self.ss,
+        );
+        let primary = (
+            0,
+            (self.primary_entries_lba * self.ss + self.entries.len() as u64).max(2 * self.ss),
+        );
+        let clear = |(b, e): (u64, u64)| z <= b || a >= e;
+        (self.old_backup_found && clear(new_backup) && clear(primary)).then_some((a, z))
+    }
+
     /// The bytes the current backup copy (entries and header) occupies.
     pub(super) fn old_backup_bytes(&self) -> (u64, u64) {
         let a = self.old_backup_entries_lba.min(self.old_backup_lba);

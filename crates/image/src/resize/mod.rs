@@ -105,45 +105,52 @@ pub(super) fn needs_shrink(path: &Path, old: u64, new: u64, opts: &ResizeOptions
 }
 
 /// Refuses a shrink that would cut data: the first byte in `[from, to)`
-/// that reads as non-zero (stored in the image or in its backing file),
-/// outside `exempt` (a GPT backup that moves), is named. Ranges the image
-/// maps as holes or zeros are skipped; stored ranges are read, since only
-/// non-zero bytes are data to lose.
+/// that reads as non-zero (stored in the image or in its backing file) is
+/// named. The GPT's own backup copy, which moves, is not data, nor is a
+/// stale copy of the same table an earlier move left behind. Ranges the
+/// image maps as holes or zeros are skipped; stored ranges are read, since
+/// only non-zero bytes are data to lose.
 fn refuse_data_beyond(
     reader: &dyn ImageReader,
     path: &Path,
     from: u64,
     to: u64,
-    exempt: Option<(u64, u64)>,
+    gpt: Option<&GptPlan>,
 ) -> Result<()> {
     let to = to.min(reader.size());
+    let exempt = gpt.map(GptPlan::old_backup_bytes);
     let mut at = from;
     let mut buf = vec![0u8; 1 << 20];
     while at < to {
         let e = reader.map(at, to - at)?;
         let end = (at + e.len.max(1)).min(to);
-        if !e.reads_as_zero() {
-            let mut p = at;
-            while p < end {
-                let n = (end - p).min(buf.len() as u64);
-                reader.read_at(&mut buf[..n as usize], p)?;
-                let hit = buf[..n as usize].iter().enumerate().position(|(k, &b)| {
-                    let byte = p + k as u64;
-                    b != 0 && !exempt.is_some_and(|(a, z)| byte >= a && byte < z)
-                });
-                if let Some(k) = hit {
-                    return Err(invalid(
-                        path,
-                        format!(
-                            "data is stored at byte {}, beyond the new end ({from}); pass --force to cut it off",
-                            p + k as u64
-                        ),
-                    ));
+        if e.reads_as_zero() {
+            at = end;
+            continue;
+        }
+        let n = (end - at).min(buf.len() as u64);
+        reader.read_at(&mut buf[..n as usize], at)?;
+        let hit = buf[..n as usize].iter().enumerate().position(|(k, &b)| {
+            let byte = at + k as u64;
+            b != 0 && !exempt.is_some_and(|(a, z)| byte >= a && byte < z)
+        });
+        match hit {
+            None => at += n,
+            Some(k) => {
+                let byte = at + k as u64;
+                match gpt.and_then(|p| p.stale_copy_around(reader, byte)) {
+                    Some(past) => at = past.max(byte + 1),
+                    None => {
+                        return Err(invalid(
+                            path,
+                            format!(
+                                "data is stored at byte {byte}, beyond the new end ({from}); pass --force to cut it off"
+                            ),
+                        ))
+                    }
                 }
-                p += n;
             }
         }
-        at = end;
     }
     Ok(())
 }

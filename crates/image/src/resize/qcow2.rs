@@ -1075,8 +1075,7 @@ pub(super) fn shrink_qcow2(
     let gpt_plan = gpt_plan_inside(reader.as_ref(), path, old, new, opts, "a qcow2")?;
     if !opts.force {
         // The old GPT backup moves; it is not data.
-        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
-        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
+        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     let mut txn = Txn::new(file, path, reader, old)?;
     let mut report = ResizeReport {

@@ -201,6 +201,6 @@ pub(super) fn shrink_checks(
             .map_err(|e| Error::io(path, "reopening the image", e))?,
         path,
     )?;
-    refuse_data_beyond(&reader, path, new, old, gpt.map(GptPlan::old_backup_bytes))?;
+    refuse_data_beyond(&reader, path, new, old, gpt)?;
     Ok(())
 }

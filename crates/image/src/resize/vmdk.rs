@@ -53,12 +53,13 @@ pub(super) fn resize_vmdk(
     };
     let name = ext.file.clone().unwrap_or_default();
     let flat = crate::gate::Gate::new().resolve(path, &name, "extent")?;
-    let new_text = d
-        .resized_text(new / 512)
-        .ok_or_else(|| invalid(path, "the descriptor's extent line could not be rewritten"))?;
+    let new_text = d.encode(
+        &d.resized_text(new / 512)
+            .ok_or_else(|| invalid(path, "the descriptor's extent line could not be rewritten"))?,
+    );
     let mut write_descriptor = || -> Result<()> {
         let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
-        std::io::Write::write_all(&mut f, new_text.as_bytes())
+        std::io::Write::write_all(&mut f, &new_text)
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io(path, "writing the descriptor", e))?;
         out.commit()
@@ -68,6 +69,10 @@ pub(super) fn resize_vmdk(
     // size: after the file grew and before a GPT moves out, after a GPT
     // moved in and before the file is cut.
     let old = ext.sectors * 512;
+    // Bytes of the extent file past the described disk (left by a killed
+    // grow before its descriptor, or a killed shrink before its cut) are
+    // not the disk's: cut first, so they never come back.
+    cut_extent_to(&flat, old)?;
     let mut report = resize_with_switch(&flat, DiskFormat::Raw, new, opts, &mut write_descriptor)?;
     report.old_size = old;
     Ok(report)
@@ -98,7 +103,13 @@ pub(super) fn resize_vmdk_sparse(
         new_size: new,
         ..ResizeReport::default()
     };
-    if new == old {
+    // Same size: only an unfinished GPT move or a partition to grow is
+    // left to do.
+    if new == old
+        && opts.grow_partition.is_none()
+        && !(opts.fix_gpt
+            && open_as(path, DiskFormat::Vmdk).is_ok_and(|r| gpt_unfinished(r.as_ref())))
+    {
         return Ok(report);
     }
     needs_shrink(path, old, new, opts)?;
@@ -134,8 +145,7 @@ pub(super) fn resize_vmdk_sparse(
                 format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
             ));
         }
-        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
-        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
+        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     if flags & (1 << 16) != 0 {
         // streamOptimized: a stream is written once, front to back; the
@@ -171,8 +181,23 @@ pub(super) fn resize_vmdk_sparse(
     // Bytes a shrink left after the old end, in the grain it falls in,
     // must not reappear (past the end, so invisible until the switch).
     zero_grain_tail(&file, path, gd, gtes, grain, old)?;
+    // Entries for grains past the old end (a tool that shrank the disk may
+    // have left them) must not show once the disk grows over them.
+    let in_use: Vec<u64> = [gd, if flags & 2 != 0 { rgd } else { 0 }]
+        .into_iter()
+        .filter(|&d| d != 0 && d != u64::MAX)
+        .collect();
+    clear_grain_entries(
+        &file,
+        path,
+        &in_use,
+        gtes,
+        (old / 512).div_ceil(grain),
+        old_n,
+    )?;
     let old_bytes = (old_n * 4).div_ceil(512) * 512;
     let mut hdr = *head;
+    let rgd = if flags & 2 != 0 { rgd } else { 0 };
     let dirs: Vec<(u64, usize)> = [(gd, 56usize), (rgd, 48)]
         .into_iter()
         .filter(|&(sector, _)| sector != 0 && sector != u64::MAX)
@@ -350,6 +375,12 @@ pub(super) fn grow_vmdk_set(
     if new < old {
         return shrink_vmdk_set(path, d, old, new, opts);
     }
+    if new > MAX_VMDK_BYTES {
+        return Err(invalid(
+            path,
+            format!("{new} bytes is more than VMware's largest virtual disk (62 TiB)"),
+        ));
+    }
     let sparse = d.extents.iter().all(|e| e.kind == ExtentType::Sparse);
     let flat = d
         .extents
@@ -388,55 +419,93 @@ pub(super) fn grow_vmdk_set(
         "a twoGbMaxExtent set",
     )?;
     drop(reader);
+    // Extent names follow the descriptor's (quotes and control characters
+    // would break the extent lines).
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let stem = name.strip_suffix(".vmdk").unwrap_or(&name).to_string();
-    let mut sides = crate::output::SideOutputs::new(path, false);
-    let mut lines = Vec::new();
+    let stem: String = name
+        .strip_suffix(".vmdk")
+        .unwrap_or(&name)
+        .chars()
+        .map(|c| if c == '"' || c.is_control() { '_' } else { c })
+        .collect();
+    // Everything planned first: a flat set's last extent fills up to 2 GiB
+    // (so that only the set's last extent is short, as VMware lays sets
+    // out), then new extents; the new descriptor is checked before any
+    // file is written.
     let mut at = old;
-    let mut n = d.extents.len() + 1;
-    // A flat set's last extent fills up to 2 GiB first (its file may be
-    // longer than the old descriptor says; the old set still reads), so
-    // only the set's last extent is short, as VMware lays sets out.
-    let mut last_sectors = None;
+    let mut fill = None;
     if let (true, Some(last)) = (flat, d.extents.last()) {
         let have = last.sectors * 512;
         if have < SPLIT {
-            let fill = (SPLIT - have).min(new - old);
+            let more = (SPLIT - have).min(new - old);
             let file = crate::gate::Gate::new().resolve(
                 path,
                 last.file.as_deref().unwrap_or(""),
                 "extent",
             )?;
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&file)
-                .map_err(|e| Error::io(&file, "opening the extent", e))?;
-            let len = file_len(&f, &file)?;
-            if len < have + fill {
-                f.set_len(have + fill)
-                    .map_err(|e| Error::io(&file, "growing the extent", e))?;
-            }
-            preallocate(&f, &file, have, have + fill, opts.prealloc)?;
-            sync(&f, &file)?;
-            last_sectors = Some((have + fill) / 512);
-            at += fill;
+            fill = Some((file, have, have + more));
+            at += more;
         }
     }
+    let mut planned = Vec::new();
+    let mut lines = Vec::new();
+    let mut n = d.extents.len() + 1;
+    let kind = if sparse { "s" } else { "f" };
     while at < new {
         let len = (new - at).min(SPLIT);
-        let kind = if sparse { "s" } else { "f" };
         let (extent, k) = free_name(path, d, n, |k| format!("{stem}-{kind}{k:03}.vmdk"));
         n = k + 1;
-        let (f, temp) = sides.create(&extent)?;
+        lines.push(match sparse {
+            true => format!("RW {} SPARSE \"{extent}\"", len / 512),
+            false => format!("RW {} FLAT \"{extent}\" 0", len / 512),
+        });
+        planned.push((extent, len));
+        at += len;
+    }
+    let text = d.encode(
+        &d.with_more_extents(&lines, new / 512, fill.as_ref().map(|(_, _, to)| to / 512))
+            .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be extended"))?,
+    );
+    let ctx = crate::error::Ctx::new(path);
+    let grown = crate::vmdk::descriptor::Descriptor::parse(&text, &ctx, 0)?;
+    if grown.extents.len() != d.extents.len() + planned.len() {
+        return Err(invalid(
+            path,
+            "the extended descriptor does not list the new extents",
+        ));
+    }
+    if gpt_plan.is_some() {
+        // The old extents must take the GPT's writes (and their locks).
+        drop(open_set_extents(path, d)?);
+    }
+    // Then the files: the last flat extent grown (bytes past its described
+    // size are not the disk's, a killed shrink's: cut, then grown as
+    // zeros), the new extents written beside the descriptor.
+    if let Some((file, have, to)) = &fill {
+        cut_extent_to(file, *have)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file)
+            .map_err(|e| Error::io(file, "opening the extent", e))?;
+        lock_like_qemu(&f, file)?;
+        f.set_len(*to)
+            .map_err(|e| Error::io(file, "growing the extent", e))?;
+        preallocate(&f, file, *have, *to, opts.prealloc)?;
+        sync(&f, file)?;
+    }
+    let mut sides = crate::output::SideOutputs::new(path, false);
+    for (extent, len) in &planned {
+        let (f, temp) = sides.create(extent)?;
         if sparse {
             let mut w = VmdkWriter::create(
                 f,
                 &temp,
-                len,
-                &extent,
+                *len,
+                extent,
                 VmdkOptions {
                     subformat: Subformat::MonolithicSparse,
                     ..VmdkOptions::default()
@@ -444,25 +513,19 @@ pub(super) fn grow_vmdk_set(
             )?;
             w.embed_descriptor = false;
             Box::new(w).finish()?;
-            lines.push(format!("RW {} SPARSE \"{extent}\"", len / 512));
         } else {
-            f.set_len(len)
+            f.set_len(*len)
                 .map_err(|e| Error::io(&temp, "sizing the extent", e))?;
-            preallocate(&f, &temp, 0, len, opts.prealloc)?;
+            preallocate(&f, &temp, 0, *len, opts.prealloc)?;
             f.sync_all()
                 .map_err(|e| Error::io(&temp, "syncing the extent", e))?;
-            lines.push(format!("RW {} FLAT \"{extent}\" 0", len / 512));
         }
-        at += len;
     }
     sides.commit()?;
     step();
-    let text = d
-        .with_more_extents(&lines, new / 512, last_sectors)
-        .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be extended"))?;
     let mut write_descriptor = || -> Result<()> {
         let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
-        std::io::Write::write_all(&mut f, text.as_bytes())
+        std::io::Write::write_all(&mut f, &text)
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io(path, "writing the descriptor", e))?;
         out.commit()
@@ -472,8 +535,6 @@ pub(super) fn grow_vmdk_set(
         // The new backup goes into the new space, then the descriptor
         // switches, then the primary points at the new backup.
         Some(plan) => {
-            let ctx = crate::error::Ctx::new(path);
-            let grown = crate::vmdk::descriptor::Descriptor::parse(text.as_bytes(), &ctx, 0)?;
             let extents = open_set_extents(path, &grown)?;
             let mut sink = SetSink::new(&extents, &mut write_descriptor)?;
             apply_gpt(&mut sink, &plan)?;
@@ -699,6 +760,7 @@ pub(super) fn shrink_vmdk_sparse(
     let old = capacity * 512;
     // The new embedded descriptor must fit (checked before writing).
     let descriptor = resized_embedded(file, path, desc_off, desc_size, new / 512)?;
+    let rgd = if flags & 2 != 0 { rgd } else { 0 };
     let dirs: Vec<u64> = [gd, rgd]
         .into_iter()
         .filter(|&d| d != 0 && d != u64::MAX)
@@ -719,38 +781,23 @@ pub(super) fn shrink_vmdk_sparse(
         };
         apply_gpt(&mut sink, p)?;
     }
-    // 2. Grain table entries past the new end.
-    let first_gone = (new / 512).div_ceil(grain);
-    let grains = capacity.div_ceil(grain);
-    for &dir in &dirs {
-        let mut g = first_gone;
-        while g < grains {
-            let gt = {
-                let mut b = [0u8; 4];
-                read_exact_at(
-                    file,
-                    path,
-                    &mut b,
-                    dir * 512 + (g / gtes) * 4,
-                    "grain directory",
-                )?;
-                LittleEndian::read_u32(&b)
-            };
-            let upto = ((g / gtes + 1) * gtes).min(grains);
-            if gt != 0 {
-                let zeros = vec![0u8; ((upto - g) * 4) as usize];
-                write_all_at(file, path, &zeros, u64::from(gt) * 512 + (g % gtes) * 4)?;
-            }
-            g = upto;
-        }
-    }
-    sync(file, path)?;
-    step();
-    // 3. The capacity.
+    // 2. The capacity (one sector): the disk ends at the new end.
     let mut hdr = *head;
     LittleEndian::write_u64(&mut hdr[12..20], new / 512);
     write_all_at(file, path, &hdr, 0)?;
     sync(file, path)?;
+    step();
+    // 3. Grain table entries past it, unseen now, cleared (so that a later
+    // growth shows zeros there).
+    let first_gone = (new / 512).div_ceil(grain);
+    clear_grain_entries(
+        file,
+        path,
+        &dirs,
+        gtes,
+        first_gone,
+        capacity.div_ceil(grain * gtes),
+    )?;
     step();
     // The grain the new end falls in keeps no bytes past it.
     zero_grain_tail(file, path, gd, gtes, grain, new)?;
@@ -760,6 +807,39 @@ pub(super) fn shrink_vmdk_sparse(
         sync(file, path)?;
     }
     Ok(report)
+}
+
+/// Clears the grain table entries from grain `from` to the end of the
+/// `tables` grain tables each directory in `dirs` lists, synced.
+fn clear_grain_entries(
+    file: &File,
+    path: &Path,
+    dirs: &[u64],
+    gtes: u64,
+    from: u64,
+    tables: u64,
+) -> Result<()> {
+    for &dir in dirs {
+        let mut g = from;
+        while g < tables * gtes {
+            let mut b = [0u8; 4];
+            read_exact_at(
+                file,
+                path,
+                &mut b,
+                dir * 512 + (g / gtes) * 4,
+                "grain directory",
+            )?;
+            let gt = LittleEndian::read_u32(&b);
+            let upto = (g / gtes + 1) * gtes;
+            if gt != 0 {
+                let zeros = vec![0u8; ((upto - g) * 4) as usize];
+                write_all_at(file, path, &zeros, u64::from(gt) * 512 + (g % gtes) * 4)?;
+            }
+            g = upto;
+        }
+    }
+    sync(file, path)
 }
 
 /// Shrinks a twoGbMaxExtent set: a GPT moves inside the new end first
@@ -794,8 +874,7 @@ pub(super) fn shrink_vmdk_set(
             return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
         }
         // The GPT's own backup moves; anything else stored is data.
-        let exempt = gpt_plan.as_ref().map(GptPlan::old_backup_bytes);
-        refuse_data_beyond(reader.as_ref(), path, new, old, exempt)?;
+        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     drop(reader);
     // The extent holding the new end, and where it starts.
@@ -826,9 +905,12 @@ pub(super) fn shrink_vmdk_set(
         new_size: new,
         ..ResizeReport::default()
     };
+    // Every extent open and locked (as QEMU locks an image) before the
+    // first write, held to the end: one a running QEMU holds refuses the
+    // resize here.
+    let extents = open_set_extents(path, d)?;
     // 1. The GPT, in place.
     if let Some(plan) = &gpt_plan {
-        let extents = open_set_extents(path, d)?;
         apply_gpt(&mut SetSink::new(&extents, &mut || Ok(()))?, plan)?;
         report.gpt_moved = true;
         report.partition_grown = plan.grown;
@@ -891,21 +973,18 @@ pub(super) fn shrink_vmdk_set(
         )
         .ok_or_else(|| invalid(path, "the descriptor's extent lines could not be rewritten"))?;
     let (out, mut f) = crate::output::AtomicOutput::create(path, true)?;
-    std::io::Write::write_all(&mut f, text.as_bytes())
+    std::io::Write::write_all(&mut f, &d.encode(&text))
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(path, "writing the descriptor", e))?;
     out.commit()?;
     step();
     // 4. What the descriptor no longer lists.
     if shorter && last.kind == ExtentType::Flat {
-        let file = gate.resolve(path, last.file.as_deref().unwrap_or(""), "extent")?;
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .map_err(|e| Error::io(&file, "opening the extent", e))?;
-        f.set_len(cut)
-            .map_err(|e| Error::io(&file, "cutting the extent", e))?;
-        sync(&f, &file)?;
+        let e = &extents[keep - 1];
+        e.file
+            .set_len(cut)
+            .map_err(|err| Error::io(&e.path, "cutting the extent", err))?;
+        sync(&e.file, &e.path)?;
     }
     let gone = d.extents[keep..]
         .iter()
@@ -981,6 +1060,7 @@ impl SetExtent {
             .write(true)
             .open(&path)
             .map_err(|err| Error::io(&path, "opening the extent for writing", err))?;
+        lock_like_qemu(&file, &path)?;
         let sparse = match e.kind {
             ExtentType::Flat if e.type_word == "FLAT" && e.offset == 0 => None,
             ExtentType::Sparse => {
@@ -1181,6 +1261,7 @@ fn resized_embedded(
             "the embedded descriptor's extent line could not be rewritten",
         )
     })?;
+    let t = d.encode(&t);
     if t.len() > text.len() {
         return Err(unsupported(
             path,
@@ -1188,6 +1269,26 @@ fn resized_embedded(
         ));
     }
     let mut out = vec![0u8; text.len()];
-    out[..t.len()].copy_from_slice(t.as_bytes());
+    out[..t.len()].copy_from_slice(&t);
     Ok(Some(out))
+}
+
+/// VMware's largest virtual disk.
+const MAX_VMDK_BYTES: u64 = 62 << 40;
+
+/// Cuts a flat extent file that is longer than its `len` described bytes
+/// (under QEMU's lock, synced).
+fn cut_extent_to(file: &Path, len: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .map_err(|e| Error::io(file, "opening the extent", e))?;
+    if file_len(&f, file)? > len {
+        lock_like_qemu(&f, file)?;
+        f.set_len(len)
+            .map_err(|e| Error::io(file, "cutting the extent to its described size", e))?;
+        sync(&f, file)?;
+    }
+    Ok(())
 }

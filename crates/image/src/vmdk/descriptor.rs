@@ -58,6 +58,8 @@ pub struct Descriptor {
     /// Every line as read (without line ends).
     pub lines: Vec<String>,
     pub crlf: bool,
+    /// The bytes were windows-1252 (not valid UTF-8): written back so.
+    pub windows_1252: bool,
     /// Header keys (`version`, `CID`, `createType`, …) in order.
     pub header: Vec<(String, String)>,
     pub extents: Vec<ExtentLine>,
@@ -84,6 +86,7 @@ impl Descriptor {
         let text = decode(bytes);
         let mut d = Descriptor {
             crlf: text.contains("\r\n"),
+            windows_1252: std::str::from_utf8(bytes).is_err(),
             ..Descriptor::default()
         };
         for (i, raw) in text.split('\n').enumerate() {
@@ -232,6 +235,15 @@ impl Descriptor {
             }
         }
         lines.join(if self.crlf { "\r\n" } else { "\n" })
+    }
+
+    /// Descriptor text (from the `*_text` methods) as bytes in the
+    /// encoding the descriptor came in.
+    pub(crate) fn encode(&self, text: &str) -> Vec<u8> {
+        match self.windows_1252 {
+            true => vmshift_model::text::encode_windows_1252(text),
+            false => text.as_bytes().to_vec(),
+        }
     }
 
     /// A header key's value (keys compare case-insensitively).
