@@ -380,8 +380,14 @@ pub(super) fn plan_mbr_growth(
             .find(|q| q.extended)
             .ok_or_else(|| invalid(path, "a logical partition without an extended one"))?;
         writes.push((0, sector_with(0, ext.number as usize - 1, 0)?));
-        let ebr = find_ebr(file, path, ext.start / 512, p.start / 512)?;
+        let (ebr, prev) = find_ebr(file, path, ext.start / 512, p.start / 512)?;
         writes.push((ebr * 512, sector_with(ebr * 512, 0, ebr)?));
+        // The previous EBR's link entry spans the last EBR and its
+        // partition (as fdisk writes it): it follows the new end too.
+        if let Some(prev) = prev {
+            // (Its start is relative to the extended partition's.)
+            writes.push((prev * 512, sector_with(prev * 512, 1, ext.start / 512)?));
+        }
     }
     Ok(MbrPlan {
         writes,
@@ -392,15 +398,25 @@ pub(super) fn plan_mbr_growth(
 /// The EBR (sector) whose first entry describes the partition starting at
 /// `start` (sectors), walking the chain from the extended partition at
 /// `ext`.
-pub(super) fn find_ebr(file: &File, path: &Path, ext: u64, start: u64) -> Result<u64> {
+/// The sector of the extended boot record describing the logical
+/// partition that starts at sector `start`, and of the one before it in
+/// the chain (whose link entry points at it), if any.
+pub(super) fn find_ebr(
+    file: &File,
+    path: &Path,
+    ext: u64,
+    start: u64,
+) -> Result<(u64, Option<u64>)> {
     let mut ebr = ext;
+    let mut prev = None;
     for _ in 0..128 {
         let mut s = [0u8; 512];
         read_exact_at(file, path, &mut s, ebr * 512, "extended boot record")?;
         let rel = u64::from(LittleEndian::read_u32(&s[0x1be + 8..0x1be + 12]));
         if ebr + rel == start {
-            return Ok(ebr);
+            return Ok((ebr, prev));
         }
+        prev = Some(ebr);
         let next = u64::from(LittleEndian::read_u32(&s[0x1be + 16 + 8..0x1be + 16 + 12]));
         if next == 0 {
             break;
