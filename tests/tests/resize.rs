@@ -178,6 +178,14 @@ fn mbr_primary_and_logical_partitions_grow() {
         (64u64 << 20) / 512,
         "partition 6"
     );
+    // The first EBR's link entry (relative to the container) spans the
+    // second EBR and partition 6, up to the new end.
+    let b = std::fs::read(d.join("l.raw")).unwrap();
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes(b[o..o + 4].try_into().unwrap()));
+    let ext = parts[1]["start"].as_u64().unwrap();
+    let link = (ext * 512) as usize + 0x1be + 16;
+    let (rel, size) = (u32_at(link + 8), u32_at(link + 12));
+    assert_eq!(ext + rel + size, (64u64 << 20) / 512, "the link entry");
 }
 
 /// Runs a resize slowed down between its steps and kills it after `ms`.
