@@ -113,7 +113,7 @@ pub(super) fn resize_vmdk_sparse(
         return Ok(report);
     }
     needs_shrink(path, old, new, opts)?;
-    if opts.prealloc != Prealloc::Off {
+    if opts.prealloc != Prealloc::Off && new > old {
         return Err(unsupported(
             path,
             "a sparse VMDK grows without preallocation for now",
