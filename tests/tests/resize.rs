@@ -10,6 +10,14 @@ use vmshift_tests::{
     vmshift_ok,
 };
 
+/// A sparse raw disk of `size` bytes partitioned by `sgdisk args`.
+fn gpt_disk(d: &Path, name: &str, size: u64, args: &[&str]) {
+    sparse_disk(d, name, size);
+    let mut a = args.to_vec();
+    a.push(name);
+    tool_ok(d, "sgdisk", &a);
+}
+
 fn copy(dir: &Path, a: &str, b: &str) {
     std::fs::copy(dir.join(a), dir.join(b)).unwrap();
 }
@@ -87,11 +95,11 @@ fn agree_outside(d: &Path, a: &str, b: &str, head: usize, tail: usize) {
 fn gpt_moves_to_the_new_end_and_the_last_partition_grows() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(
+    gpt_disk(
         d,
-        "sgdisk",
-        &["-n", "1:2048:+8M", "-t", "1:ef00", "-n", "2:0:0", "g.raw"],
+        "g.raw",
+        64 << 20,
+        &["-n", "1:2048:+8M", "-t", "1:ef00", "-n", "2:0:0"],
     );
     tool_ok(
         d,
@@ -207,8 +215,7 @@ fn killed_resize(d: &Path, args: &[&str], ms: u64) {
 fn killed_anywhere_a_resize_leaves_the_old_or_the_new_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g0.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g0.raw"]);
+    gpt_disk(d, "g0.raw", 32 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     patterned_raw(&d.join("q0.raw"), 8 << 20);
     tool_ok(
         d,
@@ -380,8 +387,7 @@ fn grown_sparse_vmdk_takes_writes_in_its_new_space() {
 fn refused_resizes_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     let before = std::fs::read(d.join("g.raw")).unwrap();
     for args in [
         vec!["resize", "--grow-partition", "1", "g.raw", "+1M"],
@@ -427,8 +433,7 @@ fn leftover_and_hybrid_tables_are_respected() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A DOS table written over an old GPT: the MBR is the table.
-    sparse_disk(d, "l.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "l.raw"]);
+    gpt_disk(d, "l.raw", 32 << 20, &["-n", "1:2048:+8M"]);
     sparse_disk(d, "dos.raw", 32 << 20);
     sfdisk(d, "dos.raw", "label: dos\n,4M,83\n");
     let dos = std::fs::read(d.join("dos.raw")).unwrap();
@@ -448,8 +453,7 @@ fn leftover_and_hybrid_tables_are_respected() {
         "{v}"
     );
     // A hybrid MBR keeps its own entries when the GPT moves.
-    sparse_disk(d, "hy.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "hy.raw"]);
+    gpt_disk(d, "hy.raw", 32 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     tool_ok(d, "sgdisk", &["-h", "1", "hy.raw"]);
     let mbr_before = std::fs::read(d.join("hy.raw")).unwrap()[..512].to_vec();
     vmshift_ok(d, &["resize", "hy.raw", "+32M"]);
@@ -465,8 +469,7 @@ fn leftover_and_hybrid_tables_are_respected() {
 fn an_interrupted_gpt_move_is_finished_by_running_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g0.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g0.raw"]);
+    gpt_disk(d, "g0.raw", 32 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     for ms in [30, 90, 150, 210] {
         copy(d, "g0.raw", "g.raw");
         killed_resize(d, &["resize", "--grow-partition", "2", "g.raw", "64M"], ms);
@@ -481,11 +484,11 @@ fn an_interrupted_gpt_move_is_finished_by_running_it_again() {
 fn a_gpt_inside_a_qcow2_moves_like_the_raw_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(
+    gpt_disk(
         d,
-        "sgdisk",
-        &["-n", "1:2048:+8M", "-t", "1:ef00", "-n", "2:0:0", "g.raw"],
+        "g.raw",
+        64 << 20,
+        &["-n", "1:2048:+8M", "-t", "1:ef00", "-n", "2:0:0"],
     );
     tool_ok(
         d,
@@ -556,8 +559,7 @@ fn a_gpt_inside_a_qcow2_moves_like_the_raw_one() {
 fn killed_qcow2_gpt_move_never_corrupts() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    gpt_disk(d, "g.raw", 32 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     tool_ok(
         d,
         "qemu-img",
@@ -597,8 +599,7 @@ fn killed_qcow2_gpt_move_never_corrupts() {
 fn a_gpt_inside_a_sparse_or_stream_vmdk_moves_like_the_raw_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     tool_ok(
         d,
         "qemu-io",
@@ -642,8 +643,7 @@ fn qcow2_l1_table_moves_when_it_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // 512-byte clusters: +64M needs a larger L1 table, and the GPT moves too.
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:0", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+8M", "-n", "2:0:0"]);
     copy(d, "g.raw", "r.raw");
     vmshift_ok(d, &["resize", "r.raw", "+64M"]);
     tool_ok(
@@ -787,8 +787,7 @@ fn qcow2_shrinks_like_qemu_img_and_keeps_its_snapshots() {
         }
     }
     // A GPT moves inside the new end.
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:+8M", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+8M", "-n", "2:0:+8M"]);
     tool_ok(
         d,
         "qemu-img",
@@ -816,8 +815,7 @@ fn qcow2_shrinks_like_qemu_img_and_keeps_its_snapshots() {
 fn sparse_and_stream_vmdk_shrink() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:+8M", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+8M", "-n", "2:0:+8M"]);
     tool_ok(
         d,
         "qemu-io",
@@ -1208,8 +1206,7 @@ fn killed_qcow2_preallocation_never_corrupts() {
 fn a_gpt_inside_a_flat_vmdk_moves_and_never_points_past_the_described_disk() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sparse_disk(d, "g.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "-n", "2:0:+8M", "g.raw"]);
+    gpt_disk(d, "g.raw", 32 << 20, &["-n", "1:2048:+8M", "-n", "2:0:+8M"]);
     tool_ok(
         d,
         "qemu-io",
@@ -1299,11 +1296,11 @@ fn a_gpt_inside_a_split_set_moves_like_the_raw_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // 3 GiB: two extents, the second one short.
-    sparse_disk(d, "g.raw", 3 << 30);
-    tool_ok(
+    gpt_disk(
         d,
-        "sgdisk",
-        &["-n", "1:2048:+100M", "-n", "2:0:+1G", "g.raw"],
+        "g.raw",
+        3 << 30,
+        &["-n", "1:2048:+100M", "-n", "2:0:+1G"],
     );
     tool_ok(
         d,
@@ -1439,8 +1436,7 @@ fn shrink_refuses_data_from_a_backing_file_or_past_a_gpt_not_at_the_end() {
     assert_eq!(std::fs::read(d.join("o.qcow2")).unwrap(), before);
     // A GPT whose backup is not at the old end (grown by qemu-img): only
     // the backup's own sectors are exempt, data past them still counts.
-    sparse_disk(d, "g.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+30M", "g.raw"]);
+    gpt_disk(d, "g.raw", 64 << 20, &["-n", "1:2048:+30M"]);
     tool_ok(
         d,
         "qemu-img",
@@ -1475,8 +1471,7 @@ fn qcow2_zero_clusters_compressed_tails_v2_snapshots_and_dirty_images() {
     let d = dir.path();
     // The GPT backup lands in clusters zeroed without unmapping: written,
     // not lost behind the zero flag (shrink and grow).
-    sparse_disk(d, "z.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+30M", "z.raw"]);
+    gpt_disk(d, "z.raw", 64 << 20, &["-n", "1:2048:+30M"]);
     tool_ok(
         d,
         "qemu-img",
@@ -1514,8 +1509,7 @@ fn qcow2_zero_clusters_compressed_tails_v2_snapshots_and_dirty_images() {
     );
     tool_ok(d, "qemu-img", &["check", "c.qcow2"]);
     // Same size, a partition to grow: it grows (like raw).
-    sparse_disk(d, "s.raw", 64 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "s.raw"]);
+    gpt_disk(d, "s.raw", 64 << 20, &["-n", "1:2048:+8M"]);
     tool_ok(
         d,
         "qemu-img",
@@ -1595,8 +1589,7 @@ fn qcow2_resizes_reuse_free_clusters_and_a_shrink_cuts_the_free_end() {
     let d = dir.path();
     // Grown and shrunk again and again (the GPT moving each time): the
     // file does not creep, since new tables go into clusters freed before.
-    sparse_disk(d, "g.raw", 32 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+8M", "g.raw"]);
+    gpt_disk(d, "g.raw", 32 << 20, &["-n", "1:2048:+8M"]);
     tool_ok(
         d,
         "qemu-img",
@@ -1727,8 +1720,7 @@ fn vmdk_resizes_after_interrupted_runs_and_odd_descriptors() {
     assert_eq!(virtual_size(d, "set.vmdk"), 3600 << 20);
     // A sparse VMDK left with its GPT backup mid-disk is finished by a
     // run at the size it has.
-    sparse_disk(d, "g.raw", 100 << 20);
-    tool_ok(d, "sgdisk", &["-n", "1:2048:+20M", "g.raw"]);
+    gpt_disk(d, "g.raw", 100 << 20, &["-n", "1:2048:+20M"]);
     convert("monolithicSparse", "g.raw", "g.vmdk");
     vmshift_ok(d, &["resize", "--no-fix-gpt", "g.vmdk", "150M"]);
     vmshift_ok(d, &["resize", "g.vmdk", "150M"]);
