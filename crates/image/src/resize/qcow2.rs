@@ -175,15 +175,17 @@ fn zero_l1_slack(file: &File, path: &Path, l1_offset: u64, l1_size: u32, need: u
 
 /// A change to a qcow2 image's metadata, made copy-on-write: the L1
 /// table, the refcount table and every L2 table and refcount block that
-/// changes are written as new copies at the end of the file, and one write
-/// of header bytes 24..60 (size, l1_size, l1_table_offset,
-/// refcount_table_offset, refcount_table_clusters: one sector) switches to
-/// them. Until the switch the new clusters are free space to the image
-/// (unreferenced, refcount 0); after it the old structures are free space
-/// to the new one. A kill at any point leaves one image or the other, and
-/// neither leaks a cluster. Guest data goes into clusters the image owns
-/// alone in place, and otherwise (shared with an internal snapshot,
-/// compressed, unallocated) into new clusters.
+/// changes are written as new copies into free clusters (free in the image
+/// as committed, never one the old image uses) or past the end of the
+/// file, and one write of header bytes 24..60 (size, l1_size,
+/// l1_table_offset, refcount_table_offset, refcount_table_clusters: one
+/// sector) switches to them. Until the switch the new clusters are free
+/// space to the image (unreferenced, refcount 0); after it the old
+/// structures are free space to the new one. A kill at any point leaves
+/// one image or the other, and neither leaks a cluster. Guest data goes
+/// into clusters the image owns alone in place (or, when the whole change
+/// must be one switch, into copies), and otherwise (shared with an internal
+/// snapshot, compressed, unallocated) into new clusters.
 pub(super) struct Txn<'a> {
     file: &'a File,
     path: &'a Path,
