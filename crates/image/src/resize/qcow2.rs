@@ -213,6 +213,8 @@ pub(super) struct Txn<'a> {
     /// …refcount blocks by index (read once; the changed ones listed)…
     rb: std::collections::BTreeMap<u64, Vec<u8>>,
     rb_dirty: std::collections::BTreeSet<u64>,
+    /// Refcount table entries dropped (the table is rewritten).
+    rt_dirty: bool,
     /// …and the L2 tables made or copied: L1 index → (host, entries; empty
     /// once written out early).
     l2: std::collections::BTreeMap<u64, (u64, Vec<u64>)>,
@@ -304,6 +306,7 @@ impl<'a> Txn<'a> {
             rt,
             rb: Default::default(),
             rb_dirty: Default::default(),
+            rt_dirty: false,
             l2: Default::default(),
             file_end,
             base_end: file_end,
@@ -802,6 +805,35 @@ impl<'a> Txn<'a> {
     /// after its last cluster in use, as QEMU does.
     pub(super) fn trim(&mut self) -> Result<()> {
         let cs = self.cs;
+        // Refcount blocks that count nothing (but maybe themselves) go, as
+        // QEMU drops them after a shrink.
+        let per_block = cs * 8 / self.refcount_bits;
+        let mut dropped = false;
+        for bi in 0..self.rt.len() as u64 {
+            let at = self.rt[bi as usize] & OFFSET_MASK;
+            if at == 0 {
+                continue;
+            }
+            let own = (at / cs / per_block == bi).then_some((at / cs) % per_block);
+            let bits = self.refcount_bits;
+            let b = self.block(bi)?;
+            let empty = (0..per_block).all(|j| {
+                Some(j) == own || crate::qcow2::writer::get_refcount(b, j as usize, bits) == 0
+            });
+            if empty {
+                self.rt[bi as usize] = 0;
+                self.rb.remove(&bi);
+                self.rb_dirty.remove(&bi);
+                if own.is_none() {
+                    self.release(at)?;
+                }
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.rt_dirty = true;
+            self.commit()?;
+        }
         let l1_clusters = (self.l1_size * 8).div_ceil(cs);
         let mut meta: std::collections::BTreeSet<u64> =
             (0..l1_clusters).map(|k| self.l1_offset + k * cs).collect();
@@ -816,7 +848,21 @@ impl<'a> Txn<'a> {
                 break;
             }
         }
-        if meta.iter().any(|&m| m >= limit) {
+        // Tables past everything else move further in, when there is room
+        // for their copies before the last of them (else the copies would
+        // only make the file longer).
+        let moving = meta.iter().filter(|&&m| m >= limit).count() as u64;
+        let last = meta.iter().copied().max().unwrap_or(0);
+        let needed = l1_clusters + self.rt_clusters + self.rt_clusters / 4 + moving + 2;
+        let mut free = 0;
+        let mut c = 0;
+        while c < last && free < needed {
+            if self.refcount(c)? == 0 {
+                free += 1;
+            }
+            c += cs;
+        }
+        if moving > 0 && free >= needed {
             self.l1_dirty |= (0..l1_clusters).any(|k| self.l1_offset + k * cs >= limit);
             for bi in 0..self.rt.len() as u64 {
                 let at = self.rt[bi as usize] & OFFSET_MASK;
@@ -845,6 +891,7 @@ impl<'a> Txn<'a> {
 
     fn dirty(&self) -> bool {
         self.l1_dirty
+            || self.rt_dirty
             || !self.rb_dirty.is_empty()
             || !self.l2.is_empty()
             || self.new_size != self.size
@@ -895,7 +942,7 @@ impl<'a> Txn<'a> {
         // refcount table, to a fixed point (placing a block or the table
         // changes counts in turn).
         let mut rt_at = (self.rt_offset, self.rt_clusters);
-        if !self.rb_dirty.is_empty() {
+        if !self.rb_dirty.is_empty() || self.rt_dirty {
             for k in 0..self.rt_clusters {
                 self.release(self.rt_offset + k * cs)?;
             }
@@ -984,6 +1031,7 @@ impl<'a> Txn<'a> {
         self.l1.truncate(self.l1_size as usize);
         self.l1_dirty = false;
         self.rb_dirty.clear();
+        self.rt_dirty = false;
         self.l2.clear();
         self.base_end = self.file_end;
         if let Some(&first) = self.freed.first() {
