@@ -1629,6 +1629,33 @@ fn qcow2_resizes_reuse_free_clusters_and_a_shrink_cuts_the_free_end() {
             "p.qcow2",
         ],
     );
+    // Shrinks that drop nothing do not make the file longer either (the
+    // tables at its end move only where there is room before them).
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "t.qcow2",
+            "64M",
+        ],
+    );
+    tool_ok(d, "qemu-io", &["-c", "write -P 1 0 8M", "t.qcow2"]);
+    vmshift_ok(d, &["resize", "t.qcow2", "20G"]);
+    let grown = len("t.qcow2");
+    for size in ["19G", "18G", "17G"] {
+        vmshift_ok(d, &["resize", "--shrink", "t.qcow2", size]);
+        assert!(
+            len("t.qcow2") <= grown,
+            "{size}: {} > {grown}",
+            len("t.qcow2")
+        );
+        tool_ok(d, "qemu-img", &["check", "t.qcow2"]);
+    }
 }
 
 /// Spawns qemu-io holding `file` (opened as `fmt`) and waits for its lock.
