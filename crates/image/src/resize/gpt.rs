@@ -245,9 +245,7 @@ pub(super) fn plan_gpt(
 /// header (one sector), which switches readers to the new table; then the
 /// protective MBR.
 pub(super) fn apply_gpt(sink: &mut dyn GuestSink, p: &GptPlan) -> Result<()> {
-    let mut backup = p.entries.clone();
-    backup.resize(((p.last_lba - p.backup_entries_lba) * p.ss) as usize, 0);
-    backup.extend_from_slice(&p.backup);
+    let backup = p.backup_area();
     sink.write(p.backup_entries_lba * p.ss, &backup)?;
     sink.sync()?;
     step();
@@ -439,9 +437,7 @@ pub(super) fn gpt_patches(p: &GptPlan) -> Vec<(u64, Vec<u8>)> {
     if p.rewrite_primary_entries {
         v.push((p.primary_entries_lba * p.ss, p.entries.clone()));
     }
-    let mut backup = p.entries.clone();
-    backup.resize(((p.last_lba - p.backup_entries_lba) * p.ss) as usize, 0);
-    backup.extend_from_slice(&p.backup);
+    let backup = p.backup_area();
     v.push((p.backup_entries_lba * p.ss, backup));
     v
 }
@@ -475,6 +471,18 @@ pub(super) fn gpt_unfinished(img: &dyn ImageReader) -> bool {
 }
 
 impl GptPlan {
+    /// The new backup's sectors: the entry array, then the header in the
+    /// disk's last sector.
+    fn backup_area(&self) -> Vec<u8> {
+        let mut area = self.entries.clone();
+        area.resize(
+            ((self.last_lba - self.backup_entries_lba) * self.ss) as usize,
+            0,
+        );
+        area.extend_from_slice(&self.backup);
+        area
+    }
+
     /// When guest byte `byte` lies in a stale copy of this table (a
     /// backup header with the same disk GUID and a sound CRC, or the entry
     /// array before it): where that copy ends.

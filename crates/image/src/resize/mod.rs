@@ -104,19 +104,30 @@ pub(super) fn needs_shrink(path: &Path, old: u64, new: u64, opts: &ResizeOptions
     Ok(())
 }
 
-/// Refuses a shrink that would cut data: the first byte in `[from, to)`
-/// that reads as non-zero (stored in the image or in its backing file) is
-/// named. The GPT's own backup copy, which moves, is not data, nor is a
+/// Refuses a shrink to `from` bytes that would cut off a partition, or
+/// data: the first byte in `[from, to)` that reads as non-zero (stored in
+/// the image or in its backing file) is named. The GPT's own backup copy, which moves, is not data, nor is a
 /// stale copy of the same table an earlier move left behind. Ranges the
 /// image maps as holes or zeros are skipped; stored ranges are read, since
 /// only non-zero bytes are data to lose.
-fn refuse_data_beyond(
+fn shrink_checks(
     reader: &dyn ImageReader,
     path: &Path,
     from: u64,
     to: u64,
     gpt: Option<&GptPlan>,
 ) -> Result<()> {
+    if let Some(p) =
+        read_table(reader)?.and_then(|t| t.partitions.into_iter().find(|p| p.end > from))
+    {
+        return Err(invalid(
+            path,
+            format!(
+                "partition {} ends at byte {}, beyond the new end ({from}); shrink the partition first, or pass --force",
+                p.number, p.end
+            ),
+        ));
+    }
     let to = to.min(reader.size());
     let exempt = gpt.map(GptPlan::old_backup_bytes);
     let mut at = from;

@@ -1110,22 +1110,10 @@ pub(super) fn shrink_qcow2(
             "shrinking a qcow2 with extended L2 entries is not supported yet",
         ));
     }
-    let table = read_table(reader.as_ref())?;
-    if !opts.force {
-        if let Some(p) = table
-            .as_ref()
-            .and_then(|t| t.partitions.iter().find(|p| p.end > new))
-        {
-            return Err(invalid(
-                path,
-                format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
-            ));
-        }
-    }
     let gpt_plan = gpt_plan_inside(reader.as_ref(), path, old, new, opts, "a qcow2")?;
     if !opts.force {
         // The old GPT backup moves; it is not data.
-        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
+        shrink_checks(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     let mut txn = Txn::new(file, path, reader, old)?;
     let mut report = ResizeReport {

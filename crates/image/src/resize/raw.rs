@@ -102,7 +102,12 @@ pub(super) fn resize_raw(
         _ => None,
     };
     if new < old && !opts.force {
-        shrink_checks(&file, path, table.as_ref(), gpt_plan.as_ref(), old, new)?;
+        let reader = RawReader::open(
+            file.try_clone()
+                .map_err(|e| Error::io(path, "reopening the image", e))?,
+            path,
+        )?;
+        shrink_checks(&reader, path, new, old, gpt_plan.as_ref())?;
     }
     if let Some(p) = gpt_plan.as_ref().filter(|p| p.last_usable < p.first_usable) {
         return Err(invalid(
@@ -175,32 +180,4 @@ pub(super) fn preallocate(
             Ok(())
         }
     }
-}
-
-/// Refuses a shrink that would cut off a partition or stored data (other
-/// than the GPT's own backup, which moves).
-pub(super) fn shrink_checks(
-    file: &File,
-    path: &Path,
-    table: Option<&crate::part::PartitionTable>,
-    gpt: Option<&GptPlan>,
-    old: u64,
-    new: u64,
-) -> Result<()> {
-    if let Some(p) = table.and_then(|t| t.partitions.iter().find(|p| p.end > new)) {
-        return Err(invalid(
-            path,
-            format!(
-                "partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force",
-                p.number, p.end
-            ),
-        ));
-    }
-    let reader = RawReader::open(
-        file.try_clone()
-            .map_err(|e| Error::io(path, "reopening the image", e))?,
-        path,
-    )?;
-    refuse_data_beyond(&reader, path, new, old, gpt)?;
-    Ok(())
 }

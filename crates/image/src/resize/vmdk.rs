@@ -135,17 +135,7 @@ pub(super) fn resize_vmdk_sparse(
     if new < old && !opts.force {
         // Nothing may be cut off: no partition, no stored data (the GPT's
         // own backup moves).
-        if let Some(p) = read_table(reader.as_ref())
-            .ok()
-            .flatten()
-            .and_then(|t| t.partitions.into_iter().find(|p| p.end > new))
-        {
-            return Err(invalid(
-                path,
-                format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end),
-            ));
-        }
-        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
+        shrink_checks(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     if flags & (1 << 16) != 0 {
         // streamOptimized: a stream is written once, front to back; the
@@ -860,7 +850,6 @@ pub(super) fn shrink_vmdk_set(
     use crate::vmdk::writer::{Subformat, VmdkOptions, VmdkWriter};
     needs_shrink(path, old, new, opts)?;
     let reader = open_as(path, DiskFormat::Vmdk)?;
-    let table = read_table(reader.as_ref()).ok().flatten();
     let gpt_plan = gpt_plan_inside(
         reader.as_ref(),
         path,
@@ -870,11 +859,8 @@ pub(super) fn shrink_vmdk_set(
         "a twoGbMaxExtent set",
     )?;
     if !opts.force {
-        if let Some(p) = table.and_then(|t| t.partitions.into_iter().find(|p| p.end > new)) {
-            return Err(invalid(path, format!("partition {} ends at byte {}, beyond the new end ({new}); shrink the partition first, or pass --force", p.number, p.end)));
-        }
         // The GPT's own backup moves; anything else stored is data.
-        refuse_data_beyond(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
+        shrink_checks(reader.as_ref(), path, new, old, gpt_plan.as_ref())?;
     }
     drop(reader);
     // The extent holding the new end, and where it starts.
