@@ -114,6 +114,86 @@ pub enum VmCommand {
     Convert(VmConvertArgs),
     /// Show what differs between two VM descriptors (through the model).
     Diff(VmDiffArgs),
+    /// Boot a VM (or a bare disk) on KVM through vmshift's own disk
+    /// drivers and say from its console whether it came up.
+    Boot(VmBootArgs),
+}
+
+/// The engine `vm boot` runs the guest on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// vmshift's own launcher on /dev/kvm (virtio-blk and virtio-scsi disks).
+    Kvm,
+}
+
+/// `vm boot` output styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum BootOutput {
+    /// A verdict line and, on failure, the likely fix and the console's end.
+    #[default]
+    Human,
+    /// One JSON object.
+    Json,
+}
+
+/// `vmshift vm boot`.
+#[derive(Debug, Args)]
+pub struct VmBootArgs {
+    /// The descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from: Option<VmFormatArg>,
+    /// Image format of a bare disk given instead of a descriptor (probed
+    /// when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub format: Option<FormatArg>,
+    /// The kernel to boot (bzImage or uncompressed ELF vmlinux).
+    #[arg(long, value_name = "FILE")]
+    pub kernel: PathBuf,
+    /// The initramfs.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (`console=ttyS0` is added when missing).
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    pub append: String,
+    /// Guest memory in MiB (default: the VM's own; 1024 for a bare disk).
+    #[arg(long, value_name = "MiB")]
+    pub memory: Option<u64>,
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+    /// Seconds to wait for a verdict.
+    #[arg(long, value_name = "S", default_value_t = 300)]
+    pub timeout: u64,
+    /// The console line (a regular expression) that means the guest is up
+    /// (default: a login prompt, or systemd reaching the multi-user or
+    /// graphical target).
+    #[arg(long, value_name = "REGEX")]
+    pub expect: Option<String>,
+    /// Show the guest's console on the terminal as it boots.
+    #[arg(long)]
+    pub console: bool,
+    /// Write the guest's console to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+    /// Guest writes kept in memory per disk (bytes, or with K, M, G); past
+    /// it the guest's writes fail. The images are never written.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub overlay_limit: String,
+    /// The engine. By default vmshift's launcher runs where /dev/kvm boots
+    /// stock kernels and refuses a kvm_pvm host; `--engine kvm` runs it
+    /// anyway.
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineArg>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: BootOutput,
+    #[command(flatten)]
+    pub roots: DiskRootArgs,
+    #[command(flatten)]
+    pub gate: GateArgs,
+    /// A VM descriptor (.vmx, libvirt .xml, Proxmox .conf, .ovf, .ova) or a
+    /// disk image.
+    pub vm: PathBuf,
 }
 
 /// A descriptor format on the command line.

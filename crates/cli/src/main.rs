@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Validate(a)) => (cmd::vm::validate(a), 2),
         Command::Vm(VmCommand::Convert(a)) => (cmd::vm::convert_vm(a), 1),
         Command::Vm(VmCommand::Diff(a)) => (cmd::vm::diff(a), 2),
+        Command::Vm(VmCommand::Boot(a)) => (cmd::boot::run(a), cmd::boot::EXIT_ERROR),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -1,5 +1,6 @@
 //! One module per subcommand. Each returns the process exit code.
 
+pub mod boot;
 pub mod check;
 pub mod compare;
 pub mod convert;

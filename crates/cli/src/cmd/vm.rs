@@ -25,12 +25,12 @@ use crate::args::{
 use crate::progress::Progress;
 
 /// A descriptor read into the model.
-struct Loaded {
-    path: PathBuf,
-    lowered: Lowered,
+pub(crate) struct Loaded {
+    pub(crate) path: PathBuf,
+    pub(crate) lowered: Lowered,
     /// An OVA: the archive (verified) and the one handle its disks are
     /// read through.
-    archive: Option<(OvaArchive, std::fs::File)>,
+    pub(crate) archive: Option<(OvaArchive, std::fs::File)>,
 }
 
 fn format_of(path: &Path, from: Option<VmFormatArg>) -> Result<VmFormatArg> {
@@ -54,7 +54,7 @@ fn format_of(path: &Path, from: Option<VmFormatArg>) -> Result<VmFormatArg> {
     })
 }
 
-fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
+pub(crate) fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
     let kind = format_of(path, from)?;
     let with_file = |e: vmshift_desc::DescError| anyhow!(e.in_file(path));
     let mut archive = None;
@@ -156,7 +156,7 @@ fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, PathBuf>> {
 /// Resolves the disk references of a descriptor to local files, by one
 /// rule: every disk must lie inside a root — the descriptor's folder,
 /// a `--disk-root`, or a mapped datastore or storage.
-struct Resolver {
+pub(crate) struct Resolver {
     descriptor: PathBuf,
     /// The OVA the descriptor came from, and its open handle: its disks are
     /// members, read in place.
@@ -167,7 +167,7 @@ struct Resolver {
 }
 
 impl Resolver {
-    fn new(
+    pub(crate) fn new(
         descriptor: &Path,
         archive: Option<(OvaArchive, std::fs::File)>,
         roots: &DiskRootArgs,
@@ -199,7 +199,7 @@ impl Resolver {
 
     /// Opens the disk image `r` names: a file, or a member of the archive
     /// read in place. Returns how to name it, and the reader.
-    fn open(&self, r: &DiskRef) -> Result<(String, Box<dyn ImageReader>)> {
+    pub(crate) fn open(&self, r: &DiskRef) -> Result<(String, Box<dyn ImageReader>)> {
         if let Some((a, file)) = &self.archive {
             let DiskRef::File { path } = r else {
                 bail!("'{r}' is not a file of the archive");

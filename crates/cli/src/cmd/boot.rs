@@ -1,0 +1,218 @@
+//! `vmshift vm boot`: boots a VM on vmshift-kvm and reports the verdict.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::json;
+use vmshift_kvm::{BootConfig, DiskBus, DiskSpec, FailureCause, KvmStatus, Verdict};
+use vmshift_model::{Bus, DeviceKind, Vm};
+
+use crate::args::{BootOutput, VmBootArgs, VmFormatArg};
+use crate::cmd::vm::{load, Resolver};
+
+/// The guest came up.
+pub const EXIT_BOOTED: i32 = 0;
+/// The boot failed.
+pub const EXIT_FAILED: i32 = 1;
+/// No verdict within the timeout.
+pub const EXIT_TIMEOUT: i32 = 3;
+/// vmshift could not run the boot at all.
+pub const EXIT_ERROR: u8 = 4;
+
+/// True when `path` names a VM descriptor rather than a disk image.
+fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
+    from.is_some()
+        || path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .is_some_and(|e| matches!(e.as_str(), "vmx" | "xml" | "conf" | "ovf" | "ova"))
+}
+
+/// The launcher's bus for a disk of the model, or why it has none.
+fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> Result<DiskBus> {
+    match disk.bus {
+        Bus::Virtio => Ok(DiskBus::VirtioBlk),
+        Bus::Scsi => {
+            let model = vm
+                .controllers
+                .iter()
+                .find(|c| c.bus == Bus::Scsi && c.index == disk.controller)
+                .and_then(|c| c.model.clone())
+                .unwrap_or_default();
+            if model == "virtio-scsi" {
+                Ok(DiskBus::VirtioScsi)
+            } else {
+                bail!(
+                    "SCSI controller {} ({}) is not emulated",
+                    disk.controller,
+                    if model.is_empty() {
+                        "no model named"
+                    } else {
+                        &model
+                    }
+                )
+            }
+        }
+        other => bail!("the {other} bus is not emulated"),
+    }
+}
+
+/// The disks of a descriptor, opened through the same resolution as `vm
+/// convert`, with their buses; CD-ROMs and empty drives are left out and
+/// listed in the returned notes.
+fn vm_disks(args: &VmBootArgs) -> Result<(Vm, Vec<DiskSpec>, Vec<String>)> {
+    let l = load(&args.vm, args.from)?;
+    let vm = l.lowered.vm.clone();
+    let resolver = Resolver::new(&l.path, l.archive, &args.roots)?;
+    let mut disks = Vec::new();
+    let mut notes = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let Some(src) = &d.source else {
+            notes.push(format!("drive {i} is empty: left out"));
+            continue;
+        };
+        if d.device != DeviceKind::Disk {
+            notes.push(format!("{src}: not a hard disk: left out"));
+            continue;
+        }
+        let bus = bus_of(&vm, d).map_err(|e| {
+            anyhow!(
+                "{src}: {e}; vmshift-kvm boots disks on virtio-blk and virtio-scsi, as `vmshift vm convert` writes them: convert the VM first and boot the converted descriptor"
+            )
+        })?;
+        let (_, image) = resolver.open(src)?;
+        disks.push(DiskSpec {
+            image,
+            bus,
+            serial: format!("vmshift{i}"),
+        });
+    }
+    if disks.is_empty() {
+        bail!("{}: the VM has no disk to boot", args.vm.display());
+    }
+    Ok((vm, disks, notes))
+}
+
+/// What to tell the user to do about a failure.
+fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
+    let drivers = if buses.contains(&DiskBus::VirtioScsi) {
+        "virtio_pci virtio_scsi sd_mod"
+    } else {
+        "virtio_pci virtio_blk"
+    };
+    match cause {
+        FailureCause::RootNotFound | FailureCause::EmergencyShell => Some(format!(
+            "the guest's initramfs probably has no driver for its new disk controller ({drivers}). \
+             In the guest on VMware, add the drivers and rebuild the initramfs — Debian/Ubuntu: \
+             list them in /etc/initramfs-tools/modules and run `update-initramfs -u`; \
+             RHEL/Fedora/SUSE: `dracut -f --add-drivers '{drivers}'` — then convert again"
+        )),
+        FailureCause::RootMountFailed => Some(
+            "the root device was found but not mounted: check root= on the command line and that the kernel has the root file system's driver".into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Runs `vm boot`.
+pub fn run(args: &VmBootArgs) -> Result<i32> {
+    match (vmshift_kvm::kvm_status(), args.engine) {
+        (KvmStatus::Missing, _) => {
+            bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
+        }
+        (KvmStatus::Pvm, None) => bail!(
+            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
+             run vm boot on a host with hardware KVM (kvm-intel or kvm-amd), or pass --engine kvm to try anyway"
+        ),
+        _ => {}
+    }
+    let overlay_limit = vmshift_model::parse_size(&args.overlay_limit)
+        .map_err(|e| anyhow!("--overlay-limit {}: {e}", args.overlay_limit))?;
+    let (memory, disks, notes) = if is_descriptor(&args.vm, args.from) {
+        let (vm, disks, notes) = vm_disks(args)?;
+        (vm.memory_mib, disks, notes)
+    } else {
+        let image = crate::cmd::open(&args.vm, args.format, &args.gate, true)?;
+        let disk = DiskSpec {
+            image,
+            bus: DiskBus::VirtioBlk,
+            serial: "vmshift0".into(),
+        };
+        (1024, vec![disk], Vec::new())
+    };
+    let memory = args.memory.unwrap_or(memory);
+    let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
+    if args.output == BootOutput::Human {
+        for n in &notes {
+            eprintln!("vmshift: {n}");
+        }
+    }
+    let report = vmshift_kvm::boot(BootConfig {
+        memory_mib: memory,
+        vcpus: args.cpus,
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.append.clone(),
+        disks,
+        overlay_limit,
+        console_log: args.console_log.clone(),
+        console_echo: args.console,
+        expect: args.expect.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    })?;
+    let secs = report.elapsed.as_secs_f64();
+    let (word, code, cause, line) = match &report.verdict {
+        Verdict::Booted { line } => ("booted", EXIT_BOOTED, None, Some(line.as_str())),
+        Verdict::Failed { cause, line } => {
+            ("failed", EXIT_FAILED, Some(*cause), Some(line.as_str()))
+        }
+        Verdict::Timeout => ("timeout", EXIT_TIMEOUT, None, None),
+    };
+    let fix = cause.and_then(|c| advice(c, &buses));
+    match args.output {
+        BootOutput::Json => {
+            let v = json!({
+                "verdict": word,
+                "cause": cause,
+                "cause-text": cause.map(|c| c.describe()),
+                "line": line,
+                "seconds": (secs * 1000.0).round() / 1000.0,
+                "first-exit-ms": report.first_exit.map(|d| d.as_secs_f64() * 1000.0),
+                "engine": "kvm",
+                "memory-mib": memory,
+                "cmdline": report.cmdline,
+                "fix": fix,
+                "notes": notes,
+                "console-tail": report.console_tail.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        BootOutput::Human => {
+            match (&report.verdict, cause) {
+                (Verdict::Booted { line }, _) => {
+                    println!("booted in {secs:.1} s: {}", line.trim())
+                }
+                (Verdict::Failed { line, .. }, Some(c)) => {
+                    println!(
+                        "failed after {secs:.1} s: {}: {}",
+                        c.describe(),
+                        line.trim()
+                    )
+                }
+                _ => println!("timeout: no verdict within {} s", args.timeout),
+            }
+            if let Some(f) = &fix {
+                println!("likely fix: {f}");
+            }
+            if code != EXIT_BOOTED && !args.console {
+                println!("--- the end of the guest's console ---");
+                let lines: Vec<&str> = report.console_tail.lines().collect();
+                for l in &lines[lines.len().saturating_sub(25)..] {
+                    println!("{}", l.trim_end_matches('\r'));
+                }
+            }
+        }
+    }
+    Ok(code)
+}

@@ -1,0 +1,223 @@
+//! A guest's view of a disk image: reads through vmshift's own
+//! [`ImageReader`], writes into a copy-on-write overlay held in memory, so
+//! the image under test is never modified. The overlay has a limit; past
+//! it, writes fail (the guest sees an I/O error) instead of the host
+//! running out of memory.
+
+use std::collections::BTreeMap;
+
+use vmshift_image::ImageReader;
+
+/// Overlay granularity.
+pub const BLOCK: u64 = 4096;
+
+/// Why a disk access failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The range ends past the end of the disk.
+    #[error("bytes {offset}..{end} are past the end of the disk ({size} bytes)")]
+    OutOfRange {
+        /// First byte asked for.
+        offset: u64,
+        /// The byte after the range.
+        end: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// The overlay is full.
+    #[error("the write overlay is full ({limit} bytes); the guest's write was refused")]
+    OverlayFull {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The image could not be read.
+    #[error(transparent)]
+    Image(#[from] vmshift_image::Error),
+}
+
+/// A disk image with a write overlay.
+#[derive(Debug)]
+pub struct OverlayDisk {
+    base: Box<dyn ImageReader>,
+    blocks: BTreeMap<u64, Box<[u8]>>,
+    limit: u64,
+    size: u64,
+}
+
+impl OverlayDisk {
+    /// Wraps `base`; at most `limit` bytes of guest writes are kept.
+    pub fn new(base: Box<dyn ImageReader>, limit: u64) -> Self {
+        let size = base.size();
+        OverlayDisk {
+            base,
+            blocks: BTreeMap::new(),
+            limit,
+            size,
+        }
+    }
+
+    /// The disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image underneath.
+    pub fn image(&self) -> &dyn ImageReader {
+        &*self.base
+    }
+
+    /// Bytes the overlay holds.
+    pub fn overlay_bytes(&self) -> u64 {
+        self.blocks.len() as u64 * BLOCK
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<u64, DiskError> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|e| *e <= self.size)
+            .ok_or(DiskError::OutOfRange {
+                offset,
+                end: offset.saturating_add(len as u64),
+                size: self.size,
+            })?;
+        Ok(end)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`: the image's bytes with the
+    /// overlay's on top.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        let end = self.check(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.base.read_at(buf, offset)?;
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        for (&idx, data) in self.blocks.range(first..=last) {
+            let bstart = idx * BLOCK;
+            let from = bstart.max(offset);
+            let to = (bstart + BLOCK).min(end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - bstart) as usize..(to - bstart) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the overlay.
+    pub fn write_at(&mut self, data: &[u8], offset: u64) -> Result<(), DiskError> {
+        let end = self.check(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let new = (first..=last)
+            .filter(|i| !self.blocks.contains_key(i))
+            .count() as u64;
+        if self.overlay_bytes() + new * BLOCK > self.limit {
+            return Err(DiskError::OverlayFull { limit: self.limit });
+        }
+        for idx in first..=last {
+            let bstart = idx * BLOCK;
+            if !self.blocks.contains_key(&idx) {
+                let mut block = vec![0u8; BLOCK as usize].into_boxed_slice();
+                let valid = (self.size - bstart).min(BLOCK) as usize;
+                // A block the write covers whole needs nothing from below.
+                if !(offset <= bstart && end >= bstart + valid as u64) {
+                    self.read_at(&mut block[..valid], bstart)?;
+                }
+                self.blocks.insert(idx, block);
+            }
+            let block = self.blocks.get_mut(&idx).expect("inserted above");
+            let from = bstart.max(offset);
+            let to = (bstart + BLOCK).min(end);
+            block[(from - bstart) as usize..(to - bstart) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vmshift_image::{open_image, OpenOptions};
+
+    fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, Box<dyn ImageReader>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        let r = open_image(
+            f.path(),
+            Some(vmshift_model::DiskFormat::Raw),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        (f, r)
+    }
+
+    #[test]
+    fn reads_see_earlier_writes_and_the_image_is_untouched() {
+        let orig: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
+        let (f, r) = image(&orig);
+        let mtime = std::fs::metadata(f.path()).unwrap().modified().unwrap();
+        let mut d = OverlayDisk::new(r, 1 << 20);
+        d.write_at(&[0xaa; 100], 4090).unwrap();
+        let mut buf = vec![0u8; 20000];
+        d.read_at(&mut buf, 0).unwrap();
+        let mut want = orig.clone();
+        want[4090..4190].fill(0xaa);
+        assert_eq!(buf, want);
+        // Two partial blocks were copied up, not more.
+        assert_eq!(d.overlay_bytes(), 2 * BLOCK);
+        assert_eq!(std::fs::read(f.path()).unwrap(), orig);
+        assert_eq!(
+            std::fs::metadata(f.path()).unwrap().modified().unwrap(),
+            mtime
+        );
+    }
+
+    #[test]
+    fn a_write_in_the_last_partial_block_keeps_its_bytes() {
+        let orig = vec![7u8; 5000];
+        let (_f, r) = image(&orig);
+        let mut d = OverlayDisk::new(r, 1 << 20);
+        d.write_at(&[1, 2], 4998).unwrap();
+        let mut buf = vec![0u8; 904];
+        d.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf[..902], &[7u8; 902][..]);
+        assert_eq!(&buf[902..], &[1, 2]);
+    }
+
+    #[test]
+    fn writes_past_the_limit_fail_and_change_nothing() {
+        let (_f, r) = image(&[0u8; 65536]);
+        let mut d = OverlayDisk::new(r, 2 * BLOCK);
+        d.write_at(&[1; 8192], 0).unwrap();
+        assert!(matches!(
+            d.write_at(&[2; 1], 8192),
+            Err(DiskError::OverlayFull { .. })
+        ));
+        // Rewriting a block it already holds still works.
+        d.write_at(&[3; 10], 0).unwrap();
+        let mut b = [0u8; 1];
+        d.read_at(&mut b, 8192).unwrap();
+        assert_eq!(b[0], 0);
+    }
+
+    #[test]
+    fn access_past_the_end_is_an_error() {
+        let (_f, r) = image(&[0u8; 4096]);
+        let mut d = OverlayDisk::new(r, 1 << 20);
+        let mut b = [0u8; 2];
+        assert!(matches!(
+            d.read_at(&mut b, 4095),
+            Err(DiskError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            d.write_at(&b, u64::MAX),
+            Err(DiskError::OutOfRange { .. })
+        ));
+    }
+}

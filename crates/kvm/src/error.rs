@@ -1,0 +1,53 @@
+//! The launcher's error type.
+
+use std::path::PathBuf;
+
+/// What can stop the launcher before or while the guest runs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: String,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open it?)")]
+    NoKvm(kvm_ioctls::Error),
+    /// Guest memory could not be set up or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The kernel or initramfs could not be loaded.
+    #[error("{}: {msg}", path.display())]
+    Kernel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// The configuration asks for something the launcher cannot do.
+    #[error("{0}")]
+    Config(String),
+    /// A file the launcher writes (the console log) failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A KVM error while doing `what`.
+    pub fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Kvm { what, source }
+    }
+}
+
+/// The launcher's result type.
+pub type Result<T> = std::result::Result<T, Error>;
