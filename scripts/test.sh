@@ -20,14 +20,39 @@ command -v xmllint >/dev/null || missing+=(libxml2-utils)
 # Partition tables to compare with: sfdisk/fdisk (fdisk) and sgdisk (gdisk).
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v sgdisk >/dev/null || missing+=(gdisk)
+# The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
+# VMs, cpio and lz4 for the initramfs and kernel it assembles.
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v cpio >/dev/null || missing+=(cpio)
+command -v lz4 >/dev/null || missing+=(lz4)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
+# QEMU's system emulator for the boot check's outer VM. The release's own
+# qemu-system-x86 would replace qemu-utils 10.x with an older qemu-img, so
+# both come from the backports suite together.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    # The same mirror apt already uses for the release.
+    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
+    mirror=${mirror%% *}
+    if ! grep -rqs "$codename-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        [ -n "$mirror" ] || { echo "test.sh: no Debian mirror in /etc/apt/sources.list.d/debian.sources; add $codename-backports to apt's sources" >&2; exit 1; }
+        printf 'Types: deb\nURIs: %s\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" "$codename" |
+            $sudo tee /etc/apt/sources.list.d/vmshift-backports.sources >/dev/null
+    fi
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -t "$codename-backports" qemu-system-x86 qemu-utils
+fi
 qemu-img --version | head -n1
 
 # The end-to-end tests run the vmshift binary: build it first.
 cargo build --workspace --locked
 cargo test --workspace --locked "$@"
+# vm boot on real kernels, in nested KVM (see the script).
+tests/nested/boot-check.sh target/debug/vmshift

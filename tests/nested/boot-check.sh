@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The launcher's real test: fixture VMware VMs (a Debian with its own kernel
+# and initramfs, and a variant whose initramfs lacks the virtio drivers) are
+# converted by `vmshift vm convert` (VMware -> libvirt, qcow2, virtio-scsi),
+# then booted by `vmshift vm boot` on vmshift-kvm inside a VM with a real
+# /dev/kvm (scripts/nested-kvm.sh: QEMU TCG with nested SVM). Every check
+# runs in one outer VM to keep CI time down.
+#
+# Usage: tests/nested/boot-check.sh [VMSHIFT_BINARY]   (default target/debug/vmshift)
+# Prints one "BOOT-CHECK name: ok|FAILED …" line per check and a closing
+# "N passed, N failed" line; exits non-zero when any check failed.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${1:-$repo/target/debug/vmshift}
+[ -x "$bin" ] || { echo "boot-check: no vmshift binary at $bin (cargo build first)" >&2; exit 2; }
+
+"$repo/fixtures/bootvm/build.sh" "$repo/target/bootvm"
+fx=$repo/target/bootvm
+data=$(mktemp -d "${TMPDIR:-/tmp}/boot-check.XXXXXX")
+trap 'rm -rf "$data"' EXIT
+
+# The converted VMs name their disks where the outer VM mounts the data
+# disk (/data).
+for vm in debian debian-novirtio; do
+    "$bin" vm convert "$fx/$vm/$vm.vmx" --to libvirt --out "$data/$vm" --target-dir "/data/$vm" >/dev/null
+done
+mkdir -p "$data/kernel"
+cp "$fx"/kernel/* "$data/kernel/"
+for f in "$data"/debian*/*.qcow2; do sha256sum "$f" | sed "s|$data|/data|" >>"$data/sums"; done
+
+cat >"$data/checks.sh" <<'EOF'
+# Runs inside the outer VM, in /data.
+k=/data/kernel
+# boot NAME XML INITRD CMDLINE-FILE: vm boot's JSON report goes to NAME.json.
+boot() {
+    vmshift vm boot --output json --timeout 300 --console-log "/tmp/$1.console" \
+        --kernel $k/vmlinuz --initrd "$k/$3" --append "$(cat "$k/$4")" "$2" >"/tmp/$1.json"
+    echo "BOOT-RESULT $1 rc=$? $(tr -d '\n ' <"/tmp/$1.json" | grep -o '"verdict":"[a-z]*","cause":[a-z"-]*' ) $(grep -o '"seconds": [0-9.]*' "/tmp/$1.json")"
+    grep -a 'login:\|Gave up\|ALERT\|Reached target' "/tmp/$1.console" | tail -n 3 | sed "s/^/BOOT-CONSOLE $1: /"
+}
+boot debian /data/debian/*.xml initrd.img cmdline
+boot debian-novirtio /data/debian-novirtio/*.xml initrd-novirtio.img cmdline-novirtio
+# The guest wrote to its disks: the images must be unchanged.
+sha256sum -c /data/sums >/dev/null && echo "BOOT-RESULT images-unchanged rc=0" || echo "BOOT-RESULT images-unchanged rc=1"
+EOF
+
+log=$(mktemp "${TMPDIR:-/tmp}/boot-check.XXXXXX.log")
+"$repo/scripts/nested-kvm.sh" --data "$data" --script "$data/checks.sh" --bin "$bin" --timeout 1500 --log "$log" >/dev/null || true
+
+pass=0 fail=0
+# expect NAME RC PATTERN: the result line of NAME has rc=RC and matches PATTERN.
+expect() {
+    local line
+    line=$(grep -a "^BOOT-RESULT $1 " "$log" | tail -n1 | tr -d '\r')
+    if [ -n "$line" ] && [[ $line == *"rc=$2"* ]] && [[ $line =~ $3 ]]; then
+        echo "BOOT-CHECK $1: ok ($line)"
+        pass=$((pass + 1))
+    else
+        echo "BOOT-CHECK $1: FAILED (expected rc=$2 and /$3/; got: ${line:-no result})"
+        grep -a "BOOT-CONSOLE $1" "$log" || true
+        fail=$((fail + 1))
+    fi
+}
+expect debian 0 '"verdict":"booted"'
+expect debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'
+expect images-unchanged 0 ''
+grep -a "BOOT-CONSOLE" "$log" || true
+if [ "$fail" -gt 0 ]; then
+    echo "boot-check: the outer VM's console is in $log"
+fi
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
