@@ -117,16 +117,6 @@ fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
 
 /// Runs `vm boot`.
 pub fn run(args: &VmBootArgs) -> Result<i32> {
-    match (vmshift_kvm::kvm_status(), args.engine) {
-        (KvmStatus::Missing, _) => {
-            bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
-        }
-        (KvmStatus::Pvm, None) => bail!(
-            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
-             run vm boot on a host with hardware KVM (kvm-intel or kvm-amd), or pass --engine kvm to try anyway"
-        ),
-        _ => {}
-    }
     let overlay_limit = vmshift_model::parse_size(&args.overlay_limit)
         .map_err(|e| anyhow!("--overlay-limit {}: {e}", args.overlay_limit))?;
     let (memory, disks, notes) = if is_descriptor(&args.vm, args.from) {
@@ -142,6 +132,17 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         (1024, vec![disk], Vec::new())
     };
     let memory = args.memory.unwrap_or(memory);
+    // The input is checked first: its errors do not depend on the host.
+    match (vmshift_kvm::kvm_status(), args.engine) {
+        (KvmStatus::Missing, _) => {
+            bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
+        }
+        (KvmStatus::Pvm, None) => bail!(
+            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
+             run vm boot on a host with hardware KVM (kvm-intel or kvm-amd), or pass --engine kvm to try anyway"
+        ),
+        _ => {}
+    }
     let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
     if args.output == BootOutput::Human {
         for n in &notes {
