@@ -20,6 +20,7 @@ command -v xmllint >/dev/null || missing+=(libxml2-utils)
 # Partition tables to compare with: sfdisk/fdisk (fdisk) and sgdisk (gdisk).
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v sgdisk >/dev/null || missing+=(gdisk)
+command -v mke2fs >/dev/null || missing+=(e2fsprogs)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
 # VMs, cpio and lz4 for the initramfs and kernel it assembles.
 command -v debootstrap >/dev/null || missing+=(debootstrap)

@@ -146,15 +146,18 @@ pub struct VmBootArgs {
     /// when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<FormatArg>,
-    /// The kernel to boot (bzImage or uncompressed ELF vmlinux).
+    /// The kernel to boot (bzImage or uncompressed ELF vmlinux) instead of
+    /// the guest's own (the default entry of its grub.cfg or BootLoaderSpec
+    /// entries, read from its disks).
     #[arg(long, value_name = "FILE")]
-    pub kernel: PathBuf,
-    /// The initramfs.
-    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// The initramfs (with --kernel; default: none).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// The kernel command line (`console=ttyS0` is added when missing).
-    #[arg(long, value_name = "ARGS", default_value = "")]
-    pub append: String,
+    /// The kernel command line instead of the guest's own (`console=ttyS0`
+    /// is added when missing).
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
     /// Guest memory in MiB (default: the VM's own; 1024 for a bare disk).
     #[arg(long, value_name = "MiB")]
     pub memory: Option<u64>,

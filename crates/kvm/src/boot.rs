@@ -3,9 +3,7 @@
 //! and GDT the 64-bit entry point expects (Documentation/arch/x86/boot.rst,
 //! "64-bit BOOT PROTOCOL").
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::Cursor;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
@@ -41,20 +39,38 @@ pub struct LoadedKernel {
     pub header: linux_loader::loader::bootparam::setup_header,
 }
 
+/// A kernel or initramfs in memory, with the name messages use.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// Where it came from (a path, or a path inside the guest).
+    pub name: String,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+impl Blob {
+    /// Reads a file.
+    pub fn read(path: &std::path::Path) -> Result<Blob> {
+        let data = std::fs::read(path).map_err(|e| Error::Kernel {
+            name: path.display().to_string(),
+            msg: format!("cannot read: {e}"),
+        })?;
+        Ok(Blob {
+            name: path.display().to_string(),
+            data,
+        })
+    }
+}
+
 /// Loads a bzImage or an uncompressed ELF `vmlinux` (told apart by the ELF
 /// magic).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+pub fn load_kernel(mem: &GuestMemoryMmap, blob: &Blob) -> Result<LoadedKernel> {
     let kernel_err = |msg: String| Error::Kernel {
-        path: path.to_path_buf(),
+        name: blob.name.clone(),
         msg,
     };
-    let mut file = File::open(path).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
-    let mut magic = [0u8; 4];
-    file.read_exact(&mut magic)
-        .map_err(|e| kernel_err(format!("cannot read its first bytes: {e}")))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| kernel_err(e.to_string()))?;
-    if magic == *b"\x7fELF" {
+    let mut file = Cursor::new(&blob.data[..]);
+    if blob.data.starts_with(b"\x7fELF") {
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM)))
             .map_err(|e| kernel_err(format!("not a loadable x86-64 ELF kernel: {e}")))?;
         let mut header = linux_loader::loader::bootparam::setup_header {
@@ -101,13 +117,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
 /// and above the kernel. Returns its guest address and size.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    blob: &Blob,
     kernel: &LoadedKernel,
 ) -> Result<(u64, u64)> {
-    let data = std::fs::read(path).map_err(|e| Error::Kernel {
-        path: path.to_path_buf(),
-        msg: format!("cannot read the initramfs: {e}"),
-    })?;
+    let data = &blob.data;
     let size = data.len() as u64;
     let low_end = mem
         .iter()
@@ -120,12 +133,12 @@ pub fn load_initrd(
     let addr = top.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(a) if a >= kernel.end => {
-            mem.write_slice(&data, GuestAddress(a))
+            mem.write_slice(data, GuestAddress(a))
                 .map_err(|e| Error::Memory(format!("writing the initramfs at {a:#x}: {e}")))?;
             Ok((a, size))
         }
         _ => Err(Error::Kernel {
-            path: path.to_path_buf(),
+            name: blob.name.clone(),
             msg: format!(
                 "the initramfs ({} MiB) does not fit in guest memory between the kernel and {top:#x}; give the VM more memory (--memory)",
                 size >> 20

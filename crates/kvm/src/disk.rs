@@ -5,6 +5,7 @@
 //! running out of memory.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use vmshift_image::ImageReader;
 
@@ -38,7 +39,7 @@ pub enum DiskError {
 /// A disk image with a write overlay.
 #[derive(Debug)]
 pub struct OverlayDisk {
-    base: Box<dyn ImageReader>,
+    base: Arc<dyn ImageReader>,
     blocks: BTreeMap<u64, Box<[u8]>>,
     limit: u64,
     size: u64,
@@ -46,7 +47,7 @@ pub struct OverlayDisk {
 
 impl OverlayDisk {
     /// Wraps `base`; at most `limit` bytes of guest writes are kept.
-    pub fn new(base: Box<dyn ImageReader>, limit: u64) -> Self {
+    pub fn new(base: Arc<dyn ImageReader>, limit: u64) -> Self {
         let size = base.size();
         OverlayDisk {
             base,
@@ -144,7 +145,7 @@ mod tests {
     use std::io::Write;
     use vmshift_image::{open_image, OpenOptions};
 
-    fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, Box<dyn ImageReader>) {
+    fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, Arc<dyn ImageReader>) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
         f.flush().unwrap();
@@ -154,7 +155,7 @@ mod tests {
             &OpenOptions::default(),
         )
         .unwrap();
-        (f, r)
+        (f, Arc::from(r))
     }
 
     #[test]

@@ -21,10 +21,10 @@ pub enum Error {
     #[error("guest memory: {0}")]
     Memory(String),
     /// The kernel or initramfs could not be loaded.
-    #[error("{}: {msg}", path.display())]
+    #[error("{name}: {msg}")]
     Kernel {
-        /// The file.
-        path: PathBuf,
+        /// The file (a host path or a path in the guest).
+        name: String,
         /// What is wrong with it.
         msg: String,
     },

@@ -22,6 +22,7 @@ pub mod verdict;
 pub mod virtio;
 mod vmm;
 
+pub use boot::Blob;
 pub use error::{Error, Result};
 pub use verdict::{FailureCause, Verdict, Watcher};
 pub use vmm::{boot, kvm_status, BootConfig, BootReport, DiskBus, DiskSpec, KvmStatus};

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmshift_image::ImageReader;
 
+use crate::boot::Blob;
 use crate::devices::{ConsoleSink, Devices, IrqTrigger, ResetTrigger, Stop, StopSignal};
 use crate::disk::OverlayDisk;
 use crate::error::{Error, Result};
@@ -37,7 +38,7 @@ pub enum DiskBus {
 #[derive(Debug)]
 pub struct DiskSpec {
     /// The image, read through vmshift's drivers.
-    pub image: Box<dyn ImageReader>,
+    pub image: Arc<dyn ImageReader>,
     /// Where it sits.
     pub bus: DiskBus,
     /// The serial the guest sees.
@@ -52,9 +53,9 @@ pub struct BootConfig {
     /// Number of vCPUs (1..=64).
     pub vcpus: u8,
     /// The kernel: bzImage or ELF vmlinux.
-    pub kernel: PathBuf,
+    pub kernel: Blob,
     /// The initramfs.
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<Blob>,
     /// The kernel command line (`console=ttyS0` is added when missing).
     pub cmdline: String,
     /// The disks, in the VM's order.

@@ -1,11 +1,12 @@
 //! `vmshift vm boot`: boots a VM on vmshift-kvm and reports the verdict.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
-use vmshift_kvm::{BootConfig, DiskBus, DiskSpec, FailureCause, KvmStatus, Verdict};
+use vmshift_kvm::{Blob, BootConfig, DiskBus, DiskSpec, FailureCause, KvmStatus, Verdict};
 use vmshift_model::{Bus, DeviceKind, Vm};
 
 use crate::args::{BootOutput, VmBootArgs, VmFormatArg};
@@ -83,7 +84,7 @@ fn vm_disks(args: &VmBootArgs) -> Result<(Vm, Vec<DiskSpec>, Vec<String>)> {
         })?;
         let (_, image) = resolver.open(src)?;
         disks.push(DiskSpec {
-            image,
+            image: Arc::from(image),
             bus,
             serial: format!("vmshift{i}"),
         });
@@ -125,14 +126,49 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
     } else {
         let image = crate::cmd::open(&args.vm, args.format, &args.gate, true)?;
         let disk = DiskSpec {
-            image,
+            image: Arc::from(image),
             bus: DiskBus::VirtioBlk,
             serial: "vmshift0".into(),
         };
         (1024, vec![disk], Vec::new())
     };
     let memory = args.memory.unwrap_or(memory);
-    // The input is checked first: its errors do not depend on the host.
+    let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
+    if args.output == BootOutput::Human {
+        for n in &notes {
+            eprintln!("vmshift: {n}");
+        }
+    }
+    // The kernel: the one given, or the guest's own from its disks.
+    let (kernel, initrd, guest_cmdline, kernel_source) = match &args.kernel {
+        Some(k) => (
+            Blob::read(k)?,
+            args.initrd.as_deref().map(Blob::read).transpose()?,
+            String::new(),
+            k.display().to_string(),
+        ),
+        None => {
+            let images: Vec<_> = disks.iter().map(|d| d.image.clone()).collect();
+            let e = vmshift_guest::find_boot_entry(&images)?;
+            let source = format!("{} ({}, \"{}\")", e.kernel_path, e.source, e.title);
+            let initrd = e.initrd.map(|(name, data)| Blob { name, data });
+            (
+                Blob {
+                    name: e.kernel_path,
+                    data: e.kernel,
+                },
+                initrd,
+                e.cmdline,
+                source,
+            )
+        }
+    };
+    let cmdline = args.append.clone().unwrap_or(guest_cmdline);
+    if args.output == BootOutput::Human {
+        eprintln!("vmshift: kernel {kernel_source}");
+    }
+    // The input is checked first (its errors do not depend on the host),
+    // then the host.
     match (vmshift_kvm::kvm_status(), args.engine) {
         (KvmStatus::Missing, _) => {
             bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
@@ -143,18 +179,12 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         ),
         _ => {}
     }
-    let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
-    if args.output == BootOutput::Human {
-        for n in &notes {
-            eprintln!("vmshift: {n}");
-        }
-    }
     let report = vmshift_kvm::boot(BootConfig {
         memory_mib: memory,
         vcpus: args.cpus,
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        cmdline: args.append.clone(),
+        kernel,
+        initrd,
+        cmdline,
         disks,
         overlay_limit,
         console_log: args.console_log.clone(),
@@ -181,6 +211,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
                 "seconds": (secs * 1000.0).round() / 1000.0,
                 "first-exit-ms": report.first_exit.map(|d| d.as_secs_f64() * 1000.0),
                 "engine": "kvm",
+                "kernel": kernel_source,
                 "memory-mib": memory,
                 "cmdline": report.cmdline,
                 "fix": fix,

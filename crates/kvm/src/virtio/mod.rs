@@ -72,7 +72,7 @@ pub(crate) mod testing {
     const USED: u64 = 0x2000;
 
     /// A raw image file holding `bytes`, opened through vmshift's reader.
-    pub fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, Box<dyn ImageReader>) {
+    pub fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, std::sync::Arc<dyn ImageReader>) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
         f.flush().unwrap();
@@ -82,7 +82,7 @@ pub(crate) mod testing {
             &OpenOptions::default(),
         )
         .unwrap();
-        (f, r)
+        (f, std::sync::Arc::from(r))
     }
 
     pub struct GuestQueue {

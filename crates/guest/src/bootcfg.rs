@@ -1,0 +1,462 @@
+//! The kernel, initramfs and command line a Linux guest boots with, read
+//! from its disks: GRUB's `grub.cfg` (the default entry, or the first),
+//! BootLoaderSpec entries (`blscfg`, with `$kernelopts` from `grubenv`),
+//! or Debian's `/vmlinuz` and `/initrd.img` links with the file system's
+//! UUID as root.
+
+use std::sync::Arc;
+
+use vmshift_image::ImageReader;
+
+use crate::fs::{filesystems, Filesystem};
+use crate::{Error, Result, MAX_BOOT_FILE};
+
+/// What the guest's boot loader would boot.
+#[derive(Debug, Clone)]
+pub struct BootEntry {
+    /// Where the configuration was found ("disk.qcow2 partition 1:
+    /// /boot/grub/grub.cfg").
+    pub source: String,
+    /// The entry's title.
+    pub title: String,
+    /// The kernel's path on its file system.
+    pub kernel_path: String,
+    /// The kernel image.
+    pub kernel: Vec<u8>,
+    /// The initramfs path and bytes.
+    pub initrd: Option<(String, Vec<u8>)>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// A boot entry as the configuration states it (paths not yet read).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EntrySpec {
+    /// Title.
+    pub title: String,
+    /// Kernel path.
+    pub linux: String,
+    /// Initramfs paths (GRUB may list several; the first is used... all are
+    /// concatenated by GRUB, and so here).
+    pub initrd: Vec<String>,
+    /// Command line.
+    pub options: String,
+}
+
+/// Splits a GRUB command line into words, honouring single and double
+/// quotes and backslash escapes.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut has = false;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                has = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some('\''), c) => cur.push(c),
+            (_, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                has = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if has || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                    has = false;
+                }
+            }
+            (_, c) => cur.push(c),
+        }
+    }
+    if has || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Replaces `$name` and `${name}` with their values (unknown variables
+/// are empty, as in GRUB).
+fn expand(word: &str, vars: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut rest = word;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let (name, len) = if let Some(b) = after.strip_prefix('{') {
+            match b.find('}') {
+                Some(e) => (&b[..e], e + 2),
+                None => (b, b.len() + 1),
+            }
+        } else {
+            let e = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..e], e)
+        };
+        out.push_str(&vars(name).unwrap_or_default());
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A path as GRUB writes it, without a `(device)` prefix.
+fn grub_path(p: &str) -> String {
+    let p = if p.starts_with('(') {
+        p.find(')').map(|i| &p[i + 1..]).unwrap_or(p)
+    } else {
+        p
+    };
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("/{p}")
+    }
+}
+
+/// Reads `key=value` lines of a GRUB environment block.
+pub fn grubenv(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The entry GRUB boots by default from a `grub.cfg`: `set default=N`
+/// when it names a top-level menu entry by number, else the first. Returns
+/// `None` when the file has no menu entry with a `linux` line; `Some` of
+/// an empty `linux` when it uses `blscfg` instead.
+pub fn parse_grub_cfg(text: &str, env: &[(String, String)]) -> Option<EntrySpec> {
+    let vars = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut default: Option<usize> = None;
+    let mut top_items: Vec<Option<EntrySpec>> = Vec::new();
+    let mut depth = 0usize;
+    let mut current: Option<EntrySpec> = None;
+    let mut bls = false;
+    for raw in text.lines() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let w = words(line);
+        let Some(cmd) = w.first().map(String::as_str) else {
+            continue;
+        };
+        match cmd {
+            "menuentry" | "submenu" => {
+                if depth == 0 {
+                    if cmd == "menuentry" {
+                        current = Some(EntrySpec {
+                            title: w.get(1).cloned().unwrap_or_default(),
+                            ..Default::default()
+                        });
+                    } else {
+                        top_items.push(None);
+                    }
+                }
+                if line.ends_with('{') {
+                    depth += 1;
+                }
+            }
+            "}" => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    if let Some(e) = current.take() {
+                        top_items.push(Some(e));
+                    }
+                }
+            }
+            "set" if depth == 0 => {
+                if let Some(v) = w.get(1).and_then(|a| a.strip_prefix("default=")) {
+                    default = v.trim_matches('"').parse().ok();
+                }
+            }
+            "blscfg" => bls = true,
+            "linux" | "linux16" | "linuxefi" if depth == 1 => {
+                if let (Some(e), Some(k)) = (current.as_mut(), w.get(1)) {
+                    e.linux = grub_path(&expand(k, &vars));
+                    e.options = w[2..]
+                        .iter()
+                        .map(|a| expand(a, &vars))
+                        .filter(|a| !a.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                }
+            }
+            "initrd" | "initrd16" | "initrdefi" if depth == 1 => {
+                if let Some(e) = current.as_mut() {
+                    e.initrd = w[1..]
+                        .iter()
+                        .map(|a| grub_path(&expand(a, &vars)))
+                        .collect();
+                }
+            }
+            _ => {}
+        }
+    }
+    let pick = default
+        .and_then(|d| top_items.get(d).cloned().flatten())
+        .or_else(|| top_items.iter().flatten().next().cloned())
+        .filter(|e| !e.linux.is_empty());
+    match pick {
+        Some(e) => Some(e),
+        None if bls => Some(EntrySpec::default()),
+        None => None,
+    }
+}
+
+/// A BootLoaderSpec entry file (`/loader/entries/*.conf`).
+pub fn parse_bls(text: &str, env: &[(String, String)]) -> EntrySpec {
+    let vars = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut e = EntrySpec::default();
+    for line in text.lines() {
+        let line = line.trim();
+        let (k, v) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let v = v.trim();
+        match k {
+            "title" => e.title = v.to_string(),
+            "linux" => e.linux = grub_path(v),
+            "initrd" => e.initrd.push(grub_path(v)),
+            "options" => {
+                e.options = v
+                    .split_whitespace()
+                    .map(|a| expand(a, &vars))
+                    .filter(|a| !a.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
+/// Reads a whole file, refusing one larger than [`MAX_BOOT_FILE`].
+fn read_file(fs: &Filesystem, path: &str) -> Result<Vec<u8>> {
+    let err = |e: ext4_view::Ext4Error| Error::Fs {
+        place: fs.place.clone(),
+        msg: format!("{path}: {e}"),
+    };
+    let size = fs.fs.metadata(path).map_err(err)?.len();
+    if size > MAX_BOOT_FILE {
+        return Err(Error::TooLarge {
+            place: fs.place.clone(),
+            path: path.into(),
+            size,
+            max: MAX_BOOT_FILE,
+        });
+    }
+    fs.fs.read(path).map_err(err)
+}
+
+fn read_text(fs: &Filesystem, path: &str) -> Option<String> {
+    let size = fs.fs.metadata(path).ok()?.len();
+    (size <= 16 << 20)
+        .then(|| fs.fs.read(path).ok())
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The newest BootLoaderSpec entry under `dir` (highest file name, as
+/// GRUB's blscfg sorts them).
+fn newest_bls(fs: &Filesystem, env: &[(String, String)]) -> Option<(String, EntrySpec)> {
+    for dir in ["/loader/entries", "/boot/loader/entries"] {
+        let Ok(rd) = fs.fs.read_dir(dir) else {
+            continue;
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().as_str().unwrap_or_default().to_string())
+            .filter(|n| n.ends_with(".conf"))
+            .collect();
+        names.sort();
+        if let Some(n) = names.last() {
+            let path = format!("{dir}/{n}");
+            let text = read_text(fs, &path)?;
+            return Some((path, parse_bls(&text, env)));
+        }
+    }
+    None
+}
+
+/// Loads the files an entry names from `fs`.
+fn load(fs: &Filesystem, source: String, spec: EntrySpec) -> Result<BootEntry> {
+    let kernel = read_file(fs, &spec.linux)?;
+    let initrd = if spec.initrd.is_empty() {
+        None
+    } else {
+        // GRUB concatenates several initrd files (microcode first).
+        let mut data = Vec::new();
+        for p in &spec.initrd {
+            data.extend_from_slice(&read_file(fs, p)?);
+            if data.len() as u64 > MAX_BOOT_FILE {
+                return Err(Error::TooLarge {
+                    place: fs.place.clone(),
+                    path: p.into(),
+                    size: data.len() as u64,
+                    max: MAX_BOOT_FILE,
+                });
+            }
+        }
+        Some((spec.initrd.join(" "), data))
+    };
+    Ok(BootEntry {
+        source,
+        title: spec.title,
+        kernel_path: spec.linux,
+        kernel,
+        initrd,
+        cmdline: spec.options,
+    })
+}
+
+/// What one file system says the guest boots, if anything.
+fn entry_on(fs: &Filesystem) -> Option<Result<BootEntry>> {
+    for cfg in [
+        "/boot/grub/grub.cfg",
+        "/grub/grub.cfg",
+        "/boot/grub2/grub.cfg",
+        "/grub2/grub.cfg",
+    ] {
+        let Some(text) = read_text(fs, cfg) else {
+            continue;
+        };
+        let dir = &cfg[..cfg.rfind('/').unwrap_or(0)];
+        let env = read_text(fs, &format!("{dir}/grubenv"))
+            .map(|t| grubenv(&t))
+            .unwrap_or_default();
+        match parse_grub_cfg(&text, &env) {
+            Some(spec) if !spec.linux.is_empty() => {
+                return Some(load(fs, format!("{}: {cfg}", fs.place), spec));
+            }
+            Some(_) => {
+                if let Some((path, spec)) = newest_bls(fs, &env) {
+                    return Some(load(fs, format!("{}: {path}", fs.place), spec));
+                }
+            }
+            None => {}
+        }
+    }
+    // Debian's links, with this file system as root.
+    for (k, i) in [
+        ("/vmlinuz", "/initrd.img"),
+        ("/boot/vmlinuz", "/boot/initrd.img"),
+    ] {
+        if fs.fs.exists(k).unwrap_or(false) {
+            let initrd = if fs.fs.exists(i).unwrap_or(false) {
+                vec![i.to_string()]
+            } else {
+                Vec::new()
+            };
+            let spec = EntrySpec {
+                title: "Linux (the /vmlinuz link)".into(),
+                linux: k.into(),
+                initrd,
+                options: format!("root=UUID={} ro", fs.uuid),
+            };
+            return Some(load(fs, format!("{}: {k}", fs.place), spec));
+        }
+    }
+    None
+}
+
+/// Finds what the guest boots: the first disk, then the next, each
+/// partition in order.
+pub fn find_boot_entry(disks: &[Arc<dyn ImageReader>]) -> Result<BootEntry> {
+    let mut looked = Vec::new();
+    for d in disks {
+        looked.push(d.path().display().to_string());
+        for fs in filesystems(d.clone())? {
+            if let Some(e) = entry_on(&fs) {
+                return e;
+            }
+        }
+    }
+    Err(Error::NoBootConfig(looked.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEBIAN: &str = r#"
+set default="0"
+if [ x"${feature_menuentry_id}" = xy ]; then
+  menuentry_id_option="--id"
+fi
+menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --class os $menuentry_id_option 'gnulinux-simple-5b09' {
+	load_video
+	insmod ext2
+	search --no-floppy --fs-uuid --set=root 5b09
+	echo	'Loading Linux 6.1.0-50-cloud-amd64 ...'
+	linux	/boot/vmlinuz-6.1.0-50-cloud-amd64 root=UUID=5b09 ro  quiet
+	echo	'Loading initial ramdisk ...'
+	initrd	/boot/initrd.img-6.1.0-50-cloud-amd64
+}
+submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-advanced-5b09' {
+	menuentry 'Debian GNU/Linux, with Linux 6.1.0-50-cloud-amd64 (recovery mode)' {
+		linux	/boot/vmlinuz-6.1.0-50-cloud-amd64 root=UUID=5b09 ro single
+	}
+}
+"#;
+
+    #[test]
+    fn debian_grub_cfg_first_entry() {
+        let e = parse_grub_cfg(DEBIAN, &[]).unwrap();
+        assert_eq!(e.title, "Debian GNU/Linux");
+        assert_eq!(e.linux, "/boot/vmlinuz-6.1.0-50-cloud-amd64");
+        assert_eq!(e.initrd, vec!["/boot/initrd.img-6.1.0-50-cloud-amd64"]);
+        assert_eq!(e.options, "root=UUID=5b09 ro quiet");
+    }
+
+    #[test]
+    fn default_index_counts_submenus_and_falls_back_to_the_first() {
+        let cfg =
+            "set default=\"1\"\nmenuentry 'A' {\n linux /a\n}\nmenuentry 'B' {\n linux /b x=1\n}\n";
+        assert_eq!(parse_grub_cfg(cfg, &[]).unwrap().linux, "/b");
+        // default=1 names the submenu: the first entry is booted.
+        let cfg = DEBIAN.replace("set default=\"0\"", "set default=\"1\"");
+        assert_eq!(parse_grub_cfg(&cfg, &[]).unwrap().title, "Debian GNU/Linux");
+    }
+
+    #[test]
+    fn separate_boot_partition_paths_and_device_prefix() {
+        let cfg = "menuentry 'U' {\n linux ($root)/vmlinuz-5.15 root=/dev/mapper/vg-root ro $vt_handoff\n initrd /initrd.img-5.15\n}\n";
+        let e = parse_grub_cfg(cfg, &[]).unwrap();
+        assert_eq!(e.linux, "/vmlinuz-5.15");
+        assert_eq!(e.options, "root=/dev/mapper/vg-root ro");
+    }
+
+    #[test]
+    fn blscfg_with_kernelopts_from_grubenv() {
+        let cfg = "set default=\"${saved_entry}\"\ninsmod blscfg\nblscfg\n";
+        assert_eq!(parse_grub_cfg(cfg, &[]), Some(EntrySpec::default()));
+        let env = grubenv("# GRUB Environment Block\nkernelopts=root=/dev/mapper/rhel-root ro crashkernel=auto\n###");
+        let e = parse_bls(
+            "title Red Hat Enterprise Linux (4.18.0-477.el8.x86_64) 8.8\nversion 4.18.0\nlinux /vmlinuz-4.18.0-477.el8.x86_64\ninitrd /initramfs-4.18.0-477.el8.x86_64.img $tuned_initrd\noptions $kernelopts $tuned_params\n",
+            &env,
+        );
+        assert_eq!(e.linux, "/vmlinuz-4.18.0-477.el8.x86_64");
+        assert_eq!(e.options, "root=/dev/mapper/rhel-root ro crashkernel=auto");
+    }
+
+    #[test]
+    fn words_keep_quoted_spaces() {
+        assert_eq!(
+            words(r#"menuentry 'Debian GNU/Linux' --class "a b" x\ y"#),
+            vec!["menuentry", "Debian GNU/Linux", "--class", "a b", "x y"]
+        );
+    }
+
+    #[test]
+    fn no_menuentry_is_none() {
+        assert_eq!(parse_grub_cfg("set timeout=5\n", &[]), None);
+    }
+}

@@ -1,0 +1,55 @@
+//! Read-only access to what is inside a guest's disks, over vmshift's own
+//! [`ImageReader`]s: partitions (MBR, GPT), ext2/3/4 file systems (with
+//! `ext4-view`), and the boot configuration a Linux guest boots with (its
+//! GRUB `grub.cfg`, BootLoaderSpec entries, or Debian's `/vmlinuz`
+//! links).
+//!
+//! Nothing here writes: the images are only read through `read_at`.
+
+#![deny(missing_docs)]
+
+pub mod bootcfg;
+pub mod fs;
+
+use std::path::PathBuf;
+
+pub use bootcfg::{find_boot_entry, BootEntry};
+pub use fs::{filesystems, Filesystem};
+
+/// The largest kernel or initramfs read from a guest.
+pub const MAX_BOOT_FILE: u64 = 1 << 30;
+
+/// What went wrong reading a guest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The disk image could not be read.
+    #[error(transparent)]
+    Image(#[from] vmshift_image::Error),
+    /// A file system could not be read.
+    #[error("{place}: {msg}")]
+    Fs {
+        /// Disk and partition.
+        place: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// No boot configuration was found.
+    #[error("no Linux boot configuration found on {0} (looked for grub.cfg, BootLoaderSpec entries and /boot/vmlinuz on every ext2/3/4 file system); give --kernel and --initrd")]
+    NoBootConfig(String),
+    /// A boot file is too large to load.
+    #[error("{place}: {path} is {size} bytes, more than vmshift loads ({max})")]
+    TooLarge {
+        /// Disk and partition.
+        place: String,
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
