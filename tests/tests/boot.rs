@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vmshift_tests::vmshift;
+use vmshift_tests::{json, sfdisk, sparse_disk, tool_ok, vmshift};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms")
@@ -58,9 +58,155 @@ fn bad_overlay_limit_is_an_error_naming_the_flag() {
 }
 
 #[test]
-fn missing_kernel_argument_is_a_usage_error() {
+fn initrd_without_kernel_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
-    let o = vmshift(dir.path(), &["vm", "boot", "d.raw"]);
+    let o = vmshift(dir.path(), &["vm", "boot", "--initrd", "i", "d.raw"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--kernel"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_disk_without_linux_says_to_give_a_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    let o = vmshift(dir.path(), &["vm", "boot", "-f", "raw", "d.raw"]);
+    assert_eq!(o.status.code(), Some(4));
+    let e = stderr(&o);
+    assert!(e.contains("no Linux boot configuration found"), "{e}");
+}
+
+/// A 64 MiB GPT disk (sfdisk) with ext4 (mke2fs -d, a known UUID) in
+/// partition 1 at 1 MiB, as raw, qcow2 and streamOptimized VMDK.
+fn probe_disks(dir: &Path) {
+    sparse_disk(dir, "d.raw", 64 << 20);
+    sfdisk(
+        dir,
+        "d.raw",
+        "label: gpt\nstart=2048, size=40960, type=L\nsize=20480, type=L\n",
+    );
+    std::fs::create_dir_all(dir.join("tree")).unwrap();
+    std::fs::write(dir.join("tree/hello"), b"hello").unwrap();
+    tool_ok(
+        dir,
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-U",
+            "0d15ea5e-0000-4000-8000-0123456789ab",
+            "-d",
+            "tree",
+            "-E",
+            "offset=1048576",
+            "d.raw",
+            "20480k",
+        ],
+    );
+    tool_ok(
+        dir,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "d.raw", "d.qcow2"],
+    );
+    tool_ok(
+        dir,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "d.raw",
+            "d.vmdk",
+        ],
+    );
+}
+
+fn probe_lines(dir: &Path, disk: &str) -> (Option<i32>, Vec<String>) {
+    let o = vmshift(
+        dir,
+        &[
+            "vm",
+            "boot",
+            "--probe",
+            "--timeout",
+            "30",
+            "--output",
+            "json",
+            disk,
+        ],
+    );
+    let v = json(&o.stdout);
+    let lines = v["console-tail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .filter(|l| l.starts_with("VMSHIFT-PROBE"))
+        .collect();
+    (o.status.code(), lines)
+}
+
+#[test]
+fn probe_guest_reads_the_same_disk_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    probe_disks(dir.path());
+    let (code, raw) = probe_lines(dir.path(), "d.raw");
+    assert_eq!(code, Some(0), "{raw:?}");
+    assert_eq!(
+        raw,
+        vec![
+            "VMSHIFT-PROBE start",
+            "VMSHIFT-PROBE disk 00:01.0 virtio-blk sectors 131072",
+            "VMSHIFT-PROBE table gpt entries 128",
+            "VMSHIFT-PROBE part 1 start 2048 sectors 40960",
+            "VMSHIFT-PROBE part 2 start 43008 sectors 20480",
+            "VMSHIFT-PROBE fs ext magic 0xef53 blocks 20480 uuid 0d15ea5e-0000-4000-8000-0123456789ab",
+            "VMSHIFT-PROBE done",
+        ]
+    );
+    for f in ["d.qcow2", "d.vmdk"] {
+        assert_eq!(probe_lines(dir.path(), f), (Some(0), raw.clone()), "{f}");
+    }
+}
+
+#[test]
+fn probe_of_a_damaged_image_fails_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    probe_disks(dir.path());
+    // Point the qcow2's first L2 entry (guest offset 0: the MBR) past the
+    // end of the file.
+    let path = dir.path().join("d.qcow2");
+    let mut q = std::fs::read(&path).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&q, 40) as usize;
+    let l2 = (be(&q, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = (1u64 << 63) | (1u64 << 40);
+    q[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(&path, &q).unwrap();
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm",
+            "boot",
+            "--probe",
+            "--timeout",
+            "30",
+            "--output",
+            "json",
+            "d.qcow2",
+        ],
+    );
+    let v = json(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{v}");
+    assert_eq!(v["cause"], "probe-error");
+    assert!(
+        v["line"]
+            .as_str()
+            .unwrap()
+            .contains("error reading the MBR"),
+        "{v}"
+    );
 }

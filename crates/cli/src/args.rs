@@ -194,9 +194,16 @@ pub struct VmBootArgs {
     pub roots: DiskRootArgs,
     #[command(flatten)]
     pub gate: GateArgs,
+    /// Boot the built-in probe guest instead of a kernel: it reads each
+    /// disk (given as images, each on virtio-blk) through vmshift-kvm and
+    /// vmshift's disk drivers and prints its partition table and first
+    /// file system. A self-test that runs on any /dev/kvm, kvm_pvm too.
+    #[arg(long, conflicts_with_all = ["kernel", "append", "expect", "from"])]
+    pub probe: bool,
     /// A VM descriptor (.vmx, libvirt .xml, Proxmox .conf, .ovf, .ova) or a
-    /// disk image.
-    pub vm: PathBuf,
+    /// disk image; with --probe, one or more disk images.
+    #[arg(required = true, value_name = "VM-OR-DISK")]
+    pub vm: Vec<PathBuf>,
 }
 
 /// A descriptor format on the command line.

@@ -23,6 +23,20 @@ pub mod virtio;
 mod vmm;
 
 pub use boot::Blob;
+
+/// The probe guest (crates/kvm/probe/probe.rs), a freestanding ELF built
+/// by build.rs: booted instead of a kernel, it reads each virtio-blk disk
+/// by polling and prints its partition table and first file system to
+/// COM1, each line starting with `VMSHIFT-PROBE`.
+pub const PROBE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+
+/// The probe guest as a kernel to boot.
+pub fn probe_kernel() -> Blob {
+    Blob {
+        name: "the built-in probe guest".into(),
+        data: PROBE_ELF.to_vec(),
+    }
+}
 pub use error::{Error, Result};
 pub use verdict::{FailureCause, Verdict, Watcher};
 pub use vmm::{boot, kvm_status, BootConfig, BootReport, DiskBus, DiskSpec, KvmStatus};

@@ -32,6 +32,8 @@ pub enum FailureCause {
     PowerOff,
     /// The virtual machine itself stopped (a KVM error).
     VmError,
+    /// The probe guest could not read a disk.
+    ProbeError,
 }
 
 impl FailureCause {
@@ -45,6 +47,7 @@ impl FailureCause {
             FailureCause::Reset => "the guest reset before user space came up",
             FailureCause::PowerOff => "the guest powered off before user space came up",
             FailureCause::VmError => "the virtual machine stopped with an error",
+            FailureCause::ProbeError => "the probe guest could not read a disk",
         }
     }
 }
@@ -127,6 +130,20 @@ impl Watcher {
             line: Vec::new(),
             verdict: None,
         })
+    }
+
+    /// A watcher for the probe guest: its `done` line, or its `failed`.
+    pub fn probe() -> Self {
+        Watcher {
+            success: vec![Regex::new(r"^VMSHIFT-PROBE done$").expect("valid pattern")],
+            prompt: None,
+            failures: vec![(
+                FailureCause::ProbeError,
+                Regex::new(r"^VMSHIFT-PROBE (failed|error)").expect("valid pattern"),
+            )],
+            line: Vec::new(),
+            verdict: None,
+        }
     }
 
     /// Feeds console bytes; returns the verdict once it is known (and the
@@ -310,6 +327,24 @@ mod tests {
                 cause: FailureCause::RootNotFound,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn probe_error_line_is_a_failure() {
+        let mut w = Watcher::probe();
+        let v = w.feed(b"VMSHIFT-PROBE start\nVMSHIFT-PROBE error reading the MBR status 1\n");
+        assert!(matches!(
+            v,
+            Some(Verdict::Failed {
+                cause: FailureCause::ProbeError,
+                ..
+            })
+        ));
+        let mut w = Watcher::probe();
+        assert!(matches!(
+            w.feed(b"VMSHIFT-PROBE done\n"),
+            Some(Verdict::Booted { .. })
         ));
     }
 

@@ -69,6 +69,8 @@ pub struct BootConfig {
     /// The success pattern (default: a login prompt or systemd's
     /// multi-user/graphical target).
     pub expect: Option<String>,
+    /// The kernel is the probe guest: its own lines decide.
+    pub probe: bool,
     /// How long to wait for a verdict.
     pub timeout: Duration,
 }
@@ -328,8 +330,12 @@ fn build_devices(
         )?)),
         None => None,
     };
-    let watcher = Watcher::new(config.expect.as_deref())
-        .map_err(|e| Error::Config(format!("--expect: {e}")))?;
+    let watcher = if config.probe {
+        Watcher::probe()
+    } else {
+        Watcher::new(config.expect.as_deref())
+            .map_err(|e| Error::Config(format!("--expect: {e}")))?
+    };
     let sink = ConsoleSink {
         log,
         echo: config.console_echo,
@@ -416,7 +422,10 @@ fn run_vcpu(
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::InternalError) => {
-                stop.stop(Stop::Error("KVM internal error (emulation failure)".into()))
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                stop.stop(Stop::Error(format!(
+                    "KVM internal error (emulation failure) at guest address {rip:#x}"
+                )))
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => stop.stop(Stop::Error(format!(
                 "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"

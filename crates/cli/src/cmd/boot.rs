@@ -62,8 +62,8 @@ fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> Result<DiskBus> {
 /// The disks of a descriptor, opened through the same resolution as `vm
 /// convert`, with their buses; CD-ROMs and empty drives are left out and
 /// listed in the returned notes.
-fn vm_disks(args: &VmBootArgs) -> Result<(Vm, Vec<DiskSpec>, Vec<String>)> {
-    let l = load(&args.vm, args.from)?;
+fn vm_disks(args: &VmBootArgs, path: &Path) -> Result<(Vm, Vec<DiskSpec>, Vec<String>)> {
+    let l = load(path, args.from)?;
     let vm = l.lowered.vm.clone();
     let resolver = Resolver::new(&l.path, l.archive, &args.roots)?;
     let mut disks = Vec::new();
@@ -90,7 +90,7 @@ fn vm_disks(args: &VmBootArgs) -> Result<(Vm, Vec<DiskSpec>, Vec<String>)> {
         });
     }
     if disks.is_empty() {
-        bail!("{}: the VM has no disk to boot", args.vm.display());
+        bail!("{}: the VM has no disk to boot", path.display());
     }
     Ok((vm, disks, notes))
 }
@@ -120,17 +120,29 @@ fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
 pub fn run(args: &VmBootArgs) -> Result<i32> {
     let overlay_limit = vmshift_model::parse_size(&args.overlay_limit)
         .map_err(|e| anyhow!("--overlay-limit {}: {e}", args.overlay_limit))?;
-    let (memory, disks, notes) = if is_descriptor(&args.vm, args.from) {
-        let (vm, disks, notes) = vm_disks(args)?;
-        (vm.memory_mib, disks, notes)
-    } else {
-        let image = crate::cmd::open(&args.vm, args.format, &args.gate, true)?;
-        let disk = DiskSpec {
-            image: Arc::from(image),
+    let bare = |(i, p): (usize, &std::path::PathBuf)| -> Result<DiskSpec> {
+        Ok(DiskSpec {
+            image: Arc::from(crate::cmd::open(p, args.format, &args.gate, true)?),
             bus: DiskBus::VirtioBlk,
-            serial: "vmshift0".into(),
-        };
-        (1024, vec![disk], Vec::new())
+            serial: format!("vmshift{i}"),
+        })
+    };
+    let (memory, disks, notes) = match args.vm.as_slice() {
+        _ if args.probe => (
+            256,
+            args.vm
+                .iter()
+                .enumerate()
+                .map(bare)
+                .collect::<Result<_>>()?,
+            Vec::new(),
+        ),
+        [one] if is_descriptor(one, args.from) => {
+            let (vm, disks, notes) = vm_disks(args, one)?;
+            (vm.memory_mib, disks, notes)
+        }
+        [one] => (1024, vec![bare((0, one))?], Vec::new()),
+        _ => bail!("vm boot takes one VM or disk (several disks only with --probe)"),
     };
     let memory = args.memory.unwrap_or(memory);
     let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
@@ -141,6 +153,12 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
     }
     // The kernel: the one given, or the guest's own from its disks.
     let (kernel, initrd, guest_cmdline, kernel_source) = match &args.kernel {
+        _ if args.probe => (
+            vmshift_kvm::probe_kernel(),
+            None,
+            String::new(),
+            "the built-in probe guest".to_string(),
+        ),
         Some(k) => (
             Blob::read(k)?,
             args.initrd.as_deref().map(Blob::read).transpose()?,
@@ -164,12 +182,16 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         }
     };
     let cmdline = args.append.clone().unwrap_or(guest_cmdline);
+    let engine = args
+        .engine
+        .or(args.probe.then_some(crate::args::EngineArg::Kvm));
     if args.output == BootOutput::Human {
         eprintln!("vmshift: kernel {kernel_source}");
     }
     // The input is checked first (its errors do not depend on the host),
     // then the host.
-    match (vmshift_kvm::kvm_status(), args.engine) {
+    // The probe guest runs on kvm_pvm too.
+    match (vmshift_kvm::kvm_status(), engine) {
         (KvmStatus::Missing, _) => {
             bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
         }
@@ -190,6 +212,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         console_log: args.console_log.clone(),
         console_echo: args.console,
         expect: args.expect.clone(),
+        probe: args.probe,
         timeout: Duration::from_secs(args.timeout),
     })?;
     let secs = report.elapsed.as_secs_f64();
@@ -209,7 +232,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
                 "cause-text": cause.map(|c| c.describe()),
                 "line": line,
                 "seconds": (secs * 1000.0).round() / 1000.0,
-                "first-exit-ms": report.first_exit.map(|d| d.as_secs_f64() * 1000.0),
+                "first-exit-ms": report.first_exit.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 "engine": "kvm",
                 "kernel": kernel_source,
                 "memory-mib": memory,
@@ -223,7 +246,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         BootOutput::Human => {
             match (&report.verdict, cause) {
                 (Verdict::Booted { line }, _) => {
-                    println!("booted in {secs:.1} s: {}", line.trim())
+                    println!("booted in {secs:.3} s: {}", line.trim())
                 }
                 (Verdict::Failed { line, .. }, Some(c)) => {
                     println!(
@@ -236,6 +259,13 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
             }
             if let Some(f) = &fix {
                 println!("likely fix: {f}");
+            }
+            if args.probe && !args.console {
+                for l in report.console_tail.lines() {
+                    if l.starts_with("VMSHIFT-PROBE ") {
+                        println!("{}", l.trim_end_matches('\r'));
+                    }
+                }
             }
             if code != EXIT_BOOTED && !args.console {
                 println!("--- the end of the guest's console ---");
