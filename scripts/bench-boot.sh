@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Boot benchmarks for vmshift-kvm, side by side with QEMU.
+#
+# 1. On this host's /dev/kvm (any kind, kvm_pvm too): `vm boot --probe` on a
+#    small partitioned raw disk, N runs: launcher start -> first guest exit
+#    (vm boot's first-exit-ms), start -> the probe's "done" line, and the
+#    process's peak RSS (guest RAM is mapped lazily; what the probe touches
+#    is counted too, so this is an upper bound on the VMM's own memory).
+# 2. In nested KVM (scripts/nested-kvm.sh), on the same kernel, initramfs
+#    and converted disk (the bootvm fixture, converted by vm convert):
+#    `vmshift vm boot` vs `qemu-system-x86_64 -accel kvm` on q35
+#    (virtio-scsi, as the converted VM) and microvm (virtio-blk), time from
+#    process start to "login:" on the console, measured the same way for
+#    all three (the console polled every 0.1 s). QEMU runs with
+#    snapshot=on, vmshift with its overlay: neither writes the image.
+#
+# Usage: scripts/bench-boot.sh [RUNS]     (default 20 probe runs; needs root)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:-20}
+bin=$repo/target/release/vmshift
+(cd "$repo" && cargo build --release --locked -p vmshift >/dev/null)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== probe guest on this host's /dev/kvm ($(test -d /sys/module/kvm_pvm && echo kvm_pvm || echo hardware KVM)), $runs runs"
+truncate -s 64M "$work/d.raw"
+printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/d.raw"
+mkdir -p "$work/tree" && echo hi >"$work/tree/hello"
+mke2fs -q -F -t ext4 -d "$work/tree" -E offset=1048576 "$work/d.raw" 64512k
+python3 - "$bin" "$work/d.raw" "$runs" <<'PY'
+import json, resource, statistics, subprocess, sys, time
+bin, disk, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+first, done, wall, rss = [], [], [], []
+for _ in range(runs):
+    t0 = time.perf_counter()
+    p = subprocess.run([bin, "vm", "boot", "--probe", "-f", "raw", "--output", "json", disk],
+                       capture_output=True, text=True)
+    wall.append((time.perf_counter() - t0) * 1000)
+    assert p.returncode == 0, p.stdout + p.stderr
+    v = json.loads(p.stdout)
+    first.append(v["first-exit-ms"]); done.append(v["seconds"] * 1000)
+    rss.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+med = statistics.median
+print(f"start -> first guest exit: median {med(first):.2f} ms (min {min(first):.2f})")
+print(f"start -> probe 'done':     median {med(done):.2f} ms (min {min(done):.2f})")
+print(f"process wall (exec to exit): median {med(wall):.2f} ms")
+print(f"peak RSS of a run: {max(rss):.1f} MiB (guest RAM 256 MiB, mapped lazily)")
+PY
+
+echo "== nested KVM: vmshift-kvm vs QEMU, same kernel, initramfs and disk"
+"$repo/fixtures/bootvm/build.sh" "$repo/target/bootvm" >/dev/null
+fx=$repo/target/bootvm
+mkdir -p "$work/data/kernel"
+"$bin" vm convert "$fx/debian/debian.vmx" --to libvirt --out "$work/data/debian" --target-dir /data/debian >/dev/null
+cp "$fx"/kernel/* "$work/data/kernel/"
+cat >"$work/data/bench.sh" <<'EOF'
+K=/data/kernel
+CMD="$(cat $K/cmdline) console=ttyS0"
+Q=$(ls /data/debian/*.qcow2); X=$(ls /data/debian/*.xml)
+now() { cut -d' ' -f1 /proc/uptime; }
+# run NAME COMMAND...: seconds from start to "login:" on its output.
+run() {
+    name=$1; shift
+    out=/tmp/$name.out; : >$out
+    t0=$(now)
+    "$@" </dev/null >$out 2>&1 &
+    pid=$!
+    while ! grep -q 'login:' $out; do
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    t=$(awk -v a=$t0 -v b=$(now) 'BEGIN{printf "%.2f", b-a}')
+    grep -q 'login:' $out && echo "BENCH $name $t" || echo "BENCH $name failed"
+    kill $pid 2>/dev/null; wait $pid 2>/dev/null
+}
+for round in 1 2; do
+run vmshift-kvm vmshift vm boot --console --timeout 300 --kernel $K/vmlinuz --initrd $K/initrd.img --append "$CMD" $X
+run qemu-q35 qemu-system-x86_64 -M q35 -accel kvm -cpu host -m 1024 -nodefaults -nographic -serial stdio -no-reboot \
+    -kernel $K/vmlinuz -initrd $K/initrd.img -append "$CMD" \
+    -device virtio-scsi-pci,id=scsi0 -drive file=$Q,format=qcow2,if=none,id=d0,snapshot=on -device scsi-hd,drive=d0,bus=scsi0.0
+run qemu-microvm qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 1024 -nodefaults -nographic -serial stdio -no-reboot \
+    -kernel $K/vmlinuz -initrd $K/initrd.img -append "$CMD" \
+    -drive file=$Q,format=qcow2,if=none,id=d0,snapshot=on -device virtio-blk-device,drive=d0
+done
+EOF
+log=$work/nested.log
+"$repo/scripts/nested-kvm.sh" --data "$work/data" --script "$work/data/bench.sh" --bin "$bin" --log "$log" >/dev/null || true
+grep -a '^BENCH' "$log" | tr -d '\r' | awk '
+    { n[$2]++; if ($3 != "failed") { s[$2] += $3; c[$2]++ } print }
+    END {
+        for (k in s) m[k] = s[k] / c[k]
+        printf "mean to login: vmshift-kvm %.2f s, qemu q35 %.2f s, qemu microvm %.2f s\n", m["vmshift-kvm"], m["qemu-q35"], m["qemu-microvm"]
+        if (m["qemu-q35"] > 0) printf "ratio vmshift-kvm / qemu q35: %.2f; / qemu microvm: %.2f\n", m["vmshift-kvm"] / m["qemu-q35"], m["vmshift-kvm"] / m["qemu-microvm"]
+    }'
