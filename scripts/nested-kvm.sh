@@ -45,7 +45,7 @@ done
 if [ ! -d "$data" ] || [ ! -f "$script" ]; then usage; fi
 for b in "${bins[@]}"; do [ -f "$b" ] || { echo "nested-kvm.sh: no file $b" >&2; exit 2; }; done
 qemu=/usr/bin/qemu-system-x86_64
-for tool in "$qemu" mke2fs cpio lz4 dpkg-deb apt-get; do
+for tool in "$qemu" mke2fs cpio lz4 dpkg-deb apt-get flock; do
     command -v "$tool" >/dev/null || { echo "nested-kvm.sh: $tool is missing" >&2; exit 2; }
 done
 t0=$(date +%s)
@@ -53,6 +53,7 @@ cache=${VMSHIFT_CACHE:-/var/cache/vmshift}
 log=${log:-$(mktemp /tmp/nested-kvm.XXXXXX.log)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/nested-kvm.XXXXXX")
 if [ "$keep" = 1 ]; then trap 'echo "nested-kvm.sh: work folder $work"' EXIT; else trap 'rm -rf "$work"' EXIT; fi
+trap 'exit 130' INT TERM HUP
 
 # --- kernel, modules and busybox from Debian, unpacked once into the cache --
 # The newest linux-image-<ver>-cloud-amd64 the cloud-amd64 metapackage pulls.
@@ -64,6 +65,9 @@ kdir=$cache/nested-$kver
 # Modules the outer VM loads: KVM, and virtio-mmio + virtio-blk for the data
 # disk (QEMU microvm describes its virtio-mmio devices in ACPI). ext4 is built in.
 modules=(irqbypass kvm kvm_amd virtio_mmio virtio_blk)
+mkdir -p "$cache"
+exec 9>"$cache/nested.lock"
+flock 9 # one unpacker at a time
 if [ ! -f "$kdir/.complete" ]; then
     mkdir -p "$cache/debs" "$work/x"
     # fetch_deb PACKAGE: the path of its .deb, downloaded unless cached.
@@ -109,7 +113,10 @@ if [ ! -f "$kdir/.complete" ]; then
         { echo "nested-kvm.sh: no LZ4 vmlinux in $bz" >&2; exit 1; }
     touch "$kdir/.complete"
     rm -rf "$work/x"
+    # Kernels unpacked for older package versions are not needed any more.
+    find "$cache" -maxdepth 1 -name 'nested-*' ! -path "$kdir" -exec rm -rf {} +
 fi
+flock -u 9
 
 # --- outer initramfs --------------------------------------------------------
 ir=$work/initramfs
@@ -186,8 +193,9 @@ append="console=ttyS0 reboot=t panic=-1 pci=off quiet"
 [ -z "$khz" ] || append="$append tsc_early_khz=$khz lpj=$((khz * 4))"
 echo "nested-kvm.sh: kernel $kver, initramfs $(du -h "$work/initramfs.cpio" | cut -f1), data $((size_kib / 1024)) MiB, prep $(($(date +%s) - t0)) s; log $log"
 for attempt in 1 2 3; do
-    # pic=off: with microvm's default 8259 PIC, 7 of 8 TCG boots here
-    # triple-faulted early (a stray vector-0 interrupt); 0 of 8 without it.
+    # pic=off: with microvm's default 8259 PIC, 7 of 8 TCG boots here died
+    # in early boot (a spurious vector-0 interrupt, then a triple fault);
+    # 0 of 8 without it.
     timeout -k 10 "$tmo" "$qemu" -M microvm,pic=off -accel tcg -cpu max -m "$mem" \
         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
         -kernel "$kdir/vmlinux" -initrd "$work/initramfs.cpio" -append "$append" \
@@ -200,7 +208,7 @@ for attempt in 1 2 3; do
     }
     break
 done
-rc=$(grep -ao 'NESTED-DONE rc=[0-9]*' "$log" | tail -n1 | cut -d= -f2)
+rc=$(grep -ao 'NESTED-DONE rc=[0-9]*' "$log" | tail -n1 | cut -d= -f2 || true)
 echo "nested-kvm.sh: wall $(($(date +%s) - t0)) s; log $log"
 if [ -z "$rc" ]; then
     echo "nested-kvm.sh: no NESTED-DONE line (timeout after ${tmo} s or crash)" >&2
