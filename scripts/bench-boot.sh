@@ -4,8 +4,8 @@
 # 1. On this host's /dev/kvm (any kind, kvm_pvm too): `vm boot --probe` on a
 #    small partitioned raw disk, N runs: launcher start -> first guest exit
 #    (vm boot's first-exit-ms), start -> the probe's "done" line, and the
-#    process's peak RSS (guest RAM is mapped lazily; what the probe touches
-#    is counted too, so this is an upper bound on the VMM's own memory).
+#    process's peak RSS from /usr/bin/time (guest RAM is mapped lazily;
+#    what the probe touches is counted too: an upper bound on the VMM's own).
 # 2. In nested KVM (scripts/nested-kvm.sh), on the same kernel, initramfs
 #    and converted disk (the bootvm fixture, converted by vm convert):
 #    `vmshift vm boot` vs `qemu-system-x86_64 -accel kvm` on q35
@@ -29,23 +29,23 @@ printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/d.raw"
 mkdir -p "$work/tree" && echo hi >"$work/tree/hello"
 mke2fs -q -F -t ext4 -d "$work/tree" -E offset=1048576 "$work/d.raw" 64512k
 python3 - "$bin" "$work/d.raw" "$runs" <<'PY'
-import json, resource, statistics, subprocess, sys, time
+import json, statistics, subprocess, sys, time
 bin, disk, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 first, done, wall, rss = [], [], [], []
 for _ in range(runs):
     t0 = time.perf_counter()
-    p = subprocess.run([bin, "vm", "boot", "--probe", "-f", "raw", "--output", "json", disk],
-                       capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", bin, "vm", "boot", "--probe", "-f", "raw",
+                        "--output", "json", disk], capture_output=True, text=True)
     wall.append((time.perf_counter() - t0) * 1000)
     assert p.returncode == 0, p.stdout + p.stderr
     v = json.loads(p.stdout)
     first.append(v["first-exit-ms"]); done.append(v["seconds"] * 1000)
-    rss.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    rss.append(int(p.stderr.strip().splitlines()[-1]) / 1024)
 med = statistics.median
 print(f"start -> first guest exit: median {med(first):.2f} ms (min {min(first):.2f})")
 print(f"start -> probe 'done':     median {med(done):.2f} ms (min {min(done):.2f})")
-print(f"process wall (exec to exit): median {med(wall):.2f} ms")
-print(f"peak RSS of a run: {max(rss):.1f} MiB (guest RAM 256 MiB, mapped lazily)")
+print(f"process wall (exec to exit, with /usr/bin/time): median {med(wall):.2f} ms")
+print(f"peak RSS of a run (/usr/bin/time %M): max {max(rss):.1f} MiB, guest pages it touched included")
 PY
 
 echo "== nested KVM: vmshift-kvm vs QEMU, same kernel, initramfs and disk"

@@ -142,21 +142,7 @@ impl OverlayDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use vmshift_image::{open_image, OpenOptions};
-
-    fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, Arc<dyn ImageReader>) {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(bytes).unwrap();
-        f.flush().unwrap();
-        let r = open_image(
-            f.path(),
-            Some(vmshift_model::DiskFormat::Raw),
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        (f, Arc::from(r))
-    }
+    use crate::virtio::testing::image;
 
     #[test]
     fn reads_see_earlier_writes_and_the_image_is_untouched() {
