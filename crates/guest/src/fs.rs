@@ -22,9 +22,9 @@ impl Ext4Read for RangeReader {
         start_byte: u64,
         dst: &mut [u8],
     ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        let end = start_byte
+        start_byte
             .checked_add(dst.len() as u64)
-            .filter(|e| *e <= self.len)
+            .filter(|end| *end <= self.len)
             .ok_or_else(|| {
                 format!(
                     "read of {} bytes at {start_byte} past the end of the partition ({} bytes)",
@@ -32,7 +32,6 @@ impl Ext4Read for RangeReader {
                     self.len
                 )
             })?;
-        let _ = end;
         self.image.read_at(dst, self.start + start_byte)?;
         Ok(())
     }
