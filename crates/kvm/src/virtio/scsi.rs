@@ -99,10 +99,13 @@ impl Scsi {
             (GOOD, S_BAD_TARGET, None)
         } else {
             let lun_field: [u8; 8] = head[..8].try_into().expect("8 bytes");
-            let cdb = &head[19..];
+            // The driver may configure a CDB shorter than the longest
+            // command; read a short one as zero-padded.
+            let mut cdb = head[19..].to_vec();
+            cdb.resize(cdb.len().max(16), 0);
             match self.lun(&lun_field) {
                 None => (GOOD, S_BAD_TARGET, None),
-                Some(lun) => match self.command(lun, cdb, &mut reader, &mut data_in) {
+                Some(lun) => match self.command(lun, &cdb, &mut reader, &mut data_in) {
                     Outcome::Good => (GOOD, S_OK, None),
                     Outcome::Check(s) => {
                         self.errors += 1;
@@ -667,6 +670,26 @@ mod tests {
         g.push(&[(a, 51, false), (resp, 8, true)]);
         dev.process(2, &mut g.queue, &g.mem);
         assert_eq!(g.used_len(0), 0);
+    }
+
+    #[test]
+    fn a_six_byte_cdb_size_does_not_cut_a_16_byte_command() {
+        let (_f, mut dev) = scsi(1);
+        dev.write_config(24, &6u32.to_le_bytes());
+        let mut g = GuestQueue::new();
+        // A 25-byte request header: lun, id, attributes, 6 CDB bytes.
+        let mut req = vec![0u8; 25];
+        req[0] = 1;
+        req[19] = 0x88; // READ(16), cut after its 6th byte
+        let a = g.alloc(25);
+        g.mem.write_slice(&req, GuestAddress(a)).unwrap();
+        let resp = g.alloc(108);
+        g.push(&[(a, 25, false), (resp, 108, true)]);
+        dev.process(2, &mut g.queue, &g.mem);
+        let mut rb = [0u8; 12];
+        g.mem.read_slice(&mut rb, GuestAddress(resp)).unwrap();
+        // Zero blocks at LBA 0: nothing to transfer, GOOD.
+        assert_eq!((rb[10], rb[11]), (GOOD, S_OK));
     }
 
     #[test]
