@@ -4,6 +4,7 @@
 //! or Debian's `/vmlinuz` and `/initrd.img` links with the file system's
 //! UUID as root.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmshift_image::ImageReader;
@@ -80,9 +81,39 @@ fn words(line: &str) -> Vec<String> {
     out
 }
 
+/// The longest command line (or list of initrd paths) assembled from a
+/// configuration; past it the rest is dropped (the launcher then refuses a
+/// line longer than the kernel takes).
+const MAX_EXPANDED: usize = 64 << 10;
+/// The largest grub.cfg or BootLoaderSpec entry read.
+const MAX_CONFIG: u64 = 1 << 20;
+/// The largest grubenv read (GRUB's own is one 1024-byte block).
+const MAX_GRUBENV: u64 = 64 << 10;
+
+type Vars = HashMap<String, String>;
+
+/// Expands each word (dropping words that expand to nothing) and joins
+/// them with spaces, at most [`MAX_EXPANDED`] bytes.
+fn expand_words<'a>(words: impl IntoIterator<Item = &'a str>, vars: &Vars) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    for w in words {
+        let e = expand(w, vars);
+        if e.is_empty() {
+            continue;
+        }
+        total += e.len() + 1;
+        if total > MAX_EXPANDED {
+            break;
+        }
+        out.push(e);
+    }
+    out
+}
+
 /// Replaces `$name` and `${name}` with their values (unknown variables
-/// are empty, as in GRUB).
-fn expand(word: &str, vars: &dyn Fn(&str) -> Option<String>) -> String {
+/// are empty, as in GRUB); at most [`MAX_EXPANDED`] bytes.
+fn expand(word: &str, vars: &Vars) -> String {
     let mut out = String::new();
     let mut rest = word;
     while let Some(i) = rest.find('$') {
@@ -99,7 +130,12 @@ fn expand(word: &str, vars: &dyn Fn(&str) -> Option<String>) -> String {
                 .unwrap_or(after.len());
             (&after[..e], e)
         };
-        out.push_str(&vars(name).unwrap_or_default());
+        if let Some(v) = vars.get(name) {
+            if out.len() + v.len() > MAX_EXPANDED {
+                break;
+            }
+            out.push_str(v);
+        }
         rest = &after[len..];
     }
     out.push_str(rest);
@@ -121,7 +157,7 @@ fn grub_path(p: &str) -> String {
 }
 
 /// Reads `key=value` lines of a GRUB environment block.
-pub fn grubenv(text: &str) -> Vec<(String, String)> {
+pub fn grubenv(text: &str) -> Vars {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split_once('='))
@@ -133,8 +169,7 @@ pub fn grubenv(text: &str) -> Vec<(String, String)> {
 /// when it names a top-level menu entry by number, else the first. Returns
 /// `None` when the file has no menu entry with a `linux` line; `Some` of
 /// an empty `linux` when it uses `blscfg` instead.
-pub fn parse_grub_cfg(text: &str, env: &[(String, String)]) -> Option<EntrySpec> {
-    let vars = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
     let mut default: Option<usize> = None;
     let mut top_items: Vec<Option<EntrySpec>> = Vec::new();
     let mut depth = 0usize;
@@ -181,13 +216,8 @@ pub fn parse_grub_cfg(text: &str, env: &[(String, String)]) -> Option<EntrySpec>
             "blscfg" => bls = true,
             "linux" | "linux16" | "linuxefi" if depth == 1 => {
                 if let (Some(e), Some(k)) = (current.as_mut(), w.get(1)) {
-                    e.linux = grub_path(&expand(k, &vars));
-                    e.options = w[2..]
-                        .iter()
-                        .map(|a| expand(a, &vars))
-                        .filter(|a| !a.is_empty())
-                        .collect::<Vec<_>>()
-                        .join(" ");
+                    e.linux = grub_path(&expand(k, vars));
+                    e.options = expand_words(w[2..].iter().map(String::as_str), vars).join(" ");
                 }
             }
             "initrd" | "initrd16" | "initrdefi" if depth == 1 => {
@@ -213,8 +243,7 @@ pub fn parse_grub_cfg(text: &str, env: &[(String, String)]) -> Option<EntrySpec>
 }
 
 /// A BootLoaderSpec entry file (`/loader/entries/*.conf`).
-pub fn parse_bls(text: &str, env: &[(String, String)]) -> EntrySpec {
-    let vars = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+pub fn parse_bls(text: &str, vars: &Vars) -> EntrySpec {
     let mut e = EntrySpec::default();
     for line in text.lines() {
         let line = line.trim();
@@ -222,16 +251,19 @@ pub fn parse_bls(text: &str, env: &[(String, String)]) -> EntrySpec {
         let v = v.trim();
         match k {
             "title" => e.title = v.to_string(),
-            "linux" => e.linux = grub_path(v),
-            "initrd" => e.initrd.push(grub_path(v)),
-            "options" => {
-                e.options = v
-                    .split_whitespace()
-                    .map(|a| expand(a, &vars))
-                    .filter(|a| !a.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" ")
+            // Values are words with variables, as GRUB's blscfg reads them
+            // (RHEL writes `initrd /initramfs-….img $tuned_initrd`).
+            "linux" => {
+                if let Some(k) = expand_words(v.split_whitespace(), vars).first() {
+                    e.linux = grub_path(k);
+                }
             }
+            "initrd" => e.initrd.extend(
+                expand_words(v.split_whitespace(), vars)
+                    .iter()
+                    .map(|p| grub_path(p)),
+            ),
+            "options" => e.options = expand_words(v.split_whitespace(), vars).join(" "),
             _ => {}
         }
     }
@@ -256,9 +288,9 @@ fn read_file(fs: &Filesystem, path: &str) -> Result<Vec<u8>> {
     fs.fs.read(path).map_err(err)
 }
 
-fn read_text(fs: &Filesystem, path: &str) -> Option<String> {
+fn read_text(fs: &Filesystem, path: &str, max: u64) -> Option<String> {
     let size = fs.fs.metadata(path).ok()?.len();
-    (size <= 16 << 20)
+    (size <= max)
         .then(|| fs.fs.read(path).ok())
         .flatten()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -266,7 +298,7 @@ fn read_text(fs: &Filesystem, path: &str) -> Option<String> {
 
 /// The newest BootLoaderSpec entry under `dir` (highest file name, as
 /// GRUB's blscfg sorts them).
-fn newest_bls(fs: &Filesystem, env: &[(String, String)]) -> Option<(String, EntrySpec)> {
+fn newest_bls(fs: &Filesystem, env: &Vars) -> Option<(String, EntrySpec)> {
     for dir in ["/loader/entries", "/boot/loader/entries"] {
         let Ok(rd) = fs.fs.read_dir(dir) else {
             continue;
@@ -279,7 +311,7 @@ fn newest_bls(fs: &Filesystem, env: &[(String, String)]) -> Option<(String, Entr
         names.sort();
         if let Some(n) = names.last() {
             let path = format!("{dir}/{n}");
-            let text = read_text(fs, &path)?;
+            let text = read_text(fs, &path, MAX_CONFIG)?;
             return Some((path, parse_bls(&text, env)));
         }
     }
@@ -292,18 +324,23 @@ fn load(fs: &Filesystem, source: String, spec: EntrySpec) -> Result<BootEntry> {
     let initrd = if spec.initrd.is_empty() {
         None
     } else {
-        // GRUB concatenates several initrd files (microcode first).
+        // GRUB concatenates several initrd files (microcode first); their
+        // sizes are added up before any is read.
+        let mut total = 0u64;
+        for p in &spec.initrd {
+            total = total.saturating_add(fs.fs.metadata(p.as_str()).map(|m| m.len()).unwrap_or(0));
+        }
+        if total > MAX_BOOT_FILE {
+            return Err(Error::TooLarge {
+                place: fs.place.clone(),
+                path: spec.initrd.join(" ").into(),
+                size: total,
+                max: MAX_BOOT_FILE,
+            });
+        }
         let mut data = Vec::new();
         for p in &spec.initrd {
             data.extend_from_slice(&read_file(fs, p)?);
-            if data.len() as u64 > MAX_BOOT_FILE {
-                return Err(Error::TooLarge {
-                    place: fs.place.clone(),
-                    path: p.into(),
-                    size: data.len() as u64,
-                    max: MAX_BOOT_FILE,
-                });
-            }
         }
         Some((spec.initrd.join(" "), data))
     };
@@ -325,11 +362,11 @@ fn entry_on(fs: &Filesystem) -> Option<Result<BootEntry>> {
         "/boot/grub2/grub.cfg",
         "/grub2/grub.cfg",
     ] {
-        let Some(text) = read_text(fs, cfg) else {
+        let Some(text) = read_text(fs, cfg, MAX_CONFIG) else {
             continue;
         };
         let dir = &cfg[..cfg.rfind('/').unwrap_or(0)];
-        let env = read_text(fs, &format!("{dir}/grubenv"))
+        let env = read_text(fs, &format!("{dir}/grubenv"), MAX_GRUBENV)
             .map(|t| grubenv(&t))
             .unwrap_or_default();
         match parse_grub_cfg(&text, &env) {
@@ -409,7 +446,7 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
 
     #[test]
     fn debian_grub_cfg_first_entry() {
-        let e = parse_grub_cfg(DEBIAN, &[]).unwrap();
+        let e = parse_grub_cfg(DEBIAN, &Vars::new()).unwrap();
         assert_eq!(e.title, "Debian GNU/Linux");
         assert_eq!(e.linux, "/boot/vmlinuz-6.1.0-50-cloud-amd64");
         assert_eq!(e.initrd, vec!["/boot/initrd.img-6.1.0-50-cloud-amd64"]);
@@ -420,16 +457,19 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
     fn default_index_counts_submenus_and_falls_back_to_the_first() {
         let cfg =
             "set default=\"1\"\nmenuentry 'A' {\n linux /a\n}\nmenuentry 'B' {\n linux /b x=1\n}\n";
-        assert_eq!(parse_grub_cfg(cfg, &[]).unwrap().linux, "/b");
+        assert_eq!(parse_grub_cfg(cfg, &Vars::new()).unwrap().linux, "/b");
         // default=1 names the submenu: the first entry is booted.
         let cfg = DEBIAN.replace("set default=\"0\"", "set default=\"1\"");
-        assert_eq!(parse_grub_cfg(&cfg, &[]).unwrap().title, "Debian GNU/Linux");
+        assert_eq!(
+            parse_grub_cfg(&cfg, &Vars::new()).unwrap().title,
+            "Debian GNU/Linux"
+        );
     }
 
     #[test]
     fn separate_boot_partition_paths_and_device_prefix() {
         let cfg = "menuentry 'U' {\n linux ($root)/vmlinuz-5.15 root=/dev/mapper/vg-root ro $vt_handoff\n initrd /initrd.img-5.15\n}\n";
-        let e = parse_grub_cfg(cfg, &[]).unwrap();
+        let e = parse_grub_cfg(cfg, &Vars::new()).unwrap();
         assert_eq!(e.linux, "/vmlinuz-5.15");
         assert_eq!(e.options, "root=/dev/mapper/vg-root ro");
     }
@@ -437,14 +477,27 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
     #[test]
     fn blscfg_with_kernelopts_from_grubenv() {
         let cfg = "set default=\"${saved_entry}\"\ninsmod blscfg\nblscfg\n";
-        assert_eq!(parse_grub_cfg(cfg, &[]), Some(EntrySpec::default()));
+        assert_eq!(
+            parse_grub_cfg(cfg, &Vars::new()),
+            Some(EntrySpec::default())
+        );
         let env = grubenv("# GRUB Environment Block\nkernelopts=root=/dev/mapper/rhel-root ro crashkernel=auto\n###");
         let e = parse_bls(
             "title Red Hat Enterprise Linux (4.18.0-477.el8.x86_64) 8.8\nversion 4.18.0\nlinux /vmlinuz-4.18.0-477.el8.x86_64\ninitrd /initramfs-4.18.0-477.el8.x86_64.img $tuned_initrd\noptions $kernelopts $tuned_params\n",
             &env,
         );
         assert_eq!(e.linux, "/vmlinuz-4.18.0-477.el8.x86_64");
+        assert_eq!(e.initrd, vec!["/initramfs-4.18.0-477.el8.x86_64.img"]);
         assert_eq!(e.options, "root=/dev/mapper/rhel-root ro crashkernel=auto");
+    }
+
+    #[test]
+    fn expansion_is_bounded() {
+        let mut vars = Vars::new();
+        vars.insert("a".into(), "x".repeat(1 << 20));
+        let line = format!("menuentry 'A' {{\n linux /k {}\n}}\n", "$a ".repeat(1000));
+        let e = parse_grub_cfg(&line, &vars).unwrap();
+        assert!(e.options.len() <= MAX_EXPANDED, "{}", e.options.len());
     }
 
     #[test]
@@ -457,6 +510,6 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
 
     #[test]
     fn no_menuentry_is_none() {
-        assert_eq!(parse_grub_cfg("set timeout=5\n", &[]), None);
+        assert_eq!(parse_grub_cfg("set timeout=5\n", &Vars::new()), None);
     }
 }

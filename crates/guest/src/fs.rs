@@ -37,6 +37,46 @@ impl Ext4Read for RangeReader {
     }
 }
 
+/// The largest ext block size accepted (64 KiB, what Linux mounts).
+const MAX_LOG_BLOCK_SIZE: u32 = 6;
+
+/// Checks an ext superblock's geometry before the file system is opened:
+/// the reader sizes its caches and tables from these numbers, so a
+/// hostile superblock must not name more blocks or groups than the
+/// partition can hold. `sb` is the 1024 bytes at offset 1024.
+fn sane_ext_superblock(sb: &[u8; 1024], len: u64) -> bool {
+    let u32_at = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes"));
+    let u16_at = |at: usize| u16::from_le_bytes([sb[at], sb[at + 1]]);
+    if u16_at(56) != 0xef53 {
+        return false;
+    }
+    let log = u32_at(24);
+    if log > MAX_LOG_BLOCK_SIZE {
+        return false;
+    }
+    let block = 1024u64 << log;
+    let incompat = u32_at(96);
+    let is_64bit = incompat & 0x80 != 0;
+    let mut blocks = u64::from(u32_at(4));
+    if is_64bit {
+        blocks |= u64::from(u32_at(0x150)) << 32;
+    }
+    let per_group = u64::from(u32_at(32));
+    let inodes_per_group = u32_at(40);
+    let first = u64::from(u32_at(20));
+    let desc = if is_64bit {
+        u64::from(u16_at(0xfe)).max(32)
+    } else {
+        32
+    };
+    if per_group == 0 || inodes_per_group == 0 || blocks <= first {
+        return false;
+    }
+    let groups = (blocks - first).div_ceil(per_group);
+    blocks.checked_mul(block).is_some_and(|b| b <= len)
+        && groups.checked_mul(desc).is_some_and(|d| d <= len)
+}
+
 /// An ext2/3/4 file system found on a disk.
 pub struct Filesystem {
     /// Where it is, for messages: "disk.qcow2 partition 1".
@@ -59,7 +99,8 @@ impl std::fmt::Debug for Filesystem {
 }
 
 /// The ext2/3/4 file systems of a disk, in partition order. A partition
-/// that holds something else (or damaged ext4) is skipped.
+/// that holds something else (or damaged ext4, or a superblock whose
+/// geometry does not fit the partition) is skipped.
 pub fn filesystems(image: Arc<dyn ImageReader>) -> Result<Vec<Filesystem>> {
     let name = image.path().display().to_string();
     let size = image.size();
@@ -74,6 +115,13 @@ pub fn filesystems(image: Arc<dyn ImageReader>) -> Result<Vec<Filesystem>> {
     };
     let mut out = Vec::new();
     for (number, start, len) in ranges {
+        let mut sb = [0u8; 1024];
+        if len < 2048
+            || image.read_at(&mut sb, start + 1024).is_err()
+            || !sane_ext_superblock(&sb, len)
+        {
+            continue;
+        }
         let reader = RangeReader {
             image: image.clone(),
             start,
@@ -93,4 +141,37 @@ pub fn filesystems(image: Arc<dyn ImageReader>) -> Result<Vec<Filesystem>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb(log: u32, blocks: u32, per_group: u32) -> [u8; 1024] {
+        let mut s = [0u8; 1024];
+        s[4..8].copy_from_slice(&blocks.to_le_bytes());
+        s[24..28].copy_from_slice(&log.to_le_bytes());
+        s[32..36].copy_from_slice(&per_group.to_le_bytes());
+        s[40..44].copy_from_slice(&8192u32.to_le_bytes());
+        s[56..58].copy_from_slice(&0xef53u16.to_le_bytes());
+        s
+    }
+
+    #[test]
+    fn a_real_geometry_passes() {
+        // 64 MiB of 4 KiB blocks, 32768 blocks per group.
+        assert!(sane_ext_superblock(&sb(2, 16384, 32768), 64 << 20));
+    }
+
+    #[test]
+    fn hostile_geometries_are_refused_before_opening() {
+        // 2 GiB blocks.
+        assert!(!sane_ext_superblock(&sb(21, 1, 1), 64 << 20));
+        // 4 billion one-block groups.
+        assert!(!sane_ext_superblock(&sb(0, u32::MAX, 1), 64 << 20));
+        // More blocks than the partition holds.
+        assert!(!sane_ext_superblock(&sb(2, 16385 * 2, 32768), 64 << 20));
+        // Zero blocks per group.
+        assert!(!sane_ext_superblock(&sb(2, 16384, 0), 64 << 20));
+    }
 }

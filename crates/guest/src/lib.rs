@@ -16,8 +16,9 @@ use std::path::PathBuf;
 pub use bootcfg::{find_boot_entry, BootEntry};
 pub use fs::{filesystems, Filesystem};
 
-/// The largest kernel or initramfs read from a guest.
-pub const MAX_BOOT_FILE: u64 = 1 << 30;
+/// The largest kernel, or initramfs (all its files together), read from a
+/// guest.
+pub const MAX_BOOT_FILE: u64 = 512 << 20;
 
 /// What went wrong reading a guest.
 #[derive(Debug, thiserror::Error)]

@@ -380,7 +380,11 @@ fn probe_disk(slot: u32, blk: &mut Blk) -> bool {
         }
         let entries = le64(&h, 72);
         let count = le32(&h, 80).min(128);
-        let esize = le32(&h, 84).max(128);
+        let esize = le32(&h, 84);
+        if !(128..=512).contains(&esize) || esize % 8 != 0 {
+            line("table gpt-bad-entry-size\n");
+            return true;
+        }
         line("table gpt entries ");
         dec(count);
         puts("\n");

@@ -91,8 +91,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, blob: &Blob) -> Result<LoadedKernel> {
             header,
         })
     } else {
-        let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM)))
-            .map_err(|e| kernel_err(format!("not a bzImage or ELF kernel: {e}")))?;
+        // At 1 MiB whatever the file's own code32_start says.
+        let r = BzImage::load(
+            mem,
+            Some(GuestAddress(layout::HIMEM)),
+            &mut file,
+            Some(GuestAddress(layout::HIMEM)),
+        )
+        .map_err(|e| kernel_err(format!("not a bzImage or ELF kernel: {e}")))?;
         let header = r
             .setup_header
             .ok_or_else(|| kernel_err("the bzImage has no setup header".into()))?;
@@ -105,9 +111,17 @@ pub fn load_kernel(mem: &GuestMemoryMmap, blob: &Blob) -> Result<LoadedKernel> {
                 version & 0xff
             )));
         }
+        // The decompressor works in [load, load + init_size) (and at
+        // pref_address when it relocates itself there): nothing may lie
+        // below the end of either.
+        let load = r.kernel_load.raw_value();
+        let init_end = load + u64::from(header.init_size);
+        let pref_end = header
+            .pref_address
+            .saturating_add(u64::from(header.init_size));
         Ok(LoadedKernel {
-            entry: r.kernel_load.raw_value() + 0x200,
-            end: r.kernel_end,
+            entry: load + 0x200,
+            end: r.kernel_end.max(init_end).max(pref_end),
             header,
         })
     }

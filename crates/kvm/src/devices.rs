@@ -119,23 +119,25 @@ const TAIL: usize = 16 << 10;
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The verdict first: a log or terminal that fails must not hide it.
+        if let Some(v) = self.watcher.feed(buf) {
+            self.stop.stop(Stop::Verdict(v.clone()));
+        }
         if let Some(log) = &mut self.log {
-            log.write_all(buf)?;
-            if buf.contains(&b'\n') {
-                log.flush()?;
+            let ok = log.write_all(buf).is_ok() && (!buf.contains(&b'\n') || log.flush().is_ok());
+            if !ok {
+                // Stop logging (a full disk, say); the console tail and
+                // the verdict go on.
+                self.log = None;
             }
         }
         if self.echo {
             let mut out = std::io::stdout().lock();
-            out.write_all(buf)?;
-            out.flush()?;
+            let _ = out.write_all(buf).and_then(|()| out.flush());
         }
         self.tail.extend_from_slice(buf);
         if self.tail.len() > 2 * TAIL {
             self.tail.drain(..self.tail.len() - TAIL);
-        }
-        if let Some(v) = self.watcher.feed(buf) {
-            self.stop.stop(Stop::Verdict(v.clone()));
         }
         Ok(buf.len())
     }

@@ -243,7 +243,16 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
             let first = (id == 0).then(|| first_exit.clone());
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(vcpu, &devices, &stop, first, start))
+                .spawn(move || {
+                    // A device that panics must stop the VM, not leave it
+                    // waiting for the timeout.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_vcpu(vcpu, &devices, &stop, first, start)
+                    }));
+                    if r.is_err() {
+                        stop.stop(Stop::Error(format!("vCPU {id} stopped: the VMM panicked")));
+                    }
+                })
                 .map_err(|e| Error::Config(format!("starting a vCPU thread: {e}")))
         })
         .collect::<Result<_>>()?;
