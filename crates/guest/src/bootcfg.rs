@@ -222,9 +222,9 @@ pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
             }
             "initrd" | "initrd16" | "initrdefi" if depth == 1 => {
                 if let Some(e) = current.as_mut() {
-                    e.initrd = w[1..]
+                    e.initrd = expand_words(w[1..].iter().map(String::as_str), vars)
                         .iter()
-                        .map(|a| grub_path(&expand(a, &vars)))
+                        .map(|p| grub_path(p))
                         .collect();
                 }
             }
