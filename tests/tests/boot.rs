@@ -124,8 +124,9 @@ fn probe_disks(dir: &Path) {
     );
 }
 
-fn probe_lines(dir: &Path, disk: &str) -> (Option<i32>, Vec<String>) {
-    let o = vmshift(
+/// `vm boot --probe` on one disk, JSON output.
+fn probe(dir: &Path, disk: &str) -> std::process::Output {
+    vmshift(
         dir,
         &[
             "vm",
@@ -137,7 +138,11 @@ fn probe_lines(dir: &Path, disk: &str) -> (Option<i32>, Vec<String>) {
             "json",
             disk,
         ],
-    );
+    )
+}
+
+fn probe_lines(dir: &Path, disk: &str) -> (Option<i32>, Vec<String>) {
+    let o = probe(dir, disk);
     let v = json(&o.stdout);
     let lines = v["console-tail"]
         .as_array()
@@ -186,19 +191,7 @@ fn probe_of_a_damaged_image_fails_without_hanging() {
     let entry = (1u64 << 63) | (1u64 << 40);
     q[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
     std::fs::write(&path, &q).unwrap();
-    let o = vmshift(
-        dir.path(),
-        &[
-            "vm",
-            "boot",
-            "--probe",
-            "--timeout",
-            "30",
-            "--output",
-            "json",
-            "d.qcow2",
-        ],
-    );
+    let o = probe(dir.path(), "d.qcow2");
     let v = json(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{v}");
     assert_eq!(v["cause"], "probe-error");

@@ -194,6 +194,22 @@ mod tests {
     use crate::virtio::testing::{image, GuestQueue};
     use vm_memory::{Bytes, GuestAddress};
 
+    /// Pushes a request of `kind` at `sector` with a device-writable data
+    /// buffer of `len` bytes (none when 0), serves it, and returns the
+    /// data buffer's and the status byte's addresses.
+    fn submit(dev: &mut Block, g: &mut GuestQueue, kind: u32, sector: u64, len: u32) -> (u64, u64) {
+        let hdr = g.header(kind, sector);
+        let buf = g.alloc(len.max(1));
+        let st = g.alloc(1);
+        if len > 0 {
+            g.push(&[(hdr, 16, false), (buf, len, true), (st, 1, true)]);
+        } else {
+            g.push(&[(hdr, 16, false), (st, 1, true)]);
+        }
+        dev.process(0, &mut g.queue, &g.mem);
+        (buf, st)
+    }
+
     fn block(bytes: &[u8]) -> (tempfile::NamedTempFile, Block) {
         let (f, r) = image(bytes);
         (f, Block::new(OverlayDisk::new(r, 1 << 20), "vmshift-disk0"))
@@ -237,17 +253,10 @@ mod tests {
     fn sector_past_the_end_is_ioerr() {
         let (_f, mut dev) = block(&[0u8; 4096]);
         let mut g = GuestQueue::new();
-        let hdr = g.header(T_IN, 7);
-        let buf = g.alloc(1024);
-        let st = g.alloc(1);
-        g.push(&[(hdr, 16, false), (buf, 1024, true), (st, 1, true)]);
-        dev.process(0, &mut g.queue, &g.mem);
+        let (_, st) = submit(&mut dev, &mut g, T_IN, 7, 1024);
         assert_eq!(g.status(st), S_IOERR);
         // A sector number whose byte offset overflows.
-        let hdr = g.header(T_IN, u64::MAX / 2);
-        let st = g.alloc(1);
-        g.push(&[(hdr, 16, false), (buf, 512, true), (st, 1, true)]);
-        dev.process(0, &mut g.queue, &g.mem);
+        let (_, st) = submit(&mut dev, &mut g, T_IN, u64::MAX / 2, 512);
         assert_eq!(g.status(st), S_IOERR);
     }
 
@@ -255,16 +264,9 @@ mod tests {
     fn unaligned_length_and_unknown_type_get_error_status() {
         let (_f, mut dev) = block(&[0u8; 4096]);
         let mut g = GuestQueue::new();
-        let hdr = g.header(T_IN, 0);
-        let buf = g.alloc(100);
-        let st = g.alloc(1);
-        g.push(&[(hdr, 16, false), (buf, 100, true), (st, 1, true)]);
-        dev.process(0, &mut g.queue, &g.mem);
+        let (_, st) = submit(&mut dev, &mut g, T_IN, 0, 100);
         assert_eq!(g.status(st), S_IOERR);
-        let hdr = g.header(99, 0);
-        let st = g.alloc(1);
-        g.push(&[(hdr, 16, false), (st, 1, true)]);
-        dev.process(0, &mut g.queue, &g.mem);
+        let (_, st) = submit(&mut dev, &mut g, 99, 0, 0);
         assert_eq!(g.status(st), S_UNSUPP);
     }
 
@@ -298,11 +300,7 @@ mod tests {
     fn get_id_returns_the_serial() {
         let (_f, mut dev) = block(&[0u8; 4096]);
         let mut g = GuestQueue::new();
-        let hdr = g.header(T_GET_ID, 0);
-        let buf = g.alloc(20);
-        let st = g.alloc(1);
-        g.push(&[(hdr, 16, false), (buf, 20, true), (st, 1, true)]);
-        dev.process(0, &mut g.queue, &g.mem);
+        let (buf, st) = submit(&mut dev, &mut g, T_GET_ID, 0, 20);
         let mut id = [0u8; 20];
         g.mem.read_slice(&mut id, GuestAddress(buf)).unwrap();
         assert_eq!(&id[..13], b"vmshift-disk0");
