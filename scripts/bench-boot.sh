@@ -13,8 +13,16 @@
 #    process start to "login:" on the console, measured the same way for
 #    all three (the console polled every 0.1 s). QEMU runs with
 #    snapshot=on, vmshift with its overlay: neither writes the image.
+# 3. On this host, the QEMU engine (software emulation here): `vm boot
+#    --engine qemu` (each disk served by vmshift over NBD, the guest's
+#    writes in vmshift's overlay) vs `qemu-system-x86_64` reading the same
+#    converted qcow2 itself (snapshot=on), same machine (q35, TCG, -cpu
+#    max), kernel, initramfs and command line (tsc_early_khz/lpj included),
+#    time from process start to "login:", measured the same way for both.
+#    What it shows is the cost of vmshift's NBD path.
 #
 # Usage: scripts/bench-boot.sh [RUNS]     (default 20 probe runs; needs root)
+#        SECTIONS="probe nested qemu" (default all three) picks sections.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 runs=${1:-20}
@@ -22,7 +30,10 @@ bin=$repo/target/release/vmshift
 (cd "$repo" && cargo build --release --locked -p vmshift >/dev/null)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+sections=${SECTIONS:-probe nested qemu}
+on() { [[ " $sections " == *" $1 "* ]]; }
 
+if on probe; then
 echo "== probe guest on this host's /dev/kvm ($(test -d /sys/module/kvm_pvm && echo kvm_pvm || echo hardware KVM)), $runs runs"
 truncate -s 64M "$work/d.raw"
 printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/d.raw"
@@ -47,10 +58,12 @@ print(f"start -> probe 'done':     median {med(done):.2f} ms (min {min(done):.2f
 print(f"process wall (exec to exit, with /usr/bin/time): median {med(wall):.2f} ms")
 print(f"peak RSS of a run (/usr/bin/time %M): max {max(rss):.1f} MiB, guest pages it touched included")
 PY
+fi
 
-echo "== nested KVM: vmshift-kvm vs QEMU, same kernel, initramfs and disk"
 "$repo/fixtures/bootvm/build.sh" "$repo/target/bootvm" >/dev/null
 fx=$repo/target/bootvm
+if on nested; then
+echo "== nested KVM: vmshift-kvm vs QEMU, same kernel, initramfs and disk"
 mkdir -p "$work/data/kernel"
 "$bin" vm convert "$fx/debian/debian.vmx" --to libvirt --out "$work/data/debian" --target-dir /data/debian >/dev/null
 cp "$fx"/kernel/* "$work/data/kernel/"
@@ -93,3 +106,46 @@ grep -a '^BENCH' "$log" | tr -d '\r' | awk '
         printf "mean to login: vmshift-kvm %.2f s, qemu q35 %.2f s, qemu microvm %.2f s\n", m["vmshift-kvm"], m["qemu-q35"], m["qemu-microvm"]
         if (m["qemu-q35"] > 0) printf "ratio vmshift-kvm / qemu q35: %.2f; / qemu microvm: %.2f\n", m["vmshift-kvm"] / m["qemu-q35"], m["vmshift-kvm"] / m["qemu-microvm"]
     }'
+fi
+
+if on qemu; then
+echo "== this host, QEMU under TCG: vm boot --engine qemu (disks over vmshift's NBD) vs qemu-system-x86_64 on the qcow2"
+"$bin" vm convert "$fx/debian/debian.vmx" --to libvirt --out "$work/host" >/dev/null
+K=$fx/kernel
+khz=$(awk -F: '/cpu MHz/{printf "%d", $2*1000; exit}' /proc/cpuinfo)
+CMD="$(cat "$K/cmdline") console=ttyS0 tsc_early_khz=$khz lpj=$((khz * 4))"
+Q=$(ls "$work"/host/*.qcow2)
+X=$(ls "$work"/host/*.xml)
+# run NAME COMMAND...: seconds from start to "login:" on its output.
+run() {
+    local name=$1 out=$work/$1.out t0 pid
+    shift
+    : >"$out"
+    t0=$(date +%s.%N)
+    "$@" </dev/null >"$out" 2>&1 &
+    pid=$!
+    while ! grep -q 'login:' "$out"; do
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    if grep -q 'login:' "$out"; then
+        echo "BENCH $name $(echo "$(date +%s.%N) - $t0" | bc)"
+    else
+        echo "BENCH $name failed"
+    fi
+    kill $pid 2>/dev/null || true
+    wait $pid 2>/dev/null || true
+}
+for round in 1 2 3; do
+    run vmshift-qemu "$bin" vm boot --engine qemu --memory 1024 --console --timeout 300 \
+        --kernel "$K/vmlinuz" --initrd "$K/initrd.img" --append "$CMD" "$X"
+    run qemu-direct qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 1 -m 1024 \
+        -nodefaults -no-user-config -display none -no-reboot -serial stdio \
+        -kernel "$K/vmlinuz" -initrd "$K/initrd.img" -append "$CMD" \
+        -device virtio-scsi-pci,id=scsi0 -drive "file=$Q,format=qcow2,if=none,id=d0,snapshot=on" \
+        -device scsi-hd,drive=d0,bus=scsi0.0
+done | tee "$work/qemu.bench" | awk '{ printf "%s %s %.2f s\n", $1, $2, $3 }'
+awk '$3 != "failed" { s[$2] += $3; c[$2]++ }
+    END { a = s["vmshift-qemu"] / c["vmshift-qemu"]; b = s["qemu-direct"] / c["qemu-direct"]
+          printf "mean to login: vm boot --engine qemu %.2f s, qemu-system-x86_64 on the qcow2 %.2f s; ratio %.2f\n", a, b, a / b }' "$work/qemu.bench"
+fi

@@ -6,6 +6,10 @@
 # /dev/kvm (scripts/nested-kvm.sh: QEMU TCG with nested SVM). Every check
 # runs in one outer VM to keep CI time down.
 #
+# Then the QEMU engine on this machine itself (software emulation here):
+# the same two converted VMs, and the VMware VM as it is (pvscsi,
+# monolithicSparse VMDK), each disk served to QEMU by vmshift over NBD.
+#
 # Usage: tests/nested/boot-check.sh [VMSHIFT_BINARY]   (default target/debug/vmshift)
 # Prints one "BOOT-CHECK name: ok|FAILED …" line per check and a closing
 # "N passed, N failed" line; exits non-zero when any check failed.
@@ -53,6 +57,26 @@ EOF
 log=$(mktemp "${TMPDIR:-/tmp}/boot-check.XXXXXX.log")
 "$repo/scripts/nested-kvm.sh" --data "$data" --script "$data/checks.sh" --bin "$bin" --timeout 1500 --log "$log" >/dev/null || true
 
+# The QEMU engine, here (TCG). The converted VMs name their disks in $host.
+host=$data/host
+mkdir -p "$host"
+for vm in debian debian-novirtio; do
+    "$bin" vm convert "$fx/$vm/$vm.vmx" --to libvirt --out "$host/$vm" >/dev/null
+done
+sha256sum "$host"/*/*.qcow2 "$fx"/*/*.vmdk >"$host/sums"
+qboot() {
+    local name=$1 vm=$2 rc=0
+    "$bin" vm boot --engine qemu --output json --timeout 300 --console-log "$host/$name.console" "$vm" >"$host/$name.json" || rc=$?
+    echo "BOOT-RESULT $name rc=$rc $(tr -d '\n ' <"$host/$name.json" | grep -o '"verdict":"[a-z]*","cause":[a-z"-]*') $(grep -o '"seconds": [0-9.]*' "$host/$name.json") $(grep -o '"engine": "[^"]*"' "$host/$name.json")"
+    grep -a 'login:\|Gave up\|ALERT' "$host/$name.console" | tail -n 2 | sed "s/^/BOOT-CONSOLE $name: /" || true
+}
+{
+    qboot qemu-debian "$host"/debian/*.xml
+    qboot qemu-debian-novirtio "$host"/debian-novirtio/*.xml
+    qboot qemu-vmware-pvscsi "$fx/debian/debian.vmx"
+    sha256sum -c "$host/sums" >/dev/null && echo "BOOT-RESULT qemu-images-unchanged rc=0" || echo "BOOT-RESULT qemu-images-unchanged rc=1"
+} >>"$log" 2>&1
+
 pass=0 fail=0
 # expect NAME RC PATTERN: the result line of NAME has rc=RC and matches PATTERN.
 expect() {
@@ -71,9 +95,13 @@ expect debian 0 '"verdict":"booted"'
 expect debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'
 expect debian-vmlinux 0 '"verdict":"booted"'
 expect images-unchanged 0 ''
+expect qemu-debian 0 '"verdict":"booted"'
+expect qemu-debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'
+expect qemu-vmware-pvscsi 0 '"verdict":"booted"'
+expect qemu-images-unchanged 0 ''
 grep -a "BOOT-CONSOLE" "$log" || true
 if [ "$fail" -gt 0 ]; then
-    echo "boot-check: the outer VM's console is in $log"
+    echo "boot-check: the outer VM's console and the QEMU checks are in $log"
 fi
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -29,8 +29,101 @@ fn unconverted_vmware_controller_is_refused_with_the_way_out() {
     );
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("is not emulated"), "{e}");
+    assert!(
+        e.contains("LSI Logic SCSI (lsilogic), which vmshift-kvm does not emulate"),
+        "{e}"
+    );
+    assert!(e.contains("--engine qemu"), "{e}");
     assert!(e.contains("vmshift vm convert"), "{e}");
+}
+
+#[test]
+fn the_probe_runs_on_vmshift_kvm_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    for extra in [
+        &["--engine", "qemu"][..],
+        &["--qemu", "/usr/bin/qemu-system-x86_64"],
+    ] {
+        let mut args = vec!["vm", "boot", "--probe", "-f", "raw"];
+        args.extend_from_slice(extra);
+        args.push("d.raw");
+        let o = vmshift(dir.path(), &args);
+        assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+        assert!(stderr(&o).contains("vmshift-kvm only"), "{}", stderr(&o));
+    }
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm", "boot", "--engine", "kvm", "--qemu", "q", "--kernel", "k", "d.raw",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4));
+    assert!(stderr(&o).contains("not --engine kvm"), "{}", stderr(&o));
+}
+
+/// A bzImage-looking kernel that no one runs: QEMU is stopped before.
+fn fake_kernel(dir: &Path) {
+    let mut k = vec![0u8; 64 << 10];
+    k[0x1fe] = 0x55;
+    k[0x1ff] = 0xaa;
+    std::fs::write(dir.join("k"), k).unwrap();
+}
+
+#[test]
+fn a_missing_or_failing_qemu_is_an_error_not_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    fake_kernel(dir.path());
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm",
+            "boot",
+            "--qemu",
+            "/nonexistent/qemu",
+            "--kernel",
+            "k",
+            "-f",
+            "raw",
+            "d.raw",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot run /nonexistent/qemu"),
+        "{}",
+        stderr(&o)
+    );
+    // A QEMU that refuses its command line: its own words are reported.
+    std::fs::write(
+        dir.path().join("qemu"),
+        "#!/bin/sh\necho 'qemu: -machine q35: no such machine' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let qemu = dir.path().join("qemu");
+    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm",
+            "boot",
+            "--qemu",
+            qemu.to_str().unwrap(),
+            "--kernel",
+            "k",
+            "-f",
+            "raw",
+            "d.raw",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("QEMU: it exited before starting the guest"),
+        "{e}"
+    );
+    assert!(e.contains("no such machine"), "{e}");
 }
 
 #[test]

@@ -124,6 +124,10 @@ pub enum VmCommand {
 pub enum EngineArg {
     /// vmshift's own launcher on /dev/kvm (virtio-blk and virtio-scsi disks).
     Kvm,
+    /// QEMU (KVM where /dev/kvm boots stock kernels, software emulation
+    /// otherwise), with the VM's own disk controllers; the disks are
+    /// served to it from vmshift's drivers.
+    Qemu,
 }
 
 /// `vm boot` output styles.
@@ -179,7 +183,8 @@ pub struct VmBootArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
     /// Guest writes kept in memory per disk (bytes, or with K, M, G); past
-    /// it the guest's writes fail. The images are never written.
+    /// it the guest's writes fail. The images are never written (with
+    /// --engine qemu too: QEMU writes through vmshift).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub overlay_limit: String,
     /// The engine. By default vmshift's launcher runs where /dev/kvm boots
@@ -187,6 +192,10 @@ pub struct VmBootArgs {
     /// anyway.
     #[arg(long, value_enum)]
     pub engine: Option<EngineArg>,
+    /// The QEMU system emulator for --engine qemu (implies it; default:
+    /// qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: BootOutput,

@@ -1,11 +1,14 @@
-//! A read-only NBD server for one image, on a Unix socket.
+//! An NBD server for one disk, on a Unix socket.
 //!
 //! It lets another program (QEMU, `qemu-img`) read a disk exactly as
 //! vmshift reads it — through vmshift's drivers and the gate that opened
 //! the image — without that program opening the image's files (backing
 //! files, VMDK extents) itself. The export is the guest-visible bytes
-//! (format raw for the client) and is read-only: writes, trims and
-//! write-zeroes get `EPERM`.
+//! (format raw for the client). An image ([`NbdServer::start`]) is served
+//! read-only: writes, trims and write-zeroes get `EPERM`. An [`NbdExport`]
+//! that accepts writes (`vm boot`'s copy-on-write overlay) is served
+//! writable; what it does with the writes is its own affair, and its errors
+//! reach the client as `ENOSPC`, `EINVAL` or `EIO`.
 //!
 //! Protocol: the NBD "fixed newstyle" handshake (`NBD_OPT_EXPORT_NAME`,
 //! `NBD_OPT_INFO`, `NBD_OPT_GO`, `NBD_OPT_ABORT`; other options are
@@ -41,8 +44,9 @@ const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 
-/// Transmission flags: HAS_FLAGS | READ_ONLY | SEND_FLUSH.
-const TRANSMISSION_FLAGS: u16 = 1 | 2 | 4;
+/// Transmission flags: HAS_FLAGS | SEND_FLUSH, and READ_ONLY.
+const FLAGS_WRITABLE: u16 = 1 | 4;
+const FLAG_READ_ONLY: u16 = 2;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -52,6 +56,50 @@ const CMD_FLUSH: u16 = 3;
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// What an NBD server serves: a disk's bytes, and possibly a place for
+/// writes.
+pub trait NbdExport: Send + Sync {
+    /// The disk size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset` (the range is inside the disk).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// True when writes are accepted.
+    fn writable(&self) -> bool {
+        false
+    }
+    /// Writes `data` at `offset` (the range is inside the disk). An error
+    /// of kind `StorageFull` reaches the client as `ENOSPC`,
+    /// `InvalidInput` as `EINVAL`, anything else as `EIO`.
+    fn write_at(&self, _data: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::PermissionDenied.into())
+    }
+    /// Makes earlier writes durable.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An image is served read-only.
+impl NbdExport for Arc<dyn ImageReader> {
+    fn size(&self) -> u64 {
+        ImageReader::size(&**self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        ImageReader::read_at(&**self, buf, offset).map_err(std::io::Error::other)
+    }
+}
+
+/// The NBD error number for a failed export call.
+fn errno(e: &std::io::Error) -> u32 {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => ENOSPC,
+        std::io::ErrorKind::InvalidInput => EINVAL,
+        std::io::ErrorKind::PermissionDenied => EPERM,
+        _ => EIO,
+    }
+}
 
 /// The longest option payload accepted (an export name and a few info
 /// requests need far less).
@@ -68,9 +116,16 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Serves `image` on a new Unix socket at `socket` (which must not
-    /// exist), to any number of clients one after another or at once.
+    /// Serves `image`, read-only, on a new Unix socket at `socket` (which
+    /// must not exist), to any number of clients one after another or at
+    /// once.
     pub fn start(image: Arc<dyn ImageReader>, socket: &Path) -> Result<NbdServer> {
+        Self::start_export(Arc::new(image), socket)
+    }
+
+    /// Serves `export` (writable when it says so) on a new Unix socket at
+    /// `socket`, as [`NbdServer::start`] does.
+    pub fn start_export(image: Arc<dyn NbdExport>, socket: &Path) -> Result<NbdServer> {
         let listener = UnixListener::bind(socket)
             .map_err(|e| Error::io(socket, "creating the NBD socket", e))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -148,8 +203,13 @@ fn option_reply(s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]) -> std::io
 }
 
 /// One client: handshake, then requests until it disconnects.
-fn serve(mut s: UnixStream, image: &dyn ImageReader) -> std::io::Result<()> {
+fn serve(mut s: UnixStream, image: &dyn NbdExport) -> std::io::Result<()> {
     let size = image.size();
+    let flags = if image.writable() {
+        FLAGS_WRITABLE
+    } else {
+        FLAGS_WRITABLE | FLAG_READ_ONLY
+    };
     let mut hello = Vec::new();
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -175,7 +235,7 @@ fn serve(mut s: UnixStream, image: &dyn ImageReader) -> std::io::Result<()> {
             OPT_EXPORT_NAME => {
                 let mut r = Vec::new();
                 r.extend_from_slice(&size.to_be_bytes());
-                r.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                r.extend_from_slice(&flags.to_be_bytes());
                 if !no_zeroes {
                     r.extend_from_slice(&[0u8; 124]);
                 }
@@ -200,7 +260,7 @@ fn serve(mut s: UnixStream, image: &dyn ImageReader) -> std::io::Result<()> {
                 let mut info = Vec::new();
                 info.extend_from_slice(&0u16.to_be_bytes()); // NBD_INFO_EXPORT
                 info.extend_from_slice(&size.to_be_bytes());
-                info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                info.extend_from_slice(&flags.to_be_bytes());
                 option_reply(&mut s, opt, REP_INFO, &info)?;
                 option_reply(&mut s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
@@ -226,9 +286,14 @@ fn simple_reply(s: &mut UnixStream, error: u32, cookie: u64, data: &[u8]) -> std
     s.write_all(&r)
 }
 
-fn transmission(mut s: UnixStream, image: &dyn ImageReader) -> std::io::Result<()> {
+fn transmission(mut s: UnixStream, image: &dyn NbdExport) -> std::io::Result<()> {
     let size = image.size();
     let mut buf = Vec::new();
+    let in_range = |offset: u64, len: u32| {
+        offset
+            .checked_add(u64::from(len))
+            .is_some_and(|end| end <= size)
+    };
     loop {
         if read_u32(&mut s)? != REQUEST_MAGIC {
             return Err(protocol("bad request magic"));
@@ -240,29 +305,37 @@ fn transmission(mut s: UnixStream, image: &dyn ImageReader) -> std::io::Result<(
         let len = read_u32(&mut s)?;
         match kind {
             CMD_READ => {
-                let in_range = offset
-                    .checked_add(u64::from(len))
-                    .is_some_and(|end| end <= size);
-                if len > MAX_REQUEST || !in_range {
+                if len > MAX_REQUEST || !in_range(offset, len) {
                     simple_reply(&mut s, EINVAL, cookie, &[])?;
                     continue;
                 }
                 buf.resize(len as usize, 0);
                 match image.read_at(&mut buf, offset) {
                     Ok(()) => simple_reply(&mut s, 0, cookie, &buf)?,
-                    Err(_) => simple_reply(&mut s, EIO, cookie, &[])?,
+                    Err(e) => simple_reply(&mut s, errno(&e), cookie, &[])?,
                 }
             }
             CMD_WRITE => {
                 if len > MAX_REQUEST {
                     return Err(protocol("write payload too long"));
                 }
-                // Consume the payload, then refuse: the export is read-only.
-                std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
-                simple_reply(&mut s, EPERM, cookie, &[])?;
+                // The payload is read in any case: it is part of the stream.
+                buf.resize(len as usize, 0);
+                s.read_exact(&mut buf)?;
+                let error = if !image.writable() {
+                    EPERM
+                } else if !in_range(offset, len) {
+                    EINVAL
+                } else {
+                    image.write_at(&buf, offset).err().map_or(0, |e| errno(&e))
+                };
+                simple_reply(&mut s, error, cookie, &[])?;
             }
             CMD_DISC => return Ok(()),
-            CMD_FLUSH => simple_reply(&mut s, 0, cookie, &[])?,
+            CMD_FLUSH => {
+                let error = image.flush().err().map_or(0, |e| errno(&e));
+                simple_reply(&mut s, error, cookie, &[])?
+            }
             // TRIM, WRITE_ZEROES change the export: refused.
             4 | 6 => simple_reply(&mut s, EPERM, cookie, &[])?,
             _ => simple_reply(&mut s, EINVAL, cookie, &[])?,

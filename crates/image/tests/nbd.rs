@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use vmshift_image::nbd::NbdServer;
+use vmshift_image::nbd::{NbdExport, NbdServer};
 use vmshift_image::{open_image, OpenOptions};
 
 fn run(dir: &Path, prog: &str, args: &[&str]) -> std::process::Output {
@@ -92,4 +92,91 @@ fn writes_through_the_export_are_refused_and_change_nothing() {
     drop(server);
     assert_eq!(std::fs::read(dir.path().join("d.qcow2")).unwrap(), before);
     assert!(!dir.path().join("s.sock").exists());
+}
+
+/// A writable export: a buffer in memory that refuses writes past a limit
+/// of changed bytes, as vm boot's overlay does.
+struct Buffer {
+    data: std::sync::Mutex<Vec<u8>>,
+    written: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl NbdExport for Buffer {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.written.load(Ordering::SeqCst) + data.len() as u64 > self.limit {
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        self.written.fetch_add(data.len() as u64, Ordering::SeqCst);
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_writable_export_takes_writes_and_reports_a_full_overlay_as_enospc() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = Arc::new(Buffer {
+        data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
+        written: 0.into(),
+        limit: 64 << 10,
+    });
+    let server = NbdServer::start_export(export.clone(), &dir.path().join("s.sock")).unwrap();
+    // qemu-io writes a pattern, reads it back and checks it.
+    let o = run(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 8192 4096",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x5a 8192 4096",
+            "-c",
+            "read -P 0 0 8192",
+            &url(&server),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+    assert_eq!(export.data.lock().unwrap()[8192..12288], [0x5a; 4096]);
+    // Past the limit the client gets ENOSPC, and the data is unchanged.
+    let o = run(
+        dir.path(),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 65536 131072",
+            &url(&server),
+        ],
+    );
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(export.data.lock().unwrap()[65536..196608]
+        .iter()
+        .all(|b| *b == 0));
 }

@@ -139,6 +139,42 @@ impl OverlayDisk {
     }
 }
 
+/// An overlay disk served to another program (QEMU, through vmshift's NBD
+/// server): the same copy-on-write semantics and limit as vmshift-kvm's
+/// own devices. A full overlay reaches the client as `ENOSPC`.
+#[derive(Debug)]
+pub struct SharedOverlay(pub std::sync::Mutex<OverlayDisk>);
+
+impl SharedOverlay {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OverlayDisk> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn io_error(e: DiskError) -> std::io::Error {
+    let kind = match e {
+        DiskError::OverlayFull { .. } => std::io::ErrorKind::StorageFull,
+        DiskError::OutOfRange { .. } => std::io::ErrorKind::InvalidInput,
+        DiskError::Image(_) => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e)
+}
+
+impl vmshift_image::nbd::NbdExport for SharedOverlay {
+    fn size(&self) -> u64 {
+        self.lock().size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.lock().read_at(buf, offset).map_err(io_error)
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.lock().write_at(data, offset).map_err(io_error)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,9 @@ pub enum Error {
     /// The configuration asks for something the launcher cannot do.
     #[error("{0}")]
     Config(String),
+    /// QEMU (the QEMU engine) could not run the guest.
+    #[error("QEMU: {0}")]
+    Qemu(String),
     /// A file the launcher writes (the console log) failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod layout;
 pub mod pci;
+pub mod qemu;
 pub mod verdict;
 pub mod virtio;
 mod vmm;

@@ -25,13 +25,48 @@ use crate::virtio::scsi::Scsi;
 use crate::virtio::MsiSink;
 use crate::{acpi, cpu, layout};
 
-/// The controller a disk sits on.
+/// The controller a disk sits on. vmshift-kvm emulates the virtio ones;
+/// the QEMU engine ([`crate::qemu`]) runs them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskBus {
     /// Its own virtio-blk PCI device.
     VirtioBlk,
-    /// A LUN of the (one) virtio-scsi controller.
+    /// A LUN of a virtio-scsi controller.
     VirtioScsi,
+    /// A target of an LSI Logic 53C895A SCSI controller (VMware's
+    /// `lsilogic`).
+    LsiLogic,
+    /// A target of an LSI SAS1068 controller (VMware's `lsisas1068`).
+    LsiSas,
+    /// A target of a VMware paravirtual SCSI controller (`pvscsi`).
+    PvScsi,
+    /// A port of an AHCI (SATA) controller.
+    Sata,
+    /// An IDE channel's master or slave.
+    Ide,
+    /// Its own NVMe controller.
+    Nvme,
+}
+
+impl DiskBus {
+    /// True when vmshift-kvm emulates this controller.
+    pub fn emulated(self) -> bool {
+        matches!(self, DiskBus::VirtioBlk | DiskBus::VirtioScsi)
+    }
+
+    /// How reports name the controller.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DiskBus::VirtioBlk => "virtio-blk",
+            DiskBus::VirtioScsi => "virtio-scsi",
+            DiskBus::LsiLogic => "LSI Logic SCSI (lsilogic)",
+            DiskBus::LsiSas => "LSI SAS1068 (lsisas1068)",
+            DiskBus::PvScsi => "VMware paravirtual SCSI (pvscsi)",
+            DiskBus::Sata => "SATA (AHCI)",
+            DiskBus::Ide => "IDE",
+            DiskBus::Nvme => "NVMe",
+        }
+    }
 }
 
 /// A disk for the guest.
@@ -41,6 +76,12 @@ pub struct DiskSpec {
     pub image: Arc<dyn ImageReader>,
     /// Where it sits.
     pub bus: DiskBus,
+    /// The controller's index among those of its kind (the VM's
+    /// `scsi1`, `sata0`, IDE channel …).
+    pub controller: u32,
+    /// The unit on that controller (SCSI target or LUN, SATA port, IDE
+    /// master 0 / slave 1).
+    pub unit: u32,
     /// The serial the guest sees.
     pub serial: String,
 }
@@ -273,22 +314,7 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
     let mut devs = devices.lock().unwrap_or_else(|e| e.into_inner());
     let _ = std::io::Write::flush(devs.serial.writer_mut());
     let tail = String::from_utf8_lossy(&devs.serial.writer().tail).into_owned();
-    let verdict = match reason {
-        None => Verdict::Timeout,
-        Some(Stop::Verdict(v)) => v,
-        Some(Stop::Reset) => Verdict::Failed {
-            cause: FailureCause::Reset,
-            line: last_line(&tail),
-        },
-        Some(Stop::PowerOff) => Verdict::Failed {
-            cause: FailureCause::PowerOff,
-            line: last_line(&tail),
-        },
-        Some(Stop::Error(e)) => Verdict::Failed {
-            cause: FailureCause::VmError,
-            line: e,
-        },
-    };
+    let verdict = verdict_of(reason, &tail);
     let first_exit = *first_exit.lock().unwrap_or_else(|e| e.into_inner());
     Ok(BootReport {
         verdict,
@@ -297,6 +323,27 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
         console_tail: tail,
         cmdline,
     })
+}
+
+/// The verdict for the first reason the VM stopped (`None`: the timeout
+/// came first).
+pub(crate) fn verdict_of(reason: Option<Stop>, tail: &str) -> Verdict {
+    match reason {
+        None => Verdict::Timeout,
+        Some(Stop::Verdict(v)) => v,
+        Some(Stop::Reset) => Verdict::Failed {
+            cause: FailureCause::Reset,
+            line: last_line(tail),
+        },
+        Some(Stop::PowerOff) => Verdict::Failed {
+            cause: FailureCause::PowerOff,
+            line: last_line(tail),
+        },
+        Some(Stop::Error(e)) => Verdict::Failed {
+            cause: FailureCause::VmError,
+            line: e,
+        },
+    }
 }
 
 fn last_line(tail: &str) -> String {
@@ -310,7 +357,7 @@ fn last_line(tail: &str) -> String {
 
 /// The command line with `console=ttyS0` added when no console on ttyS0
 /// is named.
-fn with_console(cmdline: &str) -> String {
+pub(crate) fn with_console(cmdline: &str) -> String {
     if cmdline
         .split_whitespace()
         .any(|w| w.starts_with("console=ttyS0"))
@@ -323,13 +370,9 @@ fn with_console(cmdline: &str) -> String {
     }
 }
 
-fn build_devices(
-    config: &BootConfig,
-    disks: Vec<DiskSpec>,
-    vm: &Arc<VmFd>,
-    mem: &GuestMemoryMmap,
-    stop: &Arc<StopSignal>,
-) -> Result<Devices> {
+/// The console's destinations for `config`: its log, the terminal, and the
+/// verdict watcher (which tells `stop`).
+pub(crate) fn console_sink(config: &BootConfig, stop: &Arc<StopSignal>) -> Result<ConsoleSink> {
     let log = match &config.console_log {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(
             |source| Error::Io {
@@ -345,13 +388,23 @@ fn build_devices(
         Watcher::new(config.expect.as_deref())
             .map_err(|e| Error::Config(format!("--expect: {e}")))?
     };
-    let sink = ConsoleSink {
+    Ok(ConsoleSink {
         log,
         echo: config.console_echo,
         watcher,
         tail: Vec::new(),
         stop: stop.clone(),
-    };
+    })
+}
+
+fn build_devices(
+    config: &BootConfig,
+    disks: Vec<DiskSpec>,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    stop: &Arc<StopSignal>,
+) -> Result<Devices> {
+    let sink = console_sink(config, stop)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|e| Error::Config(format!("creating the serial eventfd: {e}")))?;
     vm.register_irqfd(&irq, 4)
@@ -375,6 +428,13 @@ fn build_devices(
                     slots.push(Slot::Scsi);
                 }
                 luns.push((disk, d.serial));
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "disk {}: vmshift-kvm does not emulate the {} controller (it boots virtio-blk and virtio-scsi disks); --engine qemu runs it",
+                    d.serial,
+                    other.describe()
+                )))
             }
         }
     }

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
+use vmshift_kvm::qemu::{boot_qemu, Accel, Machine, QemuOptions};
 use vmshift_kvm::{Blob, BootConfig, DiskBus, DiskSpec, FailureCause, KvmStatus, Verdict};
 use vmshift_model::{Bus, DeviceKind, Vm};
 
-use crate::args::{BootOutput, VmBootArgs, VmFormatArg};
+use crate::args::{BootOutput, EngineArg, VmBootArgs, VmFormatArg};
 use crate::cmd::vm::{load, Resolver};
 
 /// The guest came up.
@@ -30,10 +31,13 @@ fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
             .is_some_and(|e| matches!(e.as_str(), "vmx" | "xml" | "conf" | "ovf" | "ova"))
 }
 
-/// The launcher's bus for a disk of the model, or why it has none.
+/// The bus for a disk of the model, or why neither engine has one.
 fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> Result<DiskBus> {
     match disk.bus {
         Bus::Virtio => Ok(DiskBus::VirtioBlk),
+        Bus::Sata => Ok(DiskBus::Sata),
+        Bus::Ide => Ok(DiskBus::Ide),
+        Bus::Nvme => Ok(DiskBus::Nvme),
         Bus::Scsi => {
             let model = vm
                 .controllers
@@ -41,21 +45,19 @@ fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> Result<DiskBus> {
                 .find(|c| c.bus == Bus::Scsi && c.index == disk.controller)
                 .and_then(|c| c.model.clone())
                 .unwrap_or_default();
-            if model == "virtio-scsi" {
-                Ok(DiskBus::VirtioScsi)
-            } else {
-                bail!(
-                    "SCSI controller {} ({}) is not emulated",
-                    disk.controller,
-                    if model.is_empty() {
-                        "no model named"
-                    } else {
-                        &model
-                    }
-                )
+            match model.as_str() {
+                "virtio-scsi" => Ok(DiskBus::VirtioScsi),
+                "lsilogic" => Ok(DiskBus::LsiLogic),
+                "lsisas1068" => Ok(DiskBus::LsiSas),
+                "pvscsi" => Ok(DiskBus::PvScsi),
+                "" => bail!("SCSI controller {} names no model", disk.controller),
+                other => bail!(
+                    "SCSI controller {} is a {other}, which neither vmshift-kvm nor QEMU emulates",
+                    disk.controller
+                ),
             }
         }
-        other => bail!("the {other} bus is not emulated"),
+        other => bail!("disks on the {other} bus are not booted"),
     }
 }
 
@@ -79,13 +81,15 @@ fn vm_disks(args: &VmBootArgs, path: &Path) -> Result<(Vm, Vec<DiskSpec>, Vec<St
         }
         let bus = bus_of(&vm, d).map_err(|e| {
             anyhow!(
-                "{src}: {e}; vmshift-kvm boots disks on virtio-blk and virtio-scsi, as `vmshift vm convert` writes them: convert the VM first and boot the converted descriptor"
+                "{src}: {e}; `vmshift vm convert` moves disks to virtio-scsi: convert the VM first and boot the converted descriptor"
             )
         })?;
         let (_, image) = resolver.open(src)?;
         disks.push(DiskSpec {
             image: Arc::from(image),
             bus,
+            controller: d.controller,
+            unit: d.unit,
             serial: format!("vmshift{i}"),
         });
     }
@@ -116,6 +120,50 @@ fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
     }
 }
 
+/// The engine asked for (`None`: the host decides), checked against the
+/// input: vmshift-kvm must emulate every disk's controller.
+fn asked_engine(args: &VmBootArgs, disks: &[DiskSpec]) -> Result<Option<EngineArg>> {
+    let asked = match (args.engine, &args.qemu) {
+        (Some(EngineArg::Kvm), Some(_)) => {
+            bail!("--qemu names the emulator for --engine qemu, not --engine kvm")
+        }
+        (None, Some(_)) => Some(EngineArg::Qemu),
+        (e, _) => e.or(args.probe.then_some(EngineArg::Kvm)),
+    };
+    if asked == Some(EngineArg::Qemu) && args.probe {
+        bail!("the probe guest runs on vmshift-kvm only: --probe takes --engine kvm");
+    }
+    if asked != Some(EngineArg::Qemu) {
+        if let Some(d) = disks.iter().find(|d| !d.bus.emulated()) {
+            bail!(
+                "disk {} is on {}, which vmshift-kvm does not emulate (it boots virtio-blk and virtio-scsi disks, as `vmshift vm convert` writes them): \
+                 --engine qemu boots the VM with its own controllers, or convert it first",
+                d.serial,
+                d.bus.describe()
+            );
+        }
+    }
+    Ok(asked)
+}
+
+/// The engine to run: the one asked for, or vmshift-kvm where this host's
+/// `/dev/kvm` boots stock kernels. The probe guest runs on kvm_pvm too.
+fn host_engine(asked: Option<EngineArg>) -> Result<EngineArg> {
+    match (vmshift_kvm::kvm_status(), asked) {
+        (_, Some(EngineArg::Qemu)) => Ok(EngineArg::Qemu),
+        (KvmStatus::Missing, _) => bail!(
+            "/dev/kvm is missing: vmshift-kvm needs KVM (load kvm-intel or kvm-amd); \
+             --engine qemu boots the VM on QEMU, in software emulation where there is no KVM"
+        ),
+        (KvmStatus::Pvm, None) => bail!(
+            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
+             --engine qemu boots it on QEMU (in software emulation here: slower, but it runs), \
+             or run vm boot on a host with hardware KVM (kvm-intel or kvm-amd); --engine kvm tries anyway"
+        ),
+        _ => Ok(EngineArg::Kvm),
+    }
+}
+
 /// Runs `vm boot`.
 pub fn run(args: &VmBootArgs) -> Result<i32> {
     let overlay_limit = vmshift_model::parse_size(&args.overlay_limit)
@@ -124,12 +172,15 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         Ok(DiskSpec {
             image: Arc::from(crate::cmd::open(p, args.format, &args.gate, true)?),
             bus: DiskBus::VirtioBlk,
+            controller: 0,
+            unit: 0,
             serial: format!("vmshift{i}"),
         })
     };
-    let (memory, disks, notes) = match args.vm.as_slice() {
+    let (memory, machine, disks, notes) = match args.vm.as_slice() {
         _ if args.probe => (
             256,
+            None,
             args.vm
                 .iter()
                 .enumerate()
@@ -139,11 +190,12 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         ),
         [one] if is_descriptor(one, args.from) => {
             let (vm, disks, notes) = vm_disks(args, one)?;
-            (vm.memory_mib, disks, notes)
+            (vm.memory_mib, vm.machine, disks, notes)
         }
-        [one] => (1024, vec![bare((0, one))?], Vec::new()),
+        [one] => (1024, None, vec![bare((0, one))?], Vec::new()),
         _ => bail!("vm boot takes one VM or disk (several disks only with --probe)"),
     };
+    let asked = asked_engine(args, &disks)?;
     let memory = args.memory.unwrap_or(memory);
     let buses: Vec<DiskBus> = disks.iter().map(|d| d.bus).collect();
     if args.output == BootOutput::Human {
@@ -182,26 +234,13 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         }
     };
     let cmdline = args.append.clone().unwrap_or(guest_cmdline);
-    let engine = args
-        .engine
-        .or(args.probe.then_some(crate::args::EngineArg::Kvm));
     if args.output == BootOutput::Human {
         eprintln!("vmshift: kernel {kernel_source}");
     }
     // The input is checked first (its errors do not depend on the host),
     // then the host.
-    // The probe guest runs on kvm_pvm too.
-    match (vmshift_kvm::kvm_status(), engine) {
-        (KvmStatus::Missing, _) => {
-            bail!("/dev/kvm is missing: vm boot needs KVM (load kvm-intel or kvm-amd)")
-        }
-        (KvmStatus::Pvm, None) => bail!(
-            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
-             run vm boot on a host with hardware KVM (kvm-intel or kvm-amd), or pass --engine kvm to try anyway"
-        ),
-        _ => {}
-    }
-    let report = vmshift_kvm::boot(BootConfig {
+    let engine = host_engine(asked)?;
+    let config = BootConfig {
         memory_mib: memory,
         vcpus: args.cpus,
         kernel,
@@ -214,7 +253,32 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         expect: args.expect.clone(),
         probe: args.probe,
         timeout: Duration::from_secs(args.timeout),
-    })?;
+    };
+    let (report, engine_name) = match engine {
+        EngineArg::Kvm => (vmshift_kvm::boot(config)?, "vmshift-kvm".to_string()),
+        EngineArg::Qemu => {
+            let options = QemuOptions {
+                program: args
+                    .qemu
+                    .clone()
+                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
+                accel: Accel::for_host(),
+                machine: Machine::from_model(machine.as_deref()),
+            };
+            if args.output == BootOutput::Human {
+                eprintln!(
+                    "vmshift: QEMU ({}, {}), disks served from vmshift's drivers over NBD",
+                    options.machine.name(),
+                    match options.accel {
+                        Accel::Kvm => "KVM",
+                        Accel::Tcg => "TCG: software emulation, as this host has no hardware KVM",
+                    }
+                );
+            }
+            let name = format!("qemu ({})", options.accel.name());
+            (boot_qemu(config, &options)?, name)
+        }
+    };
     let secs = report.elapsed.as_secs_f64();
     let (word, code, cause, line) = match &report.verdict {
         Verdict::Booted { line } => ("booted", EXIT_BOOTED, None, Some(line.as_str())),
@@ -233,7 +297,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
                 "line": line,
                 "seconds": (secs * 1000.0).round() / 1000.0,
                 "first-exit-ms": report.first_exit.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
-                "engine": "kvm",
+                "engine": engine_name,
                 "kernel": kernel_source,
                 "memory-mib": memory,
                 "cmdline": report.cmdline,
@@ -246,16 +310,19 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         BootOutput::Human => {
             match (&report.verdict, cause) {
                 (Verdict::Booted { line }, _) => {
-                    println!("booted in {secs:.3} s: {}", line.trim())
+                    println!("booted in {secs:.3} s on {engine_name}: {}", line.trim())
                 }
                 (Verdict::Failed { line, .. }, Some(c)) => {
                     println!(
-                        "failed after {secs:.1} s: {}: {}",
+                        "failed after {secs:.1} s on {engine_name}: {}: {}",
                         c.describe(),
                         line.trim()
                     )
                 }
-                _ => println!("timeout: no verdict within {} s", args.timeout),
+                _ => println!(
+                    "timeout: no verdict within {} s on {engine_name}",
+                    args.timeout
+                ),
             }
             if let Some(f) = &fix {
                 println!("likely fix: {f}");
