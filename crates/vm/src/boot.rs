@@ -1,0 +1,353 @@
+//! Booting a VM to prove it comes up: its disks resolved as a conversion
+//! resolves them, the guest's own kernel found on them (or one given), the
+//! engine chosen (vmshift-kvm, or QEMU for controllers vmshift-kvm does
+//! not emulate and hosts without hardware KVM), and the verdict read from
+//! the console.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmshift_image::ImageReader;
+use vmshift_kvm::qemu::{boot_qemu, Accel, Machine, QemuOptions};
+use vmshift_kvm::{Blob, BootConfig, BootReport, DiskBus, DiskSpec, FailureCause, KvmStatus};
+use vmshift_model::{Bus, DeviceKind, Vm};
+
+use crate::error::{Error, Result};
+use crate::load::Loaded;
+use crate::resolve::Resolver;
+
+/// The engine that runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// vmshift's own launcher on `/dev/kvm`.
+    Kvm,
+    /// QEMU, with the VM's own disk controllers.
+    Qemu,
+}
+
+/// The VM to boot: its disks and what the model says of it.
+#[derive(Debug)]
+pub struct BootTarget {
+    /// Guest RAM the VM has, in MiB.
+    pub memory_mib: u64,
+    /// The VM's QEMU machine type, when it names one.
+    pub machine: Option<String>,
+    /// The disks, in the VM's order.
+    pub disks: Vec<DiskSpec>,
+    /// Drives left out (empty, CD-ROMs), to tell the user.
+    pub notes: Vec<String>,
+}
+
+/// The bus for a disk of the model, or why neither engine has one.
+fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> std::result::Result<DiskBus, String> {
+    match disk.bus {
+        Bus::Virtio => Ok(DiskBus::VirtioBlk),
+        Bus::Sata => Ok(DiskBus::Sata),
+        Bus::Ide => Ok(DiskBus::Ide),
+        Bus::Nvme => Ok(DiskBus::Nvme),
+        Bus::Scsi => {
+            let model = vm
+                .controllers
+                .iter()
+                .find(|c| c.bus == Bus::Scsi && c.index == disk.controller)
+                .and_then(|c| c.model.clone())
+                .unwrap_or_default();
+            match model.as_str() {
+                "virtio-scsi" => Ok(DiskBus::VirtioScsi),
+                "lsilogic" => Ok(DiskBus::LsiLogic),
+                "lsisas1068" => Ok(DiskBus::LsiSas),
+                "pvscsi" => Ok(DiskBus::PvScsi),
+                "" => Err(format!(
+                    "SCSI controller {} names no model",
+                    disk.controller
+                )),
+                other => Err(format!(
+                    "SCSI controller {} is a {other}, which neither vmshift-kvm nor QEMU emulates",
+                    disk.controller
+                )),
+            }
+        }
+        other => Err(format!("disks on the {other} bus are not booted")),
+    }
+}
+
+/// The disks of a descriptor, opened through the same resolution as a
+/// conversion, with their buses; CD-ROMs and empty drives are left out
+/// and named in the notes.
+pub fn descriptor_target(loaded: &Loaded, resolver: &Resolver) -> Result<BootTarget> {
+    let vm = &loaded.lowered.vm;
+    let mut disks = Vec::new();
+    let mut notes = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let Some(src) = &d.source else {
+            notes.push(format!("drive {i} is empty: left out"));
+            continue;
+        };
+        if d.device != DeviceKind::Disk {
+            notes.push(format!("{src}: not a hard disk: left out"));
+            continue;
+        }
+        let bus = bus_of(vm, d).map_err(|e| {
+            Error::Request(format!(
+                "{src}: {e}; `vmshift vm convert` moves disks to virtio-scsi: convert the VM first and boot the converted descriptor"
+            ))
+        })?;
+        let (_, image) = resolver.open(src)?;
+        disks.push(DiskSpec {
+            image: Arc::from(image),
+            bus,
+            controller: d.controller,
+            unit: d.unit,
+            serial: format!("vmshift{i}"),
+        });
+    }
+    if disks.is_empty() {
+        return Err(Error::Request(format!(
+            "{}: the VM has no disk to boot",
+            loaded.path.display()
+        )));
+    }
+    Ok(BootTarget {
+        memory_mib: vm.memory_mib,
+        machine: vm.machine.clone(),
+        disks,
+        notes,
+    })
+}
+
+/// Bare disk images, each on its own virtio-blk device, with `memory_mib`
+/// of RAM.
+pub fn images_target(images: Vec<Box<dyn ImageReader>>, memory_mib: u64) -> BootTarget {
+    BootTarget {
+        memory_mib,
+        machine: None,
+        disks: images
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| DiskSpec {
+                image: Arc::from(image),
+                bus: DiskBus::VirtioBlk,
+                controller: 0,
+                unit: 0,
+                serial: format!("vmshift{i}"),
+            })
+            .collect(),
+        notes: Vec::new(),
+    }
+}
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct BootRequest {
+    /// The engine asked for (`None`: vmshift-kvm where the host's
+    /// `/dev/kvm` boots stock kernels).
+    pub engine: Option<Engine>,
+    /// The QEMU system emulator (implies the QEMU engine; default
+    /// `qemu-system-x86_64` on `PATH`).
+    pub qemu: Option<PathBuf>,
+    /// Boot the built-in probe guest (vmshift-kvm only).
+    pub probe: bool,
+    /// The kernel instead of the guest's own.
+    pub kernel: Option<PathBuf>,
+    /// The initramfs, with `kernel`.
+    pub initrd: Option<PathBuf>,
+    /// The command line instead of the guest's own.
+    pub append: Option<String>,
+    /// Guest RAM in MiB instead of the VM's.
+    pub memory_mib: Option<u64>,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// How long to wait for the verdict.
+    pub timeout: Duration,
+    /// The success pattern instead of the default.
+    pub expect: Option<String>,
+    /// Where the console is logged.
+    pub console_log: Option<PathBuf>,
+    /// Echo the console to standard output.
+    pub console_echo: bool,
+    /// Bytes of guest writes kept per disk.
+    pub overlay_limit: u64,
+}
+
+/// A boot ready to run.
+#[derive(Debug)]
+pub struct PreparedBoot {
+    /// The engine that will run it.
+    pub engine: Engine,
+    /// QEMU's settings, with the QEMU engine.
+    pub qemu: Option<QemuOptions>,
+    /// Where the kernel comes from, for the report.
+    pub kernel_source: String,
+    /// The disks' controllers, for the advice on failure.
+    pub buses: Vec<DiskBus>,
+    /// The launch itself.
+    pub config: BootConfig,
+}
+
+impl PreparedBoot {
+    /// How the report names the engine.
+    pub fn engine_name(&self) -> String {
+        match (&self.engine, &self.qemu) {
+            (Engine::Qemu, Some(q)) => format!("qemu ({})", q.accel.name()),
+            _ => "vmshift-kvm".into(),
+        }
+    }
+}
+
+/// The engine asked for, checked against the input: vmshift-kvm must
+/// emulate every disk's controller.
+fn asked_engine(req: &BootRequest, disks: &[DiskSpec]) -> Result<Option<Engine>> {
+    let asked = match (req.engine, &req.qemu) {
+        (Some(Engine::Kvm), Some(_)) => {
+            return Err(Error::Request(
+                "--qemu names the emulator for --engine qemu, not --engine kvm".into(),
+            ))
+        }
+        (None, Some(_)) => Some(Engine::Qemu),
+        (e, _) => e.or(req.probe.then_some(Engine::Kvm)),
+    };
+    if asked == Some(Engine::Qemu) && req.probe {
+        return Err(Error::Request(
+            "the probe guest runs on vmshift-kvm only: --probe takes --engine kvm".into(),
+        ));
+    }
+    if asked != Some(Engine::Qemu) {
+        if let Some(d) = disks.iter().find(|d| !d.bus.emulated()) {
+            return Err(Error::Request(format!(
+                "disk {} is on {}, which vmshift-kvm does not emulate (it boots virtio-blk and virtio-scsi disks, as `vmshift vm convert` writes them): \
+                 --engine qemu boots the VM with its own controllers, or convert it first",
+                d.serial,
+                d.bus.describe()
+            )));
+        }
+    }
+    Ok(asked)
+}
+
+/// The engine to run: the one asked for, or vmshift-kvm where this host's
+/// `/dev/kvm` boots stock kernels. The probe guest runs on kvm_pvm too.
+fn host_engine(asked: Option<Engine>) -> Result<Engine> {
+    match (vmshift_kvm::kvm_status(), asked) {
+        (_, Some(Engine::Qemu)) => Ok(Engine::Qemu),
+        (KvmStatus::Missing, _) => Err(Error::Request(
+            "/dev/kvm is missing: vmshift-kvm needs KVM (load kvm-intel or kvm-amd); \
+             --engine qemu boots the VM on QEMU, in software emulation where there is no KVM"
+                .into(),
+        )),
+        (KvmStatus::Pvm, None) => Err(Error::Request(
+            "this host's /dev/kvm is kvm_pvm, which boots only kernels built as PVM guests, not a VM's own kernel; \
+             --engine qemu boots it on QEMU (in software emulation here: slower, but it runs), \
+             or run vm boot on a host with hardware KVM (kvm-intel or kvm-amd); --engine kvm tries anyway"
+                .into(),
+        )),
+        _ => Ok(Engine::Kvm),
+    }
+}
+
+fn read_blob(path: &std::path::Path) -> Result<Blob> {
+    Ok(Blob::read(path)?)
+}
+
+/// Everything checked and loaded — the engine, the kernel (the guest's
+/// own unless one is given), the command line — before anything runs. The
+/// input is checked first (its errors do not depend on the host), then
+/// the host.
+pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
+    let asked = asked_engine(req, &target.disks)?;
+    let buses: Vec<DiskBus> = target.disks.iter().map(|d| d.bus).collect();
+    let (kernel, initrd, guest_cmdline, kernel_source) = match &req.kernel {
+        _ if req.probe => (
+            vmshift_kvm::probe_kernel(),
+            None,
+            String::new(),
+            "the built-in probe guest".to_string(),
+        ),
+        Some(k) => (
+            read_blob(k)?,
+            req.initrd.as_deref().map(read_blob).transpose()?,
+            String::new(),
+            k.display().to_string(),
+        ),
+        None => {
+            let images: Vec<_> = target.disks.iter().map(|d| d.image.clone()).collect();
+            let e = vmshift_guest::find_boot_entry(&images)?;
+            let source = format!("{} ({}, \"{}\")", e.kernel_path, e.source, e.title);
+            let initrd = e.initrd.map(|(name, data)| Blob { name, data });
+            (
+                Blob {
+                    name: e.kernel_path,
+                    data: e.kernel,
+                },
+                initrd,
+                e.cmdline,
+                source,
+            )
+        }
+    };
+    let engine = host_engine(asked)?;
+    let qemu = (engine == Engine::Qemu).then(|| QemuOptions {
+        program: req
+            .qemu
+            .clone()
+            .unwrap_or_else(|| "qemu-system-x86_64".into()),
+        accel: Accel::for_host(),
+        machine: Machine::from_model(target.machine.as_deref()),
+    });
+    Ok(PreparedBoot {
+        engine,
+        qemu,
+        kernel_source,
+        buses,
+        config: BootConfig {
+            memory_mib: req.memory_mib.unwrap_or(target.memory_mib),
+            vcpus: req.vcpus,
+            kernel,
+            initrd,
+            cmdline: req.append.clone().unwrap_or(guest_cmdline),
+            disks: target.disks,
+            overlay_limit: req.overlay_limit,
+            console_log: req.console_log.clone(),
+            console_echo: req.console_echo,
+            expect: req.expect.clone(),
+            probe: req.probe,
+            timeout: req.timeout,
+        },
+    })
+}
+
+/// Runs a prepared boot to its verdict.
+pub fn run(prepared: PreparedBoot) -> Result<BootReport> {
+    Ok(match prepared.qemu {
+        Some(q) => boot_qemu(prepared.config, &q)?,
+        None => vmshift_kvm::boot(prepared.config)?,
+    })
+}
+
+/// What to tell the user to do about a failure.
+pub fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
+    let drivers = if buses.contains(&DiskBus::VirtioScsi) {
+        "virtio_pci virtio_scsi sd_mod"
+    } else {
+        "virtio_pci virtio_blk"
+    };
+    match cause {
+        FailureCause::RootNotFound | FailureCause::EmergencyShell
+            if buses.iter().any(|b| matches!(b, DiskBus::VirtioBlk | DiskBus::VirtioScsi)) =>
+        {
+            Some(format!(
+                "the guest's initramfs probably has no driver for its new disk controller ({drivers}). \
+                 In the guest on VMware, add the drivers and rebuild the initramfs — Debian/Ubuntu: \
+                 list them in /etc/initramfs-tools/modules and run `update-initramfs -u`; \
+                 RHEL/Fedora/SUSE: `dracut -f --add-drivers '{drivers}'` — then convert again"
+            ))
+        }
+        FailureCause::RootNotFound | FailureCause::EmergencyShell => Some(
+            "the guest's initramfs found no root device on the VM's own disk controller: check root= on the command line, and that the initramfs has the controller's driver".into(),
+        ),
+        FailureCause::RootMountFailed => Some(
+            "the root device was found but not mounted: check root= on the command line and that the kernel has the root file system's driver".into(),
+        ),
+        _ => None,
+    }
+}

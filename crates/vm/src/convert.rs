@@ -1,0 +1,590 @@
+//! Converting a whole VM: the descriptor mapped for the target, every disk
+//! copied through vmshift's engine, nothing written until every check
+//! passed, and what a failed run wrote removed.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use vmshift_desc::libvirt::DomainDocument;
+use vmshift_desc::mapping::{migration_findings, to_kvm, Change, MapOptions};
+use vmshift_desc::qemu;
+use vmshift_desc::vmx::VmxDocument;
+use vmshift_image::engine::{convert, ConvertOptions};
+use vmshift_image::output::AtomicOutput;
+use vmshift_image::{open_image, ImageReader, OpenOptions};
+use vmshift_model::{DeviceKind, DiskFormat, DiskRef, Finding, FirmwareKind, Severity, Vm};
+
+use crate::error::{Error, Result};
+use crate::load::Loaded;
+use crate::resolve::{text, unresolved_code, Resolver};
+
+/// What a conversion produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A libvirt domain XML.
+    Libvirt,
+    /// A Proxmox VE VM (`<vmid>.conf` and a directory-storage layout).
+    Proxmox,
+    /// A VMware `.vmx`.
+    Vmx,
+    /// A `qemu-system-x86_64` command line, as a shell script.
+    QemuArgs,
+}
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertRequest {
+    /// What to produce.
+    pub to: Target,
+    /// The folder to write into (created if missing); nothing is written
+    /// outside it.
+    pub out: PathBuf,
+    /// The disks' format (default: qcow2; VMDK for a `.vmx`).
+    pub disk_format: Option<DiskFormat>,
+    /// libvirt: the folder the disks will live in on the hypervisor.
+    pub target_dir: Option<PathBuf>,
+    /// Proxmox: the VM id.
+    pub vmid: Option<u32>,
+    /// Proxmox: the directory storage the disks go to.
+    pub storage: Option<String>,
+    /// Keep the source's device models instead of virtio.
+    pub keep_models: bool,
+    /// Put every disk and NIC on virtio, even where the guest may lack the
+    /// drivers.
+    pub force_virtio: bool,
+    /// Write the descriptor only, not the disks.
+    pub descriptor_only: bool,
+    /// Replace outputs that exist.
+    pub force: bool,
+}
+
+/// Told how a conversion goes; every method has a default that does
+/// nothing.
+pub trait Observer: Sync {
+    /// Disk `index` of `count` starts: `input` → `target`, `size` bytes.
+    fn disk_started(&self, index: usize, count: usize, input: &str, target: &Path, size: u64) {
+        let _ = (index, count, input, target, size);
+    }
+    /// `done` of `total` bytes of the current disk are copied.
+    fn progress(&self, done: u64, total: u64) {
+        let _ = (done, total);
+    }
+    /// The current disk is written.
+    fn disk_finished(&self) {}
+}
+
+/// An observer that is told nothing.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// What a conversion wrote and found.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// The descriptor written.
+    pub descriptor: PathBuf,
+    /// The disks written.
+    pub disks: Vec<PathBuf>,
+    /// What the mapping changed, and why.
+    pub changes: Vec<Change>,
+    /// Every finding (none of them an error), most severe first.
+    pub findings: Vec<Finding>,
+    /// The converted VM.
+    pub vm: Vm,
+}
+
+/// A name safe to use as a file name inside the output folder.
+fn safe_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() {
+        "vm".into()
+    } else {
+        s
+    }
+}
+
+/// `rel` must be a plain relative path (no `..`, not absolute).
+fn inside(out: &Path, rel: &Path) -> Result<PathBuf> {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::Request(format!(
+            "{}: would leave the output folder",
+            rel.display()
+        )));
+    }
+    Ok(out.join(rel))
+}
+
+/// Where disk `n` of Proxmox VM `id` goes in a directory storage
+/// (`images/<id>/vm-<id>-disk-<n>.<ext>`) and how the config names it
+/// (`STORAGE:<id>/vm-<id>-disk-<n>.<ext>`).
+fn proxmox_volume(id: u32, storage: &str, n: usize, ext: &str) -> (PathBuf, DiskRef) {
+    let file = format!("vm-{id}-disk-{n}.{ext}");
+    (
+        PathBuf::from("images").join(id.to_string()).join(&file),
+        DiskRef::Volume {
+            storage: storage.to_string(),
+            volume: format!("{id}/{file}"),
+        },
+    )
+}
+
+/// The OVMF files Debian's ovmf package installs: (code, vars template).
+fn ovmf(secure: bool) -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new("/usr/share/OVMF");
+    let (code, vars) = if secure {
+        ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd")
+    } else {
+        ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+    };
+    let (c, v) = (dir.join(code), dir.join(vars));
+    (c.is_file() && v.is_file()).then_some((c, v))
+}
+
+/// One output file a conversion writes.
+struct Job {
+    /// What to copy (a disk, or OVMF's variable template).
+    img: Box<dyn ImageReader>,
+    /// How the source is named in messages.
+    input: String,
+    target: PathBuf,
+    format: DiskFormat,
+}
+
+/// Whether an image allocates space as it is written (qcow2, sparse
+/// VMDK): its guest's discards are worth passing on.
+fn is_thin(img: &dyn ImageReader) -> bool {
+    match img.format() {
+        DiskFormat::Qcow2 => true,
+        DiskFormat::Vmdk => img
+            .info()
+            .format_specific
+            .iter()
+            .find(|(k, _)| *k == "create-type")
+            .and_then(|(_, v)| v.as_str().map(str::to_string))
+            .is_some_and(|t| {
+                matches!(
+                    t.as_str(),
+                    "monolithicSparse"
+                        | "streamOptimized"
+                        | "twoGbMaxExtentSparse"
+                        | "vmfsSparse"
+                        | "seSparse"
+                        | "vmfsThin"
+                )
+            }),
+        DiskFormat::Raw => false,
+    }
+}
+
+/// Converts the VM `loaded` describes, its disks found by `resolver`.
+/// `cancel`, when set, stops the copy between windows (the run then fails
+/// and removes what it wrote).
+pub fn convert_vm(
+    loaded: &Loaded,
+    resolver: &Resolver,
+    req: &ConvertRequest,
+    observer: &dyn Observer,
+    cancel: Option<&'static AtomicBool>,
+) -> Result<ConvertReport> {
+    let mut findings = loaded.lowered.findings.clone();
+    findings.extend(loaded.lowered.vm.validate());
+    let disk_format = match (req.disk_format, req.to) {
+        (Some(f), _) => f,
+        (None, Target::Vmx) => DiskFormat::Vmdk,
+        (None, _) => DiskFormat::Qcow2,
+    };
+    if req.to == Target::Proxmox && (req.vmid.is_none() || req.storage.is_none()) {
+        return Err(Error::Request(
+            "--to proxmox needs --vmid N --storage NAME".into(),
+        ));
+    }
+    // Sparse source images are thin: the converted disks get discard.
+    let mut src = loaded.lowered.vm.clone();
+    for d in &mut src.disks {
+        if d.device != DeviceKind::Disk {
+            continue;
+        }
+        if let Some(Ok((_, img))) = d.source.as_ref().map(|r| resolver.open(r)) {
+            d.thin |= is_thin(img.as_ref());
+        }
+    }
+    let map_opts = MapOptions {
+        keep_models: req.keep_models,
+        force_virtio: req.force_virtio,
+        disk_format,
+    };
+    let (mut vm, mut changes): (Vm, Vec<Change>) = match req.to {
+        Target::Vmx => (src.clone(), Vec::new()),
+        _ => to_kvm(&src, &map_opts),
+    };
+    if req.to != Target::Vmx {
+        findings.extend(migration_findings(&src, &vm, &map_opts));
+    }
+    // The converted VM's own problems that the source did not have
+    // (addresses the mapping could not place, a boot bus OVMF lacks).
+    let known: std::collections::HashSet<(String, String)> = findings
+        .iter()
+        .map(|f| (f.code.clone(), f.path.clone()))
+        .collect();
+    findings.extend(
+        vm.validate()
+            .into_iter()
+            .chain(vm.target_findings())
+            .filter(|f| !known.contains(&(f.code.clone(), f.path.clone()))),
+    );
+
+    std::fs::create_dir_all(&req.out).map_err(Error::io(&req.out, "creating the output folder"))?;
+    let out = req
+        .out
+        .canonicalize()
+        .map_err(Error::io(&req.out, "reading the output folder"))?;
+    let base = safe_name(&vm.name);
+    let ext = match disk_format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+        DiskFormat::Vmdk => "vmdk",
+    };
+    let missing_severity = if req.descriptor_only {
+        Severity::Warning
+    } else {
+        Severity::Error
+    };
+
+    // Plan: every disk opened, every output named, before anything is
+    // written.
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut n = 0;
+    for i in 0..vm.disks.len() {
+        let d = vm.disks[i].clone();
+        let Some(source) = &d.source else { continue };
+        if d.device != DeviceKind::Disk {
+            // Media (ISOs, floppy images) are not copied: point at them
+            // where they are, when they resolve (Proxmox can only name
+            // storage volumes, so there the drive is left empty).
+            let placed = resolver.resolve(source).and_then(|p| {
+                p.canonicalize()
+                    .map_err(Error::io(&p, "reading the medium"))
+            });
+            match placed {
+                Ok(p) if req.to != Target::Proxmox => {
+                    vm.disks[i].source = Some(DiskRef::File {
+                        path: p.display().to_string(),
+                    })
+                }
+                Ok(p) => {
+                    findings.push(Finding::new(
+                        Severity::Info,
+                        "media-not-carried",
+                        format!("disks[{i}].source"),
+                        format!("{} is not on a Proxmox storage; the drive is left empty (upload the ISO and attach it)", p.display()),
+                    ));
+                    vm.disks[i].source = None;
+                }
+                Err(e) => {
+                    findings.push(Finding::new(
+                        Severity::Warning,
+                        "media-missing",
+                        format!("disks[{i}].source"),
+                        format!("{}; the drive is left empty", text(&e)),
+                    ));
+                    vm.disks[i].source = None;
+                }
+            }
+            continue;
+        }
+        let (rel, reference) = match (req.to, req.vmid, &req.storage) {
+            (Target::Proxmox, Some(id), Some(storage)) => proxmox_volume(id, storage, n, ext),
+            _ => {
+                let file = format!("{base}-disk{n}.{ext}");
+                let at = match (&req.target_dir, req.to) {
+                    (Some(t), Target::Libvirt) => t.join(&file),
+                    (_, Target::Vmx) => PathBuf::from(&file),
+                    _ => out.join(&file),
+                };
+                (
+                    PathBuf::from(&file),
+                    DiskRef::File {
+                        path: at.display().to_string(),
+                    },
+                )
+            }
+        };
+        n += 1;
+        let target = inside(&out, &rel)?;
+        vm.disks[i].source = Some(reference);
+        vm.disks[i].format = Some(disk_format);
+        let (input, img) = match resolver.open(source) {
+            Ok(x) => x,
+            Err(e) => {
+                findings.push(Finding::new(
+                    missing_severity,
+                    unresolved_code(&e),
+                    format!("disks[{i}].source"),
+                    text(&e),
+                ));
+                continue;
+            }
+        };
+        if let Some(declared) = d.size.filter(|&n| n != img.size()) {
+            findings.push(Finding::new(
+                Severity::Warning,
+                "disk-size-mismatch",
+                format!("disks[{i}].size"),
+                format!(
+                    "the descriptor says {declared} bytes, but {input} holds {}; the image's size is used",
+                    img.size()
+                ),
+            ));
+        }
+        vm.disks[i].size = Some(img.size());
+        jobs.push(Job {
+            img,
+            input,
+            target,
+            format: disk_format,
+        });
+    }
+
+    // Serial logs land in the output folder under names of their own.
+    if req.to != Target::Vmx {
+        for (i, s) in vm.serials.iter_mut().enumerate() {
+            if s.kind != vmshift_model::SerialKind::File {
+                continue;
+            }
+            let to = out
+                .join(format!("{base}-serial{}.log", s.port))
+                .display()
+                .to_string();
+            changes.push(Change {
+                path: format!("serials[{i}].target"),
+                from: s.target.clone().unwrap_or_default(),
+                to: to.clone(),
+                why: "the serial log is written beside the converted VM".into(),
+            });
+            s.target = Some(to);
+        }
+    }
+
+    // UEFI variable stores: never carried over; a fresh one from OVMF's
+    // template where the target needs a file for it.
+    let uefi = vm.firmware.kind == FirmwareKind::Uefi;
+    if uefi && req.to != Target::Vmx {
+        findings.push(Finding::new(
+            Severity::Info,
+            "nvram-not-carried",
+            "firmware.efi-vars",
+            "the source's UEFI variables (boot entries) are not carried over: the new VM starts from OVMF's defaults and boots the default path (\\EFI\\BOOT\\BOOTX64.EFI) until the OS registers its loader again",
+        ));
+        vm.firmware.efi_vars = None;
+    }
+    let mut ovmf_files = None;
+    if uefi && matches!(req.to, Target::Proxmox | Target::QemuArgs) {
+        let (code, template) = ovmf(vm.firmware.secure_boot).ok_or_else(|| {
+            Error::Request("the VM is UEFI and needs OVMF's variable store template; install Debian's ovmf package".into())
+        })?;
+        let (rel, reference, fmt) = match (req.vmid, &req.storage) {
+            (Some(id), Some(storage)) if req.to == Target::Proxmox => {
+                let (rel, r) = proxmox_volume(id, storage, n, ext);
+                (rel, r, disk_format)
+            }
+            _ => {
+                let file = format!("{base}_VARS.fd");
+                let at = out.join(&file).display().to_string();
+                (
+                    PathBuf::from(&file),
+                    DiskRef::File { path: at },
+                    DiskFormat::Raw,
+                )
+            }
+        };
+        let target = inside(&out, &rel)?;
+        let vars = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())?;
+        jobs.push(Job {
+            img: vars,
+            input: template.display().to_string(),
+            target: target.clone(),
+            format: fmt,
+        });
+        ovmf_files = Some((code, target));
+        vm.firmware.efi_vars = Some(reference);
+    }
+
+    // The descriptor.
+    let (file, text) = match req.to {
+        Target::Libvirt => (format!("{base}.xml"), DomainDocument::raise(&vm).render()),
+        Target::Vmx => {
+            let (doc, f) = VmxDocument::raise(&vm);
+            findings.extend(f);
+            (format!("{base}.vmx"), doc.render())
+        }
+        Target::Proxmox => {
+            let id = req.vmid.unwrap_or(100);
+            let raised = vmshift_desc::proxmox::raise_with_findings(
+                &vm,
+                &vmshift_desc::proxmox::RaiseOptions {
+                    vmid: Some(id),
+                    ..Default::default()
+                },
+            );
+            findings.extend(raised.findings);
+            (format!("{id}.conf"), raised.doc.render())
+        }
+        Target::QemuArgs => {
+            let o = ovmf_files.as_ref().map(|(c, v)| qemu::Ovmf {
+                code: c.display().to_string(),
+                vars: v.display().to_string(),
+            });
+            let (argv, f) = qemu::command_line(&vm, o.as_ref());
+            findings.extend(f);
+            (format!("{base}.sh"), qemu::script(&argv))
+        }
+    };
+    let descriptor = inside(&out, Path::new(&file))?;
+
+    // Pre-flight: no errors, no output that exists already (unless
+    // forced) — nothing has been written yet.
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        let missing = findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.code.starts_with("disk-"));
+        return Err(Error::Refused {
+            message: format!(
+                "{}: {errors} error(s) above; nothing was written{}",
+                loaded.path.display(),
+                if missing {
+                    " (--descriptor-only writes the descriptor without the disks)"
+                } else {
+                    ""
+                }
+            ),
+            findings,
+        });
+    }
+    if req.descriptor_only {
+        jobs.clear();
+    }
+    let targets: Vec<&Path> = jobs
+        .iter()
+        .map(|j| j.target.as_path())
+        .chain([descriptor.as_path()])
+        .collect();
+    if !req.force {
+        if let Some(t) = targets.iter().find(|t| t.exists()) {
+            return Err(Error::Request(format!(
+                "{}: already exists; --force replaces it (nothing was written)",
+                t.display()
+            )));
+        }
+    }
+
+    // Write: the disks, then the descriptor that names them. A failure
+    // removes what this run wrote.
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = (|| -> Result<()> {
+        for (k, job) in jobs.iter().enumerate() {
+            if let Some(parent) = job.target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(Error::io(parent, "creating the folder"))?;
+                // A symlink inside the output folder must not lead outside it.
+                let real = parent
+                    .canonicalize()
+                    .map_err(Error::io(parent, "reading the folder"))?;
+                if !real.starts_with(&out) {
+                    return Err(Error::Request(format!(
+                        "{}: leads outside {} (a symlink?)",
+                        parent.display(),
+                        out.display()
+                    )));
+                }
+            }
+            observer.disk_started(k, jobs.len(), &job.input, &job.target, job.img.size());
+            copy_disk(
+                job.img.as_ref(),
+                &job.target,
+                job.format,
+                req.force,
+                observer,
+                cancel,
+            )?;
+            observer.disk_finished();
+            written.push(job.target.clone());
+        }
+        let (o, mut fh) = AtomicOutput::create(&descriptor, req.force)?;
+        if req.to == Target::QemuArgs {
+            use std::os::unix::fs::PermissionsExt;
+            fh.set_permissions(std::fs::Permissions::from_mode(0o755))
+                .map_err(Error::io(&descriptor, "making the script executable"))?;
+        }
+        std::io::Write::write_all(&mut fh, text.as_bytes())
+            .and_then(|()| fh.sync_all())
+            .map_err(Error::io(&descriptor, "writing"))?;
+        o.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for w in &written {
+            let _ = std::fs::remove_file(w);
+        }
+        return Err(e);
+    }
+    Ok(ConvertReport {
+        descriptor,
+        disks: written,
+        changes,
+        findings,
+        vm,
+    })
+}
+
+/// Converts one image to `target` atomically.
+fn copy_disk(
+    src: &dyn ImageReader,
+    target: &Path,
+    format: DiskFormat,
+    force: bool,
+    observer: &dyn Observer,
+    cancel: Option<&'static AtomicBool>,
+) -> Result<()> {
+    use vmshift_image::create::{create_writer, CreateSpec};
+    use vmshift_image::output::SideOutputs;
+    let spec = CreateSpec {
+        format,
+        size: src.size(),
+        options: Vec::new(),
+        compress: false,
+        name: target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    spec.validate()?;
+    let (out, file) = AtomicOutput::create(target, force)?;
+    let mut sides = SideOutputs::new(target, force);
+    let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+    let opts = ConvertOptions {
+        cancel,
+        ..ConvertOptions::default()
+    };
+    convert(src, writer.as_mut(), &opts, &|done, total| {
+        observer.progress(done, total)
+    })?;
+    writer.finish()?;
+    sides.commit()?;
+    out.commit()?;
+    Ok(())
+}
