@@ -112,6 +112,8 @@ const MAX_REQUEST: u32 = 32 << 20;
 pub struct NbdServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// The listening socket, owned by the accept thread until it ends.
+    listener_fd: std::os::fd::RawFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -130,6 +132,7 @@ impl NbdServer {
             .map_err(|e| Error::io(socket, "creating the NBD socket", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let thread = std::thread::Builder::new()
             .name("nbd".into())
             .spawn(move || {
@@ -150,6 +153,7 @@ impl NbdServer {
         Ok(NbdServer {
             path: socket.to_path_buf(),
             stop,
+            listener_fd,
             thread: Some(thread),
         })
     }
@@ -163,8 +167,14 @@ impl NbdServer {
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop so it sees the flag (even if the socket's
+        // file has been removed, when connecting to it would not).
+        // SAFETY: the fd is the listener's, which the accept thread owns
+        // and closes only when its loop ends — after this wakes it, as
+        // the thread is joined below; shutdown() does not close the fd.
+        unsafe {
+            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -320,14 +330,18 @@ fn transmission(mut s: UnixStream, image: &dyn NbdExport) -> std::io::Result<()>
                     return Err(protocol("write payload too long"));
                 }
                 // The payload is read in any case: it is part of the stream.
-                buf.resize(len as usize, 0);
-                s.read_exact(&mut buf)?;
                 let error = if !image.writable() {
+                    std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
                     EPERM
-                } else if !in_range(offset, len) {
-                    EINVAL
                 } else {
-                    image.write_at(&buf, offset).err().map_or(0, |e| errno(&e))
+                    buf.resize(len as usize, 0);
+                    s.read_exact(&mut buf)?;
+                    if !in_range(offset, len) {
+                        // The protocol's answer to a write past the end.
+                        ENOSPC
+                    } else {
+                        image.write_at(&buf, offset).err().map_or(0, |e| errno(&e))
+                    }
                 };
                 simple_reply(&mut s, error, cookie, &[])?;
             }
@@ -336,8 +350,9 @@ fn transmission(mut s: UnixStream, image: &dyn NbdExport) -> std::io::Result<()>
                 let error = image.flush().err().map_or(0, |e| errno(&e));
                 simple_reply(&mut s, error, cookie, &[])?
             }
-            // TRIM, WRITE_ZEROES change the export: refused.
-            4 | 6 => simple_reply(&mut s, EPERM, cookie, &[])?,
+            // TRIM, WRITE_ZEROES: not advertised; on a read-only export
+            // they would change it.
+            4 | 6 if !image.writable() => simple_reply(&mut s, EPERM, cookie, &[])?,
             _ => simple_reply(&mut s, EINVAL, cookie, &[])?,
         }
     }

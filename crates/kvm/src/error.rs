@@ -34,6 +34,9 @@ pub enum Error {
     /// QEMU (the QEMU engine) could not run the guest.
     #[error("QEMU: {0}")]
     Qemu(String),
+    /// The user interrupted the boot.
+    #[error("interrupted")]
+    Interrupted,
     /// A file the launcher writes (the console log) failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -50,6 +53,20 @@ impl Error {
         let what = what.into();
         move |source| Error::Kvm { what, source }
     }
+}
+
+/// An error and its causes in one line.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.iter().any(|o| o.contains(&t)) {
+            out.push(t);
+        }
+        cur = c.source();
+    }
+    out.join(": ")
 }
 
 /// The launcher's result type.

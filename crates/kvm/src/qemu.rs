@@ -22,6 +22,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,8 +46,15 @@ impl Accel {
     /// KVM where this host's `/dev/kvm` boots stock kernels, TCG
     /// otherwise (no `/dev/kvm`, or `kvm_pvm`).
     pub fn for_host() -> Accel {
+        let usable = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok()
+        };
         match crate::kvm_status() {
-            crate::KvmStatus::Hardware => Accel::Kvm,
+            crate::KvmStatus::Hardware if usable() => Accel::Kvm,
             _ => Accel::Tcg,
         }
     }
@@ -70,14 +78,15 @@ pub enum Machine {
 }
 
 impl Machine {
-    /// The machine for a VM whose model names `machine` (`q35`, `pc`,
-    /// `pc-i440fx-8.2`, `pc-q35-9.0` …; q35 when none is named).
+    /// The machine for a VM whose model names `machine` (`q35`,
+    /// `pc-q35-9.0`, `pc`, `pc-i440fx-8.2`, Proxmox's `pc+pve0` …). A VM
+    /// that names none gets `pc`, the i440FX/PIIX chipset: what VMware
+    /// emulates (i440BX/PIIX4, IDE on PIIX), and what Proxmox and libvirt
+    /// default to; `vm convert` names q35 in what it writes.
     pub fn from_model(machine: Option<&str>) -> Machine {
         match machine {
-            Some(m) if m == "pc" || m.starts_with("pc-i440fx") || m.starts_with("pc-1.") => {
-                Machine::Pc
-            }
-            _ => Machine::Q35,
+            Some(m) if m.contains("q35") => Machine::Q35,
+            _ => Machine::Pc,
         }
     }
 
@@ -156,6 +165,7 @@ fn scsi_controller(bus: DiskBus) -> Option<&'static str> {
         DiskBus::LsiLogic => Some("lsi53c895a"),
         DiskBus::LsiSas => Some("mptsas1068"),
         DiskBus::PvScsi => Some("pvscsi"),
+        DiskBus::MegaSas => Some("megasas"),
         _ => None,
     }
 }
@@ -203,7 +213,14 @@ fn disk_args(disks: &[QemuDisk], machine: Machine) -> Result<Vec<String>> {
             "server": {"type": "unix", "path": d.socket.to_string_lossy()},
         });
         arg("-blockdev", blockdev.to_string());
-        let serial = format!("id=dev{i},serial={}", opt(&d.serial));
+        // Errors reach the guest (a full overlay is an I/O error to it, as
+        // with vmshift-kvm) instead of pausing the VM.
+        let report = if d.bus == DiskBus::Nvme {
+            ""
+        } else {
+            ",werror=report,rerror=report"
+        };
+        let serial = format!("id=dev{i},serial={}{report}", opt(&d.serial));
         let c = d.controller;
         let u = d.unit;
         let dev = match d.bus {
@@ -213,7 +230,7 @@ fn disk_args(disks: &[QemuDisk], machine: Machine) -> Result<Vec<String>> {
             DiskBus::VirtioScsi => {
                 format!("scsi-hd,bus=scsi{c}.0,channel=0,scsi-id=0,lun={u},drive={node},{serial}")
             }
-            DiskBus::LsiLogic | DiskBus::LsiSas | DiskBus::PvScsi => {
+            DiskBus::LsiLogic | DiskBus::LsiSas | DiskBus::PvScsi | DiskBus::MegaSas => {
                 format!("scsi-hd,bus=scsi{c}.0,channel=0,scsi-id={u},lun=0,drive={node},{serial}")
             }
             DiskBus::Sata => {
@@ -285,6 +302,8 @@ fn qemu_args(
             "-display",
             "none",
             "-no-reboot",
+            // Stopped until the monitor is negotiated (watch_qmp).
+            "-S",
             "-serial",
             "stdio",
         ]
@@ -350,33 +369,38 @@ impl Files {
     }
 }
 
-/// What QEMU's QMP socket said before it closed.
-fn watch_qmp(stream: UnixStream, stop: &StopSignal) {
-    let mut w = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+/// Reads QEMU's QMP socket until it closes: negotiates, starts the guest
+/// (QEMU runs with `-S`, so no event is lost before negotiation), and
+/// returns why the guest shut down, if it did. A VM that QEMU pauses (a
+/// KVM internal error) stops the boot at once.
+fn watch_qmp(stream: UnixStream, stop: &StopSignal) -> Option<Stop> {
+    let mut w = stream.try_clone().ok()?;
     let mut lines = BufReader::new(stream).lines();
-    // The greeting, then capabilities negotiation; events follow.
-    if lines.next().is_none()
-        || w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-            .is_err()
-    {
-        return;
-    }
+    // The greeting, then capabilities negotiation, then the guest runs.
+    lines.next()?.ok()?;
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"cont\"}\n")
+        .ok()?;
+    let mut shutdown = None;
     for line in lines {
-        let Ok(line) = line else { return };
+        let Ok(line) = line else { break };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if v["event"] == "SHUTDOWN" && v["data"]["guest"] == true {
-            stop.stop(match v["data"]["reason"].as_str() {
-                Some("guest-reset") => Stop::Reset,
-                Some("guest-panic") => Stop::Error("the guest panicked".into()),
-                _ => Stop::PowerOff,
-            });
+        match v["event"].as_str() {
+            Some("SHUTDOWN") if v["data"]["guest"] == true => {
+                shutdown = Some(match v["data"]["reason"].as_str() {
+                    Some("guest-reset") => Stop::Reset,
+                    Some("guest-panic") => Stop::Error("the guest panicked".into()),
+                    _ => Stop::PowerOff,
+                });
+            }
+            Some("STOP") if shutdown.is_none() => stop.stop(Stop::Error(
+                "QEMU paused the VM (an emulation error)".into(),
+            )),
+            _ => {}
         }
     }
+    shutdown
 }
 
 /// Connects to QEMU's QMP socket, which it creates and then waits on
@@ -401,11 +425,18 @@ fn connect_qmp(path: &Path, child: &mut Child, deadline: Instant) -> Result<Unix
     }
 }
 
-/// The last lines QEMU wrote to its standard error.
+/// The last lines QEMU wrote to its standard error, without its note
+/// that it waits for the monitor.
 fn stderr_tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("QEMU waiting for connection"))
+        .collect();
     lines[lines.len().saturating_sub(5)..].join("; ")
 }
+
+/// The longest Unix socket path (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Boots `config` on QEMU and waits for the verdict. The probe guest
 /// runs on vmshift-kvm only.
@@ -423,6 +454,17 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
         )));
     }
     let files = Files::new(&config)?;
+    let longest = files
+        .dir
+        .path()
+        .join(format!("disk{}.sock", config.disks.len()));
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::Config(format!(
+            "the temporary folder {} is too long a path for the disks' Unix sockets ({} bytes at most): set TMPDIR to a shorter folder",
+            files.dir.path().display(),
+            MAX_SOCKET_PATH
+        )));
+    }
     let cmdline = guest_cmdline(&config.cmdline, options.accel, host_khz());
     // Serve each disk from its overlay.
     let mut servers = Vec::new();
@@ -431,8 +473,13 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
         let socket = files.dir.path().join(format!("disk{i}.sock"));
         let overlay = SharedOverlay(Mutex::new(OverlayDisk::new(d.image, config.overlay_limit)));
         servers.push(
-            NbdServer::start_export(Arc::new(overlay), &socket)
-                .map_err(|e| Error::Qemu(format!("serving disk {}: {e}", d.serial)))?,
+            NbdServer::start_export(Arc::new(overlay), &socket).map_err(|e| {
+                Error::Config(format!(
+                    "serving disk {} to QEMU: {}",
+                    d.serial,
+                    crate::error::chain(&e)
+                ))
+            })?,
         );
         disks.push(QemuDisk {
             socket,
@@ -445,71 +492,111 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
     let args = qemu_args(&config, options, &files, &disks, &cmdline)?;
     let stop = Arc::new(StopSignal::default());
     let mut sink = console_sink(&config, &stop)?;
-    let mut child = Command::new(&options.program)
+    let mut command = Command::new(&options.program);
+    command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            Error::Qemu(format!(
-                "cannot run {}: {e} (install qemu-system-x86, or give its path with --qemu)",
-                options.program.display()
-            ))
-        })?;
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl, which is async-signal-safe; it touches no memory of the
+    // parent's.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // QEMU dies with vmshift (killed, or interrupted) instead of
+            // running the guest on without its disks.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| {
+        Error::Qemu(format!(
+            "cannot run {}: {e} (install qemu-system-x86, or give its path with --qemu)",
+            options.program.display()
+        ))
+    })?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let errors = std::thread::spawn(move || {
         // Bounded: QEMU's warnings are short; a flood is cut.
-        let mut text = String::new();
-        let _ = (&mut stderr).take(64 << 10).read_to_string(&mut text);
+        let mut bytes = Vec::new();
+        let _ = (&mut stderr).take(64 << 10).read_to_end(&mut bytes);
         let _ = std::io::copy(&mut stderr, &mut std::io::sink());
-        text
+        String::from_utf8_lossy(&bytes).into_owned()
     });
-    let console = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdout.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let _ = sink.write_all(&buf[..n]);
-                }
-            }
-        }
-        let _ = sink.flush();
-        sink
-    });
-    let deadline = start + config.timeout;
-    let monitor = match connect_qmp(
+    let deadline = start.checked_add(config.timeout);
+    let connect_by = Instant::now() + Duration::from_secs(30);
+    let qmp = match connect_qmp(
         &files.qmp,
         &mut child,
-        deadline.min(start + Duration::from_secs(30)),
+        deadline.map_or(connect_by, |d| d.min(connect_by)),
     ) {
-        Ok(s) => {
-            let stop = stop.clone();
-            Some(std::thread::spawn(move || {
-                watch_qmp(s, &stop);
-                // The monitor closes when QEMU exits.
-                stop.stop(Stop::Error("the emulator exited".into()));
-            }))
-        }
+        Ok(s) => s,
         Err(e) => {
-            stop.stop(Stop::Error(e.to_string()));
-            None
+            let _ = child.kill();
+            let _ = child.wait();
+            let words = stderr_tail(&errors.join().unwrap_or_default());
+            return Err(Error::Qemu(if words.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}: {words}")
+            }));
         }
     };
-    let reason = stop.wait(deadline.saturating_duration_since(Instant::now()));
+    let monitor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || watch_qmp(qmp, &stop))
+    };
+    // The console until QEMU closes it; then why QEMU ended, from its
+    // monitor: the console's own verdict, read to the last byte, comes
+    // first.
+    let console = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let _ = sink.write_all(&buf[..n]);
+                    }
+                }
+            }
+            let _ = sink.flush();
+            let why = monitor.join().ok().flatten();
+            stop.stop(why.unwrap_or_else(|| Stop::Error("the emulator exited".into())));
+            sink
+        })
+    };
+    // Wait in slices, so that an interrupt is seen.
+    let mut interrupted = false;
+    let reason = loop {
+        let slice = Duration::from_millis(100);
+        let left = deadline.map_or(slice, |d| d.saturating_duration_since(Instant::now()));
+        if let Some(r) = stop.wait(left.min(slice)) {
+            break Some(r);
+        }
+        if config.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            interrupted = true;
+            break None;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break None;
+        }
+    };
     let elapsed = start.elapsed();
     let _ = child.kill();
     let status = child.wait().ok();
-    if let Some(m) = monitor {
-        let _ = m.join();
-    }
     let sink = console
         .join()
         .map_err(|_| Error::Qemu("the console reader failed".into()))?;
     let errors = errors.join().unwrap_or_default();
     drop(servers);
+    if interrupted {
+        return Err(Error::Interrupted);
+    }
     let tail = String::from_utf8_lossy(&sink.tail).into_owned();
     // QEMU stopping on its own is an error of the VM, with QEMU's words.
     let reason = match reason {
@@ -564,10 +651,13 @@ mod tests {
 
     #[test]
     fn the_machine_follows_the_model() {
-        assert_eq!(Machine::from_model(None), Machine::Q35);
+        // VMware's chipset (and Proxmox's and libvirt's default) is i440FX.
+        assert_eq!(Machine::from_model(None), Machine::Pc);
+        assert_eq!(Machine::from_model(Some("q35")), Machine::Q35);
         assert_eq!(Machine::from_model(Some("pc-q35-9.0")), Machine::Q35);
         assert_eq!(Machine::from_model(Some("pc")), Machine::Pc);
         assert_eq!(Machine::from_model(Some("pc-i440fx-8.2")), Machine::Pc);
+        assert_eq!(Machine::from_model(Some("pc+pve0")), Machine::Pc);
     }
 
     fn disk(bus: DiskBus, controller: u32, unit: u32) -> QemuDisk {
@@ -610,7 +700,7 @@ mod tests {
         d.serial = "x,drive=evil".into();
         let a = disk_args(&[d], Machine::Q35).unwrap();
         assert!(
-            a.iter().any(|x| x.ends_with("serial=x,,drive=evil")),
+            a.iter().any(|x| x.contains("serial=x,,drive=evil,werror=report")),
             "{a:?}"
         );
     }

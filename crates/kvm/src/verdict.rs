@@ -187,7 +187,11 @@ impl Watcher {
                 cause: *cause,
                 line: text,
             });
-        } else if self.success.iter().any(|r| r.is_match(&text)) {
+        } else if self.success.iter().any(|r| r.is_match(&text))
+            || self.prompt.as_ref().is_some_and(|p| p.is_match(&text))
+        {
+            // A prompt followed at once by other output (a kernel message,
+            // or bytes that arrive in one read with it) still counts.
             self.verdict = Some(Verdict::Booted { line: text });
         }
     }
@@ -238,6 +242,18 @@ mod tests {
             run(log, None),
             Some(Verdict::Booted {
                 line: "vmshift-debian login: ".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_prompt_followed_by_more_output_in_the_same_chunk_is_booted() {
+        // QEMU's console arrives in pipe-sized reads, not byte by byte.
+        let log = "Debian GNU/Linux 12 web ttyS0\r\n\r\nweb login: \r\n[   25.100000] random: crng init done\r\n";
+        assert_eq!(
+            run(log, None),
+            Some(Verdict::Booted {
+                line: "web login: ".into()
             })
         );
     }

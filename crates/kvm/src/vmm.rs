@@ -40,6 +40,8 @@ pub enum DiskBus {
     LsiSas,
     /// A target of a VMware paravirtual SCSI controller (`pvscsi`).
     PvScsi,
+    /// A target of an LSI MegaRAID SAS 1078 controller (`megasas`).
+    MegaSas,
     /// A port of an AHCI (SATA) controller.
     Sata,
     /// An IDE channel's master or slave.
@@ -62,6 +64,7 @@ impl DiskBus {
             DiskBus::LsiLogic => "LSI Logic SCSI (lsilogic)",
             DiskBus::LsiSas => "LSI SAS1068 (lsisas1068)",
             DiskBus::PvScsi => "VMware paravirtual SCSI (pvscsi)",
+            DiskBus::MegaSas => "LSI MegaRAID SAS (megasas)",
             DiskBus::Sata => "SATA (AHCI)",
             DiskBus::Ide => "IDE",
             DiskBus::Nvme => "NVMe",
@@ -114,6 +117,9 @@ pub struct BootConfig {
     pub probe: bool,
     /// How long to wait for a verdict.
     pub timeout: Duration,
+    /// Set (by a signal handler) to stop the boot: it then ends with
+    /// [`Error::Interrupted`].
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// How the boot went.
@@ -298,8 +304,24 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
         })
         .collect::<Result<_>>()?;
 
-    let left = config.timeout.saturating_sub(start.elapsed());
-    let reason = stop.wait(left);
+    // Wait in slices, so that an interrupt is seen.
+    let mut interrupted = false;
+    let reason = loop {
+        let left = config.timeout.saturating_sub(start.elapsed());
+        if let Some(r) = stop.wait(left.min(Duration::from_millis(100))) {
+            break Some(r);
+        }
+        if config
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            interrupted = true;
+            break None;
+        }
+        if start.elapsed() >= config.timeout {
+            break None;
+        }
+    };
     let elapsed = start.elapsed();
     // Stop the vCPUs: set the reason (if the timeout came first) and kick
     // each thread out of KVM_RUN until it has gone.
@@ -310,6 +332,9 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let _ = t.join();
+    }
+    if interrupted {
+        return Err(Error::Interrupted);
     }
     let mut devs = devices.lock().unwrap_or_else(|e| e.into_inner());
     let _ = std::io::Write::flush(devs.serial.writer_mut());

@@ -53,15 +53,17 @@ fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> std::result::Result<DiskBus, S
                 .find(|c| c.bus == Bus::Scsi && c.index == disk.controller)
                 .and_then(|c| c.model.clone())
                 .unwrap_or_default();
+            // The names the descriptor readers keep: VMware's, libvirt's,
+            // Proxmox's and QEMU's own.
             match model.as_str() {
-                "virtio-scsi" => Ok(DiskBus::VirtioScsi),
-                "lsilogic" => Ok(DiskBus::LsiLogic),
-                "lsisas1068" => Ok(DiskBus::LsiSas),
-                "pvscsi" => Ok(DiskBus::PvScsi),
-                "" => Err(format!(
-                    "SCSI controller {} names no model",
-                    disk.controller
-                )),
+                "virtio-scsi" | "virtio-scsi-pci" | "virtio-scsi-single" => Ok(DiskBus::VirtioScsi),
+                "lsilogic" | "lsi" | "lsi53c895a" | "lsi53c810" => Ok(DiskBus::LsiLogic),
+                "lsisas1068" | "mptsas1068" => Ok(DiskBus::LsiSas),
+                "pvscsi" | "vmpvscsi" => Ok(DiskBus::PvScsi),
+                "megasas" | "lsisas1078" => Ok(DiskBus::MegaSas),
+                // A SCSI controller without a model: libvirt's (and QEMU's)
+                // default on x86 is the LSI 53C895A.
+                "" => Ok(DiskBus::LsiLogic),
                 other => Err(format!(
                     "SCSI controller {} is a {other}, which neither vmshift-kvm nor QEMU emulates",
                     disk.controller
@@ -93,6 +95,17 @@ pub fn descriptor_target(loaded: &Loaded, resolver: &Resolver) -> Result<BootTar
                 "{src}: {e}; `vmshift vm convert` moves disks to virtio-scsi: convert the VM first and boot the converted descriptor"
             ))
         })?;
+        let vmware_lsi = vm.controllers.iter().any(|c| {
+            c.bus == Bus::Scsi && c.index == d.controller && c.model.as_deref() == Some("lsilogic")
+        });
+        if bus == DiskBus::LsiLogic
+            && vmware_lsi
+            && !notes.iter().any(|n: &String| n.contains("mptspi"))
+        {
+            notes.push(
+                "VMware's LSI Logic controller (an LSI 53C1030, Linux's mptspi) has no QEMU model; QEMU's LSI 53C895A (Linux's sym53c8xx) stands in for it, so a guest whose initramfs has only mptspi will not find its disks here".into(),
+            );
+        }
         let (_, image) = resolver.open(src)?;
         disks.push(DiskSpec {
             image: Arc::from(image),
@@ -168,6 +181,8 @@ pub struct BootRequest {
     pub console_echo: bool,
     /// Bytes of guest writes kept per disk.
     pub overlay_limit: u64,
+    /// Set to stop the boot (it then fails with an interrupted error).
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// A boot ready to run.
@@ -312,6 +327,7 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
             expect: req.expect.clone(),
             probe: req.probe,
             timeout: req.timeout,
+            cancel: req.cancel,
         },
     })
 }
@@ -342,9 +358,27 @@ pub fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
                  RHEL/Fedora/SUSE: `dracut -f --add-drivers '{drivers}'` — then convert again"
             ))
         }
-        FailureCause::RootNotFound | FailureCause::EmergencyShell => Some(
-            "the guest's initramfs found no root device on the VM's own disk controller: check root= on the command line, and that the initramfs has the controller's driver".into(),
-        ),
+        FailureCause::RootNotFound | FailureCause::EmergencyShell => {
+            let mut drivers: Vec<&str> = buses
+                .iter()
+                .map(|b| match b {
+                    DiskBus::LsiLogic => "sym53c8xx",
+                    DiskBus::LsiSas => "mptsas",
+                    DiskBus::PvScsi => "vmw_pvscsi",
+                    DiskBus::MegaSas => "megaraid_sas",
+                    DiskBus::Sata => "ahci",
+                    DiskBus::Ide => "ata_piix",
+                    DiskBus::Nvme => "nvme",
+                    DiskBus::VirtioBlk | DiskBus::VirtioScsi => "virtio_pci",
+                })
+                .collect();
+            drivers.sort_unstable();
+            drivers.dedup();
+            Some(format!(
+                "the guest's initramfs found no root device on the VM's own disk controller: check root= on the command line, and that the initramfs has the controller's driver ({})",
+                drivers.join(" ")
+            ))
+        }
         FailureCause::RootMountFailed => Some(
             "the root device was found but not mounted: check root= on the command line and that the kernel has the root file system's driver".into(),
         ),

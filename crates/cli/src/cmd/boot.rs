@@ -71,6 +71,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         console_log: args.console_log.clone(),
         console_echo: args.console,
         overlay_limit,
+        cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;
     let kernel_source = prepared.kernel_source.clone();
@@ -90,6 +91,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
             );
         }
     }
+    crate::signals::install();
     let report = vmboot::run(prepared)?;
     let secs = report.elapsed.as_secs_f64();
     let (word, code, cause, line) = match &report.verdict {
