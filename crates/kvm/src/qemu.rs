@@ -700,7 +700,8 @@ mod tests {
         d.serial = "x,drive=evil".into();
         let a = disk_args(&[d], Machine::Q35).unwrap();
         assert!(
-            a.iter().any(|x| x.contains("serial=x,,drive=evil,werror=report")),
+            a.iter()
+                .any(|x| x.contains("serial=x,,drive=evil,werror=report")),
             "{a:?}"
         );
     }
