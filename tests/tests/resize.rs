@@ -864,8 +864,9 @@ fn an_image_qemu_holds_is_not_resized() {
     let _ = qemu.kill();
     let _ = qemu.wait();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // qemu-img's words: Failed to get "write" lock.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get \"write\" lock"),
         "{out:?}"
     );
     vmshift_ok(d, &["resize", "lk.qcow2", "+1G"]);

@@ -283,6 +283,10 @@ pub struct VmValidateArgs {
     pub from: Option<VmFormatArg>,
     #[command(flatten)]
     pub roots: DiskRootArgs,
+    /// Read the disks even if a running VM or another QEMU process holds
+    /// their locks (qemu-img's -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// The descriptor.
     pub vm: PathBuf,
 }
@@ -345,6 +349,10 @@ pub struct VmConvertArgs {
     pub progress: bool,
     #[command(flatten)]
     pub roots: DiskRootArgs,
+    /// Read the disks even if a running VM or another QEMU process holds
+    /// their locks (qemu-img's -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// The source VM's descriptor.
     pub vm: PathBuf,
 }
@@ -405,6 +413,11 @@ pub struct GateArgs {
     /// Also accept files an image names under DIR (repeatable).
     #[arg(long = "root", value_name = "DIR")]
     pub roots: Vec<PathBuf>,
+    /// Read the image even if a running VM or another QEMU process holds
+    /// its lock (qemu-img's -U); what the VM writes meanwhile may be read
+    /// half-written.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 /// `vmshift info`.

@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Exists,
     /// The caller asked for something impossible (read past the end, bad option).
     InvalidInput,
+    /// Another process (a running QEMU, qemu-img) holds the image's lock.
+    Locked,
 }
 
 /// A block-layer error with its context.

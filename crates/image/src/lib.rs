@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 mod fileio;
 pub mod gate;
+pub mod lock;
 pub mod nbd;
 pub mod open;
 pub mod output;

@@ -8,6 +8,7 @@ use vmshift_model::DiskFormat;
 use crate::block::ImageReader;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gate::Gate;
+use crate::lock::{lock_for_read, ReadLock};
 use crate::qcow2::{ChainOpener, Qcow2Reader};
 use crate::raw::RawReader;
 use crate::vmdk::VmdkReader;
@@ -20,6 +21,18 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 pub struct OpenOptions {
     /// The gate for backing files, data files and extents.
     pub gate: Gate,
+    /// Read the image even when another process (a running VM) holds
+    /// QEMU's lock on it, as qemu-img's `-U`/`--force-share`: only the
+    /// consistent-read lock is taken, and nothing is refused.
+    pub force_share: bool,
+    /// Let others write a raw image while it is read, as qemu-img's
+    /// `info`, `map` and `compare` do; `convert` (the default, `false`)
+    /// does not. Formats with metadata (qcow2, VMDK) and backing files are
+    /// never shared for writing.
+    pub share_raw_writes: bool,
+    /// The caller holds the image's locks itself (a resize reading the
+    /// image it is changing): take none, test none.
+    pub already_locked: bool,
 }
 
 /// Guesses the format of an open file from its first bytes.
@@ -105,6 +118,17 @@ impl Chain<'_> {
             Some(f) => f,
             None => probed,
         };
+        let lock = match format {
+            _ if self.opts.already_locked => None,
+            _ if self.opts.force_share => Some(ReadLock::SHARED),
+            DiskFormat::Raw if self.seen.len() == 1 && self.opts.share_raw_writes => {
+                Some(ReadLock::SHARED)
+            }
+            _ => Some(ReadLock::FORMAT),
+        };
+        if let Some(lock) = lock {
+            lock_for_read(&file, path, lock)?;
+        }
         Ok(match format {
             DiskFormat::Raw => Box::new(RawReader::open(file, path)?),
             DiskFormat::Qcow2 => Box::new(Qcow2Reader::open(file, path, self)?),
@@ -168,6 +192,15 @@ impl ChainOpener for Chain<'_> {
     }
 
     fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {
-        self.opts.gate.open(image, name, what)
+        let (path, file) = self.opts.gate.open(image, name, what)?;
+        if !self.opts.already_locked {
+            let lock = if self.opts.force_share {
+                ReadLock::SHARED
+            } else {
+                ReadLock::EXTENT
+            };
+            lock_for_read(&file, &path, lock)?;
+        }
+        Ok((path, file))
     }
 }

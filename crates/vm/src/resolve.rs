@@ -24,6 +24,9 @@ pub struct DiskRoots {
     /// Proxmox storages mapped to local folders: `NAME:volume` resolves
     /// under the folder.
     pub storages: BTreeMap<String, PathBuf>,
+    /// Read disks even when another process holds QEMU's lock on them
+    /// (qemu-img's `-U`).
+    pub force_share: bool,
 }
 
 impl DiskRoots {
@@ -71,6 +74,7 @@ pub struct Resolver {
     gate: Gate,
     datastores: BTreeMap<String, PathBuf>,
     storages: BTreeMap<String, PathBuf>,
+    force_share: bool,
 }
 
 impl Resolver {
@@ -94,6 +98,7 @@ impl Resolver {
             gate,
             datastores: roots.datastores.clone(),
             storages: roots.storages.clone(),
+            force_share: roots.force_share,
         }
     }
 
@@ -126,7 +131,11 @@ impl Resolver {
         if !p.exists() {
             return Err(missing(&p));
         }
-        let img = open_image(&p, None, &OpenOptions::default())?;
+        let opts = OpenOptions {
+            force_share: self.force_share,
+            ..OpenOptions::default()
+        };
+        let img = open_image(&p, None, &opts)?;
         Ok((p.display().to_string(), img))
     }
 

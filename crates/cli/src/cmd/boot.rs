@@ -35,14 +35,14 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
     let images = |paths: &[std::path::PathBuf]| -> Result<Vec<_>> {
         paths
             .iter()
-            .map(|p| crate::cmd::open(p, args.format, &args.gate, true))
+            .map(|p| crate::cmd::open(p, args.format, &args.gate, true, crate::cmd::Use::Copy))
             .collect()
     };
     let target = match args.vm.as_slice() {
         _ if args.probe => vmboot::images_target(images(&args.vm)?, 256),
         [one] if is_descriptor(one, args.from) => {
             let mut l = load(one, args.from)?;
-            let r = resolver(&mut l, &args.roots)?;
+            let r = resolver(&mut l, &args.roots, args.gate.force_share)?;
             vmboot::descriptor_target(&l, &r)?
         }
         [_] => vmboot::images_target(images(&args.vm)?, 1024),

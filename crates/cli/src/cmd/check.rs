@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use crate::args::{CheckArgs, Output};
 
 pub fn run(args: &CheckArgs) -> Result<i32> {
-    let img = super::open(&args.file, args.format, &args.gate, false)?;
+    let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
     let Some(report) = img.check() else {
         eprintln!(
             "vmshift: {}: this image format ({}) does not support checks",

@@ -16,7 +16,13 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     if min_sparse % 512 != 0 {
         bail!("-S {}: must be a multiple of 512 bytes", args.sparse_size);
     }
-    let src = super::open(&args.source, args.format, &args.gate, true)?;
+    let src = super::open(
+        &args.source,
+        args.format,
+        &args.gate,
+        true,
+        super::Use::Copy,
+    )?;
     // The target must not be any file the source reads (its backing
     // files included): writing it would corrupt what is being copied.
     if let Some(layer) = super::chain(src.as_ref())

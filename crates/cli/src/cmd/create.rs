@@ -36,8 +36,15 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
                 .as_deref()
                 .map(|f| f.parse::<DiskFormat>().map_err(anyhow::Error::msg))
                 .transpose()?;
-            let r = vmshift_image::open_image(&path, fmt, &vmshift_image::OpenOptions { gate })
-                .with_context(|| format!("opening backing file '{name}'"))?;
+            let r = vmshift_image::open_image(
+                &path,
+                fmt,
+                &vmshift_image::OpenOptions {
+                    gate,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("opening backing file '{name}'"))?;
             if backing_fmt.is_none() {
                 eprintln!(
                     "vmshift: no backing format given; probed '{}' as {} and recorded it in the image",

@@ -8,7 +8,7 @@ use vmshift_model::format_size;
 use crate::args::{InfoArgs, Output};
 
 pub fn run(args: &InfoArgs) -> Result<i32> {
-    let top = super::open(&args.file, args.format, &args.gate, false)?;
+    let top = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
     let layers = if args.backing_chain {
         super::chain(top.as_ref())
     } else {

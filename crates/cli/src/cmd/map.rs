@@ -7,7 +7,7 @@ use vmshift_image::BlockState;
 use crate::args::{MapArgs, Output};
 
 pub fn run(args: &MapArgs) -> Result<i32> {
-    let img = super::open(&args.file, args.format, &args.gate, false)?;
+    let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
     let extents = map_all(img.as_ref())?;
     let layers = super::chain(img.as_ref());
     match args.output {

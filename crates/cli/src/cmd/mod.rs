@@ -26,16 +26,30 @@ pub fn gate(args: &GateArgs) -> Gate {
         .allow_outside(args.allow_backing_outside)
 }
 
-/// Opens an image read-only; without `-f`, probes and says so on stderr
-/// when `announce` is set.
+/// How a command reads an image, for QEMU's locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// To look at it (`info`, `map`, `compare`, `check`, `part`): a raw
+    /// image may be written by others meanwhile, as qemu-img allows.
+    Look,
+    /// To copy or boot it: nobody writes it meanwhile.
+    Copy,
+}
+
+/// Opens an image read-only, taking QEMU's shared locks (unless `-U`);
+/// without `-f`, probes and says so on stderr when `announce` is set.
 pub fn open(
     path: &Path,
     format: Option<FormatArg>,
     gate_args: &GateArgs,
     announce: bool,
+    usage: Use,
 ) -> Result<Box<dyn ImageReader>> {
     let opts = OpenOptions {
         gate: gate(gate_args),
+        force_share: gate_args.force_share,
+        share_raw_writes: usage == Use::Look,
+        already_locked: false,
     };
     let reader = open_image(path, format.map(Into::into), &opts)?;
     if format.is_none() && announce {

@@ -7,7 +7,7 @@ use vmshift_model::format_size;
 use crate::args::{Output, PartArgs};
 
 pub fn run(args: &PartArgs) -> Result<i32> {
-    let img = super::open(&args.file, args.format, &args.gate, false)?;
+    let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
     let table = read_table(img.as_ref())?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&table)?),

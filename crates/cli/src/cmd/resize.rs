@@ -16,7 +16,13 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
             probe(&f, &args.file)?
         }
     };
-    let current = vmshift_image::open_image(&args.file, Some(format), &Default::default())?.size();
+    // The size only: the resize itself takes the image exclusively, and
+    // refuses one in use, with QEMU's words.
+    let peek = vmshift_image::OpenOptions {
+        already_locked: true,
+        ..Default::default()
+    };
+    let current = vmshift_image::open_image(&args.file, Some(format), &peek)?.size();
     let new = match args.size.as_bytes().first() {
         Some(b'+') => current
             .checked_add(parse_size(&args.size[1..])?)

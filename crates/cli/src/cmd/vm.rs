@@ -35,17 +35,22 @@ pub(crate) fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
 }
 
 /// The roots the disk options name.
-pub(crate) fn roots(args: &DiskRootArgs) -> Result<DiskRoots> {
+pub(crate) fn roots(args: &DiskRootArgs, force_share: bool) -> Result<DiskRoots> {
     Ok(DiskRoots {
         disk_roots: args.disk_roots.clone(),
         datastores: DiskRoots::pairs(&args.datastores, "--datastore")?,
         storages: DiskRoots::pairs(&args.storages, "--storage-map")?,
+        force_share,
     })
 }
 
 /// A resolver for `l`'s disks (an OVA's archive handle moves into it).
-pub(crate) fn resolver(l: &mut Loaded, args: &DiskRootArgs) -> Result<Resolver> {
-    Ok(Resolver::new(&l.path, l.archive.take(), &roots(args)?))
+pub(crate) fn resolver(l: &mut Loaded, args: &DiskRootArgs, force_share: bool) -> Result<Resolver> {
+    Ok(Resolver::new(
+        &l.path,
+        l.archive.take(),
+        &roots(args, force_share)?,
+    ))
 }
 
 fn print_findings(findings: &[Finding]) {
@@ -100,7 +105,7 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
         Err(e) => return Err(e),
     };
     let mut l = l;
-    let resolver = resolver(&mut l, &args.roots)?;
+    let resolver = resolver(&mut l, &args.roots, args.force_share)?;
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
@@ -200,7 +205,7 @@ impl Observer for Bars {
 
 pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     let mut l = load(&args.vm, args.from)?;
-    let resolver = resolver(&mut l, &args.roots)?;
+    let resolver = resolver(&mut l, &args.roots, args.force_share)?;
     let req = ConvertRequest {
         to: match args.to {
             VmTargetArg::Libvirt => Target::Libvirt,

@@ -166,9 +166,14 @@ fn shrink_checks(
     Ok(())
 }
 
-/// The image at `path` opened for reading as `format`.
+/// The image at `path`, which this resize holds locked, opened for
+/// reading as `format`.
 pub(super) fn open_as(path: &Path, format: DiskFormat) -> Result<Box<dyn ImageReader>> {
-    crate::open::open_image(path, Some(format), &crate::open::OpenOptions::default())
+    let opts = crate::open::OpenOptions {
+        already_locked: true,
+        ..Default::default()
+    };
+    crate::open::open_image(path, Some(format), &opts)
 }
 
 pub(super) fn invalid(path: &Path, msg: impl Into<String>) -> Error {
@@ -244,7 +249,7 @@ pub(super) fn resize_with_switch(
         .write(true)
         .open(path)
         .map_err(|e| Error::io(path, "opening the image for writing", e))?;
-    lock_like_qemu(&file, path)?;
+    crate::lock::lock_for_resize(&file, path)?;
     match format {
         DiskFormat::Raw => resize_raw(file, path, new_size, opts, switch),
         DiskFormat::Qcow2 => resize_qcow2(file, path, new_size, opts),
@@ -254,68 +259,4 @@ pub(super) fn resize_with_switch(
 
 pub(super) fn unsupported(path: &Path, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Unsupported, msg).at_path(path)
-}
-
-/// QEMU's permission bits for its image locks (block.h BLK_PERM_*):
-/// consistent read, write, write unchanged, resize, graph modification.
-pub(super) const QEMU_PERMS: u64 = 5;
-pub(super) const QEMU_LOCK_PERM_BASE: i64 = 100;
-pub(super) const QEMU_LOCK_SHARED_BASE: i64 = 200;
-
-/// Takes the image the way QEMU takes one it resizes — open file
-/// description locks on QEMU's bytes: 100+perm for what it uses,
-/// 200+perm for what it does not share — after checking that no running
-/// QEMU (or qemu-img) holds it. The locks go with the file.
-pub(super) fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let conflict = |byte: i64| -> Option<bool> {
-        // SAFETY: a zeroed `flock` is a valid value for every field.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as i16;
-        fl.l_whence = libc::SEEK_SET as i16;
-        fl.l_start = byte;
-        fl.l_len = 1;
-        // SAFETY: fcntl on a valid descriptor borrowed from `file`, with a
-        // pointer to a live `flock` it fills in.
-        let r = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
-        (r == 0).then_some(fl.l_type != libc::F_UNLCK as i16)
-    };
-    // Anyone using the image at all, or not sharing write or resize, holds
-    // one of these.
-    let busy = (0..QEMU_PERMS as i64)
-        .map(|i| QEMU_LOCK_PERM_BASE + i)
-        .chain([QEMU_LOCK_SHARED_BASE + 1, QEMU_LOCK_SHARED_BASE + 3])
-        .any(|b| conflict(b) == Some(true));
-    if busy {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            "the image is in use (a running QEMU or qemu-img holds its lock); stop it first",
-        )
-        .at_path(path));
-    }
-    // Our own: we use write and resize, and share nothing.
-    for byte in [QEMU_LOCK_PERM_BASE + 1, QEMU_LOCK_PERM_BASE + 3]
-        .into_iter()
-        .chain((0..QEMU_PERMS as i64).map(|i| QEMU_LOCK_SHARED_BASE + i))
-    {
-        // SAFETY: as above.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_RDLCK as i16;
-        fl.l_whence = libc::SEEK_SET as i16;
-        fl.l_start = byte;
-        fl.l_len = 1;
-        // SAFETY: fcntl on a valid descriptor borrowed from `file`, with a
-        // pointer to a live `flock`; the lock belongs to this open file
-        // description and ends when it is closed.
-        let r = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
-        if r != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the image is in use (its lock is held); stop the process that has it open",
-            )
-            .at_path(path));
-        }
-    }
-    Ok(())
 }

@@ -481,7 +481,7 @@ pub(super) fn grow_vmdk_set(
             .write(true)
             .open(file)
             .map_err(|e| Error::io(file, "opening the extent", e))?;
-        lock_like_qemu(&f, file)?;
+        crate::lock::lock_for_resize(&f, file)?;
         f.set_len(*to)
             .map_err(|e| Error::io(file, "growing the extent", e))?;
         preallocate(&f, file, *have, *to, opts.prealloc)?;
@@ -1046,7 +1046,7 @@ impl SetExtent {
             .write(true)
             .open(&path)
             .map_err(|err| Error::io(&path, "opening the extent for writing", err))?;
-        lock_like_qemu(&file, &path)?;
+        crate::lock::lock_for_resize(&file, &path)?;
         let sparse = match e.kind {
             ExtentType::Flat if e.type_word == "FLAT" && e.offset == 0 => None,
             ExtentType::Sparse => {
@@ -1271,7 +1271,7 @@ fn cut_extent_to(file: &Path, len: u64) -> Result<()> {
         .open(file)
         .map_err(|e| Error::io(file, "opening the extent", e))?;
     if file_len(&f, file)? > len {
-        lock_like_qemu(&f, file)?;
+        crate::lock::lock_for_resize(&f, file)?;
         f.set_len(len)
             .map_err(|e| Error::io(file, "cutting the extent to its described size", e))?;
         sync(&f, file)?;
