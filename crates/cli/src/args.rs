@@ -202,6 +202,8 @@ pub struct VmBootArgs {
     #[command(flatten)]
     pub roots: DiskRootArgs,
     #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
     pub gate: GateArgs,
     /// Boot the built-in probe guest instead of a kernel: it reads each
     /// disk (given as images, each on virtio-blk) through vmshift-kvm and
@@ -228,6 +230,21 @@ pub enum VmFormatArg {
     Ovf,
     /// OVA archive (OVF + disks in a tar).
     Ova,
+}
+
+/// What to do with a VMware VM that is not at rest.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct StateArgs {
+    /// Go on although the VMware VM is suspended (a .vmss or .vmem beside
+    /// its .vmx, or checkpoint.vmState set): its disks lack what its
+    /// memory holds. The report says so.
+    #[arg(long)]
+    pub allow_suspended: bool,
+    /// Go on although VMware's lock folders (*.lck) are beside the .vmx or
+    /// its disks (the VM is running, or a crash left them). The report says
+    /// so.
+    #[arg(long)]
+    pub allow_locked: bool,
 }
 
 /// Where the disks a descriptor names may be found.
@@ -283,6 +300,8 @@ pub struct VmValidateArgs {
     pub from: Option<VmFormatArg>,
     #[command(flatten)]
     pub roots: DiskRootArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Read the disks even if a running VM or another QEMU process holds
     /// their locks (qemu-img's -U).
     #[arg(short = 'U', long)]
@@ -349,6 +368,8 @@ pub struct VmConvertArgs {
     pub progress: bool,
     #[command(flatten)]
     pub roots: DiskRootArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Read the disks even if a running VM or another QEMU process holds
     /// their locks (qemu-img's -U).
     #[arg(short = 'U', long)]

@@ -77,10 +77,26 @@ fn bus_of(vm: &Vm, disk: &vmshift_model::Disk) -> std::result::Result<DiskBus, S
 /// The disks of a descriptor, opened through the same resolution as a
 /// conversion, with their buses; CD-ROMs and empty drives are left out
 /// and named in the notes.
-pub fn descriptor_target(loaded: &Loaded, resolver: &Resolver) -> Result<BootTarget> {
+pub fn descriptor_target(
+    loaded: &Loaded,
+    resolver: &Resolver,
+    allow: crate::state::Allow,
+) -> Result<BootTarget> {
     let vm = &loaded.lowered.vm;
     let mut disks = Vec::new();
     let mut notes = Vec::new();
+    // A suspended or running VMware VM: its disks are not what the guest
+    // would boot from.
+    for f in crate::state::state_findings(loaded, resolver, allow) {
+        if f.severity == vmshift_model::Severity::Error {
+            return Err(Error::Request(format!(
+                "{}: {}",
+                loaded.path.display(),
+                f.message
+            )));
+        }
+        notes.push(f.message);
+    }
     for (i, d) in vm.disks.iter().enumerate() {
         let Some(src) = &d.source else {
             notes.push(format!("drive {i} is empty: left out"));

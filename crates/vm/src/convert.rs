@@ -56,6 +56,8 @@ pub struct ConvertRequest {
     pub descriptor_only: bool,
     /// Replace outputs that exist.
     pub force: bool,
+    /// Go on with a suspended or locked VMware VM.
+    pub allow: crate::state::Allow,
 }
 
 /// Told how a conversion goes; every method has a default that does
@@ -198,6 +200,7 @@ pub fn convert_vm(
 ) -> Result<ConvertReport> {
     let mut findings = loaded.lowered.findings.clone();
     findings.extend(loaded.lowered.vm.validate());
+    findings.extend(crate::state::state_findings(loaded, resolver, req.allow));
     let disk_format = match (req.disk_format, req.to) {
         (Some(f), _) => f,
         (None, Target::Vmx) => DiskFormat::Vmdk,

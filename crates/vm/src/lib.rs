@@ -14,6 +14,7 @@ pub mod convert;
 pub mod error;
 pub mod load;
 pub mod resolve;
+pub mod state;
 
 pub use error::{Error, Result};
 pub use load::{load, DescriptorFormat, Loaded};

@@ -65,6 +65,9 @@ pub struct Loaded {
     /// An OVA: the archive (verified) and the one handle its disks are
     /// read through.
     pub archive: Option<(OvaArchive, std::fs::File)>,
+    /// A `.vmx`: its `checkpoint.vmState` (empty when absent), for
+    /// [`crate::state`].
+    pub vmx_vmstate: Option<String>,
 }
 
 /// Reads the descriptor at `path` (its format `from`, or by extension).
@@ -72,10 +75,12 @@ pub fn load(path: &Path, from: Option<DescriptorFormat>) -> Result<Loaded> {
     let kind = DescriptorFormat::of(path, from)?;
     let with_file = |e: vmshift_desc::DescError| Error::Descriptor(e.in_file(path));
     let mut archive = None;
+    let mut vmx_vmstate = None;
     let lowered = match kind {
         DescriptorFormat::Vmx => {
             let bytes = read_descriptor(path).map_err(with_file)?;
             let doc = VmxDocument::parse(&bytes).map_err(with_file)?;
+            vmx_vmstate = Some(doc.get("checkpoint.vmState").unwrap_or("").to_string());
             let mut l = doc.lower();
             read_vmsd(path, &mut l);
             l
@@ -115,6 +120,7 @@ pub fn load(path: &Path, from: Option<DescriptorFormat>) -> Result<Loaded> {
         path: path.to_path_buf(),
         lowered,
         archive,
+        vmx_vmstate,
     })
 }
 

@@ -43,7 +43,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         [one] if is_descriptor(one, args.from) => {
             let mut l = load(one, args.from)?;
             let r = resolver(&mut l, &args.roots, args.gate.force_share)?;
-            vmboot::descriptor_target(&l, &r)?
+            vmboot::descriptor_target(&l, &r, crate::cmd::vm::allow(&args.state))?
         }
         [_] => vmboot::images_target(images(&args.vm)?, 1024),
         _ => bail!("vm boot takes one VM or disk (several disks only with --probe)"),

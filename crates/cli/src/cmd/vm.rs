@@ -12,8 +12,8 @@ use vmshift_vm::convert::{ConvertRequest, Observer, Target};
 use vmshift_vm::{disk_findings, DescriptorFormat, DiskRoots, Loaded, Resolver};
 
 use crate::args::{
-    DiskRootArgs, ModelOutput, VmConvertArgs, VmDiffArgs, VmFormatArg, VmInspectArgs, VmTargetArg,
-    VmValidateArgs,
+    DiskRootArgs, ModelOutput, StateArgs, VmConvertArgs, VmDiffArgs, VmFormatArg, VmInspectArgs,
+    VmTargetArg, VmValidateArgs,
 };
 use crate::progress::Progress;
 
@@ -32,6 +32,14 @@ impl From<VmFormatArg> for DescriptorFormat {
 /// Reads a descriptor (its format `from`, or by extension).
 pub(crate) fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
     Ok(vmshift_vm::load(path, from.map(Into::into))?)
+}
+
+/// What the state flags let through.
+pub(crate) fn allow(args: &StateArgs) -> vmshift_vm::state::Allow {
+    vmshift_vm::state::Allow {
+        suspended: args.allow_suspended,
+        locked: args.allow_locked,
+    }
 }
 
 /// The roots the disk options name.
@@ -109,6 +117,11 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
+    findings.extend(vmshift_vm::state::state_findings(
+        &l,
+        &resolver,
+        allow(&args.state),
+    ));
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     for f in &findings {
         println!("{f}");
@@ -222,6 +235,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         force_virtio: args.virtio,
         descriptor_only: args.descriptor_only,
         force: args.force,
+        allow: allow(&args.state),
     };
     crate::signals::install();
     let bars = Bars {
