@@ -350,8 +350,8 @@ pub struct VmConvertArgs {
     /// virtio drivers first).
     #[arg(long)]
     pub virtio: bool,
-    /// Proxmox: the VM id.
-    #[arg(long, requires = "storage")]
+    /// Proxmox: the VM id (100 to 999999999, as Proxmox accepts).
+    #[arg(long, requires = "storage", value_parser = clap::value_parser!(u32).range(100..=999_999_999))]
     pub vmid: Option<u32>,
     /// Proxmox: the directory storage the disks go to.
     #[arg(long, requires = "vmid")]

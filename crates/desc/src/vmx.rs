@@ -322,7 +322,15 @@ impl VmxDocument {
             vm.firmware.efi_vars = self.get("nvram").map(DiskRef::from_vmware_path);
         }
 
-        // CPU and memory.
+        // CPU and memory; what the .vmx leaves out takes VMware's default.
+        if self.get("numvcpus").is_none() {
+            f.push(Finding::new(
+                Severity::Info,
+                "vmx-default-numvcpus",
+                "vmx:numvcpus",
+                "numvcpus is not set: VMware's default, 1 vCPU, is used",
+            ));
+        }
         let vcpus: u32 = self.num("numvcpus", &mut f).unwrap_or(1);
         let per: u32 = self.num("cpuid.coresPerSocket", &mut f).unwrap_or(1);
         vm.cpu = Cpu::with_cores_per_socket(vcpus, per);
@@ -334,7 +342,22 @@ impl VmxDocument {
                 format!("{vcpus} vCPUs do not divide into sockets of {per} cores; one socket of {vcpus} cores is used"),
             ));
         }
-        vm.memory_mib = self.num("memsize", &mut f).unwrap_or(0);
+        vm.memory_mib = match self.num("memsize", &mut f) {
+            Some(m) => m,
+            None => {
+                f.push(Finding::new(
+                    Severity::Warning,
+                    "vmx-default-memsize",
+                    "vmx:memsize",
+                    format!(
+                        "memsize is {}: VMware's default, {VMWARE_DEFAULT_MEMSIZE} MiB, is used, which is too little for any current OS to boot; \
+                         set memsize (in MiB) in the .vmx before converting, or the converted VM's memory after (vm boot --memory N for a boot check)",
+                        if self.get("memsize").is_some() { "not a number" } else { "not set" }
+                    ),
+                ));
+                VMWARE_DEFAULT_MEMSIZE
+            }
+        };
 
         // Guest.
         if let Some(id) = self.get("guestOS") {
@@ -901,6 +924,9 @@ fn genid_halves(g: &str) -> Option<(i64, i64)> {
     let lo = u64::from_str_radix(&hex[16..], 16).ok()?;
     Some((hi as i64, lo as i64))
 }
+
+/// The memory VMware gives a VM whose `.vmx` has no `memsize`, in MiB.
+pub const VMWARE_DEFAULT_MEMSIZE: u64 = 32;
 
 /// Whether `id` reads as a VMware guestOS id (`windows9-64`, `ubuntu-64`,
 /// `otherlinux`) rather than another product's (`win11`, `l26`, a

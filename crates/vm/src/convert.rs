@@ -326,6 +326,14 @@ pub fn convert_vm(
         let target = inside(&out, &rel)?;
         vm.disks[i].source = Some(reference);
         vm.disks[i].format = Some(disk_format);
+        if let Ok((_, Some(note))) = resolver.resolve_noted(source) {
+            findings.push(Finding::new(
+                Severity::Info,
+                "disk-path-mapped",
+                format!("disks[{i}].source"),
+                note,
+            ));
+        }
         let (input, img) = match resolver.open(source) {
             Ok(x) => x,
             Err(e) => {

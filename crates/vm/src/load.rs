@@ -82,6 +82,20 @@ pub fn load(path: &Path, from: Option<DescriptorFormat>) -> Result<Loaded> {
             let doc = VmxDocument::parse(&bytes).map_err(with_file)?;
             vmx_vmstate = Some(doc.get("checkpoint.vmState").unwrap_or("").to_string());
             let mut l = doc.lower();
+            // VMware names a VM without displayName after its .vmx file.
+            if doc.get("displayName").is_none() {
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                l.findings.push(Finding::new(
+                    Severity::Info,
+                    "vmx-default-name",
+                    "vmx:displayName",
+                    format!("displayName is not set: the VM takes its .vmx file's name, '{stem}', as VMware does"),
+                ));
+                l.vm.name = stem;
+            }
             read_vmsd(path, &mut l);
             l
         }

@@ -74,6 +74,7 @@ pub struct Resolver {
     gate: Gate,
     datastores: BTreeMap<String, PathBuf>,
     storages: BTreeMap<String, PathBuf>,
+    disk_roots: Vec<PathBuf>,
     force_share: bool,
 }
 
@@ -98,6 +99,7 @@ impl Resolver {
             gate,
             datastores: roots.datastores.clone(),
             storages: roots.storages.clone(),
+            disk_roots: roots.disk_roots.clone(),
             force_share: roots.force_share,
         }
     }
@@ -141,59 +143,96 @@ impl Resolver {
 
     /// The local path of `r`, or why there is none.
     pub fn resolve(&self, r: &DiskRef) -> Result<PathBuf> {
+        self.resolve_noted(r).map(|(p, _)| p)
+    }
+
+    /// Where a disk of this name may lie: the descriptor's folder, then
+    /// each `--disk-root`, first match wins.
+    fn by_name(&self, r: &DiskRef, file: &str, host: &str) -> Result<(PathBuf, Option<String>)> {
+        let what = "disk";
+        let candidates = std::iter::once(self.folder().join(file))
+            .chain(self.disk_roots.iter().map(|d| d.join(file)));
+        for c in candidates {
+            if c.exists() {
+                let p = self
+                    .gate
+                    .resolve(&self.descriptor, &c.to_string_lossy(), what)?;
+                let note = format!(
+                    "'{r}' is a path on {host}; the disk of that name at {} is used",
+                    p.display()
+                );
+                return Ok((p, Some(note)));
+            }
+        }
+        Err(Error::Disk {
+            message: format!(
+                "'{r}' is a path on {host}; there is no '{file}' beside the descriptor or in a --disk-root: copy the disk there, or name its folder with --disk-root DIR"
+            ),
+            missing: true,
+        })
+    }
+
+    /// The local path of `r` and, when it was found by its file name
+    /// rather than where the descriptor says (a path on the host the VM
+    /// came from), a note saying so.
+    pub fn resolve_noted(&self, r: &DiskRef) -> Result<(PathBuf, Option<String>)> {
         if self.archive.is_some() {
             return Err(unresolved(format!(
                 "'{r}' lies inside the archive; only disks are read from it"
             )));
         }
         let what = "disk";
+        let plain = |p: PathBuf| (p, None);
         match r {
             DiskRef::File { path } if windows_path(path) => {
-                // A path on the Windows host the VM came from: its folder
-                // is the VM's own when the names match; resolve by file name.
-                let parts: Vec<&str> = path.split(['\\', '/']).filter(|p| !p.is_empty()).collect();
-                let own = self.folder().canonicalize().ok();
-                let own = own
-                    .as_ref()
-                    .and_then(|o| o.file_name())
-                    .map(|n| n.to_string_lossy().into_owned());
-                match (parts.as_slice(), own) {
-                    ([.., dir, file], Some(own)) if dir.eq_ignore_ascii_case(&own) => {
-                        Ok(self.gate.resolve(&self.descriptor, file, what)?)
-                    }
-                    _ => Err(unresolved(format!(
-                        "'{path}' is a path on a Windows host outside the VM's folder; copy the disk beside the descriptor"
-                    ))),
-                }
+                // A path on the Windows host the VM came from: the disk is
+                // found by its file name, whatever the folders are called
+                // here.
+                let file = path
+                    .rsplit(['\\', '/'])
+                    .find(|p| !p.is_empty())
+                    .ok_or_else(|| unresolved(format!("'{r}' names no file")))?;
+                self.by_name(r, file, "the Windows host the VM came from")
             }
-            DiskRef::File { path } => Ok(self.gate.resolve(&self.descriptor, path, what)?),
+            DiskRef::File { path }
+                if Path::new(path).is_absolute() && !Path::new(path).exists() =>
+            {
+                // An absolute path on another host (a Linux Workstation):
+                // nothing there here, so by its file name.
+                let file = Path::new(path)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| unresolved(format!("'{r}' names no file")))?;
+                self.by_name(
+                    r,
+                    &file,
+                    "the host the VM came from (it does not exist here)",
+                )
+            }
+            DiskRef::File { path } => Ok(plain(self.gate.resolve(&self.descriptor, path, what)?)),
             DiskRef::Datastore { datastore, path } => {
                 if let Some(dir) = self.datastores.get(datastore) {
                     let p = dir.join(path);
-                    return Ok(self
-                        .gate
-                        .resolve(&self.descriptor, &p.to_string_lossy(), what)?);
+                    return Ok(plain(self.gate.resolve(
+                        &self.descriptor,
+                        &p.to_string_lossy(),
+                        what,
+                    )?));
                 }
-                // A datastore path into the VM's own folder resolves there
-                // by file name: `[ds] vm/vm.vmdk` beside `vm/vm.vmx`.
-                let p = Path::new(path);
-                let own = self.folder().canonicalize().ok();
-                let parent = p.parent().and_then(|x| x.file_name());
-                let same = match (parent, own.as_ref().and_then(|o| o.file_name())) {
-                    (None, _) => true,
-                    (Some(a), Some(b)) => a == b,
-                    _ => false,
-                };
-                if !same {
-                    return Err(unresolved(format!(
-                        "'{r}' lies on datastore '{datastore}' outside the VM's folder; map it with --datastore {datastore}=DIR"
-                    )));
-                }
-                let name = p
+                // An unmapped datastore: the disk by its file name, beside
+                // the descriptor or in a --disk-root, whatever the folder
+                // is called here.
+                let name = Path::new(path)
                     .file_name()
-                    .ok_or_else(|| unresolved(format!("'{r}' names no file")))?
-                    .to_string_lossy();
-                Ok(self.gate.resolve(&self.descriptor, &name, what)?)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| unresolved(format!("'{r}' names no file")))?;
+                self.by_name(
+                    r,
+                    &name,
+                    &format!(
+                        "datastore '{datastore}' (not mapped with --datastore {datastore}=DIR)"
+                    ),
+                )
             }
             DiskRef::Volume { storage, volume } => {
                 let dir = self.storages.get(storage).ok_or_else(|| {
@@ -210,9 +249,11 @@ impl Resolver {
                 } else {
                     dir.join(volume)
                 };
-                Ok(self
-                    .gate
-                    .resolve(&self.descriptor, &p.to_string_lossy(), what)?)
+                Ok(plain(self.gate.resolve(
+                    &self.descriptor,
+                    &p.to_string_lossy(),
+                    what,
+                )?))
             }
             DiskRef::Device { path } => Err(unresolved(format!(
                 "'{path}' is a host device or LUN, not an image file"
@@ -275,6 +316,14 @@ pub fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
                 out.push(Finding::new(severity, unresolved_code(&e), path, text(&e)));
             }
             continue;
+        }
+        if let Ok((_, Some(note))) = resolver.resolve_noted(src) {
+            out.push(Finding::new(
+                Severity::Info,
+                "disk-path-mapped",
+                path.clone(),
+                note,
+            ));
         }
         match resolver.open(src) {
             Ok((shown, img)) => {
