@@ -188,6 +188,54 @@ fn delta_naming_its_parent_by_a_path_on_another_host_finds_it_beside_itself() {
 }
 
 #[test]
+fn a_damaged_delta_descriptor_is_an_error_never_a_standalone_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = qemu_vmdk(d, 4 << 20, "monolithicSparse");
+    tool_ok(d, "qemu-io", &["-c", "write -P 0x11 0 1M", &base]);
+    let fresh = |name: &str| {
+        tool_ok(
+            d,
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "vmdk", "-b", &base, "-F", "vmdk", name,
+            ],
+        );
+    };
+    // The extent line cut to its access word.
+    fresh("cut.vmdk");
+    edit_embedded_descriptor(&d.join("cut.vmdk"), |t| {
+        let ext = t.lines().find(|l| l.starts_with("RW ")).unwrap();
+        t.replace(ext, &format!("RW{}", " ".repeat(ext.len() - 2)))
+    });
+    // The parent's name gone, its CID still there.
+    fresh("orphan.vmdk");
+    edit_embedded_descriptor(&d.join("orphan.vmdk"), |t| {
+        let hint = t
+            .lines()
+            .find(|l| l.starts_with("parentFileNameHint"))
+            .unwrap();
+        t.replace(hint, &"#".repeat(hint.len()))
+    });
+    for (image, says) in [
+        ("cut.vmdk", "descriptor line 8"),
+        ("orphan.vmdk", "parentCID"),
+    ] {
+        for args in [
+            vec!["info", image],
+            vec!["check", image],
+            vec!["convert", "-O", "raw", image, "out.raw"],
+        ] {
+            let o = vmshift(d, &args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains(says), "{args:?}: {err}");
+            assert!(!d.join("out.raw").exists());
+        }
+    }
+}
+
+#[test]
 fn zeroed_grains_read_as_zero_over_a_parent() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -387,6 +387,30 @@ impl VmdkReader {
             self.stale_parent = cid.filter(|&c| c != self.parent_cid);
             self.parent = Some(parent);
             self.parent_name = Some(hint.to_string());
+        } else if self.parent_cid != 0xffff_ffff {
+            // A delta whose parent the descriptor does not name (a damaged
+            // or cut descriptor): read alone, it would lack every sector
+            // the parent holds.
+            let line = d
+                .lines
+                .iter()
+                .position(|l| {
+                    l.trim_start()
+                        .get(..9)
+                        .is_some_and(|k| k.eq_ignore_ascii_case("parentCID"))
+                })
+                .map_or(String::from("parentCID"), |i| {
+                    format!("descriptor line {}", i + 1)
+                });
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Corrupt,
+                format!(
+                    "parentCID is {:08x}, so this is a delta disk of a parent, but the descriptor names none (no parentFileNameHint): read alone it would lack the parent's data",
+                    self.parent_cid
+                ),
+            )
+            .at_path(&self.ctx.path)
+            .field(line));
         }
         Ok(())
     }
