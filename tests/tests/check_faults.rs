@@ -859,3 +859,51 @@ fn extended_l2_bitmap_corruption_exit2() {
     assert_eq!(a.code, Some(2), "{}", a.both);
     assert_eq!(a.get("corruptions"), 1, "{}", a.both);
 }
+
+/// A qcow2 cut short: reading names the L2 entry that really points past
+/// the end (where it lies, in which table) and the guest range it hides;
+/// `compare` reads the missing data as zeros and reports the mismatch
+/// exactly as qemu-img does.
+#[test]
+fn a_truncated_qcow2_names_the_entry_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "t.qcow2", "4M", &[]);
+    io(d, "t.qcow2", &["write -P 0x22 0 4M"]);
+    std::fs::copy(d.join("t.qcow2"), d.join("cut.qcow2")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("cut.qcow2"))
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    // Where qemu-img put things: the data run's host start, the L2 table.
+    let map = qemu_img(d, &["map", "--output=json", "t.qcow2"]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let data_at = map[0]["offset"].as_u64().unwrap();
+    let bytes = std::fs::read(d.join("t.qcow2")).unwrap();
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l2 = be(be(40) as usize) & 0x00ff_ffff_ffff_fe00;
+    let lost = (1u64 << 20) - data_at;
+    let entry = l2 + (lost >> 16) * 8;
+    let o = vmshift(d, &["convert", "-O", "raw", "cut.qcow2", "o.raw"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for want in [
+        format!("L2 entry (table at {l2:#x}) (at offset {entry:#x})"),
+        format!("guest offset {lost:#x} is at host offset 0x100000"),
+    ] {
+        assert!(err.contains(&want), "{want}: {err}");
+    }
+    assert!(!d.join("o.raw").exists());
+    for (a, b) in [("cut.qcow2", "t.qcow2"), ("t.qcow2", "cut.qcow2")] {
+        let ours = vmshift(d, &["compare", a, b]);
+        let theirs = qemu_img(d, &["compare", a, b]);
+        assert_eq!(ours.status.code(), theirs.status.code());
+        assert_eq!(ours.stdout, theirs.stdout);
+        assert!(
+            String::from_utf8_lossy(&ours.stdout).contains(&format!("offset {lost}!")),
+            "{}",
+            String::from_utf8_lossy(&ours.stdout)
+        );
+    }
+}

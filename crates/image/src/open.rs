@@ -33,6 +33,9 @@ pub struct OpenOptions {
     /// The caller holds the image's locks itself (a resize reading the
     /// image it is changing): take none, test none.
     pub already_locked: bool,
+    /// A qcow2 data cluster past the end of a truncated file reads as
+    /// zeros, as QEMU reads it (`compare`), instead of being an error.
+    pub zeros_past_eof: bool,
 }
 
 /// Guesses the format of an open file from its first bytes.
@@ -189,6 +192,10 @@ impl ChainOpener for Chain<'_> {
                 ))
             }
         }
+    }
+
+    fn zeros_past_eof(&self) -> bool {
+        self.opts.zeros_past_eof
     }
 
     fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {

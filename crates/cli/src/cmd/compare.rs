@@ -7,8 +7,20 @@ use crate::args::CompareArgs;
 use crate::progress::Progress;
 
 pub fn run(args: &CompareArgs) -> Result<i32> {
-    let a = super::open(&args.a, args.format_a, &args.gate, false, super::Use::Look)?;
-    let b = super::open(&args.b, args.format_b, &args.gate, false, super::Use::Look)?;
+    let a = super::open(
+        &args.a,
+        args.format_a,
+        &args.gate,
+        false,
+        super::Use::Compare,
+    )?;
+    let b = super::open(
+        &args.b,
+        args.format_b,
+        &args.gate,
+        false,
+        super::Use::Compare,
+    )?;
     let progress = Progress::new(a.size().max(b.size()), args.progress);
     let result = compare(a.as_ref(), b.as_ref(), &|d, t| progress.update(d, t))?;
     progress.finish();

@@ -34,6 +34,10 @@ pub enum Use {
     Look,
     /// To copy or boot it: nobody writes it meanwhile.
     Copy,
+    /// To compare it: as `Look`, and data past the end of a truncated
+    /// image reads as zeros, as qemu-img reads it (a mismatch, not an
+    /// error).
+    Compare,
 }
 
 /// Opens an image read-only, taking QEMU's shared locks (unless `-U`);
@@ -48,8 +52,9 @@ pub fn open(
     let opts = OpenOptions {
         gate: gate(gate_args),
         force_share: gate_args.force_share,
-        share_raw_writes: usage == Use::Look,
+        share_raw_writes: usage != Use::Copy,
         already_locked: false,
+        zeros_past_eof: usage == Use::Compare,
     };
     let reader = open_image(path, format.map(Into::into), &opts)?;
     if format.is_none() && announce {

@@ -87,6 +87,9 @@ pub struct Qcow2Reader {
     backing_probed: Option<String>,
     snapshots: Vec<Snapshot>,
     compressed: CompressedLayout,
+    /// Data clusters past the end of the file read as zeros (QEMU's way,
+    /// for `compare` and salvage) instead of being an error.
+    zeros_past_eof: bool,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +113,12 @@ pub trait ChainOpener {
     /// Opens a file `name` that `image` names as its `what` (a data file,
     /// an extent), through the gate.
     fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)>;
+
+    /// Whether data past the end of a truncated file reads as zeros, as
+    /// QEMU reads it, rather than being an error.
+    fn zeros_past_eof(&self) -> bool {
+        false
+    }
 }
 
 impl Qcow2Reader {
@@ -163,6 +172,7 @@ impl Qcow2Reader {
             backing_name,
             backing_probed,
             snapshots,
+            zeros_past_eof: opener.zeros_past_eof(),
         })
     }
 
@@ -376,21 +386,49 @@ impl Qcow2Reader {
         }
     }
 
+    /// Where the L2 entry for `guest` lies in the file, and its table.
+    fn l2_entry_location(&self, guest: u64) -> Option<(u64, u64)> {
+        let h = &self.header;
+        let coverage = h.l2_coverage();
+        let l2 = self.l1.get((guest / coverage) as usize)? & OFFSET_MASK;
+        let words = if h.extended_l2() { 2 } else { 1 };
+        let idx = (guest % coverage) >> h.cluster_bits;
+        (l2 != 0).then_some((l2 + idx * 8 * words, l2))
+    }
+
     fn read_data(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
         let (file, path, len) = self.data_target();
-        if host
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > len)
-        {
-            return Err(Error::new(
+        let end = host.saturating_add(buf.len() as u64);
+        if end > len {
+            // The run is contiguous on the host: the first byte past the
+            // end of the file belongs to this guest offset.
+            let cut = host.max(len);
+            let lost = guest + (cut - host);
+            if self.zeros_past_eof {
+                let keep = (cut - host) as usize;
+                read_exact_at(file, path, &mut buf[..keep], host, "data cluster")?;
+                buf[keep..].fill(0);
+                return Ok(());
+            }
+            let cs = self.header.cluster_size();
+            let cluster_guest = lost & !(cs - 1);
+            let mut e = Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "data for guest offset {guest:#x} is at host offset {host:#x}, past the end of the file ({len} bytes)"
+                    "the cluster for guest offset {cluster_guest:#x} is at host offset {:#x}, past the end of the {} ({len} bytes): guest bytes {lost:#x}..{:#x} of this read are not in the file (truncated?)",
+                    cut & !(cs - 1),
+                    if self.data.is_some() { "external data file" } else { "file" },
+                    guest + buf.len() as u64,
                 ),
             )
-            .at_path(path)
-            .field("L2 entry")
-            .offset(host));
+            .at_path(&self.ctx.path);
+            e = match self.l2_entry_location(cluster_guest) {
+                Some((at, table)) => e
+                    .field(format!("L2 entry (table at {table:#x})"))
+                    .offset(at),
+                None => e.field("L2 entry"),
+            };
+            return Err(e);
         }
         read_exact_at(file, path, buf, host, "data cluster")
     }
