@@ -326,15 +326,82 @@ fn backing_file_in_parent_folder_needs_a_root_or_permission() {
             "vm/top.qcow2",
         ],
     );
+    // info shows the chain as qemu-img does (it opens no backing file
+    // either), says the backing file was not opened and which flag opens
+    // it, and reads no guest data.
     let out = vmshift(d, &["info", "vm/top.qcow2"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("--allow-backing-outside"),
-        "{}",
-        stderr(&out)
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "backing file: ../base.qcow2 (actual path: vm/../base.qcow2)",
+        "backing file format: qcow2",
+        "backing file not opened",
+        "--allow-backing-outside",
+        "Partition table: not read",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let theirs = vmshift_tests::json(&qemu_img_out(
+        d,
+        &["info", "--output", "json", "vm/top.qcow2"],
+    ));
+    let ours = vmshift_tests::json(
+        vmshift_ok(d, &["info", "--output", "json", "vm/top.qcow2"]).as_bytes(),
     );
-    vmshift_ok(d, &["info", "--root", ".", "vm/top.qcow2"]);
+    for k in [
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+        "virtual-size",
+    ] {
+        assert_eq!(ours[k], theirs[k], "{k}");
+    }
+    // Reading is refused, naming the flag.
+    for args in [
+        vec!["convert", "-O", "raw", "vm/top.qcow2", "o.raw"],
+        vec!["map", "vm/top.qcow2"],
+        vec![
+            "info",
+            "--backing-chain",
+            "--output",
+            "json",
+            "vm/top.qcow2",
+        ],
+    ] {
+        let out = vmshift(d, &args);
+        if args[0] == "info" {
+            // The chain ends where the gate stopped it.
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("--allow-backing-outside"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!d.join("o.raw").exists());
+    let out = vmshift_ok(d, &["info", "--root", ".", "vm/top.qcow2"]);
+    assert!(!out.contains("not opened"), "{out}");
     vmshift_ok(d, &["info", "--allow-backing-outside", "vm/top.qcow2"]);
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "--allow-backing-outside",
+            "-O",
+            "raw",
+            "vm/top.qcow2",
+            "o.raw",
+        ],
+    );
+}
+
+fn qemu_img_out(d: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let o = vmshift_tests::qemu_img(d, args);
+    assert!(o.status.success());
+    o.stdout
 }
 
 #[test]

@@ -111,6 +111,10 @@ pub struct ImageInfo {
     /// `format-specific.data` of `qemu-img info`, as (key, value) pairs in
     /// qemu-img's order.
     pub format_specific: Vec<(&'static str, serde_json::Value)>,
+    /// The backing file was not opened: the gate refused it (why, with the
+    /// flag that lets it through). Only an image opened for `info` has
+    /// this; reading its unallocated ranges is then an error.
+    pub backing_refused: Option<String>,
 }
 
 /// Reads a disk image as the guest sees it.

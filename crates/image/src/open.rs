@@ -36,6 +36,11 @@ pub struct OpenOptions {
     /// A qcow2 data cluster past the end of a truncated file reads as
     /// zeros, as QEMU reads it (`compare`), instead of being an error.
     pub zeros_past_eof: bool,
+    /// A qcow2 whose backing file the gate refuses opens without it
+    /// (`info`: the chain is shown, as qemu-img shows it without opening
+    /// the backing file); reading what the backing file would hold is then
+    /// an error naming the refusal.
+    pub keep_refused_backing: bool,
 }
 
 /// Guesses the format of an open file from its first bytes.
@@ -196,6 +201,10 @@ impl ChainOpener for Chain<'_> {
 
     fn zeros_past_eof(&self) -> bool {
         self.opts.zeros_past_eof
+    }
+
+    fn keep_refused_backing(&self) -> bool {
+        self.opts.keep_refused_backing
     }
 
     fn open_named(&self, image: &Path, name: &str, what: &str) -> Result<(PathBuf, File)> {

@@ -8,7 +8,13 @@ use vmshift_model::format_size;
 use crate::args::{InfoArgs, Output};
 
 pub fn run(args: &InfoArgs) -> Result<i32> {
-    let top = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
+    let top = super::open(
+        &args.file,
+        args.format,
+        &args.gate,
+        false,
+        super::Use::Describe,
+    )?;
     let layers = if args.backing_chain {
         super::chain(top.as_ref())
     } else {
@@ -25,8 +31,16 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         .zip(&names)
         .map(|(r, name)| to_json(*r, name))
         .collect();
-    // The partition table is the guest's view: the top image's alone.
-    let table = vmshift_image::part::read_table(top.as_ref());
+    // The partition table is the guest's view: the top image's alone,
+    // which needs its whole chain.
+    let refused = layers.iter().any(|l| l.info().backing_refused.is_some());
+    let table = if refused {
+        Err(anyhow::anyhow!(
+            "not read: the backing file was not opened, and part of the guest's data is in it"
+        ))
+    } else {
+        vmshift_image::part::read_table(top.as_ref()).map_err(anyhow::Error::from)
+    };
     match args.output {
         Output::Json => {
             let mut objects = objects;
@@ -58,6 +72,7 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
             match &table {
                 Ok(Some(t)) => print!("{}", super::part::human(t)),
                 Ok(None) => {}
+                Err(e) if refused => println!("Partition table: {e}"),
                 Err(e) => println!("Partition table: unreadable: {e}"),
             }
         }
@@ -105,6 +120,9 @@ fn to_json(r: &dyn ImageReader, name: &str) -> Value {
     }
     if let Some(p) = &info.backing_format_probed {
         m.insert("backing-format-probed".into(), json!(p));
+    }
+    if let Some(why) = &info.backing_refused {
+        m.insert("backing-not-opened".into(), json!(why));
     }
     m.insert("dirty-flag".into(), json!(info.dirty));
     Value::Object(m)
@@ -157,6 +175,9 @@ fn human(r: &dyn ImageReader, name: &str) -> String {
         line(format!(
             "backing file format: {p} (probed: the image does not record it; check it is right)"
         ));
+    }
+    if let Some(why) = &info.backing_refused {
+        line(format!("backing file not opened: {why}"));
     }
     if info.dirty {
         line("dirty flag: set (the image was not closed cleanly)".to_string());

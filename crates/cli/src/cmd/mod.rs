@@ -38,6 +38,9 @@ pub enum Use {
     /// image reads as zeros, as qemu-img reads it (a mismatch, not an
     /// error).
     Compare,
+    /// To describe it (`info`): as `Look`, and a backing file the gate
+    /// refuses is named, not opened.
+    Describe,
 }
 
 /// Opens an image read-only, taking QEMU's shared locks (unless `-U`);
@@ -55,6 +58,7 @@ pub fn open(
         share_raw_writes: usage != Use::Copy,
         already_locked: false,
         zeros_past_eof: usage == Use::Compare,
+        keep_refused_backing: usage == Use::Describe,
     };
     let reader = open_image(path, format.map(Into::into), &opts)?;
     if format.is_none() && announce {

@@ -90,6 +90,8 @@ pub struct Qcow2Reader {
     /// Data clusters past the end of the file read as zeros (QEMU's way,
     /// for `compare` and salvage) instead of being an error.
     zeros_past_eof: bool,
+    /// Why the backing file was not opened (`info` only).
+    backing_refused: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +121,13 @@ pub trait ChainOpener {
     fn zeros_past_eof(&self) -> bool {
         false
     }
+
+    /// Whether an image whose backing file the gate refuses is still
+    /// opened, without it (`info`: the chain is shown, nothing is read
+    /// through it).
+    fn keep_refused_backing(&self) -> bool {
+        false
+    }
 }
 
 impl Qcow2Reader {
@@ -146,13 +155,15 @@ impl Qcow2Reader {
             }
             _ => None,
         };
-        let (backing, backing_probed) = match &backing_name {
-            Some(name) => {
-                let (r, probed) =
-                    opener.open_backing(path, name, header.backing_format.as_deref())?;
-                (Some(r), probed)
-            }
-            None => (None, None),
+        let (backing, backing_probed, backing_refused) = match &backing_name {
+            Some(name) => match opener.open_backing(path, name, header.backing_format.as_deref()) {
+                Ok((r, probed)) => (Some(r), probed, None),
+                Err(e) if e.kind() == ErrorKind::Refused && opener.keep_refused_backing() => {
+                    (None, None, Some(e.to_string()))
+                }
+                Err(e) => return Err(e),
+            },
+            None => (None, None, None),
         };
         let full_backing = backing_name.as_deref().map(|name| {
             let dir = path.parent().unwrap_or(Path::new(""));
@@ -173,6 +184,7 @@ impl Qcow2Reader {
             backing_probed,
             snapshots,
             zeros_past_eof: opener.zeros_past_eof(),
+            backing_refused,
         })
     }
 
@@ -386,6 +398,15 @@ impl Qcow2Reader {
         }
     }
 
+    /// An error when the backing file was not opened (the gate refused it):
+    /// what it holds cannot be read.
+    fn refused_backing(&self) -> Result<()> {
+        match &self.backing_refused {
+            Some(why) => Err(Error::new(ErrorKind::Refused, why.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// Where the L2 entry for `guest` lies in the file, and its table.
     fn l2_entry_location(&self, guest: u64) -> Option<(u64, u64)> {
         let h = &self.header;
@@ -513,10 +534,13 @@ impl ImageReader for Qcow2Reader {
             Cluster::Data(host) => ext(BlockState::Data, Some(host)),
             Cluster::Zero(host) => ext(BlockState::Zero, host),
             Cluster::Compressed(_) => ext(BlockState::Compressed, None),
-            Cluster::Unallocated(host) => crate::block::map_below(
-                self.backing.as_deref(),
-                ext(BlockState::Unallocated, host),
-            )?,
+            Cluster::Unallocated(host) => {
+                self.refused_backing()?;
+                crate::block::map_below(
+                    self.backing.as_deref(),
+                    ext(BlockState::Unallocated, host),
+                )?
+            }
         })
     }
 
@@ -532,6 +556,7 @@ impl ImageReader for Qcow2Reader {
                 Cluster::Data(host) => self.read_data(piece, host, pos)?,
                 Cluster::Zero(_) => piece.fill(0),
                 Cluster::Unallocated(_) => {
+                    self.refused_backing()?;
                     crate::block::read_below(self.backing.as_deref(), piece, pos)?
                 }
                 Cluster::Compressed(entry) => {
@@ -590,6 +615,7 @@ impl ImageReader for Qcow2Reader {
             snapshots: self.snapshots.iter().map(Snapshot::info).collect(),
             extra_files: Vec::new(),
             format_specific: fs,
+            backing_refused: self.backing_refused.clone(),
         }
     }
 

@@ -646,6 +646,7 @@ impl ImageReader for VmdkReader {
                 })
                 .filter(|p| p.as_path() != self.ctx.path.as_path())
                 .collect(),
+            backing_refused: None,
             format_specific: vec![
                 ("cid", json!(self.cid)),
                 ("parent-cid", json!(self.parent_cid)),
