@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p vmshift
 vmshift=$PWD/target/release/vmshift
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+# The output stays for you to look at (and to boot: see vm boot).
+out=$(mktemp -d "${TMPDIR:-/tmp}/vmshift-demo.XXXXXX")
 vm=fixtures/vms/linux-web
 set -x
 "$vmshift" vm validate "$vm/linux-web.vmx" || true
@@ -16,3 +16,6 @@ set -x
 "$vmshift" compare "$vm/linux-web-data.vmdk" "$out/linux-web-disk1.qcow2"
 "$vmshift" check "$out/linux-web-disk0.qcow2"
 cat "$out/linux-web.xml"
+set +x
+echo
+echo "The converted VM is in $out (remove it when done: rm -r $out)."

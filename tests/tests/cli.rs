@@ -534,7 +534,12 @@ fn convert_interrupted_by_sigint_leaves_nothing() {
     }
     tool_ok(d, "kill", &["-INT", &child.id().to_string()]);
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(1), "interrupted convert must fail");
+    // The shell's convention for a command stopped by Ctrl-C.
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "interrupted convert must exit 130"
+    );
     assert_eq!(
         names_in(d),
         ["src.raw"],
@@ -671,4 +676,75 @@ fn info_backing_offset_overflow_is_an_error_not_a_panic() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn errors_name_what_the_user_gave_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // An OS error is said once.
+    let out = vmshift(d, &["vm", "inspect", "nope.vmx"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).matches("No such file or directory").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    // An output in a folder that does not exist: named as given, not by a
+    // temporary name.
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    );
+    let out = vmshift(d, &["convert", "-O", "raw", "a.qcow2", "missing/dir/o.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("missing/dir/o.raw: its folder missing/dir does not exist"),
+        "{e}"
+    );
+    assert!(!e.contains(".tmp"), "{e}");
+    // --out naming a file.
+    std::fs::write(d.join("afile"), b"").unwrap();
+    let vmx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms/linux-web/linux-web.vmx");
+    let out = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            vmx.to_str().unwrap(),
+            "--to",
+            "libvirt",
+            "--out",
+            "afile",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("afile: exists and is not a folder"),
+        "{}",
+        stderr(&out)
+    );
+    // A refused conversion leaves no empty --out folder behind.
+    std::fs::create_dir(d.join("vm")).unwrap();
+    std::fs::copy(&vmx, d.join("vm/linux-web.vmx")).unwrap();
+    let out = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "vm/linux-web.vmx",
+            "--to",
+            "libvirt",
+            "--out",
+            "new/out",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!d.join("new").exists());
+    // vm validate: 2 when the descriptor cannot be read at all.
+    let out = vmshift(d, &["vm", "validate", "vm"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }

@@ -108,7 +108,8 @@ pub struct PartArgs {
 pub enum VmCommand {
     /// Print a VM descriptor as vmshift's model, with its findings.
     Inspect(VmInspectArgs),
-    /// Check a VM descriptor and the disks it names; exit 1 on errors.
+    /// Check a VM descriptor and the disks it names; exit 1 on errors, 2
+    /// when the descriptor cannot be read.
     Validate(VmValidateArgs),
     /// Convert a whole VM: its descriptor and every disk.
     Convert(VmConvertArgs),

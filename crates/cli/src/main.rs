@@ -31,8 +31,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("vmshift: {e:#}");
+            eprintln!("vmshift: {}", one_line(&e));
+            // Stopped by Ctrl-C (or SIGTERM): the shell's convention.
+            if vmshift::signals::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                return ExitCode::from(130);
+            }
             ExitCode::from(error_code)
         }
     }
+}
+
+/// An error and its causes in one line, each cause once: a message that
+/// already quotes its cause does not repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if !out.iter().any(|o| o.contains(&t)) {
+            out.push(t);
+        }
+    }
+    out.join(": ")
 }

@@ -2,6 +2,7 @@
 //! pipe, nothing otherwise.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,8 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Reports how much of a job is done.
 #[derive(Debug)]
 pub enum Progress {
-    Bar(ProgressBar),
-    Lines(Mutex<u64>),
+    /// The bar, and the furthest position shown: the copy engine's workers
+    /// report out of order, and the bar never goes back.
+    Bar(ProgressBar, AtomicU64),
+    /// The last percentage printed (none yet: `None`).
+    Lines(Mutex<Option<u64>>),
     Silent,
 }
 
@@ -24,9 +28,9 @@ impl Progress {
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
-            Progress::Bar(bar)
+            Progress::Bar(bar, AtomicU64::new(0))
         } else if forced {
-            Progress::Lines(Mutex::new(u64::MAX))
+            Progress::Lines(Mutex::new(None))
         } else {
             Progress::Silent
         }
@@ -34,12 +38,16 @@ impl Progress {
 
     pub fn update(&self, done: u64, total: u64) {
         match self {
-            Progress::Bar(bar) => bar.set_position(done),
+            Progress::Bar(bar, furthest) => {
+                if furthest.fetch_max(done, Ordering::Relaxed) < done {
+                    bar.set_position(done);
+                }
+            }
             Progress::Lines(last) => {
                 let pct = (done * 100).checked_div(total).unwrap_or(100);
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                if *last != pct {
-                    *last = pct;
+                if last.is_none_or(|l| pct > l) {
+                    *last = Some(pct);
                     let _ = writeln!(std::io::stderr(), "    ({pct}.00/100%)");
                 }
             }
@@ -48,7 +56,7 @@ impl Progress {
     }
 
     pub fn finish(&self) {
-        if let Progress::Bar(bar) = self {
+        if let Progress::Bar(bar, _) = self {
             bar.finish_and_clear();
         }
     }

@@ -86,7 +86,15 @@ impl AtomicOutput {
                     return Ok((out, file));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(&temp, "creating the temporary output file", e)),
+                // Named by what the user asked for, not the temporary file.
+                Err(e) if !dir.is_dir() => {
+                    return Err(Error::io(
+                        target,
+                        format!("its folder {} does not exist", dir.display()),
+                        e,
+                    ))
+                }
+                Err(e) => return Err(Error::io(target, "creating the output file", e)),
             }
         }
         Err(Error::new(ErrorKind::Io, "could not find a free temporary file name").at_path(target))

@@ -190,8 +190,38 @@ fn is_thin(img: &dyn ImageReader) -> bool {
 
 /// Converts the VM `loaded` describes, its disks found by `resolver`.
 /// `cancel`, when set, stops the copy between windows (the run then fails
-/// and removes what it wrote).
+/// and removes what it wrote, and the output folder if it made it).
 pub fn convert_vm(
+    loaded: &Loaded,
+    resolver: &Resolver,
+    req: &ConvertRequest,
+    observer: &dyn Observer,
+    cancel: Option<&'static AtomicBool>,
+) -> Result<ConvertReport> {
+    if req.out.exists() && !req.out.is_dir() {
+        return Err(Error::Request(format!(
+            "{}: exists and is not a folder; --out names the folder to write into",
+            req.out.display()
+        )));
+    }
+    // The folders this run will make, the output folder first.
+    let made: Vec<PathBuf> = req
+        .out
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    let r = convert_into(loaded, resolver, req, observer, cancel);
+    if r.is_err() {
+        // Only empty folders go (remove_dir refuses any other).
+        for dir in &made {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    r
+}
+
+fn convert_into(
     loaded: &Loaded,
     resolver: &Resolver,
     req: &ConvertRequest,
