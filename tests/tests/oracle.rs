@@ -512,3 +512,52 @@ fn create_with_backing_file_takes_its_size_and_format() {
     tool_ok(d, "qemu-img", &["check", "top.qcow2"]);
     tool_ok(d, "qemu-img", &["compare", "base.qcow2", "top.qcow2"]);
 }
+
+/// `map --start-offset/--max-length` prints what qemu-img prints for the
+/// same range, byte for byte, in both output styles (empty ranges too).
+#[test]
+fn map_ranges_agree_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    vmshift_tests::tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
+    vmshift_tests::tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write 1M 2M",
+            "-c",
+            "write 9M 64k",
+            "-c",
+            "write -z 12M 1M",
+            "m.qcow2",
+        ],
+    );
+    for range in [
+        &["--start-offset", "1536k", "--max-length", "8M"][..],
+        &["--start-offset", "9M"],
+        &["--max-length", "100"],
+        &["--start-offset", "1000", "--max-length", "5000"],
+        &["--start-offset", "16M"],
+        &["--start-offset", "20M"],
+        &["--start-offset", "1M", "--max-length", "0"],
+    ] {
+        for output in ["json", "human"] {
+            let mut args = vec!["map", "--output", output];
+            args.extend_from_slice(range);
+            args.push("m.qcow2");
+            let ours = vmshift_tests::vmshift(d, &args);
+            let theirs = vmshift_tests::qemu_img(d, &args);
+            assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "{args:?}"
+            );
+        }
+    }
+}

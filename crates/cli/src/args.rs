@@ -563,6 +563,12 @@ pub struct MapArgs {
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+    /// Map from this guest offset (bytes, or with K, M, G).
+    #[arg(long, value_name = "OFFSET")]
+    pub start_offset: Option<String>,
+    /// Map at most this many bytes.
+    #[arg(long, value_name = "LEN")]
+    pub max_length: Option<String>,
     #[command(flatten)]
     pub gate: GateArgs,
     /// The image.

@@ -449,9 +449,16 @@ pub fn compare(
 /// The whole map of an image, with neighbours of the same kind merged the
 /// way `qemu-img map` merges them.
 pub fn map_all(src: &dyn ImageReader) -> Result<Vec<Extent>> {
+    map_range(src, 0, u64::MAX)
+}
+
+/// Like [`map_all`], for the guest range from `start` of at most `len`
+/// bytes (`qemu-img map --start-offset --max-length`): nothing when
+/// `start` is at or past the end.
+pub fn map_range(src: &dyn ImageReader, start: u64, len: u64) -> Result<Vec<Extent>> {
     let mut out: Vec<Extent> = Vec::new();
-    let mut pos = 0;
-    let size = src.size();
+    let mut pos = start;
+    let size = start.saturating_add(len).min(src.size());
     while pos < size {
         let e = src.map(pos, size - pos)?;
         if e.len == 0 {

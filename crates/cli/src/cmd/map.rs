@@ -1,17 +1,33 @@
 //! `vmshift map`: where each guest range lives, as `qemu-img map` prints it.
 
+use anyhow::anyhow;
 use anyhow::Result;
-use vmshift_image::engine::{map_all, map_flags};
+use vmshift_image::engine::{map_flags, map_range};
 use vmshift_image::BlockState;
 
 use crate::args::{MapArgs, Output};
 
 pub fn run(args: &MapArgs) -> Result<i32> {
     let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
-    let extents = map_all(img.as_ref())?;
+    let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+        v.as_deref()
+            .map(|v| vmshift_model::parse_size(v).map_err(|e| anyhow!("{flag} {v}: {e}")))
+            .transpose()
+    };
+    let start = size("--start-offset", &args.start_offset)?.unwrap_or(0);
+    let len = size("--max-length", &args.max_length)?.unwrap_or(u64::MAX);
+    let extents = map_range(img.as_ref(), start, len)?;
     let layers = super::chain(img.as_ref());
     match args.output {
         Output::Json => {
+            if extents.is_empty() {
+                // qemu-img's answer for an empty range: one empty record
+                // where the range starts.
+                println!(
+                    "[{{ \"start\": {start}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}]"
+                );
+                return Ok(0);
+            }
             let lines: Vec<String> = extents
                 .iter()
                 .map(|e| {
