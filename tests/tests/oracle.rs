@@ -561,3 +561,51 @@ fn map_ranges_agree_with_qemu_img() {
         }
     }
 }
+
+/// `-q` as qemu-img has it: nothing on standard output, the same exit
+/// codes, problems still on standard error. Each tool runs the same
+/// commands in a folder of its own.
+#[test]
+fn quiet_prints_nothing_but_problems_like_qemu_img() {
+    let steps: [&[&str]; 7] = [
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
+        &["compare", "-q", "a.qcow2", "b.qcow2"],
+        &["check", "-q", "a.qcow2"],
+        &["convert", "-q", "-p", "-O", "raw", "a.qcow2", "a.raw"],
+        &["resize", "-q", "-f", "raw", "a.raw", "8M"],
+        &["compare", "-q", "a.qcow2", "c.qcow2"],
+    ];
+    for tool in ["vmshift", "qemu-img"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for args in steps {
+            if args.contains(&"c.qcow2") {
+                // A different image: compare says so by its exit code only.
+                vmshift_tests::tool_ok(
+                    d,
+                    "qemu-img",
+                    &["create", "-q", "-f", "qcow2", "c.qcow2", "4M"],
+                );
+                vmshift_tests::tool_ok(d, "qemu-io", &["-c", "write -P 1 0 512", "c.qcow2"]);
+            }
+            let out = if tool == "vmshift" {
+                vmshift_tests::vmshift(d, args)
+            } else {
+                vmshift_tests::qemu_img(d, args)
+            };
+            let want = if args.contains(&"c.qcow2") { 1 } else { 0 };
+            assert_eq!(
+                out.status.code(),
+                Some(want),
+                "{tool} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{tool} {args:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}

@@ -56,6 +56,9 @@ pub enum PreallocArg {
 /// `vmshift resize`.
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
+    /// Quiet: print nothing but errors (qemu-img's -q).
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<FormatArg>,
@@ -463,6 +466,9 @@ pub struct InfoArgs {
 /// `vmshift create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// Quiet: print nothing but errors (qemu-img's -q).
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Format of the new image.
     #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
     pub format: FormatArg,
@@ -497,6 +503,9 @@ pub struct CreateArgs {
 /// `vmshift convert`.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
+    /// Quiet: print nothing but errors (qemu-img's -q).
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Source format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<FormatArg>,
@@ -537,6 +546,9 @@ pub struct ConvertArgs {
 /// `vmshift compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    /// Quiet: print nothing but errors (qemu-img's -q).
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Format of the first image (probed when omitted).
     #[arg(short = 'f', value_enum)]
     pub format_a: Option<FormatArg>,
@@ -578,6 +590,9 @@ pub struct MapArgs {
 /// `vmshift check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Quiet: print nothing but errors (qemu-img's -q).
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<FormatArg>,

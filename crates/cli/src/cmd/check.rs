@@ -17,6 +17,13 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
         return Ok(63);
     };
     let report = report?;
+    if args.quiet {
+        // qemu-img's -q: the problems on stderr, no report.
+        for msg in &report.messages {
+            eprintln!("{msg}");
+        }
+        return Ok(report.exit_code());
+    }
     match args.output {
         Output::Json => {
             let mut m = Map::new();

@@ -21,16 +21,24 @@ pub fn run(args: &CompareArgs) -> Result<i32> {
         false,
         super::Use::Compare,
     )?;
-    let progress = Progress::new(a.size().max(b.size()), args.progress);
+    let progress = if args.quiet {
+        Progress::Silent
+    } else {
+        Progress::new(a.size().max(b.size()), args.progress)
+    };
     let result = compare(a.as_ref(), b.as_ref(), &|d, t| progress.update(d, t))?;
     progress.finish();
     match result {
         Comparison::Identical => {
-            println!("Images are identical.");
+            if !args.quiet {
+                println!("Images are identical.");
+            }
             Ok(0)
         }
         Comparison::DiffersAt(off) => {
-            println!("Content mismatch at offset {off}!");
+            if !args.quiet {
+                println!("Content mismatch at offset {off}!");
+            }
             Ok(1)
         }
     }

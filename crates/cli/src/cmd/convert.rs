@@ -20,7 +20,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         &args.source,
         args.format,
         &args.gate,
-        true,
+        !args.quiet,
         super::Use::Copy,
     )?;
     // The target must not be any file the source reads (its backing
@@ -56,7 +56,11 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         ..ConvertOptions::default()
     };
     crate::signals::install();
-    let progress = Progress::new(src.size(), args.progress);
+    let progress = if args.quiet {
+        Progress::Silent
+    } else {
+        Progress::new(src.size(), args.progress)
+    };
     let report = |done, total| progress.update(done, total);
     if args.no_create {
         if !spec.options.is_empty() || args.compress {

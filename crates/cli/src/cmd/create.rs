@@ -81,6 +81,9 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    if args.quiet {
+        return Ok(0);
+    }
     println!(
         "Formatting '{}', fmt={format} size={size}{}{}",
         args.file.display(),

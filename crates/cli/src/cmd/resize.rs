@@ -48,6 +48,9 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
         grow_partition: args.grow_partition,
     };
     let report = resize(&args.file, format, new, &opts)?;
+    if args.quiet {
+        return Ok(0);
+    }
     println!(
         "Image resized: {} → {}.",
         format_size(report.old_size),
