@@ -748,3 +748,36 @@ fn errors_name_what_the_user_gave_once() {
     let out = vmshift(d, &["vm", "validate", "vm"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn convert_m_sets_the_workers_within_qemu_imgs_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 7 1M 5M",
+            "-c",
+            "write -P 9 12M 64k",
+            "m.qcow2",
+        ],
+    );
+    for m in ["1", "4", "16"] {
+        let out = format!("o{m}.qcow2");
+        vmshift_ok(d, &["convert", "-m", m, "-O", "qcow2", "m.qcow2", &out]);
+        tool_ok(d, "qemu-img", &["compare", "m.qcow2", &out]);
+        tool_ok(d, "qemu-img", &["check", &out]);
+    }
+    for m in ["0", "17"] {
+        let out = vmshift(d, &["convert", "-m", m, "-O", "raw", "m.qcow2", "x.raw"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains("1..=16"), "{}", stderr(&out));
+    }
+}

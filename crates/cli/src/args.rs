@@ -516,6 +516,10 @@ pub struct ConvertArgs {
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Compress the target (qcow2; VMDK streamOptimized is always compressed).
+    /// Copy with N parallel workers (qemu-img's coroutines), 1 to 16;
+    /// default: the CPU count, at most 8.
+    #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub workers: Option<u8>,
     #[arg(short = 'c')]
     pub compress: bool,
     /// Show progress even when stderr is not a terminal.

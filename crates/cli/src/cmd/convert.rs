@@ -55,6 +55,13 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         cancel: Some(&crate::signals::INTERRUPTED),
         ..ConvertOptions::default()
     };
+    let opts = match args.workers {
+        Some(n) => ConvertOptions {
+            threads: usize::from(n),
+            ..opts
+        },
+        None => opts,
+    };
     crate::signals::install();
     let progress = if args.quiet {
         Progress::Silent
