@@ -207,3 +207,202 @@ fn proxmox_vm_ids_are_those_proxmox_accepts() {
         }
     }
 }
+
+/// A VM on an ESXi port group, Workstation's bridged and NAT modes and a
+/// custom vmnet.
+const FOUR_NICS: &str = "displayName = \"n\"\nmemsize = \"1024\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"n.vmdk\"\n\
+ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"vmxnet3\"\nethernet0.networkName = \"VM Network\"\nethernet0.addressType = \"static\"\nethernet0.address = \"00:50:56:00:00:01\"\n\
+ethernet1.present = \"TRUE\"\nethernet1.virtualDev = \"e1000\"\nethernet1.addressType = \"static\"\nethernet1.address = \"00:50:56:00:00:02\"\n\
+ethernet2.present = \"TRUE\"\nethernet2.connectionType = \"nat\"\nethernet2.addressType = \"static\"\nethernet2.address = \"00:50:56:00:00:03\"\n\
+ethernet3.present = \"TRUE\"\nethernet3.connectionType = \"custom\"\nethernet3.vnet = \"vmnet2\"\nethernet3.addressType = \"static\"\nethernet3.address = \"00:50:56:00:00:04\"\n";
+
+fn four_nics(d: &Path) {
+    disk(d, "n.vmdk");
+    vmx(d, "n.vmx", FOUR_NICS);
+}
+
+fn convert(d: &Path, to: &str, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "vm",
+        "convert",
+        "n.vmx",
+        "--to",
+        to,
+        "--descriptor-only",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    vmshift(d, &args)
+}
+
+#[test]
+fn networks_go_where_the_user_maps_them_in_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    four_nics(d);
+    let maps = [
+        "--network-map",
+        "vm network=bridge:br0,tag=20",
+        "--network-map",
+        "vmnet2=network:isolated",
+        "--bridge",
+        "br1",
+    ];
+
+    // libvirt: valid against libvirt's schema; the VLAN on Open vSwitch.
+    let o = convert(d, "libvirt", "lv", &maps);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = text(&o);
+    assert!(
+        report.contains("nics[0].network: VM Network → bridge br0, VLAN 20"),
+        "{report}"
+    );
+    assert!(
+        report.contains("nics[1].network: bridged → bridge br1"),
+        "{report}"
+    );
+    assert!(
+        report.contains("nics[2].network: nat → network default"),
+        "{report}"
+    );
+    assert!(
+        report.contains("nics[3].network: vmnet2 → network isolated"),
+        "{report}"
+    );
+    assert!(report.contains("libvirt-vlan"), "{report}");
+    let xml = std::fs::read_to_string(d.join("lv/n.xml")).unwrap();
+    let ifaces: Vec<&str> = xml
+        .split("<interface")
+        .skip(1)
+        .map(|s| s.split("</interface>").next().unwrap())
+        .collect();
+    assert_eq!(ifaces.len(), 4, "{xml}");
+    assert!(
+        ifaces[0].contains("type='bridge'") || ifaces[0].contains("type=\"bridge\""),
+        "{xml}"
+    );
+    assert!(
+        ifaces[0].contains("br0") && ifaces[0].contains("openvswitch"),
+        "{xml}"
+    );
+    assert!(
+        ifaces[0].contains("<tag id=") && ifaces[0].contains("20"),
+        "{xml}"
+    );
+    assert!(
+        ifaces[1].contains("br1") && !ifaces[1].contains("<vlan"),
+        "{xml}"
+    );
+    assert!(
+        ifaces[2].contains("network=") && ifaces[2].contains("default"),
+        "{xml}"
+    );
+    assert!(ifaces[3].contains("isolated"), "{xml}");
+    tool_ok(d, "virt-xml-validate", &["lv/n.xml", "domain"]);
+
+    // Proxmox: bridges with the VLAN tag; a libvirt network is refused
+    // before anything is written.
+    let proxmox = ["--vmid", "120", "--storage", "local"];
+    let o = convert(d, "proxmox", "px", &[&proxmox[..], &maps[..]].concat());
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("bridge:NAME"), "{}", text(&o));
+    assert!(!d.join("px").exists());
+    let o = convert(
+        d,
+        "proxmox",
+        "px",
+        &[
+            &proxmox[..],
+            &maps[..2],
+            &["--network-map", "vmnet2=bridge:vmbr2"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let conf = std::fs::read_to_string(d.join("px/120.conf")).unwrap();
+    let net = |k: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(net("net0").ends_with(",bridge=br0,tag=20"), "{conf}");
+    assert!(
+        net("net1").ends_with(",bridge=vmbr0"),
+        "no --bridge: {conf}"
+    );
+    assert!(net("net2").ends_with(",bridge=vmbr0"), "{conf}");
+    assert!(net("net3").ends_with(",bridge=vmbr2"), "{conf}");
+
+    // The QEMU script says what the report says: bridges on bridges, the
+    // rest user-mode NAT, and that it cannot tag.
+    let o = convert(d, "qemu-args", "q", &maps);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = text(&o);
+    assert!(
+        report.contains("qemu-vlan") && report.contains("qemu-user-network"),
+        "{report}"
+    );
+    let sh = std::fs::read_to_string(d.join("q/n.sh")).unwrap();
+    assert!(sh.contains("bridge,id=net0,br=br0"), "{sh}");
+    assert!(sh.contains("bridge,id=net1,br=br1"), "{sh}");
+    assert!(sh.contains("user,id=net2"), "{sh}");
+    assert!(sh.contains("user,id=net3"), "{sh}");
+}
+
+#[test]
+fn without_a_map_each_network_is_said_and_a_map_that_matches_nothing_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    four_nics(d);
+    let o = convert(
+        d,
+        "libvirt",
+        "lv",
+        &["--network-map", "VM Netwrok=bridge:br0"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let report = text(&o);
+    assert!(report.contains("network-map-unused"), "{report}");
+    assert!(
+        report.contains("VM Network, bridged, nat, vmnet2"),
+        "{report}"
+    );
+    // The port group is kept by name, and the report says the host needs it.
+    assert!(
+        report.contains("network-kept") && report.contains("'VM Network'"),
+        "{report}"
+    );
+    assert!(
+        report.contains("nics[1].network: bridged → network default"),
+        "{report}"
+    );
+    assert!(report.contains("--bridge NAME"), "{report}");
+    tool_ok(d, "virt-xml-validate", &["lv/n.xml", "domain"]);
+}
+
+#[test]
+fn bad_network_maps_are_refused_at_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    four_nics(d);
+    for bad in [
+        "VM Network",
+        "=bridge:br0",
+        "x=br0",
+        "x=bridge:",
+        "x=bridge:br0,tag=0",
+        "x=bridge:br0,tag=4095",
+        "x=bridge:a-name-longer-than-15",
+        "x=network:",
+    ] {
+        let o = convert(d, "libvirt", "lv", &["--network-map", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+    }
+    let o = convert(d, "libvirt", "lv", &["--bridge", "br0,tag=3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = convert(d, "vmx", "v", &["--bridge", "br0"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(!d.join("lv").exists() && !d.join("v").exists());
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use vmshift_desc::mapping::NetTarget;
 use vmshift_model::DiskFormat;
 
 /// Move virtual machines from VMware to QEMU/KVM: inspect, convert, check
@@ -360,6 +361,16 @@ pub struct VmConvertArgs {
     /// Proxmox: the directory storage the disks go to.
     #[arg(long, requires = "vmid")]
     pub storage: Option<String>,
+    /// Where a source network goes: NAME is a port group, a libvirt
+    /// network or bridge, or VMware's bridged, nat, hostonly or vmnetN;
+    /// TARGET is network:NAME (libvirt), bridge:NAME or
+    /// bridge:NAME,tag=VLAN. Repeatable.
+    #[arg(long, value_name = "NAME=TARGET", value_parser = parse_network_map)]
+    pub network_map: Vec<(String, NetTarget)>,
+    /// The host bridge for every NIC that --network-map does not name and
+    /// that is not on VMware NAT, host-only or a custom vmnet.
+    #[arg(long, value_name = "BRIDGE", value_parser = parse_bridge)]
+    pub bridge: Option<String>,
     /// Write only the descriptor (disk names as a full run would give
     /// them); copy no disk.
     #[arg(long)]
@@ -612,4 +623,24 @@ pub struct CheckArgs {
 /// The clap command, for the man page generator.
 pub fn command() -> clap::Command {
     Cli::command()
+}
+
+/// `--network-map NAME=TARGET`, split at the first `=` (port group names
+/// may hold spaces, not `=`).
+fn parse_network_map(text: &str) -> Result<(String, NetTarget), String> {
+    let (name, target) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}': expected NAME=TARGET"))?;
+    if name.trim().is_empty() {
+        return Err(format!("'{text}': no network name before '='"));
+    }
+    Ok((name.to_string(), NetTarget::parse(target)?))
+}
+
+/// `--bridge NAME`: a Linux bridge name.
+fn parse_bridge(text: &str) -> Result<String, String> {
+    match NetTarget::parse(&format!("bridge:{text}"))? {
+        NetTarget::Bridge { name, vlan: None } => Ok(name),
+        _ => Err(format!("'{text}': a bridge name only (no ,tag=)")),
+    }
 }

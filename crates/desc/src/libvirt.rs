@@ -258,6 +258,7 @@ impl DomainDocument {
                         .first("boot")
                         .and_then(|b| b.get("order"))
                         .and_then(|o| o.parse().ok()),
+                    vlan: lower_vlan(e, i, &mut f),
                 });
                 if !matches!(ty, "network" | "bridge") {
                     f.push(Finding::new(
@@ -512,6 +513,11 @@ impl DomainDocument {
                 e.push(Element::new("mac").attr("address", m.clone()));
             }
             e.push(src);
+            if let (Some(tag), Some(_)) = (n.vlan, &n.bridge) {
+                // libvirt tags a bridged NIC's traffic on Open vSwitch only.
+                e.push(Element::new("virtualport").attr("type", "openvswitch"));
+                e.push(Element::new("vlan").child(Element::new("tag").attr("id", tag.to_string())));
+            }
             e.push(Element::new("model").attr("type", n.model.clone()));
             if let Some(o) = n.boot_order {
                 e.push(Element::new("boot").attr("order", o.to_string()));
@@ -610,6 +616,40 @@ impl DomainDocument {
             doc: Document::new(dom),
         }
     }
+}
+
+/// The VLAN of an interface: `<vlan><tag id='N'/></vlan>`. A trunk (several
+/// tags or `trunk='yes'`) has no place in the model: its first tag is kept,
+/// and said.
+fn lower_vlan(e: &Element, i: usize, f: &mut Vec<Finding>) -> Option<u16> {
+    let v = e.first("vlan")?;
+    let tags: Vec<&Element> = v.all("tag").collect();
+    let id = tags
+        .first()
+        .and_then(|t| t.get("id"))
+        .and_then(|id| id.trim().parse::<u16>().ok())
+        .filter(|id| (1..=4094).contains(id));
+    let Some(id) = id else {
+        f.push(Finding::new(
+            Severity::Warning,
+            "libvirt-vlan",
+            format!("nics[{i}].vlan"),
+            "the interface's <vlan> has no tag id from 1 to 4094: left out",
+        ));
+        return None;
+    };
+    if tags.len() > 1 || v.get("trunk") == Some("yes") {
+        f.push(Finding::new(
+            Severity::Warning,
+            "libvirt-vlan-trunk",
+            format!("nics[{i}].vlan"),
+            format!(
+                "the interface is a VLAN trunk ({} tags): only VLAN {id} is kept",
+                tags.len()
+            ),
+        ));
+    }
+    Some(id)
 }
 
 fn lower_disk(e: &Element, i: usize, f: &mut Vec<Finding>) -> Result<Disk> {

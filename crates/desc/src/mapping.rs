@@ -10,11 +10,11 @@
 use std::fmt;
 
 use vmshift_model::{
-    Bus, Controller, DeviceKind, Disk, DiskFormat, Finding, OsFamily, SerialKind, Severity, Vm,
+    Bus, Controller, DeviceKind, Disk, DiskFormat, Finding, Nic, OsFamily, SerialKind, Severity, Vm,
 };
 
 /// What the mapping may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapOptions {
     /// Keep controller and NIC models where KVM has them (`--keep-models`).
     pub keep_models: bool,
@@ -22,6 +22,13 @@ pub struct MapOptions {
     pub force_virtio: bool,
     /// The format the disks are converted to.
     pub disk_format: DiskFormat,
+    /// Where each VMware network goes (`--network-map NAME=TARGET`): the
+    /// name as the source names it (a port group, `bridged`, `nat`,
+    /// `hostonly`, `vmnet2`), compared without regard to case.
+    pub networks: Vec<(String, NetTarget)>,
+    /// The host bridge for every bridged NIC not mapped otherwise
+    /// (`--bridge NAME`).
+    pub bridge: Option<String>,
 }
 
 impl Default for MapOptions {
@@ -30,7 +37,97 @@ impl Default for MapOptions {
             keep_models: false,
             force_virtio: false,
             disk_format: DiskFormat::Qcow2,
+            networks: Vec::new(),
+            bridge: None,
         }
+    }
+}
+
+/// Where a VMware network goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetTarget {
+    /// A libvirt network by name.
+    Network(String),
+    /// A host bridge (libvirt `type='bridge'`, Proxmox `bridge=`, QEMU
+    /// `-netdev bridge`), its traffic tagged with a VLAN if given.
+    Bridge {
+        /// The bridge.
+        name: String,
+        /// The 802.1Q tag, 1 to 4094.
+        vlan: Option<u16>,
+    },
+}
+
+impl NetTarget {
+    /// Reads `bridge:NAME`, `bridge:NAME,tag=N` or `network:NAME`.
+    pub fn parse(text: &str) -> Result<NetTarget, String> {
+        let usage = "expected bridge:NAME, bridge:NAME,tag=VLAN or network:NAME";
+        if let Some(net) = text.strip_prefix("network:") {
+            if net.is_empty() {
+                return Err(format!("'{text}': no network name; {usage}"));
+            }
+            return Ok(NetTarget::Network(net.to_string()));
+        }
+        let Some(rest) = text.strip_prefix("bridge:") else {
+            return Err(format!("'{text}': {usage}"));
+        };
+        let (name, vlan) = match rest.split_once(",tag=") {
+            Some((n, t)) => {
+                let tag: u16 = t
+                    .parse()
+                    .ok()
+                    .filter(|v| (1..=4094).contains(v))
+                    .ok_or_else(|| format!("'{text}': a VLAN tag is 1 to 4094"))?;
+                (n, Some(tag))
+            }
+            None => (rest, None),
+        };
+        let ok = (1..=15).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err(format!(
+                "'{text}': '{name}' is not a bridge name (1 to 15 letters, digits, '_', '.', '-')"
+            ));
+        }
+        Ok(NetTarget::Bridge {
+            name: name.to_string(),
+            vlan,
+        })
+    }
+}
+
+impl fmt::Display for NetTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetTarget::Network(n) => write!(f, "network {n}"),
+            NetTarget::Bridge { name, vlan: None } => write!(f, "bridge {name}"),
+            NetTarget::Bridge {
+                name,
+                vlan: Some(v),
+            } => write!(f, "bridge {name}, VLAN {v}"),
+        }
+    }
+}
+
+/// What a VMware Workstation connection is, when `network` names one
+/// rather than a network: `bridged`, `nat`, `hostonly` or a custom
+/// `vmnetN` (`/dev/vmnetN` on Linux hosts).
+fn workstation_kind(network: &str) -> Option<&'static str> {
+    let n = network.trim_start_matches("/dev/").to_ascii_lowercase();
+    match n.as_str() {
+        "bridged" => Some("bridged"),
+        "nat" => Some("nat"),
+        "hostonly" => Some("hostonly"),
+        "custom" | "pvn" => Some("custom"),
+        _ if n
+            .strip_prefix("vmnet")
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            Some("custom")
+        }
+        _ => None,
     }
 }
 
@@ -321,15 +418,59 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
         };
         change(format!("nics[{i}].model"), n.model.clone(), to.clone(), why);
         n.model = to;
-        // VMware Workstation's connection types are not network names.
-        if let Some(kind @ ("nat" | "bridged" | "hostonly")) = n.network.as_deref() {
-            change(
-                format!("nics[{i}].network"),
-                kind.to_string(),
-                "default".into(),
-                "Workstation's NAT, bridged and host-only modes map to libvirt's 'default' network; attach a bridge instead where the guest must be reachable",
-            );
-            n.network = Some("default".into());
+        // Where it is attached: the user's map first, then --bridge for
+        // bridged NICs, then the closest default.
+        let from = n
+            .network
+            .clone()
+            .or_else(|| n.bridge.clone())
+            .unwrap_or_default();
+        let kind = workstation_kind(&from);
+        let mapped = opts
+            .networks
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&from))
+            .map(|(_, t)| (t.clone(), "as --network-map says"));
+        let mapped = mapped.or_else(|| match (kind, &opts.bridge) {
+            (Some("nat" | "hostonly" | "custom"), _) | (_, None) => None,
+            (_, Some(b)) => Some((
+                NetTarget::Bridge {
+                    name: b.clone(),
+                    vlan: n.vlan,
+                },
+                "--bridge names the host bridge for every NIC not on VMware NAT, host-only or a custom vmnet",
+            )),
+        });
+        let path = format!("nics[{i}].network");
+        match mapped {
+            Some((t, why)) => {
+                change(path, from.clone(), t.to_string(), why);
+                match t {
+                    NetTarget::Network(net) => {
+                        n.network = Some(net);
+                        n.bridge = None;
+                        n.vlan = None;
+                    }
+                    NetTarget::Bridge { name, vlan } => {
+                        n.network = None;
+                        n.bridge = Some(name);
+                        n.vlan = vlan;
+                    }
+                }
+            }
+            None => {
+                if let Some(kind) = kind {
+                    let why = match kind {
+                        "bridged" => "bridged on VMware (on the LAN), NAT here: libvirt's 'default' network (Proxmox: bridge vmbr0; the QEMU script: user-mode NAT); --bridge NAME puts bridged NICs on a host bridge",
+                        "nat" => "NAT on VMware, NAT here: libvirt's 'default' network (Proxmox: bridge vmbr0; the QEMU script: user-mode NAT)",
+                        "hostonly" => "host-only on VMware; libvirt has no host-only network by default, so libvirt's 'default' NAT network (the QEMU script: user-mode NAT); --network-map hostonly=network:NAME names an isolated one",
+                        _ => "a custom VMware network (vmnetN) has no counterpart here: libvirt's 'default' NAT network (the QEMU script: user-mode NAT); --network-map names where it goes",
+                    };
+                    change(path, from.clone(), "network default".into(), why);
+                    n.network = Some("default".into());
+                    n.bridge = None;
+                }
+            }
         }
     }
 
@@ -403,6 +544,56 @@ pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding>
             "the Windows guest keeps SATA disks and an Intel NIC, which it has drivers for; install the virtio-win drivers in the guest, then switch to virtio (convert with --virtio) for speed",
         )),
         _ => {}
+    }
+    f.extend(network_findings(src, opts));
+    f
+}
+
+/// What `--network-map` did not match, and the networks left for the
+/// host to provide.
+fn network_findings(src: &Vm, opts: &MapOptions) -> Vec<Finding> {
+    let mut f = Vec::new();
+    let source = |n: &Nic| n.network.clone().or_else(|| n.bridge.clone());
+    let on: Vec<String> = src.nics.iter().filter_map(source).collect();
+    for (key, target) in &opts.networks {
+        if !on.iter().any(|n| n.eq_ignore_ascii_case(key)) {
+            let have = if on.is_empty() {
+                "it has no NIC on a network".to_string()
+            } else {
+                format!("its NICs are on: {}", on.join(", "))
+            };
+            f.push(Finding::new(
+                Severity::Warning,
+                "network-map-unused",
+                "nics",
+                format!("--network-map {key}={target}: no NIC of this VM is on '{key}' ({have})"),
+            ));
+        }
+    }
+    f
+}
+
+/// For a libvirt target: the networks kept by name, which the host must
+/// have.
+pub fn libvirt_network_findings(src: &Vm, kvm: &Vm) -> Vec<Finding> {
+    let mut f = Vec::new();
+    for (i, (s, k)) in src.nics.iter().zip(&kvm.nics).enumerate() {
+        let Some(from) = s.network.clone() else {
+            continue;
+        };
+        if from != "default"
+            && workstation_kind(&from).is_none()
+            && k.network.as_deref() == Some(from.as_str())
+        {
+            f.push(Finding::new(
+                Severity::Info,
+                "network-kept",
+                format!("nics[{i}].network"),
+                format!(
+                    "network '{from}' is kept by name: the libvirt host needs a network of that name (virsh net-list); --network-map '{from}'=bridge:BRIDGE[,tag=VLAN] or --bridge BRIDGE attaches it to a host bridge"
+                ),
+            ));
+        }
     }
     f
 }

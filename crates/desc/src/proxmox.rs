@@ -1622,13 +1622,24 @@ impl<'a> Lowerer<'a> {
             );
         }
         let link_down = self.flag(key, &p, "link_down").unwrap_or(false);
-        const KEPT_OR_HARMLESS: &[&str] = &["model", "macaddr", "bridge", "link_down", "firewall"];
+        let vlan = match p.get("tag") {
+            None => None,
+            Some(t) => match t.trim().parse::<u16>() {
+                Ok(v) if (1..=4094).contains(&v) => Some(v),
+                _ => {
+                    self.invalid(key, format!("tag={t}: a VLAN tag is 1 to 4094; left out"));
+                    None
+                }
+            },
+        };
+        const KEPT_OR_HARMLESS: &[&str] =
+            &["model", "macaddr", "bridge", "link_down", "firewall", "tag"];
         let dropped: Vec<String> = p
             .pairs
             .iter()
             .filter(|(k, _)| !KEPT_OR_HARMLESS.contains(k) && !NIC_MODELS.contains(k))
             .map(|(k, v)| match *k {
-                "tag" => format!("VLAN tag {v}"),
+                "trunks" => format!("VLAN trunks {v}"),
                 _ => format!("{k}={v}"),
             })
             .collect();
@@ -1645,6 +1656,7 @@ impl<'a> Lowerer<'a> {
             bridge: p.get("bridge").map(str::to_string),
             connected: !link_down,
             boot_order: None,
+            vlan,
         });
         self.nic_keys.push(key.to_string());
     }
@@ -2531,6 +2543,9 @@ impl Raiser<'_> {
                 }
             };
             value.push_str(&format!(",bridge={bridge}"));
+            if let Some(tag) = n.vlan {
+                value.push_str(&format!(",tag={tag}"));
+            }
             if !n.connected {
                 value.push_str(",link_down=1");
             }
@@ -3149,7 +3164,12 @@ foo: bar
         );
 
         assert!(has(&findings, PENDING, "conf:[PENDING]"), "{findings:#?}");
-        assert!(has(&findings, NOT_CONVERTED, "conf:net1"), "VLAN tag");
+        assert!(
+            !has(&findings, NOT_CONVERTED, "conf:net1"),
+            "VLAN tag is kept"
+        );
+        assert_eq!(vm.nics[1].vlan, Some(20));
+        assert_eq!(vm.nics[0].vlan, None);
         assert!(has(&findings, NOT_CONVERTED, "conf:cpu"));
         assert!(
             !findings.iter().any(|f| f.code == UNKNOWN_KEY),

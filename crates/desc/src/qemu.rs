@@ -211,8 +211,32 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
                 ));
                 format!("user,id=net{i}")
             }
-            None => format!("user,id=net{i}"),
+            None => {
+                if let Some(net) = &n.network {
+                    f.push(Finding::new(
+                        Severity::Info,
+                        "qemu-user-network",
+                        format!("nics[{i}].network"),
+                        format!(
+                            "network '{}' has no QEMU counterpart: the NIC gets user-mode NAT (-netdev user; outgoing connections only); --network-map NAME=bridge:BRIDGE or --bridge BRIDGE puts it on a host bridge",
+                            net.escape_debug()
+                        ),
+                    ));
+                }
+                format!("user,id=net{i}")
+            }
         };
+        if let (Some(tag), Some(b)) = (n.vlan, &n.bridge) {
+            f.push(Finding::new(
+                Severity::Warning,
+                "qemu-vlan",
+                format!("nics[{i}].vlan"),
+                format!(
+                    "VLAN {tag} is not tagged by the script (qemu-bridge-helper cannot tag): bridge '{}' must carry VLAN {tag} untagged, e.g. a bridge on the VLAN interface",
+                    b.escape_debug()
+                ),
+            ));
+        }
         arg("-netdev", netdev);
         let model = match n.model.as_str() {
             "virtio" => "virtio-net-pci",

@@ -466,10 +466,18 @@ impl VmxDocument {
                     ),
                 ));
             }
+            // ESXi names a port group; Workstation a connection type
+            // (`custom` with its vmnet), bridged when the key is absent.
             let network = g("networkName")
-                .or(g("vnet"))
-                .or(g("connectionType"))
-                .map(str::to_string);
+                .map(str::to_string)
+                .or_else(
+                    || match g("connectionType").map(|c| c.trim().to_ascii_lowercase()) {
+                        Some(c) if c == "custom" => g("vnet").map(str::to_string).or(Some(c)),
+                        Some(c) if !c.is_empty() => Some(c),
+                        _ => g("vnet").map(str::to_string),
+                    },
+                )
+                .or_else(|| Some("bridged".to_string()));
             vm.nics.push(Nic {
                 model,
                 mac,
@@ -477,6 +485,7 @@ impl VmxDocument {
                 bridge: None,
                 connected: self.flag(&format!("{p}.startConnected")).unwrap_or(true),
                 boot_order: None,
+                vlan: None,
             });
         }
 
@@ -839,6 +848,17 @@ impl VmxDocument {
                 // Workstation's connection modes are not network names.
                 Some(kind @ ("nat" | "bridged" | "hostonly")) => {
                     d.set(&format!("{p}.connectionType"), kind)
+                }
+                Some(vnet)
+                    if vnet
+                        .trim_start_matches("/dev/")
+                        .strip_prefix("vmnet")
+                        .is_some_and(|n| {
+                            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                        }) =>
+                {
+                    d.set(&format!("{p}.connectionType"), "custom");
+                    d.set(&format!("{p}.vnet"), vnet);
                 }
                 Some(net) => d.set(&format!("{p}.networkName"), net),
                 None => {}

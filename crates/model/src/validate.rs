@@ -227,6 +227,14 @@ impl Vm {
         // NICs: valid, unique MACs.
         let mut macs: HashMap<String, usize> = HashMap::new();
         for (i, n) in self.nics.iter().enumerate() {
+            if let Some(tag) = n.vlan.filter(|t| !(1..=4094).contains(t)) {
+                add(
+                    Error,
+                    "vlan-invalid",
+                    format!("nics[{i}].vlan"),
+                    format!("VLAN {tag} is not a VLAN tag (1 to 4094)"),
+                );
+            }
             let Some(mac) = &n.mac else { continue };
             let path = format!("nics[{i}].mac");
             if !mac_is_valid(mac) {

@@ -411,6 +411,10 @@ pub struct Nic {
     /// Position in the boot order (PXE), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_order: Option<u32>,
+    /// The VLAN its traffic is tagged with on the bridge (802.1Q, 1 to
+    /// 4094), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
 }
 
 /// A serial port.

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use vmshift_desc::libvirt::DomainDocument;
-use vmshift_desc::mapping::{migration_findings, to_kvm, Change, MapOptions};
+use vmshift_desc::mapping::{migration_findings, to_kvm, Change, MapOptions, NetTarget};
 use vmshift_desc::qemu;
 use vmshift_desc::vmx::VmxDocument;
 use vmshift_image::engine::{convert, ConvertOptions};
@@ -58,6 +58,11 @@ pub struct ConvertRequest {
     pub force: bool,
     /// Go on with a suspended or locked VMware VM.
     pub allow: crate::state::Allow,
+    /// Where each source network goes (`--network-map NAME=TARGET`).
+    pub networks: Vec<(String, NetTarget)>,
+    /// The host bridge for every NIC not mapped otherwise and not on
+    /// VMware NAT, host-only or a custom vmnet (`--bridge NAME`).
+    pub bridge: Option<String>,
 }
 
 /// Told how a conversion goes; every method has a default that does
@@ -251,10 +256,26 @@ fn convert_into(
             d.thin |= is_thin(img.as_ref());
         }
     }
+    if req.to == Target::Proxmox {
+        for (k, t) in &req.networks {
+            if let NetTarget::Network(n) = t {
+                return Err(Error::Request(format!(
+                    "--network-map {k}=network:{n}: Proxmox attaches NICs to bridges; map to bridge:NAME[,tag=VLAN]"
+                )));
+            }
+        }
+    }
+    if req.to == Target::Vmx && (!req.networks.is_empty() || req.bridge.is_some()) {
+        return Err(Error::Request(
+            "--network-map and --bridge map networks for KVM; --to vmx keeps the VM's own".into(),
+        ));
+    }
     let map_opts = MapOptions {
         keep_models: req.keep_models,
         force_virtio: req.force_virtio,
         disk_format,
+        networks: req.networks.clone(),
+        bridge: req.bridge.clone(),
     };
     let (mut vm, mut changes): (Vm, Vec<Change>) = match req.to {
         Target::Vmx => (src.clone(), Vec::new()),
@@ -462,7 +483,20 @@ fn convert_into(
 
     // The descriptor.
     let (file, text) = match req.to {
-        Target::Libvirt => (format!("{base}.xml"), DomainDocument::raise(&vm).render()),
+        Target::Libvirt => {
+            findings.extend(vmshift_desc::mapping::libvirt_network_findings(&src, &vm));
+            for (i, n) in vm.nics.iter().enumerate() {
+                if let (Some(tag), Some(b)) = (n.vlan, &n.bridge) {
+                    findings.push(Finding::new(
+                        Severity::Info,
+                        "libvirt-vlan",
+                        format!("nics[{i}].vlan"),
+                        format!("VLAN {tag} on bridge '{b}': libvirt tags VLANs on an Open vSwitch bridge only, so the interface names one (<virtualport type='openvswitch'/>); for a Linux bridge, map the network to a bridge that carries VLAN {tag} untagged instead"),
+                    ));
+                }
+            }
+            (format!("{base}.xml"), DomainDocument::raise(&vm).render())
+        }
         Target::Vmx => {
             let (doc, f) = VmxDocument::raise(&vm);
             findings.extend(f);

@@ -236,6 +236,8 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         descriptor_only: args.descriptor_only,
         force: args.force,
         allow: allow(&args.state),
+        networks: args.network_map.clone(),
+        bridge: args.bridge.clone(),
     };
     crate::signals::install();
     let bars = Bars {

@@ -532,6 +532,7 @@ mod tests {
                 bridge: None,
                 connected: true,
                 boot_order: None,
+                vlan: None,
             }],
             graphics: Some(Graphics {
                 protocol: None,

@@ -403,6 +403,7 @@ impl Lowering {
                 .and_then(|a| parse_bool(&a))
                 .unwrap_or(true),
             boot_order: None,
+            vlan: None,
         });
     }
 
