@@ -406,3 +406,398 @@ fn bad_network_maps_are_refused_at_the_command_line() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(!d.join("lv").exists() && !d.join("v").exists());
 }
+
+/// An ESXi VM with a physical-mode RDM: the `.vmx` names a descriptor
+/// whose extent maps a LUN.
+fn rdm_vm(d: &Path) {
+    disk(d, "db.vmdk");
+    std::fs::write(
+        d.join("db_1-rdm.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfsPassthroughRawDeviceMap\"\n\n# Extent description\nRW 20971520 VMFSRDM \"db_1-rdmp.vmdk\"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\nddb.virtualHWVersion = \"19\"\n",
+    )
+    .unwrap();
+    vmx(
+        d,
+        "db.vmx",
+        "displayName = \"db\"\nmemsize = \"2048\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"lsisas1068\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"db.vmdk\"\nscsi0:1.present = \"TRUE\"\nscsi0:1.fileName = \"db_1-rdm.vmdk\"\nscsi0:2.present = \"TRUE\"\nscsi0:2.deviceType = \"scsi-passthru\"\nscsi0:2.fileName = \"/vmfs/devices/genscsi/naa.5000e11156304001\"\nsata0.present = \"TRUE\"\nsata0:0.present = \"TRUE\"\nsata0:0.deviceType = \"atapi-cdrom\"\nsata0:0.fileName = \"/vmfs/devices/cdrom/mpx.vmhba0:C0:T0:L0\"\n",
+    );
+}
+
+fn files_in(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_raw_device_mapping_stops_the_conversion_until_the_user_chooses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rdm_vm(d);
+    // Found and named, with the way forward; the passthrough SCSI device
+    // and the host CD-ROM are said, not errors.
+    let o = vmshift(d, &["vm", "validate", "db.vmx"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("raw-device-mapping") && t.contains("vmfsPassthroughRawDeviceMap"),
+        "{t}"
+    );
+    assert!(
+        t.contains("--skip-device scsi0:1") && t.contains("--map-device scsi0:1=/dev/"),
+        "{t}"
+    );
+    assert!(
+        t.contains("vmx-scsi-passthrough") && t.contains("vmx-cdrom-host-device"),
+        "{t}"
+    );
+    let o = vmshift(
+        d,
+        &[
+            "vm", "convert", "db.vmx", "--to", "libvirt", "--out", "refused",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!d.join("refused").exists());
+
+    // Skipped: one disk copied, the report says which was left out.
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "db.vmx",
+            "--to",
+            "libvirt",
+            "--out",
+            "skip",
+            "--skip-device",
+            "scsi0:1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("device-skipped") && text(&o).contains("scsi0:1"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(files_in(&d.join("skip")), ["db-disk0.qcow2", "db.xml"]);
+    let xml = std::fs::read_to_string(d.join("skip/db.xml")).unwrap();
+    assert_eq!(
+        xml.matches("device='disk'").count() + xml.matches("device=\"disk\"").count(),
+        1,
+        "{xml}"
+    );
+    tool_ok(d, "virt-xml-validate", &["skip/db.xml", "domain"]);
+
+    // Mapped to the KVM host's device: written as a block disk, not copied.
+    let lun = "/dev/disk/by-id/wwn-0x600508b1001c4d5e";
+    let map = format!("scsi0:1={lun}");
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "db.vmx",
+            "--to",
+            "libvirt",
+            "--out",
+            "map",
+            "--map-device",
+            &map,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("device-mapped"), "{}", text(&o));
+    assert_eq!(files_in(&d.join("map")), ["db-disk0.qcow2", "db.xml"]);
+    let xml = std::fs::read_to_string(d.join("map/db.xml")).unwrap();
+    assert!(
+        xml.contains(&format!("dev='{lun}'")) || xml.contains(&format!("dev=\"{lun}\"")),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("type='block'") || xml.contains("type=\"block\""),
+        "{xml}"
+    );
+    tool_ok(d, "virt-xml-validate", &["map/db.xml", "domain"]);
+    tool_ok(d, "qemu-img", &["compare", "db.vmdk", "map/db-disk0.qcow2"]);
+
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "db.vmx",
+            "--to",
+            "proxmox",
+            "--vmid",
+            "130",
+            "--storage",
+            "local",
+            "--out",
+            "px",
+            "--map-device",
+            &map,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let conf = std::fs::read_to_string(d.join("px/130.conf")).unwrap();
+    assert!(
+        conf.lines()
+            .any(|l| l.starts_with("sata") && l.ends_with(&format!(": {lun}"))),
+        "{conf}"
+    );
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "db.vmx",
+            "--to",
+            "qemu-args",
+            "--descriptor-only",
+            "--out",
+            "q",
+            "--map-device",
+            &map,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let sh = std::fs::read_to_string(d.join("q/db.sh")).unwrap();
+    assert!(sh.contains(&format!("file={lun},format=raw")), "{sh}");
+    // vm validate agrees with the choice.
+    let o = vmshift(d, &["vm", "validate", "db.vmx", "--map-device", &map]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn device_choices_that_name_nothing_or_contradict_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rdm_vm(d);
+    let run = |extra: &[&str]| {
+        let mut a = vec!["vm", "convert", "db.vmx", "--to", "libvirt", "--out", "o"];
+        a.extend_from_slice(extra);
+        vmshift(d, &a)
+    };
+    let o = run(&["--skip-device", "scsi0:7"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("scsi0:0, scsi0:1"), "{}", text(&o));
+    let o = run(&[
+        "--skip-device",
+        "scsi0:1",
+        "--map-device",
+        "scsi0:1=/dev/sdb",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("named twice"), "{}", text(&o));
+    let o = run(&["--map-device", "sata0:0=/dev/sr0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("CD-ROM"), "{}", text(&o));
+    for bad in [
+        "scsi0:1=sdb",
+        "scsi0:1=/dev/../etc/shadow",
+        "scsi0=/dev/sdb",
+    ] {
+        let o = run(&["--map-device", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+    }
+    assert!(!d.join("o").exists());
+}
+
+#[test]
+fn vm_boot_skips_devices_of_a_vm_and_only_of_a_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rdm_vm(d);
+    let o = vmshift(d, &["vm", "boot", "db.vmdk", "--skip-device", "scsi0:1"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("give its descriptor"), "{}", text(&o));
+    let o = vmshift(d, &["vm", "boot", "db.vmx", "--skip-device", "scsi3:0"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("scsi3:0: the VM has no device there"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Runs a QEMU script vmshift wrote with the real qemu-system-x86_64,
+/// stopped before the guest runs (`-S`), under TCG (`-cpu max`): QEMU
+/// accepts every option and device, or says which it refuses. (The
+/// console goes to null: stdio carries QMP.)
+fn qemu_accepts(d: &Path, script: &str) {
+    use std::io::Write;
+    let bin = d.join("qemu-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("qemu-system-x86_64");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a do\n  shift\n  case \"$a\" in\n    *accel=kvm*) a=$(printf '%s' \"$a\" | sed 's/accel=kvm/accel=tcg/') ;;\n    host) a=max ;;\n    mon:stdio) a=null ;;\n  esac\n  set -- \"$@\" \"$a\"\ndone\nexec /usr/bin/qemu-system-x86_64 \"$@\" -S -display none -qmp stdio\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg(script)
+        .current_dir(d)
+        .env("PATH", path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "QEMU refused {script}: {}", text(&o));
+}
+
+/// A Windows VM that boots from an NVMe disk, as vSphere makes them.
+fn nvme_vm(d: &Path, guest: &str) {
+    disk(d, "w.vmdk");
+    std::fs::write(
+        d.join("w.vmx"),
+        format!("config.version = \"8\"\nvirtualHW.version = \"19\"\nguestOS = \"{guest}\"\ndisplayName = \"w\"\nmemsize = \"2048\"\nnvme0.present = \"TRUE\"\nnvme0:0.present = \"TRUE\"\nnvme0:0.fileName = \"w.vmdk\"\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_nvme_boot_disk_stays_nvme_where_the_target_has_it_and_a_move_says_what_windows_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    nvme_vm(d, "windows2019srv-64");
+
+    // The QEMU script keeps NVMe, which QEMU runs; nothing to warn of.
+    let o = vmshift(
+        d,
+        &["vm", "convert", "w.vmx", "--to", "qemu-args", "--out", "q"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !text(&o).contains("windows-boot-controller"),
+        "{}",
+        text(&o)
+    );
+    let sh = std::fs::read_to_string(d.join("q/w.sh")).unwrap();
+    assert!(
+        sh.contains("nvme,serial=vmshift-nvme0-0,drive=drive0"),
+        "{sh}"
+    );
+    qemu_accepts(d, "q/w.sh");
+
+    // libvirt 9.0's schema has no emulated NVMe, Proxmox no NVMe drive:
+    // SATA, and the report says what the guest needs first.
+    for (to, extra) in [
+        ("libvirt", &[][..]),
+        ("proxmox", &["--vmid", "140", "--storage", "local"][..]),
+    ] {
+        let mut args = vec![
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            to,
+            "--descriptor-only",
+            "--out",
+            to,
+        ];
+        args.extend_from_slice(extra);
+        let o = vmshift(d, &args);
+        assert!(o.status.success(), "{}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("windows-boot-controller"), "{t}");
+        assert!(
+            t.contains("nvme0:0 (stornvme) to sata0:0 (storahci)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Services\\storahci /v Start /t REG_DWORD /d 0"),
+            "{t}"
+        );
+        assert!(t.contains("INACCESSIBLE_BOOT_DEVICE"), "{t}");
+    }
+    tool_ok(d, "virt-xml-validate", &["libvirt/w.xml", "domain"]);
+
+    // The user's --virtio first: virtio-scsi, which needs virtio-win.
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "libvirt",
+            "--virtio",
+            "--descriptor-only",
+            "--out",
+            "v",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("(vioscsi)") && text(&o).contains("virtio-win"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_linux_nvme_disk_goes_to_virtio_unless_models_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    nvme_vm(d, "debian12-64");
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "qemu-args",
+            "--descriptor-only",
+            "--out",
+            "q",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let sh = std::fs::read_to_string(d.join("q/w.sh")).unwrap();
+    assert!(
+        sh.contains("scsi-hd,bus=scsi0.0") && !sh.contains("nvme,"),
+        "{sh}"
+    );
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "qemu-args",
+            "--keep-models",
+            "--descriptor-only",
+            "--out",
+            "k",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let sh = std::fs::read_to_string(d.join("k/w.sh")).unwrap();
+    assert!(sh.contains("nvme,serial="), "{sh}");
+    assert!(!text(&o).contains("windows-boot-controller"));
+}

@@ -210,6 +210,11 @@ pub struct VmBootArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub gate: GateArgs,
+    /// Leave out the device at ADDR (scsi0:1, as vm inspect shows it): a
+    /// raw device mapping, say, that the boot check cannot read.
+    /// Repeatable.
+    #[arg(long, value_name = "ADDR", value_parser = parse_device_address)]
+    pub skip_device: Vec<String>,
     /// Boot the built-in probe guest instead of a kernel: it reads each
     /// disk (given as images, each on virtio-blk) through vmshift-kvm and
     /// vmshift's disk drivers and prints its partition table and first
@@ -250,6 +255,39 @@ pub struct StateArgs {
     /// so.
     #[arg(long)]
     pub allow_locked: bool,
+}
+
+/// What to do with devices a conversion cannot copy (raw device
+/// mappings, passthrough disks, host block devices).
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Leave out the device at ADDR (scsi0:1, sata0:2, ide1:0, as vm
+    /// inspect shows them). Repeatable; the report says so.
+    #[arg(long, value_name = "ADDR", value_parser = parse_device_address)]
+    pub skip_device: Vec<String>,
+    /// Give the new VM the host block device /dev/… in place of the disk
+    /// at ADDR (an RDM's LUN, as the KVM host sees it); nothing is copied.
+    /// Repeatable.
+    #[arg(long, value_name = "ADDR=/dev/…", value_parser = parse_device_map)]
+    pub map_device: Vec<(String, String)>,
+}
+
+impl DeviceArgs {
+    /// The choices, for the pipeline.
+    pub fn choices(&self) -> vmshift_vm::devices::DeviceChoices {
+        vmshift_vm::devices::DeviceChoices {
+            skip: self.skip_device.clone(),
+            map: self.map_device.clone(),
+        }
+    }
+}
+
+fn parse_device_address(text: &str) -> Result<String, String> {
+    vmshift_vm::devices::DeviceChoices::parse_address(text)
+}
+
+fn parse_device_map(text: &str) -> Result<(String, String), String> {
+    vmshift_vm::devices::DeviceChoices::parse_map(text)
 }
 
 /// Where the disks a descriptor names may be found.
@@ -307,6 +345,8 @@ pub struct VmValidateArgs {
     pub roots: DiskRootArgs,
     #[command(flatten)]
     pub state: StateArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// Read the disks even if a running VM or another QEMU process holds
     /// their locks (qemu-img's -U).
     #[arg(short = 'U', long)]
@@ -385,6 +425,8 @@ pub struct VmConvertArgs {
     pub roots: DiskRootArgs,
     #[command(flatten)]
     pub state: StateArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// Read the disks even if a running VM or another QEMU process holds
     /// their locks (qemu-img's -U).
     #[arg(short = 'U', long)]

@@ -741,6 +741,7 @@ fn lower_disk(e: &Element, i: usize, f: &mut Vec<Finding>) -> Result<Disk> {
         shared: e.first("shareable").is_some(),
         thin: false,
         discard: drv.and_then(|d| d.get("discard")) == Some("unmap"),
+        passthrough: false,
     })
 }
 
@@ -790,7 +791,8 @@ fn raise_disk(disk: &Disk, vm: &Vm) -> Element {
         Bus::Fdc => ("fd", "fdc"),
         Bus::Sata => ("sd", "sata"),
         Bus::Usb => ("sd", "usb"),
-        Bus::Scsi | Bus::Nvme => ("sd", "scsi"),
+        Bus::Scsi => ("sd", "scsi"),
+        Bus::Nvme => ("nvme", "nvme"),
     };
     // Device names follow the order of disks on the same name family.
     let family = |d: &Disk| match d.bus {
@@ -805,11 +807,13 @@ fn raise_disk(disk: &Disk, vm: &Vm) -> Element {
         .take_while(|d| !std::ptr::eq(*d, disk))
         .filter(|d| family(d) == family(disk))
         .count() as u32;
-    e.push(
-        Element::new("target")
-            .attr("dev", dev_name(prefix, n))
-            .attr("bus", bus),
-    );
+    // NVMe names a controller and a namespace: nvme0n1.
+    let dev = if disk.bus == Bus::Nvme {
+        format!("nvme{}n{}", disk.controller, disk.unit + 1)
+    } else {
+        dev_name(prefix, n)
+    };
+    e.push(Element::new("target").attr("dev", dev).attr("bus", bus));
     if let Some(o) = disk.boot_order {
         e.push(Element::new("boot").attr("order", o.to_string()));
     }
@@ -819,7 +823,7 @@ fn raise_disk(disk: &Disk, vm: &Vm) -> Element {
     if disk.shared {
         e.push(Element::new("shareable"));
     }
-    if matches!(disk.bus, Bus::Scsi | Bus::Sata | Bus::Ide | Bus::Nvme) {
+    if matches!(disk.bus, Bus::Scsi | Bus::Sata | Bus::Ide) {
         let (b, u) = if disk.bus == Bus::Ide {
             (disk.unit / 2, disk.unit % 2)
         } else {

@@ -29,6 +29,9 @@ pub struct MapOptions {
     /// The host bridge for every bridged NIC not mapped otherwise
     /// (`--bridge NAME`).
     pub bridge: Option<String>,
+    /// The target emulates NVMe disks (the QEMU script; libvirt where its
+    /// schema has `bus='nvme'`): an NVMe disk may stay on NVMe.
+    pub nvme: bool,
 }
 
 impl Default for MapOptions {
@@ -39,6 +42,7 @@ impl Default for MapOptions {
             disk_format: DiskFormat::Qcow2,
             networks: Vec::new(),
             bridge: None,
+            nvme: false,
         }
     }
 }
@@ -268,6 +272,12 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             {
                 Bus::Scsi
             }
+            // The controller the guest boots from today, where the
+            // target has it: kept for a guest that may lack virtio
+            // drivers, and when asked.
+            (DeviceKind::Disk, Bus::Nvme) if opts.nvme && (opts.keep_models || !virtio) => {
+                Bus::Nvme
+            }
             (_, Bus::Scsi | Bus::Nvme | Bus::Sata | Bus::Usb | Bus::Virtio) if !virtio => Bus::Sata,
             (_, Bus::Sata) if opts.keep_models => Bus::Sata,
             (_, _) => Bus::Scsi,
@@ -288,7 +298,7 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             );
         }
         nd.bus = target;
-        if d.device == DeviceKind::Disk && d.source.is_some() {
+        if d.device == DeviceKind::Disk && d.source.is_some() && !d.passthrough {
             let to = opts.disk_format;
             change(
                 format!("disks[{i}].format"),
@@ -545,8 +555,79 @@ pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding>
         )),
         _ => {}
     }
+    if src.guest.family == OsFamily::Windows {
+        f.extend(windows_boot_controller(src, kvm));
+    }
     f.extend(network_findings(src, opts));
     f
+}
+
+/// The Windows driver that runs a disk's controller, and whether it ships
+/// with Windows.
+fn windows_storage_driver(vm: &Vm, d: &Disk) -> (&'static str, bool) {
+    match d.bus {
+        Bus::Sata => ("storahci", true),
+        Bus::Ide => ("pciide", true),
+        Bus::Nvme => ("stornvme", true),
+        Bus::Virtio => ("viostor", false),
+        Bus::Usb => ("USBSTOR", true),
+        Bus::Fdc => ("flpydisk", true),
+        Bus::Scsi => {
+            let model = vm
+                .controllers
+                .iter()
+                .find(|c| c.bus == Bus::Scsi && c.index == d.controller)
+                .and_then(|c| c.model.as_deref())
+                .unwrap_or("lsilogic");
+            match model {
+                "lsisas1068" => ("LSI_SAS", true),
+                "pvscsi" => ("pvscsi", false),
+                "buslogic" => ("BusLogic", false),
+                m if m.starts_with("virtio") => ("vioscsi", false),
+                _ => ("LSI_SCSI", true),
+            }
+        }
+    }
+}
+
+/// The boot disk of a Windows guest on another controller: what the guest
+/// needs before it moves, or it stops with INACCESSIBLE_BOOT_DEVICE.
+fn windows_boot_controller(src: &Vm, kvm: &Vm) -> Option<Finding> {
+    let disks = || {
+        src.disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.device == DeviceKind::Disk)
+    };
+    let (i, s) = disks()
+        .filter(|(_, d)| d.boot_order.is_some())
+        .min_by_key(|(_, d)| d.boot_order)
+        .or_else(|| disks().next())?;
+    let k = kvm.disks.get(i)?;
+    let (from, _) = windows_storage_driver(src, s);
+    let (to, inbox) = windows_storage_driver(kvm, k);
+    if from == to {
+        return None;
+    }
+    let how = if inbox {
+        format!(
+            "{to} ships with Windows but starts at boot only where Windows was installed on it: before converting, in the guest run `reg add HKLM\\SYSTEM\\CurrentControlSet\\Services\\{to} /v Start /t REG_DWORD /d 0 /f` and `reg delete HKLM\\SYSTEM\\CurrentControlSet\\Services\\{to}\\StartOverride /f`, or `bcdedit /set {{current}} safeboot minimal` before the last shutdown (Safe Mode loads every storage driver; undo it with `bcdedit /deletevalue {{current}} safeboot` once it is up)"
+        )
+    } else {
+        format!(
+            "{to} is a virtio-win driver: install the virtio-win drivers in the guest before converting (virtio-win-guest-tools.exe), which registers it to start at boot"
+        )
+    };
+    Some(Finding::new(
+        Severity::Warning,
+        "windows-boot-controller",
+        format!("disks[{i}].bus"),
+        format!(
+            "the Windows boot disk moves from {} ({from}) to {} ({to}): Windows finds it only if {to} starts at boot, or it stops with INACCESSIBLE_BOOT_DEVICE (0x7B); {how}",
+            s.address(),
+            k.address()
+        ),
+    ))
 }
 
 /// What `--network-map` did not match, and the networks left for the

@@ -1493,6 +1493,7 @@ impl<'a> Lowerer<'a> {
             shared: false,
             thin: false,
             discard,
+            passthrough: false,
         });
         self.disk_keys.push(key.to_string());
         self.disk_cloudinit.push(cloudinit);

@@ -178,6 +178,11 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
                 d.unit
             ),
             Bus::Virtio => format!("virtio-blk-pci,drive={id}"),
+            // One NVMe controller per disk; QEMU wants a serial number.
+            Bus::Nvme if !cd => format!(
+                "nvme,serial=vmshift-nvme{}-{},drive={id}",
+                d.controller, d.unit
+            ),
             Bus::Fdc => unreachable!("floppies are handled above"),
             // q35's built-in AHCI has six ports: ide.0 … ide.5.
             Bus::Sata | Bus::Ide | Bus::Nvme | Bus::Usb => format!(

@@ -51,6 +51,17 @@ const MAX_SCHEMA_BYTES: u64 = 4 << 20;
 /// The namespace the `xml` prefix is always bound to.
 const XML_NAMESPACE: &str = "http://www.w3.org/XML/1998/namespace";
 
+/// Whether the libvirt whose schema is in `schema_dir` takes an emulated
+/// NVMe disk (`<target dev='nvme0n1' bus='nvme'/>`, libvirt 11 and later);
+/// false when it does not, or the schema cannot be read.
+pub fn accepts_emulated_nvme(schema_dir: &Path) -> bool {
+    const PROBE: &str = "<domain type='kvm'><name>probe</name><memory>1024</memory><os><type>hvm</type></os><devices><disk type='file' device='disk'><source file='/probe.qcow2'/><target dev='nvme0n1' bus='nvme'/></disk></devices></domain>";
+    Document::parse(PROBE.as_bytes())
+        .ok()
+        .and_then(|doc| validate_domain(&doc, schema_dir).ok())
+        .is_some_and(|f| f.is_empty())
+}
+
 /// Checks `doc`'s root element against `schema_dir/domain.rng`: one
 /// [`Severity::Error`] finding (code [`FINDING_CODE`]) per problem, none
 /// for a valid domain.
@@ -483,6 +494,34 @@ mod tests {
                </element>"#
         );
         schema_dir(&[("domain.rng", &rng)])
+    }
+
+    #[test]
+    fn emulated_nvme_is_probed_in_the_installed_schema() {
+        // libvirt 9.0 (Debian 12) has no bus='nvme' for an emulated disk.
+        assert!(!accepts_emulated_nvme(installed()));
+        // The same probe with a SATA disk passes: only NVMe is refused.
+        let sata = "<domain type='kvm'><name>probe</name><memory>1024</memory><os><type>hvm</type></os><devices><disk type='file' device='disk'><source file='/probe.qcow2'/><target dev='sda' bus='sata'/></disk></devices></domain>";
+        let doc = Document::parse(sata.as_bytes()).unwrap();
+        assert!(validate_domain(&doc, installed()).unwrap().is_empty());
+        // A schema that has it (as libvirt 11 does) is seen to.
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(installed()).unwrap() {
+            let e = e.unwrap();
+            let mut text = std::fs::read_to_string(e.path()).unwrap();
+            if e.file_name() == "domaincommon.rng" {
+                text = text
+                    .replacen(
+                        "<value>sata</value>",
+                        "<value>sata</value><value>nvme</value>",
+                        1,
+                    )
+                    .replacen("(fd|hd|sd|vd|xvd|ubd)", "(fd|hd|sd|vd|xvd|ubd|nvme)", 1);
+            }
+            std::fs::write(dir.path().join(e.file_name()), text).unwrap();
+        }
+        assert!(accepts_emulated_nvme(dir.path()));
+        assert!(!accepts_emulated_nvme(Path::new("/nonexistent")));
     }
 
     #[test]

@@ -426,9 +426,20 @@ impl VmxDocument {
             }
         }
         if self.present("floppy0") {
-            let file = self
-                .get("floppy0.fileType")
-                .is_some_and(|t| t.eq_ignore_ascii_case("file"));
+            // An image, unless it says device (or, unsaid, names one).
+            let name = self.get("floppy0.fileName").unwrap_or("");
+            let file = match self.get("floppy0.fileType") {
+                Some(t) => t.eq_ignore_ascii_case("file"),
+                None => !(name.starts_with("/dev/") || (name.len() == 2 && name.ends_with(':'))),
+            };
+            if !file && !name.is_empty() {
+                f.push(Finding::new(
+                    Severity::Info,
+                    "vmx-floppy-host-device",
+                    "vmx:floppy0",
+                    "the floppy drive is connected to a host drive; it becomes an empty drive",
+                ));
+            }
             vm.disks.push(Disk {
                 device: DeviceKind::Floppy,
                 bus: Bus::Fdc,
@@ -529,6 +540,33 @@ impl VmxDocument {
         });
 
         // What does not carry over.
+        for i in 0..16 {
+            let p = format!("pciPassthru{i}");
+            if self.present(&p) {
+                f.push(Finding::new(
+                    Severity::Warning,
+                    "vmx-pci-passthrough",
+                    format!("vmx:{p}"),
+                    format!(
+                        "{p} passes a host PCI device through ({}): it is left out; pass the KVM host's device with libvirt's <hostdev> or Proxmox's hostpciN",
+                        self.get(&format!("{p}.id"))
+                            .or(self.get(&format!("{p}.deviceId")))
+                            .unwrap_or("id not recorded")
+                    ),
+                ));
+            }
+        }
+        for i in 0..16 {
+            let k = format!("usb.autoConnect.device{i}");
+            if let Some(dev) = self.get(&k) {
+                f.push(Finding::new(
+                    Severity::Info,
+                    "vmx-usb-passthrough",
+                    format!("vmx:{k}"),
+                    format!("the host's USB device '{dev}' is connected to the VM at power-on: not carried over (libvirt <hostdev type='usb'>, Proxmox usbN)"),
+                ));
+            }
+        }
         vm.tpm = self.present("vtpm");
         vm.encrypted =
             self.get("encryption.keySafe").is_some() || self.get("encryption.data").is_some();
@@ -567,8 +605,22 @@ impl VmxDocument {
             }
             return Some(d);
         }
+        if ty.as_deref() == Some("scsi-passthru") {
+            // A host SCSI device passed through (a tape drive, a changer,
+            // a dongle): its data stays on the device; the VM loses it.
+            f.push(Finding::new(
+                Severity::Warning,
+                "vmx-scsi-passthrough",
+                format!("vmx:{p}"),
+                format!(
+                    "{p} passes the host's SCSI device '{}' through (a tape drive, a changer, a dongle): it is left out; on KVM, pass it with libvirt's <hostdev type='scsi'> or Proxmox's scsiN: /dev/sgN by hand",
+                    file.unwrap_or("")
+                ),
+            ));
+            return None;
+        }
         match ty.as_deref() {
-            Some("rawdisk" | "scsi-passthru" | "plaindisk") => {
+            Some("rawdisk" | "plaindisk") => {
                 d.source = Some(DiskRef::Device {
                     path: file.unwrap_or("").to_string(),
                 });

@@ -27,6 +27,9 @@ pub enum ErrorKind {
     InvalidInput,
     /// Another process (a running QEMU, qemu-img) holds the image's lock.
     Locked,
+    /// The file maps a physical device or LUN (a VMware raw device
+    /// mapping, `fullDevice`): there is no image data to read.
+    DeviceMapping,
 }
 
 /// A block-layer error with its context.

@@ -286,13 +286,24 @@ impl Vm {
                     format!("the disk at {} has no image", d.address()),
                 );
             }
-            if let Some(DiskRef::Device { path: dev }) = &d.source {
-                add(
+            match &d.source {
+                Some(DiskRef::Device { path: dev }) if !d.passthrough => add(
                     Error,
                     "raw-device-mapping",
                     format!("{path}.source"),
-                    format!("the disk at {} maps the host device or LUN '{dev}', which is not an image to convert", d.address()),
-                );
+                    format!(
+                        "the disk at {a} maps the host device or LUN '{dev}', which is not an image to convert; --skip-device {a} leaves it out, --map-device {a}=/dev/… gives the new VM a host block device in its place",
+                        a = d.address()
+                    ),
+                ),
+                Some(DiskRef::Device { .. }) => {}
+                _ if d.passthrough => add(
+                    Error,
+                    "passthrough-not-device",
+                    format!("{path}.passthrough"),
+                    format!("the disk at {} is marked as a host device but names none", d.address()),
+                ),
+                _ => {}
             }
             if let Some(mode) = d.mode.as_deref().filter(|m| m.starts_with("independent")) {
                 add(

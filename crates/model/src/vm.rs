@@ -294,6 +294,10 @@ pub struct Disk {
     /// Discard (TRIM/UNMAP) is passed to the image.
     #[serde(default, skip_serializing_if = "is_false")]
     pub discard: bool,
+    /// The VM uses `source`, a host block device, as it is (the user's
+    /// `--map-device`): nothing is copied.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub passthrough: bool,
 }
 
 impl Disk {

@@ -16,7 +16,7 @@ use vmshift_model::{DeviceKind, DiskFormat, DiskRef, Finding, FirmwareKind, Seve
 
 use crate::error::{Error, Result};
 use crate::load::Loaded;
-use crate::resolve::{text, unresolved_code, Resolver};
+use crate::resolve::{open_failure, text, Resolver};
 
 /// What a conversion produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +249,7 @@ fn convert_into(
     // Sparse source images are thin: the converted disks get discard.
     let mut src = loaded.lowered.vm.clone();
     for d in &mut src.disks {
-        if d.device != DeviceKind::Disk {
+        if d.device != DeviceKind::Disk || d.passthrough {
             continue;
         }
         if let Some(Ok((_, img))) = d.source.as_ref().map(|r| resolver.open(r)) {
@@ -265,6 +265,11 @@ fn convert_into(
             }
         }
     }
+    if req.to == Target::Vmx && loaded.lowered.vm.disks.iter().any(|d| d.passthrough) {
+        return Err(Error::Request(
+            "--map-device gives a KVM VM a host block device; for a .vmx, make the RDM on the ESXi host (vmkfstools -z) and attach it there".into(),
+        ));
+    }
     if req.to == Target::Vmx && (!req.networks.is_empty() || req.bridge.is_some()) {
         return Err(Error::Request(
             "--network-map and --bridge map networks for KVM; --to vmx keeps the VM's own".into(),
@@ -276,6 +281,13 @@ fn convert_into(
         disk_format,
         networks: req.networks.clone(),
         bridge: req.bridge.clone(),
+        nvme: match req.to {
+            Target::QemuArgs => true,
+            Target::Libvirt => vmshift_desc::schema::accepts_emulated_nvme(Path::new(
+                vmshift_desc::schema::DEFAULT_SCHEMA_DIR,
+            )),
+            Target::Proxmox | Target::Vmx => false,
+        },
     };
     let (mut vm, mut changes): (Vm, Vec<Change>) = match req.to {
         Target::Vmx => (src.clone(), Vec::new()),
@@ -321,6 +333,10 @@ fn convert_into(
     for i in 0..vm.disks.len() {
         let d = vm.disks[i].clone();
         let Some(source) = &d.source else { continue };
+        if d.passthrough {
+            // A host block device, as the user mapped it: used in place.
+            continue;
+        }
         if d.device != DeviceKind::Disk {
             // Media (ISOs, floppy images) are not copied: point at them
             // where they are, when they resolve (Proxmox can only name
@@ -388,12 +404,7 @@ fn convert_into(
         let (input, img) = match resolver.open(source) {
             Ok(x) => x,
             Err(e) => {
-                findings.push(Finding::new(
-                    missing_severity,
-                    unresolved_code(&e),
-                    format!("disks[{i}].source"),
-                    text(&e),
-                ));
+                findings.push(open_failure(i, &d, missing_severity, &e));
                 continue;
             }
         };

@@ -11,6 +11,7 @@
 
 pub mod boot;
 pub mod convert;
+pub mod devices;
 pub mod error;
 pub mod load;
 pub mod resolve;

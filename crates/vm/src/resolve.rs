@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vmshift_desc::ovf::OvaArchive;
 use vmshift_image::vmdk::VmdkReader;
 use vmshift_image::{open_image, Gate, ImageReader, OpenOptions};
-use vmshift_model::{DeviceKind, DiskRef, Finding, Severity, Vm};
+use vmshift_model::{DeviceKind, Disk, DiskRef, Finding, Severity, Vm};
 
 use crate::error::{Error, Result};
 
@@ -289,11 +289,36 @@ pub fn text(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The finding code for a disk reference that did not resolve.
 pub fn unresolved_code(e: &Error) -> &'static str {
-    if e.is_not_found() {
+    if is_device_mapping(e) {
+        "raw-device-mapping"
+    } else if e.is_not_found() {
         "disk-missing"
     } else {
         "disk-unresolved"
     }
+}
+
+/// True when the disk's file maps a physical device (a VMware RDM
+/// descriptor) rather than holding data.
+fn is_device_mapping(e: &Error) -> bool {
+    matches!(e, Error::Image(i) if i.kind() == vmshift_image::ErrorKind::DeviceMapping)
+}
+
+/// The finding for disk `i`, which failed to open with `e`.
+pub fn open_failure(i: usize, d: &Disk, severity: Severity, e: &Error) -> Finding {
+    let mut message = text(e);
+    if is_device_mapping(e) {
+        message.push_str(&format!(
+            "; --skip-device {a} leaves it out, --map-device {a}=/dev/… gives the new VM a host block device in its place",
+            a = d.address()
+        ));
+    }
+    Finding::new(
+        severity,
+        unresolved_code(e),
+        format!("disks[{i}].source"),
+        message,
+    )
 }
 
 /// The checks that need the files: each disk resolves, opens, and holds
@@ -350,7 +375,7 @@ pub fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
                     ));
                 }
             }
-            Err(e) => out.push(Finding::new(severity, unresolved_code(&e), path, text(&e))),
+            Err(e) => out.push(open_failure(i, d, severity, &e)),
         }
     }
     out

@@ -38,10 +38,19 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
             .map(|p| crate::cmd::open(p, args.format, &args.gate, true, crate::cmd::Use::Copy))
             .collect()
     };
+    if !args.skip_device.is_empty()
+        && (args.probe || !args.vm.iter().any(|v| is_descriptor(v, args.from)))
+    {
+        bail!("--skip-device names a device of a VM: give its descriptor, not disk images");
+    }
     let target = match args.vm.as_slice() {
         _ if args.probe => vmboot::images_target(images(&args.vm)?, 256),
         [one] if is_descriptor(one, args.from) => {
             let mut l = load(one, args.from)?;
+            l.apply_devices(&vmshift_vm::devices::DeviceChoices {
+                skip: args.skip_device.clone(),
+                map: Vec::new(),
+            })?;
             let r = resolver(&mut l, &args.roots, args.gate.force_share)?;
             vmboot::descriptor_target(&l, &r, crate::cmd::vm::allow(&args.state))?
         }

@@ -113,6 +113,7 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
         Err(e) => return Err(e),
     };
     let mut l = l;
+    l.apply_devices(&args.devices.choices())?;
     let resolver = resolver(&mut l, &args.roots, args.force_share)?;
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
@@ -218,6 +219,7 @@ impl Observer for Bars {
 
 pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     let mut l = load(&args.vm, args.from)?;
+    l.apply_devices(&args.devices.choices())?;
     let resolver = resolver(&mut l, &args.roots, args.force_share)?;
     let req = ConvertRequest {
         to: match args.to {

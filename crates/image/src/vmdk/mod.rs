@@ -243,10 +243,12 @@ impl VmdkReader {
             create_type.as_str(),
             "vmfsRawDeviceMap" | "vmfsPassthroughRawDeviceMap" | "fullDevice" | "partitionedDevice"
         ) {
-            return Err(ctx.unsupported(
-                "createType",
+            return Err(Error::new(
+                ErrorKind::DeviceMapping,
                 format!("'{create_type}' maps a physical device; there is no disk image to read"),
-            ));
+            )
+            .at_path(&ctx.path)
+            .field("createType"));
         }
         let dir_display = |name: &str| {
             ctx.path
@@ -329,10 +331,12 @@ impl VmdkReader {
                     backing
                 }
                 ExtentType::Device => {
-                    return Err(ctx.unsupported(
-                        &field,
+                    return Err(Error::new(
+                        ErrorKind::DeviceMapping,
                         format!("a {} extent maps a device, not image data", line.type_word),
-                    ))
+                    )
+                    .at_path(&ctx.path)
+                    .field(field))
                 }
             };
             extents.push(VmdkExtent {
