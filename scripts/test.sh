@@ -21,6 +21,8 @@ command -v xmllint >/dev/null || missing+=(libxml2-utils)
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v sgdisk >/dev/null || missing+=(gdisk)
 command -v mke2fs >/dev/null || missing+=(e2fsprogs)
+# strace counts the flushes convert's cache modes make.
+command -v strace >/dev/null || missing+=(strace)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
 # VMs, cpio and lz4 for the initramfs and kernel it assembles.
 command -v debootstrap >/dev/null || missing+=(debootstrap)

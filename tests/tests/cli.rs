@@ -781,3 +781,88 @@ fn convert_m_sets_the_workers_within_qemu_imgs_range() {
         assert!(stderr(&out).contains("1..=16"), "{}", stderr(&out));
     }
 }
+
+/// The fsync-family calls a vmshift run makes, counted by strace.
+fn syncs(d: &Path, args: &[&str]) -> usize {
+    let bin = vmshift_tests::vmshift_bin();
+    let mut a = vec![
+        "-f",
+        "-qq",
+        "-e",
+        "trace=fsync,fdatasync,syncfs,sync_file_range",
+        "-o",
+        "trace.txt",
+        bin.to_str().unwrap(),
+    ];
+    a.extend_from_slice(args);
+    tool_ok(d, "strace", &a);
+    std::fs::read_to_string(d.join("trace.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync(") || l.contains("syncfs("))
+        .count()
+}
+
+#[test]
+fn convert_cache_modes_and_out_of_order_writes_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "c.qcow2", "16M"],
+    );
+    tool_ok(
+        d,
+        "qemu-io",
+        &["-c", "write -P 3 0 3M", "-c", "write -P 5 9M 1M", "c.qcow2"],
+    );
+    // Every mode but unsafe flushes before the output is in place.
+    for (i, t) in ["writeback", "writethrough", "none", "directsync"]
+        .iter()
+        .enumerate()
+    {
+        let out = format!("t{i}.qcow2");
+        let n = syncs(d, &["convert", "-t", t, "-O", "qcow2", "c.qcow2", &out]);
+        assert!(n >= 2, "-t {t}: {n} syncs (image and folder)");
+        tool_ok(d, "qemu-img", &["compare", "c.qcow2", &out]);
+    }
+    let n = syncs(
+        d,
+        &[
+            "convert", "-t", "unsafe", "-O", "qcow2", "c.qcow2", "u.qcow2",
+        ],
+    );
+    assert_eq!(n, 0, "-t unsafe flushes nothing");
+    tool_ok(d, "qemu-img", &["compare", "c.qcow2", "u.qcow2"]);
+    tool_ok(d, "qemu-img", &["check", "u.qcow2"]);
+    // Reading with O_DIRECT is not done, and said.
+    for t in ["none", "directsync"] {
+        let out = vmshift(d, &["convert", "-T", t, "-O", "raw", "c.qcow2", "x.raw"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("-T {t}")),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!d.join("x.raw").exists());
+    }
+    vmshift_ok(
+        d,
+        &[
+            "convert",
+            "-T",
+            "writeback",
+            "-W",
+            "-m",
+            "4",
+            "-O",
+            "qcow2",
+            "c.qcow2",
+            "w.qcow2",
+        ],
+    );
+    tool_ok(d, "qemu-img", &["compare", "c.qcow2", "w.qcow2"]);
+    let out = vmshift(d, &["convert", "-t", "bogus", "c.qcow2", "y.raw"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -460,6 +460,22 @@ pub enum Output {
     Json,
 }
 
+/// A cache mode, as qemu-img names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// Page cache; flushed at the end.
+    Writeback,
+    /// Each write reaches the disk (for an output: flushed at the end).
+    Writethrough,
+    /// Bypass the page cache (O_DIRECT; for an output: flushed at the end).
+    None,
+    /// O_DIRECT and each write reaching the disk (for an output: flushed at
+    /// the end).
+    Directsync,
+    /// Page cache, never flushed.
+    Unsafe,
+}
+
 /// A disk format on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
@@ -568,13 +584,41 @@ pub struct ConvertArgs {
     /// Target format options (see `create`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// Compress the target (qcow2; VMDK streamOptimized is always compressed).
     /// Copy with N parallel workers (qemu-img's coroutines), 1 to 16;
     /// default: the CPU count, at most 8.
     #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub workers: Option<u8>,
+    /// Compress the target (qcow2; VMDK streamOptimized is always compressed).
     #[arg(short = 'c')]
     pub compress: bool,
+    /// Let workers write the target out of order, as they finish
+    /// (qemu-img's -W); by default the target is written in guest order.
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// The target's cache mode, as qemu-img's -t: writeback, writethrough,
+    /// none and directsync all end with the data flushed to disk before the
+    /// output is put in place (vmshift writes through the page cache and
+    /// starts writeback as it goes); unsafe skips that flush (faster; a
+    /// host crash soon after may leave a damaged or empty output).
+    /// qemu-img's own default for convert is unsafe; vmshift's is
+    /// writeback.
+    #[arg(
+        short = 't',
+        value_name = "CACHE",
+        value_enum,
+        default_value = "writeback"
+    )]
+    pub cache: CacheArg,
+    /// The source's cache mode, as qemu-img's -T: writeback, writethrough
+    /// and unsafe read through the page cache; none and directsync
+    /// (O_DIRECT) are refused.
+    #[arg(
+        short = 'T',
+        value_name = "SRC_CACHE",
+        value_enum,
+        default_value = "writeback"
+    )]
+    pub source_cache: CacheArg,
     /// Show progress even when stderr is not a terminal.
     #[arg(short = 'p')]
     pub progress: bool,

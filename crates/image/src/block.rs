@@ -257,9 +257,15 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// Makes `len` bytes at `offset` read as zero.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
 
-    /// Writes all metadata and syncs the file. Nothing written is durable or
-    /// readable as an image before this returns.
-    fn finish(self: Box<Self>) -> Result<()>;
+    /// Writes all metadata and, when `flush`, syncs the file(s). Nothing
+    /// written is readable as an image before this returns, nor durable
+    /// unless flushed (qemu-img's `cache=unsafe` does not flush).
+    fn finish_with(self: Box<Self>, flush: bool) -> Result<()>;
+
+    /// Writes all metadata and syncs the file(s).
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.finish_with(true)
+    }
 
     /// Encodes, plans and writes `data` in one step.
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {

@@ -28,6 +28,11 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// Polled between windows: when set, the copy stops with an error.
     pub cancel: Option<&'static AtomicBool>,
+    /// Write the target in guest order, as qemu-img does unless `-W`:
+    /// reads and compression still overlap, but each window's data is
+    /// written before the next window's. `false` (`-W`) lets workers write
+    /// as they finish.
+    pub in_order: bool,
 }
 
 impl Default for ConvertOptions {
@@ -39,6 +44,7 @@ impl Default for ConvertOptions {
             // also bounds memory (2 MiB windows in flight per worker).
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             cancel: None,
+            in_order: true,
         }
     }
 }
@@ -76,6 +82,7 @@ pub fn convert(
         // Zero detection never splits an allocation unit of the target.
         unit: opts.min_sparse.div_ceil(gran) * gran,
         skip_zeros: dst.zero_initialized() || opts.target_is_zero,
+        in_order: opts.in_order,
         size,
         cancel: opts.cancel,
         next_window: AtomicU64::new(0),
@@ -138,6 +145,7 @@ struct Job<'a> {
     window: u64,
     unit: u64,
     skip_zeros: bool,
+    in_order: bool,
     size: u64,
     cancel: Option<&'static AtomicBool>,
     next_window: AtomicU64,
@@ -253,6 +261,16 @@ impl<'a> Job<'a> {
                 }
             }
             Ok(window.buf)
+        });
+        let outcome = outcome.and_then(|buf| {
+            // In order: this window's data is written before the turn
+            // passes on.
+            if self.in_order {
+                for (plan, range) in plans.drain(..) {
+                    plan.execute(&buf[range])?;
+                }
+            }
+            Ok(buf)
         });
         let buf = match outcome {
             Ok(buf) => buf,
@@ -524,7 +542,7 @@ mod tests {
         fn write_zeroes(&mut self, _: u64, _: u64) -> Result<()> {
             Ok(())
         }
-        fn finish(self: Box<Self>) -> Result<()> {
+        fn finish_with(self: Box<Self>, _flush: bool) -> Result<()> {
             Ok(())
         }
     }

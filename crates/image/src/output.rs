@@ -107,7 +107,13 @@ impl AtomicOutput {
 
     /// Moves the (already synced) temp file to the target and syncs the
     /// folder so the rename is durable.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_with(true)
+    }
+
+    /// As [`commit`](Self::commit); without `flush` the folder is not
+    /// synced (qemu-img's `cache=unsafe`).
+    pub fn commit_with(mut self, flush: bool) -> Result<()> {
         if self.force {
             std::fs::rename(&self.temp, &self.target)
                 .map_err(|e| Error::io(&self.target, "renaming the output into place", e))?;
@@ -124,6 +130,9 @@ impl AtomicOutput {
             let _ = std::fs::remove_file(&self.temp);
         }
         self.committed = true;
+        if !flush {
+            return Ok(());
+        }
         let dir = parent_dir(&self.target);
         File::open(&dir)
             .and_then(|d| d.sync_all())
@@ -208,8 +217,13 @@ impl SideOutputs {
 
     /// Moves every side file into place.
     pub fn commit(self) -> Result<()> {
+        self.commit_with(true)
+    }
+
+    /// As [`commit`](Self::commit), syncing folders only when `flush`.
+    pub fn commit_with(self, flush: bool) -> Result<()> {
         for out in self.outputs {
-            out.commit()?;
+            out.commit_with(flush)?;
         }
         Ok(())
     }

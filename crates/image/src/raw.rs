@@ -180,7 +180,10 @@ impl ImageWriter for RawWriter {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish_with(self: Box<Self>, flush: bool) -> Result<()> {
+        if !flush {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.path, "syncing the image", e))

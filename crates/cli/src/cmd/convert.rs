@@ -8,10 +8,18 @@ use vmshift_image::engine::{convert, ConvertOptions};
 use vmshift_image::output::{AtomicOutput, SideOutputs};
 use vmshift_model::{parse_size, DiskFormat};
 
-use crate::args::ConvertArgs;
+use crate::args::{CacheArg, ConvertArgs};
 use crate::progress::Progress;
 
 pub fn run(args: &ConvertArgs) -> Result<i32> {
+    if matches!(args.source_cache, CacheArg::None | CacheArg::Directsync) {
+        bail!(
+            "-T {}: vmshift reads sources through the page cache; O_DIRECT reads are not supported (use -T writeback)",
+            if args.source_cache == CacheArg::None { "none" } else { "directsync" }
+        );
+    }
+    // Only cache=unsafe skips the final flush, as in qemu-img.
+    let flush = args.cache != CacheArg::Unsafe;
     let min_sparse = parse_size(&args.sparse_size)?;
     if min_sparse % 512 != 0 {
         bail!("-S {}: must be a multiple of 512 bytes", args.sparse_size);
@@ -53,6 +61,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         min_sparse,
         target_is_zero: args.target_is_zero,
         cancel: Some(&crate::signals::INTERRUPTED),
+        in_order: !args.out_of_order,
         ..ConvertOptions::default()
     };
     let opts = match args.workers {
@@ -86,16 +95,16 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         let mut writer =
             open_existing_writer(file, &args.target, format, src.size(), args.target_is_zero)?;
         convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
-        writer.finish()?;
+        writer.finish_with(flush)?;
     } else {
         spec.validate()?;
         let (out, file) = AtomicOutput::create(&args.target, args.force)?;
         let mut sides = SideOutputs::new(&args.target, args.force);
         let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
         convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
-        writer.finish()?;
-        sides.commit()?;
-        out.commit()?;
+        writer.finish_with(flush)?;
+        sides.commit_with(flush)?;
+        out.commit_with(flush)?;
     }
     progress.finish();
     Ok(0)

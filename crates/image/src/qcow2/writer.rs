@@ -571,7 +571,7 @@ impl ImageWriter for Qcow2Writer {
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<()> {
+    fn finish_with(mut self: Box<Self>, flush: bool) -> Result<()> {
         let cs = self.cs;
         // L2 tables.
         let coverage = cs * self.l2_entries;
@@ -661,6 +661,9 @@ impl ImageWriter for Qcow2Writer {
         // The header last: until now the file is not a valid image.
         let header = self.header_bytes(l1_size as u32, l1_offset, rt_offset, rt_clusters as u32)?;
         write_all_at(&self.file, &self.path, &header, 0)?;
+        if !flush {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.path, "syncing the image", e))

@@ -156,11 +156,14 @@ impl ImageWriter for VmdkSetWriter {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish_with(self: Box<Self>, flush: bool) -> Result<()> {
         for p in self.pieces {
-            p.writer.finish()?;
+            p.writer.finish_with(flush)?;
         }
         write_all_at(&self.file, &self.path, self.descriptor.as_bytes(), 0)?;
+        if !flush {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.path, "syncing the descriptor", e))

@@ -494,7 +494,7 @@ impl ImageWriter for VmdkWriter {
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<()> {
+    fn finish_with(mut self: Box<Self>, flush: bool) -> Result<()> {
         let desc = self.descriptor();
         if desc.len() as u64 > DESC_SECTORS * 512 {
             return Err(Error::new(
@@ -540,6 +540,9 @@ impl ImageWriter for VmdkWriter {
             .set_len(self.next * 512)
             .map_err(|e| Error::io(&self.path, "setting the file length", e))?;
         write_all_at(&self.file, &self.path, &header, 0)?;
+        if !flush {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.path, "syncing the image", e))
