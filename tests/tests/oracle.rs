@@ -144,8 +144,26 @@ fn qcow2_preallocation_metadata_reads_like_qemu() {
     qemu_made(d, &["-o", "preallocation=metadata"]);
     assert_raw_identical(d, "img.qcow2");
     assert_info_agrees(d, "img.qcow2", &[]);
-    // qemu-img map also asks the host file system which data clusters are
-    // holes (zero: true); vmshift reports what the qcow2 metadata says.
+    // QEMU guesses the preallocation from the refcounts and asks the host
+    // file system which data clusters are holes (data and zero both).
+    assert_map_agrees(d, "img.qcow2");
+    let theirs = qemu_img(d, &["map", "--output", "json", "img.qcow2"]);
+    assert!(String::from_utf8_lossy(&theirs.stdout).contains("\"zero\": true, \"data\": true"));
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "empty.qcow2",
+            "8M",
+        ],
+    );
+    assert_map_agrees(d, "empty.qcow2");
     assert_written_qcow2_passes(d, "img.qcow2", &["-o", "preallocation=metadata"]);
 }
 
@@ -607,5 +625,146 @@ fn quiet_prints_nothing_but_problems_like_qemu_img() {
                 String::from_utf8_lossy(&out.stdout)
             );
         }
+    }
+}
+
+/// `vmshift compare` and `compare -s` say what qemu-img says (the same
+/// line, the same exit code) for every pair of a matrix of images: qcow2
+/// (sparse, copied, compressed, preallocated, an overlay, a larger one),
+/// raw (sparse, and with one byte changed at a sector's middle), and VMDK
+/// (monolithicSparse, monolithicFlat, twoGbMaxExtentSparse,
+/// streamOptimized). Strict mode tells block statuses apart the way QEMU
+/// reports them, down to where each answer ends.
+#[test]
+fn compare_and_strict_compare_agree_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let io = |img: &str, cmds: &[&str]| {
+        let mut a = Vec::new();
+        for c in cmds {
+            a.extend_from_slice(&["-c", c]);
+        }
+        a.push(img);
+        tool_ok(d, "qemu-io", &a);
+    };
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    );
+    io("a.qcow2", &["write -P 1 0 1M", "write -z 2M 64k"]);
+    let conv = |args: &[&str]| {
+        let mut a = vec!["convert"];
+        a.extend_from_slice(args);
+        tool_ok(d, "qemu-img", &a);
+    };
+    conv(&["-O", "qcow2", "a.qcow2", "b.qcow2"]);
+    conv(&["-O", "raw", "a.qcow2", "a.raw"]);
+    conv(&["-c", "-O", "qcow2", "a.qcow2", "comp.qcow2"]);
+    conv(&["-O", "vmdk", "a.qcow2", "a.vmdk"]);
+    conv(&[
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "a.qcow2",
+        "f.vmdk",
+    ]);
+    conv(&[
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        "a.qcow2",
+        "t.vmdk",
+    ]);
+    conv(&[
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        "a.qcow2",
+        "so.vmdk",
+    ]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "pm.qcow2",
+            "4M",
+        ],
+    );
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "c.qcow2", "8M"],
+    );
+    io("c.qcow2", &["write -P 1 0 1M"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "ov.qcow2",
+        ],
+    );
+    io("ov.qcow2", &["write -P 7 64k 64k"]);
+    let mut raw = std::fs::read(d.join("a.raw")).unwrap();
+    raw[1000] ^= 0xff;
+    std::fs::write(d.join("d.raw"), &raw).unwrap();
+    let images = [
+        "a.qcow2",
+        "b.qcow2",
+        "a.raw",
+        "d.raw",
+        "a.vmdk",
+        "f.vmdk",
+        "t.vmdk",
+        "so.vmdk",
+        "ov.qcow2",
+        "comp.qcow2",
+        "pm.qcow2",
+        "c.qcow2",
+    ];
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}rc={:?}",
+            String::from_utf8_lossy(&o.stdout),
+            o.status.code()
+        )
+    };
+    let mut differ = Vec::new();
+    for x in images {
+        for y in images {
+            for strict in [false, true] {
+                let mut args = vec!["compare"];
+                if strict {
+                    args.push("-s");
+                }
+                args.extend_from_slice(&[x, y]);
+                let theirs = said(&qemu_img(d, &args));
+                let ours = said(&vmshift(d, &args));
+                if theirs != ours {
+                    differ.push(format!("{args:?}: qemu-img {theirs:?}, vmshift {ours:?}"));
+                }
+            }
+        }
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+    // A flat extent's holes are data and zero to QEMU; the human map names
+    // the extent file.
+    for img in ["f.vmdk", "t.vmdk"] {
+        assert_map_agrees(d, img);
+        let theirs = qemu_img(d, &["map", img]);
+        let ours = vmshift(d, &["map", img]);
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout)
+        );
     }
 }

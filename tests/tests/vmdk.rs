@@ -33,15 +33,9 @@ fn assert_info_agrees(dir: &Path, image: &str) {
 }
 
 fn assert_map_agrees(dir: &Path, image: &str) {
-    let mut theirs = json(&tool_ok(dir, "qemu-img", &["map", "--output", "json", image]).stdout);
-    // Over a hole in a flat extent's file qemu-img's VMDK driver says both
-    // "zero" and "data" (it claims the range, the file reads zeros); vmshift
-    // says zero and not stored, as it does for holes in raw files.
-    for e in theirs.as_array_mut().unwrap() {
-        if e["zero"] == true && e["data"] == true {
-            e["data"] = false.into();
-        }
-    }
+    // Over a hole in a flat extent's file both say "zero" and "data" (the
+    // VMDK driver claims the range; the file reads zeros there).
+    let theirs = json(&tool_ok(dir, "qemu-img", &["map", "--output", "json", image]).stdout);
     let ours = json(vmshift_ok(dir, &["map", "--output", "json", image]).as_bytes());
     assert_common_fields_agree(&ours, &theirs, &format!("{image} map"));
 }

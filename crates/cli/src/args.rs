@@ -656,6 +656,10 @@ pub struct CompareArgs {
     /// Format of the second image (probed when omitted).
     #[arg(short = 'F', value_enum)]
     pub format_b: Option<FormatArg>,
+    /// Strict: the sizes and the block status (allocation, zero, data,
+    /// compression, host offset) must match too, as qemu-img's -s.
+    #[arg(short = 's', long)]
+    pub strict: bool,
     /// Show progress even when stderr is not a terminal.
     #[arg(short = 'p')]
     pub progress: bool,

@@ -33,6 +33,9 @@ pub enum BlockState {
     Compressed,
     /// Reads as zero by the image's own metadata (zero cluster, hole).
     Zero,
+    /// A hole in the file that stores a flat extent's data (a thin ESXi
+    /// disk): reads as zero, but QEMU reports it as data and zero both.
+    DataHole,
     /// Not allocated anywhere in the chain; reads as zero.
     Unallocated,
 }
@@ -62,7 +65,10 @@ impl Extent {
 
     /// True when the range reads as zeros whatever the file holds.
     pub fn reads_as_zero(&self) -> bool {
-        matches!(self.state, BlockState::Zero | BlockState::Unallocated)
+        matches!(
+            self.state,
+            BlockState::Zero | BlockState::DataHole | BlockState::Unallocated
+        )
     }
 }
 
@@ -146,6 +152,24 @@ pub trait ImageReader: Send + Sync + fmt::Debug {
 
     /// The next image down the backing chain, if any.
     fn backing(&self) -> Option<&dyn ImageReader> {
+        None
+    }
+
+    /// Where QEMU's answer about the block status at `offset` ends at the
+    /// latest, beyond what [`map`](Self::map) already splits (a VMDK sparse
+    /// extent answers one grain at a time). `qemu-img compare -s` tells
+    /// statuses apart by where they end, so the strict compare splits
+    /// extents here too.
+    fn status_end(&self, offset: u64) -> u64 {
+        let _ = offset;
+        u64::MAX
+    }
+
+    /// The file that holds this layer's data at `offset`, when it is not
+    /// the image's own file (a VMDK extent file), named as `qemu-img map`
+    /// names it.
+    fn data_file_at(&self, offset: u64) -> Option<String> {
+        let _ = offset;
         None
     }
 }

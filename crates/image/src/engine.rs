@@ -415,8 +415,18 @@ pub fn is_zero(buf: &[u8]) -> bool {
 pub enum Comparison {
     /// Same content (a larger image's extra bytes are all zero).
     Identical,
-    /// First differing guest offset.
+    /// The first 512-byte sector that differs, as qemu-img reports it.
     DiffersAt(u64),
+    /// Strict: the sizes differ.
+    SizeMismatch,
+    /// Strict: the block status differs at this offset (allocation, zero,
+    /// data, compression, a host offset, or where the status ends).
+    StatusMismatch(u64),
+}
+
+/// The first sector of a difference at byte `at`.
+fn sector_of(at: u64) -> u64 {
+    at & !511
 }
 
 /// Compares the guest content of two images as `qemu-img compare` does:
@@ -442,7 +452,7 @@ pub fn compare(
                     .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
             })?;
             if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-                return Ok(Comparison::DiffersAt(pos + i as u64));
+                return Ok(Comparison::DiffersAt(sector_of(pos + i as u64)));
             }
         }
         pos += n;
@@ -455,11 +465,84 @@ pub fn compare(
             let x = &mut ba[..n as usize];
             longer.read_at(x, pos)?;
             if let Some(i) = x.iter().position(|&v| v != 0) {
-                return Ok(Comparison::DiffersAt(pos + i as u64));
+                return Ok(Comparison::DiffersAt(sector_of(pos + i as u64)));
             }
         }
         pos += n;
         progress(pos, total);
+    }
+    Ok(Comparison::Identical)
+}
+
+/// One block-status answer as `qemu-img compare` sees it: the extent at
+/// `offset` (split where QEMU's driver would split it) and its flags.
+fn strict_status(r: &dyn ImageReader, offset: u64) -> Result<(Extent, [bool; 6])> {
+    let size = r.size();
+    let mut e = r.map(offset, size - offset)?;
+    if e.len == 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("map made no progress at offset {offset:#x}"),
+        )
+        .at_path(r.path()));
+    }
+    let cap = r.status_end(offset);
+    if cap > offset {
+        e.len = e.len.min(cap - offset);
+    }
+    let (allocated, zero, data) = map_flags(&e);
+    let flags = [
+        allocated,
+        zero,
+        data,
+        e.state == BlockState::Compressed,
+        e.host_offset.is_some(),
+        // BDRV_BLOCK_EOF: the answer reaches the end of the image.
+        e.end() == size,
+    ];
+    Ok((e, flags))
+}
+
+/// `qemu-img compare -s`: the sizes must match, and the block status of
+/// both images must match everywhere (as QEMU reports it: allocation, zero,
+/// data, compression, a host offset, and where each answer ends), besides
+/// the content.
+pub fn compare_strict(
+    a: &dyn ImageReader,
+    b: &dyn ImageReader,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Comparison> {
+    if a.size() != b.size() {
+        return Ok(Comparison::SizeMismatch);
+    }
+    let size = a.size();
+    let mut ba = vec![0u8; WINDOW as usize];
+    let mut bb = vec![0u8; WINDOW as usize];
+    let mut pos = 0;
+    while pos < size {
+        let (ea, fa) = strict_status(a, pos)?;
+        let (eb, fb) = strict_status(b, pos)?;
+        if fa != fb {
+            return Ok(Comparison::StatusMismatch(pos));
+        }
+        let mut chunk = ea.len.min(eb.len);
+        let (allocated, zero) = (fa[0], fa[1]);
+        if allocated && !zero {
+            chunk = chunk.min(WINDOW);
+            let n = chunk as usize;
+            let (x, y) = (&mut ba[..n], &mut bb[..n]);
+            std::thread::scope(|s| -> Result<()> {
+                let h = s.spawn(|| a.read_at(x, pos));
+                b.read_at(y, pos)?;
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
+            })?;
+            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+                return Ok(Comparison::DiffersAt(sector_of(pos + i as u64)));
+            }
+        }
+        pos += chunk;
+        progress(pos, size);
     }
     Ok(Comparison::Identical)
 }
@@ -509,6 +592,7 @@ pub fn map_flags(e: &Extent) -> (bool, bool, bool) {
     match e.state {
         BlockState::Data | BlockState::Compressed => (true, false, true),
         BlockState::Zero => (true, true, false),
+        BlockState::DataHole => (true, true, true),
         BlockState::Unallocated => (false, true, false),
     }
 }

@@ -48,19 +48,27 @@ pub fn run(args: &MapArgs) -> Result<i32> {
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for e in &extents {
                 if let (BlockState::Data, Some(host)) = (e.state, e.host_offset) {
-                    let file = layers
-                        .get(e.depth as usize)
-                        .map_or(String::new(), |l| l.path().display().to_string());
-                    let file = if e.depth == 0 {
-                        args.file.display().to_string()
-                    } else {
-                        file
+                    // The file that holds the data: an extent file, or the
+                    // layer's own file (the top one named as given).
+                    let layer = layers.get(e.depth as usize);
+                    let file = match layer.and_then(|l| l.data_file_at(e.start)) {
+                        Some(f) => f,
+                        None if e.depth == 0 => args.file.display().to_string(),
+                        None => layer.map_or(String::new(), |l| l.path().display().to_string()),
+                    };
+                    // C's %#x: no 0x for zero.
+                    let hex = |v: u64| {
+                        if v == 0 {
+                            "0".to_string()
+                        } else {
+                            format!("{v:#x}")
+                        }
                     };
                     println!(
                         "{:<16}{:<16}{:<16}{file}",
-                        format!("{:#x}", e.start).replace("0x0", "0"),
-                        format!("{:#x}", e.len),
-                        format!("{host:#x}")
+                        hex(e.start),
+                        hex(e.len),
+                        hex(host)
                     );
                 }
             }

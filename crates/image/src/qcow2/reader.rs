@@ -92,6 +92,10 @@ pub struct Qcow2Reader {
     zeros_past_eof: bool,
     /// Why the backing file was not opened (`info` only).
     backing_refused: Option<String>,
+    /// QEMU's guess that the image was made with preallocation=metadata
+    /// (more clusters in use than the file has blocks): its data clusters
+    /// may be holes in the file, which block status then reports as zero.
+    metadata_prealloc: std::sync::OnceLock<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +189,59 @@ impl Qcow2Reader {
             snapshots,
             zeros_past_eof: opener.zeros_past_eof(),
             backing_refused,
+            metadata_prealloc: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`: at least
+    /// max(n * 10/9, n + 2) clusters have a refcount, where n is the number
+    /// of clusters the file's blocks would fill. Unreadable refcounts: no.
+    fn metadata_preallocated(&self) -> bool {
+        *self.metadata_prealloc.get_or_init(|| {
+            use std::os::unix::fs::MetadataExt;
+            let h = &self.header;
+            let cs = h.cluster_size();
+            let Ok(meta) = self.file.metadata() else {
+                return false;
+            };
+            let real_clusters = meta.blocks() * 512 / cs;
+            let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+            let end_cluster = self.file_len.div_ceil(cs);
+            let entries = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
+            let Ok(reftable) = read_table(
+                &self.file,
+                &self.ctx,
+                h.refcount_table_offset,
+                entries,
+                "refcount table",
+                self.file_len,
+            ) else {
+                return false;
+            };
+            let bits = u64::from(h.refcount_bits());
+            let per_block = cs * 8 / bits;
+            let mut block = vec![0u8; cs as usize];
+            let mut count = 0u64;
+            let mut c = 0u64;
+            while c < end_cluster && count < threshold {
+                let entry = reftable.get((c / per_block) as usize).copied().unwrap_or(0);
+                let off = entry & !0x1ff;
+                let last = ((c / per_block + 1) * per_block).min(end_cluster);
+                if off == 0 || off % cs != 0 || off >= self.file_len {
+                    c = last;
+                    continue;
+                }
+                if read_up_to_at(&self.file, &self.ctx.path, &mut block, off).is_err() {
+                    return false;
+                }
+                while c < last && count < threshold {
+                    count += u64::from(
+                        super::writer::get_refcount(&block, (c % per_block) as usize, bits) != 0,
+                    );
+                    c += 1;
+                }
+            }
+            count >= threshold
         })
     }
 
@@ -531,6 +588,28 @@ impl ImageReader for Qcow2Reader {
             host_offset,
         };
         Ok(match state {
+            // With metadata preallocation QEMU asks the file which data
+            // clusters are holes: data and zero both, split where the
+            // file's data and holes change.
+            Cluster::Data(host) if self.metadata_preallocated() => {
+                let (file, _, _) = self.data_target();
+                let mut e = ext(BlockState::Data, Some(host));
+                match crate::fileio::seek_data_hole(file, host, true) {
+                    Some(data) if data > host => {
+                        e.state = BlockState::DataHole;
+                        if data != u64::MAX {
+                            e.len = e.len.min(data - host);
+                        }
+                    }
+                    Some(_) => {
+                        if let Some(hole) = crate::fileio::seek_data_hole(file, host, false) {
+                            e.len = e.len.min(hole.saturating_sub(host).max(1));
+                        }
+                    }
+                    None => {}
+                }
+                e
+            }
             Cluster::Data(host) => ext(BlockState::Data, Some(host)),
             Cluster::Zero(host) => ext(BlockState::Zero, host),
             Cluster::Compressed(_) => ext(BlockState::Compressed, None),
@@ -621,6 +700,16 @@ impl ImageReader for Qcow2Reader {
 
     fn backing(&self) -> Option<&dyn ImageReader> {
         self.backing.as_deref()
+    }
+
+    fn status_end(&self, offset: u64) -> u64 {
+        // An unallocated cluster defers to the backing file's answer.
+        match (self.local_map(offset, 1), &self.backing) {
+            (Ok((Cluster::Unallocated(_), _)), Some(b)) if offset < b.size() => {
+                b.status_end(offset)
+            }
+            _ => u64::MAX,
+        }
     }
 
     fn check(&self) -> Option<Result<crate::check::CheckReport>> {

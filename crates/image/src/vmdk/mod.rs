@@ -543,7 +543,7 @@ impl ImageReader for VmdkReader {
             Grain::Compressed(_) => ext(BlockState::Compressed, None),
             Grain::Zero => match &e.backing {
                 Backing::Flat { offset: base, .. } => {
-                    ext(BlockState::Zero, Some(base + offset - e.start))
+                    ext(BlockState::DataHole, Some(base + offset - e.start))
                 }
                 _ => ext(BlockState::Zero, None),
             },
@@ -665,6 +665,35 @@ impl ImageReader for VmdkReader {
 
     fn backing(&self) -> Option<&dyn ImageReader> {
         self.parent.as_deref()
+    }
+
+    fn data_file_at(&self, offset: u64) -> Option<String> {
+        let e = self.extent_at(offset).ok()?;
+        match e.backing {
+            Backing::Flat { .. } | Backing::Sparse(_) | Backing::SeSparse(_) => e.display.clone(),
+            Backing::Zero => None,
+        }
+    }
+
+    fn status_end(&self, offset: u64) -> u64 {
+        // QEMU's VMDK driver answers a sparse extent one grain at a time,
+        // a flat one to its end; an unallocated grain defers to the parent.
+        let Ok(e) = self.extent_at(offset) else {
+            return u64::MAX;
+        };
+        let rel = offset - e.start;
+        let grain = match &e.backing {
+            Backing::Sparse(s) => s.grain_bytes(),
+            Backing::SeSparse(s) => GrainMap::grain_bytes(s),
+            Backing::Flat { .. } | Backing::Zero => return e.start + e.len,
+        };
+        let end = (e.start + (rel / grain + 1) * grain).min(e.start + e.len);
+        match (self.local(offset, 1), &self.parent) {
+            (Ok((Grain::Unallocated, _, _)), Some(p)) if offset < p.size() => {
+                end.min(p.status_end(offset))
+            }
+            _ => end,
+        }
     }
 
     fn check(&self) -> Option<Result<crate::check::CheckReport>> {
