@@ -768,3 +768,150 @@ fn compare_and_strict_compare_agree_with_qemu_img() {
         );
     }
 }
+
+/// The allocation of an image as qemu-img maps it, host offsets left out.
+fn layout(d: &Path, image: &str) -> String {
+    let out = tool_ok(d, "qemu-img", &["map", "--output", "json", image]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .map(|l| match l.find(", \"offset\"") {
+            Some(i) => format!("{}}}", &l[..i]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `convert -B BACKING -F FMT` writes what qemu-img writes: the source's
+/// top image only (its data and its zeros), what it reads from its own
+/// chain left to read through the new backing file, partly written
+/// clusters completed from it; the same content and the same allocation,
+/// compressed or not, from an overlay (4 KiB clusters into 64 KiB ones),
+/// a standalone qcow2 and sparse and full raw files.
+#[test]
+fn convert_with_a_backing_file_writes_what_qemu_img_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let io = |img: &str, cmds: &[&str]| {
+        let mut a = Vec::new();
+        for c in cmds {
+            a.extend_from_slice(&["-c", c]);
+        }
+        a.push(img);
+        tool_ok(d, "qemu-io", &a);
+    };
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
+    );
+    io("base.qcow2", &["write -P 1 0 8M"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    io(
+        "top.qcow2",
+        &[
+            "write -P 2 4k 4k",
+            "write -z 1M 64k",
+            "write -P 3 2M 128k",
+            "write -z 3M 4k",
+            "write -P 0 5M 64k",
+        ],
+    );
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "other.qcow2", "8M"],
+    );
+    io("other.qcow2", &["write -P 9 0 6M"]);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "top.qcow2", "top.raw"],
+    );
+    let sparse = std::fs::File::create(d.join("sp.raw")).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"abc", 70000).unwrap();
+    for (src, base) in [
+        ("top.qcow2", "base.qcow2"),
+        ("top.qcow2", "other.qcow2"),
+        ("other.qcow2", "base.qcow2"),
+        ("sp.raw", "base.qcow2"),
+        ("top.raw", "base.qcow2"),
+    ] {
+        for compress in [false, true] {
+            let mut args = vec!["convert", "-O", "qcow2", "-B", base, "-F", "qcow2"];
+            if compress {
+                args.push("-c");
+            }
+            args.push(src);
+            let mut theirs = args.clone();
+            theirs.push("q.qcow2");
+            tool_ok(d, "qemu-img", &theirs);
+            let mut ours = args.clone();
+            ours.push("v.qcow2");
+            vmshift_ok(d, &ours);
+            tool_ok(d, "qemu-img", &["check", "v.qcow2"]);
+            tool_ok(d, "qemu-img", &["compare", "q.qcow2", "v.qcow2"]);
+            assert_eq!(layout(d, "v.qcow2"), layout(d, "q.qcow2"), "{args:?}");
+            let info =
+                json(&tool_ok(d, "qemu-img", &["info", "--output", "json", "v.qcow2"]).stdout);
+            assert_eq!(info["backing-filename"], base);
+            assert_eq!(info["backing-filename-format"], "qcow2");
+            std::fs::remove_file(d.join("q.qcow2")).unwrap();
+            std::fs::remove_file(d.join("v.qcow2")).unwrap();
+        }
+    }
+    // What qemu-img refuses, refused: no format for the backing file, a
+    // format without a backing file, a format that has none.
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "x.qcow2",
+        ][..],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "x.qcow2",
+        ][..],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "x.raw",
+        ][..],
+    ] {
+        assert_eq!(qemu_img(d, args).status.code(), Some(1), "{args:?}");
+        assert_eq!(vmshift(d, args).status.code(), Some(1), "{args:?}");
+        assert!(!d.join("x.qcow2").exists() && !d.join("x.raw").exists());
+    }
+}

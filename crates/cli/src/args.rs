@@ -584,6 +584,15 @@ pub struct ConvertArgs {
     /// Target format options (see `create`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
+    /// Make the target (qcow2) an overlay of BACKING: only what the
+    /// source's top image holds is written, and what the source reads from
+    /// its own backing chain is left to read through BACKING (qemu-img's
+    /// -B). Needs -F.
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// The format of the -B backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT", value_enum)]
+    pub backing_format: Option<FormatArg>,
     /// Copy with N parallel workers (qemu-img's coroutines), 1 to 16;
     /// default: the CPU count, at most 8.
     #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]

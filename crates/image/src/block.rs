@@ -274,6 +274,11 @@ pub trait ImageWriter: Send + fmt::Debug {
     /// The encoder to prepare data with (may be shared across threads).
     fn encoder(&self) -> Arc<dyn Encoder>;
 
+    /// True when data clusters are stored compressed, each written whole.
+    fn compresses(&self) -> bool {
+        false
+    }
+
     /// Decides where a chunk (encoded by this writer's encoder) goes and
     /// updates the metadata; the returned plan writes the bytes.
     fn plan(&mut self, chunk: &Chunk<'_>) -> Result<WritePlan>;

@@ -33,6 +33,12 @@ pub struct ConvertOptions {
     /// written before the next window's. `false` (`-W`) lets workers write
     /// as they finish.
     pub in_order: bool,
+    /// The target's backing file (`convert -B`), opened: only what the
+    /// source's top image holds is written (its data, and zeros where it
+    /// says zero); what the source reads from its own backing chain is
+    /// left unallocated, to read through to this file. A target cluster
+    /// only partly written gets the rest from this file (copy on write).
+    pub target_backing: Option<Arc<dyn ImageReader>>,
 }
 
 impl Default for ConvertOptions {
@@ -45,6 +51,7 @@ impl Default for ConvertOptions {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             cancel: None,
             in_order: true,
+            target_backing: None,
         }
     }
 }
@@ -83,6 +90,9 @@ pub fn convert(
         unit: opts.min_sparse.div_ceil(gran) * gran,
         skip_zeros: dst.zero_initialized() || opts.target_is_zero,
         in_order: opts.in_order,
+        gran,
+        compressed: dst.compresses(),
+        target_backing: opts.target_backing.clone(),
         size,
         cancel: opts.cancel,
         next_window: AtomicU64::new(0),
@@ -119,6 +129,10 @@ enum Piece {
         offset: u64,
         len: u64,
     },
+    /// Left unallocated: the target's backing file shows through.
+    Below {
+        len: u64,
+    },
 }
 
 /// A window read and split into pieces.
@@ -146,6 +160,9 @@ struct Job<'a> {
     unit: u64,
     skip_zeros: bool,
     in_order: bool,
+    gran: u64,
+    compressed: bool,
+    target_backing: Option<Arc<dyn ImageReader>>,
     size: u64,
     cancel: Option<&'static AtomicBool>,
     next_window: AtomicU64,
@@ -196,7 +213,22 @@ impl<'a> Job<'a> {
             // A panic in a driver becomes this window's error instead of
             // leaving the next window waiting for its turn forever.
             let window = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                process_window(&self.pool, self.src, &*self.encoder, start, len, self.unit)
+                match &self.target_backing {
+                    Some(below) => process_window_top(
+                        &self.pool,
+                        self.src,
+                        below.as_ref(),
+                        &*self.encoder,
+                        start,
+                        len,
+                        self.unit,
+                        self.gran,
+                        self.compressed,
+                    ),
+                    None => {
+                        process_window(&self.pool, self.src, &*self.encoder, start, len, self.unit)
+                    }
+                }
             }))
             .unwrap_or_else(|_| {
                 Err(Error::new(
@@ -258,6 +290,7 @@ impl<'a> Job<'a> {
                             t.dst.write_zeroes(*offset, *len)?;
                         }
                     }
+                    Piece::Below { len } => t.done += len,
                 }
             }
             Ok(window.buf)
@@ -312,6 +345,153 @@ impl BufferPool {
             pool.push(buf);
         }
     }
+}
+
+/// Where a byte of a window comes from when the target has a backing file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    /// The source's top image holds data here.
+    Top,
+    /// The source's top image says zero (or has no backing to defer to).
+    Zero,
+    /// The source reads this from its backing chain: not written.
+    Below,
+}
+
+/// Reads one window for a target with a backing file (`convert -B`): per
+/// target cluster, one wholly from the source's backing chain is left
+/// unallocated; any other is written whole — the source top's data, its
+/// zeros, and for the rest the target backing's bytes (copy on write) or,
+/// for a compressed target, the source's own (qemu-img reads a whole
+/// cluster for a compressed write) — and split into data and zero runs at
+/// `unit`.
+#[allow(clippy::too_many_arguments)]
+fn process_window_top(
+    pool: &BufferPool,
+    src: &dyn ImageReader,
+    below: &dyn ImageReader,
+    encoder: &dyn Encoder,
+    start: u64,
+    len: u64,
+    unit: u64,
+    gran: u64,
+    compressed: bool,
+) -> Result<Window> {
+    // The source's layers over the window.
+    let mut spans: Vec<(u64, u64, Layer)> = Vec::new();
+    let mut pos = start;
+    while pos < start + len {
+        let e = src.map(pos, start + len - pos)?;
+        if e.len == 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("map made no progress at offset {pos:#x}"),
+            )
+            .at_path(src.path()));
+        }
+        let layer = if e.depth > 0 {
+            Layer::Below
+        } else if e.reads_as_zero() {
+            Layer::Zero
+        } else {
+            Layer::Top
+        };
+        spans.push((e.start, e.len.min(start + len - e.start), layer));
+        pos = e.end().min(start + len);
+    }
+    if spans.iter().all(|s| s.2 == Layer::Below) {
+        return Ok(Window {
+            buf: Vec::new(),
+            pieces: vec![Piece::Below { len }],
+        });
+    }
+    let mut buf = pool.take(len as usize);
+    let mut written = vec![false; len.div_ceil(gran) as usize];
+    for &(s, n, layer) in &spans {
+        let r = (s - start) as usize..(s - start + n) as usize;
+        match layer {
+            Layer::Top => src.read_at(&mut buf[r.clone()], s)?,
+            Layer::Zero => buf[r.clone()].fill(0),
+            Layer::Below => continue,
+        }
+        let first = (s - start) / gran;
+        let last = (s - start + n - 1) / gran;
+        for c in first..=last {
+            written[c as usize] = true;
+        }
+    }
+    // Copy on write: the rest of a written cluster is the target
+    // backing's (zeros past its end).
+    for &(s, n, layer) in &spans {
+        if layer != Layer::Below {
+            continue;
+        }
+        let mut p = s;
+        while p < s + n {
+            let c = (p - start) / gran;
+            let c_end = (start + (c + 1) * gran).min(s + n);
+            if written[c as usize] {
+                let r = (p - start) as usize..(c_end - start) as usize;
+                if compressed {
+                    src.read_at(&mut buf[r], p)?;
+                } else {
+                    crate::block::read_below(Some(below), &mut buf[r], p)?;
+                }
+            }
+            p = c_end;
+        }
+    }
+    let data = |range: Range<usize>, buf: &[u8]| -> Result<Piece> {
+        Ok(Piece::Data {
+            offset: start + range.start as u64,
+            packed: encoder.encode(&buf[range.clone()])?,
+            range,
+        })
+    };
+    // Runs of written clusters, split into data and zero units.
+    let mut pieces = Vec::new();
+    let mut c = 0usize;
+    while c < written.len() {
+        let w = written[c];
+        let mut e = c;
+        while e < written.len() && written[e] == w {
+            e += 1;
+        }
+        let a = c * gran as usize;
+        let b = (e * gran as usize).min(len as usize);
+        if !w {
+            pieces.push(Piece::Below {
+                len: (b - a) as u64,
+            });
+        } else {
+            let step = unit.max(gran) as usize;
+            let mut p = a;
+            while p < b {
+                let q = (p + step).min(b);
+                // Extend a run of the same kind.
+                let zero = unit != 0 && is_zero(&buf[p..q]);
+                let mut r = q;
+                while r < b {
+                    let nxt = (r + step).min(b);
+                    if (unit != 0 && is_zero(&buf[r..nxt])) != zero {
+                        break;
+                    }
+                    r = nxt;
+                }
+                if zero {
+                    pieces.push(Piece::Zero {
+                        offset: start + p as u64,
+                        len: (r - p) as u64,
+                    });
+                } else {
+                    pieces.push(data(p..r, &buf)?);
+                }
+                p = r;
+            }
+        }
+        c = e;
+    }
+    Ok(Window { buf, pieces })
 }
 
 /// Reads one window and splits it into data and zero pieces.

@@ -8,7 +8,7 @@ use vmshift_image::engine::{convert, ConvertOptions};
 use vmshift_image::output::{AtomicOutput, SideOutputs};
 use vmshift_model::{parse_size, DiskFormat};
 
-use crate::args::{CacheArg, ConvertArgs};
+use crate::args::{CacheArg, ConvertArgs, FormatArg};
 use crate::progress::Progress;
 
 pub fn run(args: &ConvertArgs) -> Result<i32> {
@@ -44,24 +44,63 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         );
     }
     let format: DiskFormat = args.output_format.into();
+    let mut options = parse_options(&args.options)?;
+    if let Some(b) = &args.backing {
+        options.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = args.backing_format {
+        if args.backing.is_none() && !options.iter().any(|(k, _)| k == "backing_file") {
+            bail!("-F: a backing format cannot be used without a backing file (-B)");
+        }
+        options.push(("backing_fmt".into(), DiskFormat::from(f).to_string()));
+    }
     let spec = CreateSpec {
         format,
         size: src.size(),
-        options: parse_options(&args.options)?,
+        options,
         compress: args.compress,
         name: super::file_name(&args.target),
     };
+    // A target with a backing file is an overlay: only the source's top
+    // image is written, as qemu-img does.
+    let mut target_backing = None;
     if let Some(b) = spec.backing_file() {
-        // Validate the backing file the target will name, from its folder.
-        super::gate(&args.gate)
+        if format != DiskFormat::Qcow2 {
+            bail!("-B: a backing file needs -O qcow2 ({format} images have none here)");
+        }
+        if args.no_create {
+            bail!("-B names the backing file of a new image; -n writes into an existing one");
+        }
+        let fmt = spec
+            .options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "backing_fmt")
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow::anyhow!("-B {b}: a backing file needs its format (-F raw|qcow2|vmdk), as qemu-img requires"))?;
+        let fmt: DiskFormat = fmt
+            .parse()
+            .map_err(|e| anyhow::anyhow!("backing_fmt={fmt}: {e}"))?;
+        // The backing file the target will name, from its folder, through
+        // the gate; opened for its bytes (copy on write) and its size.
+        let path = super::gate(&args.gate)
             .resolve(&args.target, b, "backing file")
             .context("the target's backing file")?;
+        let fmt = match fmt {
+            DiskFormat::Raw => FormatArg::Raw,
+            DiskFormat::Qcow2 => FormatArg::Qcow2,
+            DiskFormat::Vmdk => FormatArg::Vmdk,
+        };
+        let reader = super::open(&path, Some(fmt), &args.gate, false, super::Use::Copy)
+            .context("the target's backing file")?;
+        target_backing = Some(std::sync::Arc::from(reader));
     }
     let opts = ConvertOptions {
         min_sparse,
         target_is_zero: args.target_is_zero,
         cancel: Some(&crate::signals::INTERRUPTED),
         in_order: !args.out_of_order,
+        target_backing,
         ..ConvertOptions::default()
     };
     let opts = match args.workers {

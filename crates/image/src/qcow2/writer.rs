@@ -498,6 +498,10 @@ impl ImageWriter for Qcow2Writer {
         self.cs
     }
 
+    fn compresses(&self) -> bool {
+        self.opts.compress_data
+    }
+
     fn zero_initialized(&self) -> bool {
         self.opts.backing_file.is_none()
     }
