@@ -915,3 +915,105 @@ fn convert_with_a_backing_file_writes_what_qemu_img_writes() {
         assert!(!d.join("x.qcow2").exists() && !d.join("x.raw").exists());
     }
 }
+
+/// The offsets in qemu-img's or vmshift's salvage warnings.
+fn salvage_offsets(stderr: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|l| l.split("error while reading offset ").nth(1))
+        .map(|rest| rest.split(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// `convert --salvage` over a compressed qcow2 cluster whose deflate data
+/// is damaged: the same zeros where qemu-img puts them, the same warnings
+/// (one per 512-byte sector, same offsets), exit 0; without it both fail.
+#[test]
+fn convert_salvage_reads_what_qemu_img_salvages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut text = Vec::new();
+    let mut i = 0;
+    while text.len() < 2 << 20 {
+        text.extend_from_slice(format!("line {i:09} of the salvage pattern\n").as_bytes());
+        i += 1;
+    }
+    text.truncate(2 << 20);
+    std::fs::write(d.join("pat.raw"), &text).unwrap();
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "pat.raw", "c.qcow2"],
+    );
+    // Damage the compressed cluster at guest 192 KiB (L2 entry 3).
+    let mut img = std::fs::read(d.join("c.qcow2")).unwrap();
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(img[20..24].try_into().unwrap());
+    let l1 = be(&img[40..48]) as usize;
+    let l2 = (be(&img[l1..l1 + 8]) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(&img[l2 + 24..l2 + 32]);
+    assert_ne!(entry & (1 << 62), 0, "cluster 3 is compressed");
+    let host = (entry & ((1 << (62 - (cluster_bits - 8))) - 1)) as usize;
+    img[host + 100..host + 132].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef].repeat(8));
+    std::fs::write(d.join("c.qcow2"), &img).unwrap();
+
+    let args = ["convert", "-O", "raw", "c.qcow2", "x.raw"];
+    assert_eq!(qemu_img(d, &args).status.code(), Some(1));
+    // qemu-img leaves its partial output behind; vmshift leaves none.
+    let _ = std::fs::remove_file(d.join("x.raw"));
+    assert_eq!(vmshift(d, &args).status.code(), Some(1));
+    assert!(!d.join("x.raw").exists());
+    let theirs = qemu_img(
+        d,
+        &["convert", "--salvage", "-O", "raw", "c.qcow2", "q.raw"],
+    );
+    let ours = vmshift(
+        d,
+        &[
+            "convert",
+            "--salvage",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "c.qcow2",
+            "v.raw",
+        ],
+    );
+    assert_eq!(theirs.status.code(), Some(0));
+    assert_eq!(
+        ours.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let (q, v) = (
+        salvage_offsets(&theirs.stderr),
+        salvage_offsets(&ours.stderr),
+    );
+    assert_eq!(q.len(), 128, "one warning per sector of the 64 KiB cluster");
+    assert_eq!(v, q);
+    tool_ok(d, "cmp", &["q.raw", "v.raw"]);
+    // -q: the same data, no warnings.
+    let quiet = vmshift(
+        d,
+        &[
+            "convert",
+            "-q",
+            "--salvage",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "c.qcow2",
+            "v.qcow2",
+        ],
+    );
+    assert_eq!(quiet.status.code(), Some(0));
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    tool_ok(d, "qemu-img", &["compare", "q.raw", "v.qcow2"]);
+}

@@ -604,6 +604,11 @@ pub struct ConvertArgs {
     /// (qemu-img's -W); by default the target is written in guest order.
     #[arg(short = 'W')]
     pub out_of_order: bool,
+    /// Read what can be read: a sector that cannot be read (or whose
+    /// allocation cannot be) is written as zeros, with a warning naming its
+    /// offset (qemu-img's --salvage).
+    #[arg(long)]
+    pub salvage: bool,
     /// The target's cache mode, as qemu-img's -t: writeback, writethrough,
     /// none and directsync all end with the data flushed to disk before the
     /// output is put in place (vmshift writes through the page cache and

@@ -21,6 +21,7 @@ pub mod part;
 pub mod qcow2;
 pub mod raw;
 pub mod resize;
+pub mod salvage;
 pub mod vmdk;
 
 pub use block::{

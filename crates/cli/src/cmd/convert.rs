@@ -31,6 +31,19 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         !args.quiet,
         super::Use::Copy,
     )?;
+    let src: Box<dyn vmshift_image::ImageReader> = if args.salvage {
+        let quiet = args.quiet;
+        Box::new(vmshift_image::salvage::SalvageReader::new(
+            src,
+            Box::new(move |what: &str| {
+                if !quiet {
+                    eprintln!("vmshift: warning: {what}");
+                }
+            }),
+        ))
+    } else {
+        src
+    };
     // The target must not be any file the source reads (its backing
     // files included): writing it would corrupt what is being copied.
     if let Some(layer) = super::chain(src.as_ref())
