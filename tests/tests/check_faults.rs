@@ -907,3 +907,193 @@ fn a_truncated_qcow2_names_the_entry_past_the_end() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Repair (`check -r`): the same damage in two copies, one repaired by
+// qemu-img, one by vmshift; the same lines, the same exit code, the same
+// counts, and afterwards images qemu-img finds equally clean and equal.
+
+/// Damage the way `kind` says, in `name`.
+fn damaged(dir: &Path, name: &str, kind: &str) {
+    create(dir, name, "4M", &[]);
+    match kind {
+        // Two data clusters no L2 entry points to any more.
+        "leak" => {
+            io(dir, name, &["write -P 1 0 256k"]);
+            let mut img = Image::open(dir, name);
+            let l2 = img.first_l2();
+            img.set_u64(l2 + 8, 0);
+            img.set_u64(l2 + 16, 0);
+            img.save();
+        }
+        // A cluster a snapshot shares, with refcount 1 instead of 2.
+        "low" => {
+            io(dir, name, &["write -P 1 0 128k"]);
+            tool_ok(dir, "qemu-img", &["snapshot", "-c", "s1", name]);
+            let mut img = Image::open(dir, name);
+            let (_, e) = img.first_data_entry();
+            img.set_refcount((e & OFFSET_MASK) >> img.cluster_bits, 1);
+            img.save();
+        }
+        // OFLAG_COPIED set on a cluster a snapshot shares.
+        "copied" => {
+            io(dir, name, &["write -P 1 0 128k"]);
+            tool_ok(dir, "qemu-img", &["snapshot", "-c", "s1", name]);
+            let mut img = Image::open(dir, name);
+            let (pos, e) = img.first_data_entry();
+            img.set_u64(pos, e | OFLAG_COPIED);
+            img.save();
+        }
+        // A referenced cluster with refcount 0: only a rebuild fixes it.
+        "zero" => {
+            io(dir, name, &["write -P 1 0 128k"]);
+            let mut img = Image::open(dir, name);
+            let (_, e) = img.first_data_entry();
+            img.set_refcount((e & OFFSET_MASK) >> img.cluster_bits, 0);
+            img.save();
+        }
+        _ => unreachable!("{kind}"),
+    }
+}
+
+fn text(b: &[u8], name: &str) -> String {
+    String::from_utf8_lossy(b).replace(name, "IMG")
+}
+
+#[test]
+fn repair_does_what_qemu_img_check_r_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for kind in ["leak", "low", "copied"] {
+        for fix in ["leaks", "all"] {
+            damaged(d, "q.qcow2", kind);
+            std::fs::copy(d.join("q.qcow2"), d.join("v.qcow2")).unwrap();
+            let theirs = qemu_img(d, &["check", "-r", fix, "q.qcow2"]);
+            let ours = vmshift(d, &["check", "-r", fix, "v.qcow2"]);
+            let case = format!("{kind} -r {fix}");
+            assert_eq!(ours.status.code(), theirs.status.code(), "{case}");
+            assert_eq!(
+                text(&ours.stdout, "v.qcow2"),
+                text(&theirs.stdout, "q.qcow2"),
+                "{case}"
+            );
+            assert_eq!(
+                text(&ours.stderr, "v.qcow2"),
+                text(&theirs.stderr, "q.qcow2"),
+                "{case}"
+            );
+            // Afterwards: the same verdict from qemu-img, the same content.
+            let after = |f: &str| qemu_img(d, &["check", "--output", "json", f]);
+            let (a, b) = (after("v.qcow2"), after("q.qcow2"));
+            assert_eq!(a.status.code(), b.status.code(), "{case}");
+            for field in FIELDS {
+                assert_eq!(
+                    field_of(&parse(&a), field),
+                    field_of(&parse(&b), field),
+                    "{case} {field}"
+                );
+            }
+            tool_ok(d, "qemu-img", &["compare", "q.qcow2", "v.qcow2"]);
+            // JSON: the counts repaired, by name.
+            damaged(d, "v.qcow2", kind);
+            damaged(d, "q.qcow2", kind);
+            let theirs = parse(&qemu_img(
+                d,
+                &["check", "-r", fix, "--output", "json", "q.qcow2"],
+            ));
+            let ours = parse(&vmshift(
+                d,
+                &["check", "-r", fix, "--output", "json", "v.qcow2"],
+            ));
+            for field in FIELDS.iter().chain(&["leaks-fixed", "corruptions-fixed"]) {
+                assert_eq!(
+                    field_of(&ours, field),
+                    field_of(&theirs, field),
+                    "{case} json {field}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn repair_refuses_what_needs_a_rebuild_and_what_it_cannot_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    damaged(d, "q.qcow2", "zero");
+    std::fs::copy(d.join("q.qcow2"), d.join("v.qcow2")).unwrap();
+    // -r leaks: the same error and exit code as qemu-img, nothing written.
+    let before = std::fs::read(d.join("v.qcow2")).unwrap();
+    let theirs = qemu_img(d, &["check", "-r", "leaks", "q.qcow2"]);
+    let ours = vmshift(d, &["check", "-r", "leaks", "v.qcow2"]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(theirs.status.code(), Some(1));
+    assert!(text(&ours.stderr, "v.qcow2").contains("ERROR need to rebuild refcount structures"));
+    assert_eq!(std::fs::read(d.join("v.qcow2")).unwrap(), before);
+    // -r all: qemu-img rebuilds the refcount structure; vmshift says it
+    // does not, before writing anything.
+    let ours = vmshift(d, &["check", "-r", "all", "v.qcow2"]);
+    assert_eq!(ours.status.code(), Some(1));
+    assert!(
+        text(&ours.stderr, "v.qcow2").contains("rebuilt"),
+        "{}",
+        text(&ours.stderr, "v.qcow2")
+    );
+    assert_eq!(std::fs::read(d.join("v.qcow2")).unwrap(), before);
+    // Formats without a repair: qemu-img's 63.
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", "v.vmdk", "4M"],
+    );
+    assert_eq!(
+        qemu_img(d, &["check", "-r", "leaks", "v.vmdk"])
+            .status
+            .code(),
+        Some(63)
+    );
+    assert_eq!(
+        vmshift(d, &["check", "-r", "leaks", "v.vmdk"])
+            .status
+            .code(),
+        Some(63)
+    );
+    // An image a QEMU process has open is not repaired under it.
+    damaged(d, "held.qcow2", "leak");
+    let sock = d.join("held.sock");
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args([
+            "--persistent",
+            "--socket",
+            sock.to_str().unwrap(),
+            "held.qcow2",
+        ])
+        .current_dir(d)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ours = vmshift(d, &["check", "-r", "leaks", "held.qcow2"]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert_ne!(
+        ours.status.code(),
+        Some(0),
+        "{}",
+        text(&ours.stderr, "held")
+    );
+    assert!(
+        text(&ours.stderr, "held").contains("lock"),
+        "{}",
+        text(&ours.stderr, "held")
+    );
+    assert_eq!(
+        qemu_img(d, &["check", "held.qcow2"]).status.code(),
+        Some(3),
+        "still leaking"
+    );
+}

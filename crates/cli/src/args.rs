@@ -718,10 +718,25 @@ pub struct CheckArgs {
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+    /// Repair in place (qcow2), as qemu-img's -r: `leaks` lowers refcounts
+    /// that no metadata accounts for; `all` also raises refcounts that are
+    /// too low and sets OFLAG_COPIED right. Damage that needs the refcount
+    /// structure rebuilt is refused before anything is written.
+    #[arg(short = 'r', long = "repair", value_enum, value_name = "leaks|all")]
+    pub repair: Option<RepairArg>,
     #[command(flatten)]
     pub gate: GateArgs,
     /// The image.
     pub file: PathBuf,
+}
+
+/// What `check -r` repairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RepairArg {
+    /// Leaked clusters only.
+    Leaks,
+    /// Leaks and the corruptions vmshift can repair.
+    All,
 }
 
 /// The clap command, for the man page generator.

@@ -150,6 +150,13 @@ pub trait ImageReader: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Repairs the image's metadata through `out`, the same file opened for
+    /// writing and locked (`check -r`); `None`: the format has no repair.
+    fn repair(&self, out: &File, fix: crate::check::Fix) -> Option<Result<crate::check::Repaired>> {
+        let _ = (out, fix);
+        None
+    }
+
     /// The next image down the backing chain, if any.
     fn backing(&self) -> Option<&dyn ImageReader> {
         None

@@ -34,3 +34,27 @@ impl CheckReport {
         }
     }
 }
+
+/// What `check -r` repairs (qemu-img's `-r leaks` and `-r all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fix {
+    /// Refcounts higher than the references: lowered.
+    Leaks,
+    /// Leaks, refcounts lower than the references (but not zero), and
+    /// OFLAG_COPIED flags that disagree with the refcounts.
+    All,
+}
+
+/// What a repair did, and the lines it printed.
+#[derive(Debug, Clone, Default)]
+pub struct Repaired {
+    /// Leaked clusters whose refcount was lowered.
+    pub leaks_fixed: u64,
+    /// Corruptions fixed.
+    pub corruptions_fixed: u64,
+    /// Every line, as qemu-img prints them on stderr.
+    pub messages: Vec<String>,
+    /// The refcount structure needs rebuilding, which `-r leaks` does not
+    /// do (qemu-img's "need to rebuild" error): nothing was written.
+    pub needs_rebuild: bool,
+}

@@ -12,7 +12,7 @@ use super::reader::{
     CompressedLayout, Qcow2Reader, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use super::writer::get_refcount;
-use crate::check::CheckReport;
+use crate::check::{CheckReport, Fix, Repaired};
 use crate::error::Result;
 use crate::fileio::read_up_to_at;
 
@@ -63,6 +63,14 @@ fn kind(entry: u64, extended: bool, external: bool) -> Kind {
     }
 }
 
+/// A stored refcount that differs from the references counted.
+#[derive(Debug, Clone, Copy)]
+struct Mismatch {
+    cluster: u64,
+    stored: u64,
+    computed: u64,
+}
+
 struct Checker<'a> {
     r: &'a Qcow2Reader,
     h: &'a Header,
@@ -76,10 +84,21 @@ struct Checker<'a> {
     report: CheckReport,
     max_refcount: u64,
     compressed: CompressedLayout,
+    /// What `compare` found, cluster by cluster.
+    mismatches: Vec<Mismatch>,
 }
 
 /// Checks a qcow2 image's metadata.
 pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
+    let (mut c, reftable) = calculate(r)?;
+    c.compare(&reftable)?;
+    c.check_copied(&reftable, None)?;
+    Ok(c.report)
+}
+
+/// The references to every cluster, counted from the metadata (QEMU's
+/// `calculate_refcounts`), and the refcount table.
+fn calculate(r: &Qcow2Reader) -> Result<(Checker<'_>, Vec<u64>)> {
     let h = r.header();
     let cs = h.cluster_size();
     let nb_clusters = r.file_len().div_ceil(cs);
@@ -101,6 +120,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
             (1 << bits) - 1
         },
         compressed: CompressedLayout::new(h.cluster_bits),
+        mismatches: Vec::new(),
     };
     c.inc(0, cs); // header
     c.check_l1(h.l1_table_offset, h.l1_size, true)?;
@@ -132,9 +152,144 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
         (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
     )?;
     c.check_refblocks(&reftable);
+    Ok((c, reftable))
+}
+
+/// Repairs `r`'s refcounts and OFLAG_COPIED flags in place through `out`
+/// (the same file, opened for writing and locked), as `qemu-img check -r`
+/// does: a first pass reports, a second repairs. Each write changes one
+/// refcount or one table entry (at most 8 bytes, inside one sector) and
+/// only ever brings the metadata closer to the references, so an
+/// interrupted repair leaves an image that a new check (or repair) sees
+/// as no worse than before. Damage that needs the refcount structure
+/// rebuilt, or tables rewritten, is refused before anything is written.
+pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
+    let (mut c, reftable) = calculate(r)?;
+    let structural = c.report.corruptions;
+    let structural_messages = c.report.messages.clone();
     c.compare(&reftable)?;
-    c.check_copied(&reftable)?;
-    Ok(c.report)
+    let rebuild = c.mismatches.iter().any(|m| m.stored == 0);
+    let mut done = Repaired {
+        messages: c.report.messages.clone(),
+        ..Repaired::default()
+    };
+    if fix == Fix::All && (structural > 0 || rebuild) {
+        let what = structural_messages
+            .first()
+            .cloned()
+            .or_else(|| {
+                c.mismatches.iter().find(|m| m.stored == 0).map(|m| {
+                    format!(
+                        "cluster {} has refcount 0 but {} references",
+                        m.cluster, m.computed
+                    )
+                })
+            })
+            .unwrap_or_default();
+        return Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            format!(
+                "check -r all: this damage needs the refcount structure rebuilt or tables rewritten ({what}); vmshift repairs leaks, refcounts that are too low and OFLAG_COPIED flags only, and has written nothing (qemu-img check -r all rebuilds it)"
+            ),
+        )
+        .at_path(r.path_ref()));
+    }
+    if rebuild {
+        done.messages
+            .push("ERROR need to rebuild refcount structures".into());
+        done.needs_rebuild = true;
+        return Ok(done);
+    }
+    // The repairing pass.
+    let bits = u64::from(c.h.refcount_bits());
+    let per_block = c.cs * 8 / bits;
+    for m in c.mismatches.clone() {
+        let fixable = if m.stored > m.computed {
+            true
+        } else {
+            fix == Fix::All
+        };
+        if !fixable {
+            done.messages.push(format!(
+                "ERROR cluster {} refcount={} reference={}",
+                m.cluster, m.stored, m.computed
+            ));
+            continue;
+        }
+        done.messages.push(format!(
+            "Repairing cluster {} refcount={} reference={}",
+            m.cluster, m.stored, m.computed
+        ));
+        let entry = reftable[(m.cluster / per_block) as usize] & !REFT_RESERVED_MASK;
+        let index = (m.cluster % per_block) as usize;
+        write_refcount(out, r.path_ref(), entry, index, bits, m.computed)?;
+        if m.computed == 0 {
+            // A freed cluster gives its space back (QEMU discards it).
+            punch_hole(out, m.cluster * c.cs, c.cs);
+        }
+        if m.stored > m.computed {
+            done.leaks_fixed += 1;
+            c.report.leaks -= 1;
+        } else {
+            done.corruptions_fixed += 1;
+            c.report.corruptions -= 1;
+        }
+    }
+    // OFLAG_COPIED, against the repaired refcounts: always with -r all;
+    // with -r leaks only when nothing else is left wrong.
+    let repair_copied = match fix {
+        Fix::All => true,
+        Fix::Leaks => {
+            c.report.check_errors == 0 && c.report.corruptions == 0 && c.report.leaks == 0
+        }
+    };
+    let before = c.report.messages.len();
+    let fixed = c.check_copied(&reftable, repair_copied.then_some(out))?;
+    done.corruptions_fixed += fixed;
+    done.messages
+        .extend(c.report.messages[before..].iter().cloned());
+    out.sync_all()
+        .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
+    Ok(done)
+}
+
+/// Sets the refcount at `index` of the refcount block at `block` to
+/// `value`, writing only the bytes that hold it.
+fn write_refcount(
+    out: &File,
+    path: &std::path::Path,
+    block: u64,
+    index: usize,
+    bits: u64,
+    value: u64,
+) -> Result<()> {
+    let bit = index as u64 * bits;
+    let (first, len) = (bit / 8, bits.div_ceil(8));
+    let mut bytes = vec![0u8; len as usize];
+    read_up_to_at(out, path, &mut bytes, block + first)?;
+    // Place the entry in a scratch block aligned like the real one.
+    let mut scratch = vec![0u8; (first + len) as usize];
+    scratch[first as usize..].copy_from_slice(&bytes);
+    super::writer::put_refcount(&mut scratch, index, bits, value);
+    crate::fileio::write_all_at(out, path, &scratch[first as usize..], block + first)
+}
+
+/// Gives a freed cluster's space back to the file system; advisory.
+fn punch_hole(out: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: fallocate on a valid descriptor borrowed from `out`; it reads
+    // and writes no memory of ours. Errors only mean the space stays used.
+    unsafe {
+        libc::fallocate(
+            out.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        );
+    }
 }
 
 impl Checker<'_> {
@@ -450,6 +605,13 @@ impl Checker<'_> {
             if stored > 0 || computed > 0 {
                 highest = c;
             }
+            if stored != computed {
+                self.mismatches.push(Mismatch {
+                    cluster: c,
+                    stored,
+                    computed,
+                });
+            }
             if stored < computed {
                 self.corrupt(format!(
                     "ERROR cluster {c} refcount={stored} reference={computed}"
@@ -466,8 +628,15 @@ impl Checker<'_> {
     }
 
     /// OFLAG_COPIED must be set exactly when a cluster's refcount is 1, in
-    /// the active L1 table and its L2 tables.
-    fn check_copied(&mut self, reftable: &[u64]) -> Result<()> {
+    /// the active L1 table and its L2 tables. With `repair`, each entry in
+    /// error is set right (one 8-byte write); returns how many.
+    fn check_copied(&mut self, reftable: &[u64], repair: Option<&File>) -> Result<u64> {
+        let mut fixed = 0;
+        let word = if repair.is_some() {
+            "Repairing"
+        } else {
+            "ERROR"
+        };
         let mut cache = None;
         let l1 = self.r.l1.clone();
         let ext = self.h.extended_l2();
@@ -485,11 +654,22 @@ impl Checker<'_> {
             };
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
                 self.corrupt(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    "{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
+                if let Some(out) = repair {
+                    let new = if rc == 1 {
+                        e | OFLAG_COPIED
+                    } else {
+                        e & !OFLAG_COPIED
+                    };
+                    let at = self.h.l1_table_offset + 8 * i as u64;
+                    crate::fileio::write_all_at(out, self.r.path_ref(), &new.to_be_bytes(), at)?;
+                    self.report.corruptions -= 1;
+                    fixed += 1;
+                }
             }
             let table = self.read_u64s(l2, (self.cs / 8) as usize)?;
-            for pair in table.chunks_exact(per) {
+            for (j, pair) in table.chunks_exact(per).enumerate() {
                 let entry = pair[0];
                 if !matches!(kind(entry, ext, external), Kind::Normal | Kind::ZeroAlloc) {
                     continue;
@@ -502,12 +682,28 @@ impl Checker<'_> {
                 if let Some(rc) = rc {
                     if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                         self.corrupt(format!(
-                            "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
+                            "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
                         ));
+                        if let Some(out) = repair {
+                            let new = if rc == 1 {
+                                entry | OFLAG_COPIED
+                            } else {
+                                entry & !OFLAG_COPIED
+                            };
+                            let at = l2 + (j * per * 8) as u64;
+                            crate::fileio::write_all_at(
+                                out,
+                                self.r.path_ref(),
+                                &new.to_be_bytes(),
+                                at,
+                            )?;
+                            self.report.corruptions -= 1;
+                            fixed += 1;
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(fixed)
     }
 }

@@ -715,4 +715,8 @@ impl ImageReader for Qcow2Reader {
     fn check(&self) -> Option<Result<crate::check::CheckReport>> {
         Some(super::check::check(self))
     }
+
+    fn repair(&self, out: &File, fix: crate::check::Fix) -> Option<Result<crate::check::Repaired>> {
+        Some(super::check::repair(self, out, fix))
+    }
 }
