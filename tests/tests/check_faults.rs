@@ -1017,7 +1017,7 @@ fn repair_does_what_qemu_img_check_r_does() {
 }
 
 #[test]
-fn repair_refuses_what_needs_a_rebuild_and_what_it_cannot_lock() {
+fn repair_rebuilds_the_refcount_structure_as_qemu_img_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     damaged(d, "q.qcow2", "zero");
@@ -1030,16 +1030,61 @@ fn repair_refuses_what_needs_a_rebuild_and_what_it_cannot_lock() {
     assert_eq!(theirs.status.code(), Some(1));
     assert!(text(&ours.stderr, "v.qcow2").contains("ERROR need to rebuild refcount structures"));
     assert_eq!(std::fs::read(d.join("v.qcow2")).unwrap(), before);
-    // -r all: qemu-img rebuilds the refcount structure; vmshift says it
-    // does not, before writing anything.
-    let ours = vmshift(d, &["check", "-r", "all", "v.qcow2"]);
+    assert_eq!(std::fs::read(d.join("q.qcow2")).unwrap(), before);
+    // -r all: a new refcount structure, placed where QEMU places it; the
+    // same lines, and the same file to the byte — with one refcount block
+    // and with many (512-byte clusters: a block per 128 KiB).
+    for opts in [&[][..], &["-o", "cluster_size=512"][..]] {
+        create(d, "q.qcow2", "8M", opts);
+        io(d, "q.qcow2", &["write -P 1 0 3M"]);
+        let mut img = Image::open(d, "q.qcow2");
+        let (_, e) = img.first_data_entry();
+        img.set_refcount((e & OFFSET_MASK) >> img.cluster_bits, 0);
+        img.save();
+        std::fs::copy(d.join("q.qcow2"), d.join("v.qcow2")).unwrap();
+        let theirs = qemu_img(d, &["check", "-r", "all", "q.qcow2"]);
+        let ours = vmshift(d, &["check", "-r", "all", "v.qcow2"]);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{opts:?}");
+        assert_eq!(
+            text(&ours.stdout, "v.qcow2"),
+            text(&theirs.stdout, "q.qcow2"),
+            "{opts:?}"
+        );
+        assert_eq!(
+            text(&ours.stderr, "v.qcow2"),
+            text(&theirs.stderr, "q.qcow2"),
+            "{opts:?}"
+        );
+        assert!(text(&ours.stderr, "v").contains("Rebuilding refcount structure"));
+        assert_eq!(
+            std::fs::read(d.join("v.qcow2")).unwrap(),
+            std::fs::read(d.join("q.qcow2")).unwrap(),
+            "{opts:?}"
+        );
+    }
+}
+
+#[test]
+fn repair_refuses_what_it_cannot_do_or_cannot_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // An L2 entry pointing at an unaligned offset: tables to rewrite,
+    // which vmshift does not do: refused before anything is written.
+    create(d, "u.qcow2", "4M", &[]);
+    io(d, "u.qcow2", &["write -P 1 0 128k"]);
+    let mut img = Image::open(d, "u.qcow2");
+    let (pos, e) = img.first_data_entry();
+    img.set_u64(pos, e | 0x200);
+    img.save();
+    let before = std::fs::read(d.join("u.qcow2")).unwrap();
+    let ours = vmshift(d, &["check", "-r", "all", "u.qcow2"]);
     assert_eq!(ours.status.code(), Some(1));
     assert!(
-        text(&ours.stderr, "v.qcow2").contains("rebuilt"),
+        text(&ours.stderr, "u").contains("has written nothing"),
         "{}",
-        text(&ours.stderr, "v.qcow2")
+        text(&ours.stderr, "u")
     );
-    assert_eq!(std::fs::read(d.join("v.qcow2")).unwrap(), before);
+    assert_eq!(std::fs::read(d.join("u.qcow2")).unwrap(), before);
     // Formats without a repair: qemu-img's 63.
     tool_ok(
         d,

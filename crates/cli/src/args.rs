@@ -720,8 +720,9 @@ pub struct CheckArgs {
     pub output: Output,
     /// Repair in place (qcow2), as qemu-img's -r: `leaks` lowers refcounts
     /// that no metadata accounts for; `all` also raises refcounts that are
-    /// too low and sets OFLAG_COPIED right. Damage that needs the refcount
-    /// structure rebuilt is refused before anything is written.
+    /// too low, rebuilds the refcount structure where a used cluster has
+    /// refcount 0, and sets OFLAG_COPIED right. Damage that needs L1/L2
+    /// tables rewritten is refused before anything is written.
     #[arg(short = 'r', long = "repair", value_enum, value_name = "leaks|all")]
     pub repair: Option<RepairArg>,
     #[command(flatten)]

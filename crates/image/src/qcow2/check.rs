@@ -90,7 +90,13 @@ struct Checker<'a> {
 
 /// Checks a qcow2 image's metadata.
 pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
-    let (mut c, reftable) = calculate(r)?;
+    let h = r.header();
+    let (mut c, reftable) = calculate(
+        r,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        r.file_len(),
+    )?;
     c.compare(&reftable)?;
     c.check_copied(&reftable, None)?;
     Ok(c.report)
@@ -98,17 +104,22 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
 
 /// The references to every cluster, counted from the metadata (QEMU's
 /// `calculate_refcounts`), and the refcount table.
-fn calculate(r: &Qcow2Reader) -> Result<(Checker<'_>, Vec<u64>)> {
+fn calculate(
+    r: &Qcow2Reader,
+    rt_offset: u64,
+    rt_clusters: u32,
+    file_len: u64,
+) -> Result<(Checker<'_>, Vec<u64>)> {
     let h = r.header();
     let cs = h.cluster_size();
-    let nb_clusters = r.file_len().div_ceil(cs);
+    let nb_clusters = file_len.div_ceil(cs);
     let bits = h.refcount_bits() as u64;
     let mut c = Checker {
         r,
         h,
         file: r.file(),
         cs,
-        file_len: r.file_len(),
+        file_len,
         refs: vec![0; nb_clusters as usize],
         report: CheckReport {
             total_clusters: h.size.div_ceil(cs),
@@ -142,15 +153,9 @@ fn calculate(r: &Qcow2Reader) -> Result<(Checker<'_>, Vec<u64>)> {
     }
     let snapshots_size = c.snapshots_size()?;
     c.inc(h.snapshots_offset, snapshots_size);
-    c.inc(
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs,
-    );
+    c.inc(rt_offset, u64::from(rt_clusters) * cs);
     c.check_bitmaps()?;
-    let reftable = c.read_u64s(
-        h.refcount_table_offset,
-        (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
-    )?;
+    let reftable = c.read_u64s(rt_offset, (u64::from(rt_clusters) * cs / 8) as usize)?;
     c.check_refblocks(&reftable);
     Ok((c, reftable))
 }
@@ -164,7 +169,13 @@ fn calculate(r: &Qcow2Reader) -> Result<(Checker<'_>, Vec<u64>)> {
 /// as no worse than before. Damage that needs the refcount structure
 /// rebuilt, or tables rewritten, is refused before anything is written.
 pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
-    let (mut c, reftable) = calculate(r)?;
+    let h = r.header();
+    let (mut c, reftable) = calculate(
+        r,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        r.file_len(),
+    )?;
     let structural = c.report.corruptions;
     let structural_messages = c.report.messages.clone();
     c.compare(&reftable)?;
@@ -173,26 +184,18 @@ pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
         messages: c.report.messages.clone(),
         ..Repaired::default()
     };
-    if fix == Fix::All && (structural > 0 || rebuild) {
-        let what = structural_messages
-            .first()
-            .cloned()
-            .or_else(|| {
-                c.mismatches.iter().find(|m| m.stored == 0).map(|m| {
-                    format!(
-                        "cluster {} has refcount 0 but {} references",
-                        m.cluster, m.computed
-                    )
-                })
-            })
-            .unwrap_or_default();
+    if fix == Fix::All && structural > 0 {
+        let what = structural_messages.first().cloned().unwrap_or_default();
         return Err(crate::error::Error::new(
             crate::error::ErrorKind::Unsupported,
             format!(
-                "check -r all: this damage needs the refcount structure rebuilt or tables rewritten ({what}); vmshift repairs leaks, refcounts that are too low and OFLAG_COPIED flags only, and has written nothing (qemu-img check -r all rebuilds it)"
+                "check -r all: this damage needs tables rewritten ({what}); vmshift repairs refcounts (rebuilding their structure if need be) and OFLAG_COPIED flags, and has written nothing"
             ),
         )
         .at_path(r.path_ref()));
+    }
+    if fix == Fix::All && rebuild {
+        return rebuild_and_repair(r, out, c, done);
     }
     if rebuild {
         done.messages
@@ -251,6 +254,204 @@ pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
     out.sync_all()
         .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
     Ok(done)
+}
+
+/// `-r all` where a referenced cluster has refcount 0: QEMU's
+/// `rebuild_refcount_structure` — new refcount blocks and a new refcount
+/// table written from the references counted (placed as QEMU places
+/// them), the header switched to them in one write, then the old
+/// structure's clusters freed as leaks and OFLAG_COPIED set right. Until
+/// the header write the old structure stays in force: an interruption
+/// before it leaves the image as it was, after it only leaks.
+fn rebuild_and_repair(
+    r: &Qcow2Reader,
+    out: &File,
+    mut c: Checker<'_>,
+    mut done: Repaired,
+) -> Result<Repaired> {
+    done.messages.push("Rebuilding refcount structure".into());
+    let (old_corruptions, old_leaks) = (c.report.corruptions, c.report.leaks);
+    let (rt_offset, rt_clusters) = c.rebuild(out)?;
+    // The references again, against the new structure: the old one is
+    // now leaked, and its leaks are fixed (but, as in QEMU, not counted).
+    // The file grew if the new structure went past its end.
+    let file_len = out
+        .metadata()
+        .map_err(|e| crate::error::Error::io(r.path_ref(), "reading the file's length", e))?
+        .len();
+    let (mut c2, reftable) = calculate(r, rt_offset, rt_clusters, file_len)?;
+    let structural = c2.report.corruptions;
+    let before = c2.report.messages.len();
+    c2.compare(&reftable)?;
+    c2.report.messages.truncate(before);
+    let bits = u64::from(c2.h.refcount_bits());
+    let per_block = c2.cs * 8 / bits;
+    let mut still_broken = false;
+    for m in c2.mismatches.clone() {
+        if m.stored > m.computed {
+            done.messages.push(format!(
+                "Repairing cluster {} refcount={} reference={}",
+                m.cluster, m.stored, m.computed
+            ));
+            let block = reftable[(m.cluster / per_block) as usize] & !REFT_RESERVED_MASK;
+            let index = (m.cluster % per_block) as usize;
+            write_refcount(out, r.path_ref(), block, index, bits, m.computed)?;
+            if m.computed == 0 {
+                punch_hole(out, m.cluster * c2.cs, c2.cs);
+            }
+        } else {
+            done.messages.push(format!(
+                "ERROR cluster {} refcount={} reference={}",
+                m.cluster, m.stored, m.computed
+            ));
+            still_broken |= m.stored == 0;
+        }
+    }
+    if still_broken {
+        done.messages
+            .push("ERROR rebuilt refcount structure is still broken".into());
+    }
+    done.corruptions_fixed += old_corruptions.saturating_sub(structural);
+    done.leaks_fixed += old_leaks;
+    c2.report.corruptions = structural;
+    c2.report.leaks = 0;
+    let before = c2.report.messages.len();
+    let fixed = c2.check_copied(&reftable, Some(out))?;
+    done.corruptions_fixed += fixed;
+    done.messages
+        .extend(c2.report.messages[before..].iter().cloned());
+    out.sync_all()
+        .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
+    Ok(done)
+}
+
+impl Checker<'_> {
+    /// QEMU's `alloc_clusters_imrt`: `count` free clusters in a row in the
+    /// counted references, from `*first_free` on (growing the table past
+    /// the end of the file if need be), marked used; their offset.
+    fn alloc_imrt(&mut self, count: u64, first_free: &mut u64) -> u64 {
+        let mut cluster = *first_free;
+        let mut first_gap = true;
+        let mut contiguous = 0u64;
+        while cluster < self.refs.len() as u64 && contiguous < count {
+            if self.refs[cluster as usize] == 0 {
+                contiguous += 1;
+                if first_gap {
+                    *first_free = cluster;
+                    first_gap = false;
+                }
+            } else {
+                contiguous = 0;
+            }
+            cluster += 1;
+        }
+        if contiguous < count {
+            let new_len = cluster + count - contiguous;
+            if (self.refs.len() as u64) < new_len {
+                self.refs.resize(new_len as usize, 0);
+            }
+        }
+        cluster -= contiguous;
+        for i in cluster..cluster + count {
+            self.refs[i as usize] = 1;
+        }
+        cluster * self.cs
+    }
+
+    /// QEMU's `rebuild_refcounts_write_refblocks`: writes the refcount
+    /// block of every range of clusters in `[first, end)` that holds a
+    /// used cluster, allocating those that `reftable` lacks; true when the
+    /// table had to grow.
+    fn write_refblocks(
+        &mut self,
+        out: &File,
+        first: u64,
+        end: u64,
+        reftable: &mut Vec<u64>,
+    ) -> Result<bool> {
+        let bits = u64::from(self.h.refcount_bits());
+        let per_block = self.cs * 8 / bits;
+        let mut end = end;
+        let mut first_free = 0u64;
+        let mut grown = false;
+        let mut cluster = first;
+        while cluster < end {
+            if self.refs.get(cluster as usize).copied().unwrap_or(0) == 0 {
+                cluster += 1;
+                continue;
+            }
+            let index = cluster / per_block;
+            let start = index * per_block;
+            let offset = match reftable.get(index as usize) {
+                Some(&o) if o != 0 => o,
+                _ => {
+                    first_free = first_free.max(start);
+                    let o = self.alloc_imrt(1, &mut first_free);
+                    if o / self.cs >= end {
+                        // The block that counts this block must be written.
+                        end = o / self.cs + 1;
+                    }
+                    if reftable.len() as u64 <= index {
+                        let entries = ((index + 1) * 8).div_ceil(self.cs) * self.cs / 8;
+                        reftable.resize(entries as usize, 0);
+                        grown = true;
+                    }
+                    reftable[index as usize] = o;
+                    o
+                }
+            };
+            let mut block = vec![0u8; self.cs as usize];
+            for i in 0..per_block {
+                let v = self.refs.get((start + i) as usize).copied().unwrap_or(0);
+                if v != 0 {
+                    super::writer::put_refcount(&mut block, i as usize, bits, v);
+                }
+            }
+            crate::fileio::write_all_at(out, self.r.path_ref(), &block, offset)?;
+            cluster = start + per_block;
+        }
+        Ok(grown)
+    }
+
+    /// QEMU's `rebuild_refcount_structure`: new refcount blocks and table
+    /// from the counted references; returns the table's offset and size in
+    /// clusters, now in the header.
+    fn rebuild(&mut self, out: &File) -> Result<(u64, u32)> {
+        let path = self.r.path_ref().to_path_buf();
+        let mut reftable: Vec<u64> = Vec::new();
+        let nb = self.refs.len() as u64;
+        self.write_refblocks(out, 0, nb, &mut reftable)?;
+        let (offset, clusters) = loop {
+            let clusters = (reftable.len() as u64 * 8).div_ceil(self.cs);
+            let mut first_free = 0;
+            let offset = self.alloc_imrt(clusters, &mut first_free);
+            let start = offset / self.cs;
+            let grown = self.write_refblocks(out, start, start + clusters, &mut reftable)?;
+            if !grown {
+                break (offset, clusters);
+            }
+        };
+        let bytes: Vec<u8> = reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        crate::fileio::write_all_at(out, &path, &bytes, offset)?;
+        // Everything the new table names is on disk before the header
+        // points at it.
+        out.sync_all()
+            .map_err(|e| crate::error::Error::io(&path, "syncing the new refcount structure", e))?;
+        let clusters = u32::try_from(clusters).map_err(|_| {
+            crate::error::Error::new(
+                crate::error::ErrorKind::Unsupported,
+                "the rebuilt refcount table would be too large",
+            )
+            .at_path(&path)
+        })?;
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&offset.to_be_bytes());
+        header[8..].copy_from_slice(&clusters.to_be_bytes());
+        crate::fileio::write_all_at(out, &path, &header, 48)?;
+        out.sync_all()
+            .map_err(|e| crate::error::Error::io(&path, "syncing the header", e))?;
+        Ok((offset, clusters))
+    }
 }
 
 /// Sets the refcount at `index` of the refcount block at `block` to
@@ -488,7 +689,7 @@ impl Checker<'_> {
         }
         self.inc(dir_offset, dir_size);
         let mut dir = vec![0u8; dir_size as usize];
-        if dir_offset < self.r.file_len() {
+        if dir_offset < self.file_len {
             read_up_to_at(self.file, self.r.path_ref(), &mut dir, dir_offset)?;
         }
         let mut pos = 0usize;
