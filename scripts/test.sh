@@ -23,6 +23,10 @@ command -v sgdisk >/dev/null || missing+=(gdisk)
 command -v mke2fs >/dev/null || missing+=(e2fsprogs)
 # strace counts the flushes convert's cache modes make.
 command -v strace >/dev/null || missing+=(strace)
+# FAT file systems for the guest tests: mkfs.fat, and mtools to fill and
+# list them.
+command -v mkfs.fat >/dev/null || missing+=(dosfstools)
+command -v mdir >/dev/null || missing+=(mtools)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
 # VMs, cpio and lz4 for the initramfs and kernel it assembles.
 command -v debootstrap >/dev/null || missing+=(debootstrap)

@@ -38,6 +38,75 @@ pub enum Command {
     /// Read, check and convert whole VMs (.vmx, libvirt XML, Proxmox .conf, OVF/OVA).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Read what is inside a guest's disks, offline: its file systems and
+    /// files (ext2/3/4 and FAT read; XFS, NTFS, btrfs, LVM, swap named).
+    #[command(subcommand)]
+    Guest(GuestCommand),
+}
+
+/// `vmshift guest …`.
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// List the file systems on the disks: device, type, UUID, label, size
+    /// (like virt-filesystems --long).
+    Filesystems(GuestFsArgs),
+    /// List a directory of the guest (like virt-ls).
+    Ls(GuestLsArgs),
+    /// Print a file of the guest (like virt-cat).
+    Cat(GuestCatArgs),
+}
+
+/// The disks a guest command reads.
+#[derive(Debug, Clone, Args)]
+pub struct GuestSource {
+    /// A disk image, or a VM descriptor (.vmx, .xml, .conf, .ovf, .ova)
+    /// whose hard disks are read in order (/dev/sda, /dev/sdb, …).
+    pub image: PathBuf,
+    /// The image's format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub format: Option<FormatArg>,
+    /// The descriptor's format (by extension when omitted).
+    #[arg(long, value_enum)]
+    pub from: Option<VmFormatArg>,
+    #[command(flatten)]
+    pub roots: DiskRootArgs,
+    #[command(flatten)]
+    pub gate: GateArgs,
+}
+
+/// `vmshift guest filesystems`.
+#[derive(Debug, Args)]
+pub struct GuestFsArgs {
+    #[command(flatten)]
+    pub source: GuestSource,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// `vmshift guest ls`.
+#[derive(Debug, Args)]
+pub struct GuestLsArgs {
+    #[command(flatten)]
+    pub source: GuestSource,
+    /// Long listing: mode, size, modification time, name (and a symlink's
+    /// target).
+    #[arg(short = 'l', long)]
+    pub long: bool,
+    /// The directory: a path in the guest's root file system, or one
+    /// prefixed with a file system (`/dev/sda1:/EFI`).
+    #[arg(default_value = "/")]
+    pub path: String,
+}
+
+/// `vmshift guest cat`.
+#[derive(Debug, Args)]
+pub struct GuestCatArgs {
+    #[command(flatten)]
+    pub source: GuestSource,
+    /// The file: a path in the guest's root file system, or one prefixed
+    /// with a file system (`/dev/sda1:/EFI/BOOT/BOOTX64.EFI`).
+    pub path: String,
 }
 
 /// How new space is provided when growing.

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmshift::args::{Command, VmCommand};
+use vmshift::args::{Command, GuestCommand, VmCommand};
 use vmshift::{cmd, Cli};
 
 fn main() -> ExitCode {
@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Convert(a)) => (cmd::vm::convert_vm(a), 1),
         Command::Vm(VmCommand::Diff(a)) => (cmd::vm::diff(a), 2),
         Command::Vm(VmCommand::Boot(a)) => (cmd::boot::run(a), cmd::boot::EXIT_ERROR),
+        Command::Guest(GuestCommand::Filesystems(a)) => (cmd::guest::filesystems(a), 1),
+        Command::Guest(GuestCommand::Ls(a)) => (cmd::guest::ls(a), 1),
+        Command::Guest(GuestCommand::Cat(a)) => (cmd::guest::cat(a), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -77,6 +77,17 @@ fn sane_ext_superblock(sb: &[u8; 1024], len: u64) -> bool {
         && groups.checked_mul(desc).is_some_and(|d| d <= len)
 }
 
+/// Opens the ext2/3/4 file system at `[start, start + len)` of `image`,
+/// its superblock's geometry checked first; `None` when it does not open.
+pub(crate) fn open_ext(image: Arc<dyn ImageReader>, start: u64, len: u64) -> Option<Ext4> {
+    let mut sb = [0u8; 1024];
+    if len < 2048 || image.read_at(&mut sb, start + 1024).is_err() || !sane_ext_superblock(&sb, len)
+    {
+        return None;
+    }
+    Ext4::load(Box::new(RangeReader { image, start, len })).ok()
+}
+
 /// An ext2/3/4 file system found on a disk.
 pub struct Filesystem {
     /// Where it is, for messages: "disk.qcow2 partition 1".

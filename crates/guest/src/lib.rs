@@ -9,12 +9,15 @@
 #![deny(missing_docs)]
 
 pub mod bootcfg;
+pub mod fat;
 pub mod fs;
+pub mod vfs;
 
 use std::path::PathBuf;
 
 pub use bootcfg::{find_boot_entry, BootEntry};
 pub use fs::{filesystems, Filesystem};
+pub use vfs::{scan, EntryKind, Found, FsInfo, FsKind, GuestFs};
 
 /// The largest kernel, or initramfs (all its files together), read from a
 /// guest.

@@ -380,3 +380,18 @@ pub fn disk_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
     }
     out
 }
+
+/// The VM's hard disks, opened in the descriptor's order through the
+/// gate (for reading their guest file systems): what each is called, and
+/// its reader. A disk that does not open is an error naming it.
+pub fn open_disks(vm: &Vm, resolver: &Resolver) -> Result<Vec<(String, Box<dyn ImageReader>)>> {
+    let mut out = Vec::new();
+    for d in &vm.disks {
+        let Some(src) = &d.source else { continue };
+        if d.device != DeviceKind::Disk {
+            continue;
+        }
+        out.push(resolver.open(src)?);
+    }
+    Ok(out)
+}

@@ -5,6 +5,7 @@ pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod guest;
 pub mod info;
 pub mod map;
 pub mod part;

@@ -1,0 +1,222 @@
+//! `vmshift guest`: the file systems and files inside a guest's disks,
+//! read offline through vmshift's own image and file-system readers.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::json;
+use vmshift_guest::vfs::{self, EntryKind, Found, GuestFs};
+use vmshift_image::ImageReader;
+use vmshift_vm::DescriptorFormat;
+
+use crate::args::{GuestCatArgs, GuestFsArgs, GuestLsArgs, GuestSource, Output, VmFormatArg};
+
+/// The largest file `guest cat` prints.
+const MAX_CAT: u64 = 1 << 40;
+
+fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
+    from.is_some() || DescriptorFormat::from_extension(path).is_some()
+}
+
+/// The disks: the image itself, or the descriptor's hard disks in order.
+fn disks(src: &GuestSource) -> Result<Vec<Arc<dyn ImageReader>>> {
+    if is_descriptor(&src.image, src.from) {
+        let mut l = crate::cmd::vm::load(&src.image, src.from)?;
+        let resolver = crate::cmd::vm::resolver(&mut l, &src.roots, src.gate.force_share)?;
+        let disks = vmshift_vm::open_disks(&l.lowered.vm, &resolver)?;
+        if disks.is_empty() {
+            bail!("{}: the VM has no hard disk", src.image.display());
+        }
+        return Ok(disks.into_iter().map(|(_, d)| Arc::from(d)).collect());
+    }
+    let img = crate::cmd::open(
+        &src.image,
+        src.format,
+        &src.gate,
+        false,
+        crate::cmd::Use::Look,
+    )?;
+    Ok(vec![Arc::from(img)])
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}")
+    } else if v < 10.0 {
+        format!("{v:.1}{}", UNITS[u])
+    } else {
+        format!("{v:.0}{}", UNITS[u])
+    }
+}
+
+pub fn filesystems(args: &GuestFsArgs) -> Result<i32> {
+    let found = vfs::scan(&disks(&args.source)?)?;
+    match args.output {
+        Output::Json => {
+            let v: Vec<_> = found
+                .iter()
+                .map(|f| {
+                    json!({
+                        "name": f.info.place,
+                        "type": f.info.kind.name(),
+                        "uuid": f.info.uuid,
+                        "label": f.info.label,
+                        "size": f.info.size,
+                        "readable": f.info.kind.readable(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Human => {
+            println!(
+                "{:<12} {:<12} {:<38} {:<16} {:>6}",
+                "Name", "Type", "UUID", "Label", "Size"
+            );
+            for f in &found {
+                println!(
+                    "{:<12} {:<12} {:<38} {:<16} {:>6}",
+                    f.info.place,
+                    f.info.kind.name(),
+                    f.info.uuid.as_deref().unwrap_or("-"),
+                    f.info.label.as_deref().unwrap_or("-"),
+                    human_size(f.info.size)
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The file system a guest path names (`/dev/sda1:/etc` or a path in the
+/// root file system) and the path inside it.
+fn locate(found: &[Found], path: &str) -> Result<(Box<dyn GuestFs>, String)> {
+    if let Some((dev, inner)) = path.split_once(':') {
+        let f = found.iter().find(|f| f.info.place == dev).ok_or_else(|| {
+            anyhow!("{dev}: no file system there (see `vmshift guest filesystems`)")
+        })?;
+        let inner = if inner.is_empty() { "/" } else { inner };
+        if !inner.starts_with('/') {
+            bail!("{path}: the path inside {dev} must be absolute");
+        }
+        return Ok((vfs::open(f)?, inner.to_string()));
+    }
+    if !path.starts_with('/') {
+        bail!("{path}: a guest path is absolute (/etc/fstab) or names its file system (/dev/sda1:/EFI)");
+    }
+    let readable: Vec<&Found> = found.iter().filter(|f| f.info.kind.readable()).collect();
+    // The root: the one file system there is, or the one that holds /etc.
+    let mut roots = Vec::new();
+    for f in &readable {
+        let fs = vfs::open(f)?;
+        let has_etc = fs.stat("/etc").is_ok_and(|e| e.kind == EntryKind::Dir);
+        if has_etc {
+            roots.push(fs);
+        }
+    }
+    match (roots.len(), readable.len()) {
+        (1, _) => Ok((roots.remove(0), path.to_string())),
+        (0, 1) => Ok((vfs::open(readable[0])?, path.to_string())),
+        _ => {
+            let names: Vec<&str> = readable.iter().map(|f| f.info.place.as_str()).collect();
+            bail!(
+                "{path}: which file system? Prefix the path with one of: {} (e.g. {}:{path})",
+                names.join(", "),
+                names.first().copied().unwrap_or("/dev/sda1")
+            )
+        }
+    }
+}
+
+fn mode_string(mode: u32, kind: EntryKind) -> String {
+    let t = match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::File => '-',
+        EntryKind::Other => match mode & 0o170000 {
+            0o020000 => 'c',
+            0o060000 => 'b',
+            0o010000 => 'p',
+            0o140000 => 's',
+            _ => '?',
+        },
+    };
+    let mut s = String::from(t);
+    for (i, c) in "rwxrwxrwx".chars().enumerate() {
+        s.push(if mode & (0o400 >> i) != 0 { c } else { '-' });
+    }
+    s
+}
+
+fn time_string(secs: i64) -> String {
+    // UTC, as YYYY-MM-DD HH:MM (civil from days, Howard Hinnant's).
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+pub fn ls(args: &GuestLsArgs) -> Result<i32> {
+    let found = vfs::scan(&disks(&args.source)?)?;
+    let (fs, path) = locate(&found, &args.path)?;
+    let mut entries = fs.list(&path)?;
+    entries.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    for e in &entries {
+        if args.long {
+            let full = format!("{}/{}", path.trim_end_matches('/'), e.name);
+            let target = match e.kind {
+                EntryKind::Symlink => fs
+                    .read_link(&full)?
+                    .map(|t| format!(" -> {t}"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "{} {:>12} {} {}{}",
+                mode_string(e.mode, e.kind),
+                e.size,
+                time_string(e.mtime),
+                e.name,
+                target
+            )?;
+        } else {
+            writeln!(out, "{}", e.name)?;
+        }
+    }
+    Ok(0)
+}
+
+pub fn cat(args: &GuestCatArgs) -> Result<i32> {
+    let found = vfs::scan(&disks(&args.source)?)?;
+    let (fs, path) = locate(&found, &args.path)?;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    fs.read_to(&path, MAX_CAT, &mut out)?;
+    out.flush()?;
+    Ok(0)
+}
