@@ -56,6 +56,14 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     $sudo apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -t "$codename-backports" qemu-system-x86 qemu-utils
 fi
+# virt-inspector, the peer of `guest inspect` (libguestfs boots an
+# appliance VM; the tests run it under TCG). After the backports QEMU, so
+# that apt keeps QEMU 10 rather than pulling the release's.
+if ! command -v virt-inspector >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y libguestfs-tools
+fi
 qemu-img --version | head -n1
 
 # The end-to-end tests run the vmshift binary: build it first.

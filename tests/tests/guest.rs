@@ -299,3 +299,121 @@ fn a_vm_descriptor_names_the_disks_and_damage_is_an_error_not_a_hang() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("cluster chain"), "{}", text(&o));
 }
+
+/// A Debian-style guest: ESP and ext4 root, an fstab by UUID with a
+/// mount on a disk that is not there, a kernel and initramfs, VMware
+/// Tools, a netplan file naming ens192, a real x86-64 binary.
+fn debian_guest(d: &Path) {
+    sh(
+        d,
+        "set -e
+        mkdir -p root/etc/netplan root/bin root/boot/efi root/var/lib/dpkg root/usr/bin
+        printf 'PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\\nNAME=\"Debian GNU/Linux\"\\nVERSION_ID=\"12\"\\nID=debian\\n' > root/etc/os-release
+        echo 12.5 > root/etc/debian_version
+        echo web01 > root/etc/hostname
+        : > root/var/lib/dpkg/status
+        cp /bin/ls root/bin/ls
+        echo k > root/boot/vmlinuz-6.1.0-18-amd64
+        echo i > root/boot/initrd.img-6.1.0-18-amd64
+        echo t > root/usr/bin/vmtoolsd
+        printf 'network:\\n  ethernets:\\n    ens192:\\n      dhcp4: true\\n' > root/etc/netplan/01-netcfg.yaml
+        truncate -s 34M esp.img
+        mkfs.fat -F 32 -n ESP esp.img >/dev/null
+        esp=$(blkid -o value -s UUID esp.img)
+        printf 'UUID=0f3c3b1e-1d2a-4c5b-9e8f-0a1b2c3d4e5f / ext4 defaults 0 1\\nUUID=%s /boot/efi vfat umask=0077 0 1\\n/dev/sdb1 /srv ext4 defaults 0 2\\n' $esp > root/etc/fstab
+        mke2fs -q -t ext4 -L root -U 0f3c3b1e-1d2a-4c5b-9e8f-0a1b2c3d4e5f -d root root.img 32M
+        truncate -s 80M disk.raw
+        printf 'label: gpt\\nstart=2048, size=69632, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\\nstart=71680, size=65536, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\\n' | sfdisk -q disk.raw
+        dd if=esp.img of=disk.raw bs=512 seek=2048 conv=notrunc status=none
+        dd if=root.img of=disk.raw bs=512 seek=71680 conv=notrunc status=none
+        qemu-img convert -O qcow2 disk.raw disk.qcow2",
+    );
+}
+
+/// The text of every `<tag>` element of an XML document (no attributes).
+fn xml_all(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|s| s.split(&close).next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn inspection_agrees_with_virt_inspector() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    debian_guest(d);
+    let v = json(vmshift_ok(d, &["guest", "inspect", "--output", "json", "disk.qcow2"]).as_bytes());
+    let os = &v["operatingsystems"][0];
+    // virt-inspector boots an appliance VM (under TCG here: ~20 s).
+    let out = std::process::Command::new("virt-inspector")
+        .args(["--format=qcow2", "-a", "disk.qcow2"])
+        .env("LIBGUESTFS_BACKEND", "direct")
+        .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+        .current_dir(d)
+        .output()
+        .expect("virt-inspector (libguestfs-tools) must be installed");
+    assert!(out.status.success(), "{}", text(&out));
+    let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = |tag: &str| xml_all(&xml, tag).into_iter().next().unwrap_or_default();
+    assert_eq!(os["root"], first("root").as_str());
+    assert_eq!(os["type"], first("name").as_str());
+    assert_eq!(os["arch"], first("arch").as_str());
+    assert_eq!(os["distro"], first("distro").as_str());
+    assert_eq!(os["major_version"].to_string(), first("major_version"));
+    assert_eq!(os["minor_version"].to_string(), first("minor_version"));
+    assert_eq!(os["hostname"], first("hostname").as_str());
+    assert_eq!(os["package_format"], first("package_format").as_str());
+    assert_eq!(
+        os["package_management"],
+        first("package_management").as_str()
+    );
+    // Mount points: (device, path), a device not on these disks as fstab
+    // names it.
+    let mut theirs: Vec<(String, String)> = xml
+        .split("<mountpoint dev=\"")
+        .skip(1)
+        .map(|s| {
+            let (dev, rest) = s.split_once("\">").unwrap();
+            (dev.to_string(), rest.split('<').next().unwrap().to_string())
+        })
+        .collect();
+    let mut ours: Vec<(String, String)> = os["mountpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let dev = m["device"].as_str().or(m["spec"].as_str()).unwrap();
+            (dev.to_string(), m["path"].as_str().unwrap().to_string())
+        })
+        .collect();
+    theirs.sort();
+    ours.sort();
+    assert_eq!(ours, theirs);
+    // And what will trip the migration.
+    let codes: Vec<&str> = os["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "guest-fstab-device-name",
+            "guest-vmware-tools",
+            "guest-net-config-names-nic"
+        ]
+    );
+    assert!(os["findings"][2]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ens192"));
+    assert_eq!(
+        os["kernels"][0]["initramfs"],
+        "/boot/initrd.img-6.1.0-18-amd64"
+    );
+}

@@ -47,6 +47,11 @@ pub enum Command {
 /// `vmshift guest …`.
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
+    /// What the guest is, read offline (like virt-inspector): Linux
+    /// distribution and version, host name, architecture, package manager,
+    /// mount points resolved from fstab, kernels, VMware Tools, and what
+    /// will trip the migration.
+    Inspect(GuestFsArgs),
     /// List the file systems on the disks: device, type, UUID, label, size
     /// (like virt-filesystems --long).
     Filesystems(GuestFsArgs),

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Diff(a)) => (cmd::vm::diff(a), 2),
         Command::Vm(VmCommand::Boot(a)) => (cmd::boot::run(a), cmd::boot::EXIT_ERROR),
         Command::Guest(GuestCommand::Filesystems(a)) => (cmd::guest::filesystems(a), 1),
+        Command::Guest(GuestCommand::Inspect(a)) => (cmd::guest::inspect(a), 1),
         Command::Guest(GuestCommand::Ls(a)) => (cmd::guest::ls(a), 1),
         Command::Guest(GuestCommand::Cat(a)) => (cmd::guest::cat(a), 1),
     };

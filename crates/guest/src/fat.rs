@@ -205,6 +205,7 @@ impl Fat {
                 size: g.total_sectors * g.bps,
                 place,
                 partition,
+                partuuid: None,
             },
             cluster_bytes: g.spc * g.bps,
             fat_offset,

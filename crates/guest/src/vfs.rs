@@ -85,6 +85,9 @@ pub struct FsInfo {
     pub place: String,
     /// Its partition number (None: the whole disk).
     pub partition: Option<u32>,
+    /// The partition's PARTUUID as Linux shows it (GPT: its GUID; MBR:
+    /// the disk signature and the partition number, `1234abcd-01`).
+    pub partuuid: Option<String>,
 }
 
 /// What a directory entry is.
@@ -208,6 +211,7 @@ fn probe(
         size,
         place: place.to_string(),
         partition,
+        partuuid: None,
     };
     let u32le = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
     // ext2/3/4: superblock at 1024.
@@ -306,21 +310,34 @@ pub fn scan(disks: &[Arc<dyn ImageReader>]) -> Result<Vec<Found>> {
     for (i, image) in disks.iter().enumerate() {
         let size = image.size();
         let dev = disk_name(i);
-        let ranges: Vec<(Option<u32>, u64, u64)> = match read_table(&**image)? {
+        let mut mbr = [0u8; 512];
+        let signature = image
+            .read_at(&mut mbr, 0)
+            .ok()
+            .map(|()| u32::from_le_bytes(mbr[440..444].try_into().expect("4 bytes")));
+        let ranges: Vec<(Option<u32>, u64, u64, Option<String>)> = match read_table(&**image)? {
             Some(t) => t
                 .partitions
                 .iter()
                 .filter(|p| !p.extended && p.end <= size && p.start < p.end)
-                .map(|p| (Some(p.number), p.start, p.end - p.start))
+                .map(|p| {
+                    let partuuid = match (&p.guid, signature) {
+                        (Some(g), _) => Some(g.to_ascii_lowercase()),
+                        (None, Some(sig)) => Some(format!("{sig:08x}-{:02x}", p.number)),
+                        _ => None,
+                    };
+                    (Some(p.number), p.start, p.end - p.start, partuuid)
+                })
                 .collect(),
-            None => vec![(None, 0, size)],
+            None => vec![(None, 0, size, None)],
         };
-        for (number, start, len) in ranges {
+        for (number, start, len, partuuid) in ranges {
             let place = match number {
                 Some(n) => format!("{dev}{n}"),
                 None => dev.clone(),
             };
-            if let Some(info) = probe(image, start, len, &place, number) {
+            if let Some(mut info) = probe(image, start, len, &place, number) {
+                info.partuuid = partuuid;
                 out.push(Found {
                     info,
                     image: image.clone(),

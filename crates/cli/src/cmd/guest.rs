@@ -220,3 +220,77 @@ pub fn cat(args: &GuestCatArgs) -> Result<i32> {
     out.flush()?;
     Ok(0)
 }
+
+pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
+    let found = vfs::scan(&disks(&args.source)?)?;
+    let guests = vmshift_guest::inspect::inspect(&found)?;
+    match args.output {
+        Output::Json => {
+            let fss: Vec<_> = found
+                .iter()
+                .map(|f| {
+                    json!({
+                        "name": f.info.place,
+                        "type": f.info.kind.name(),
+                        "uuid": f.info.uuid,
+                        "label": f.info.label,
+                        "size": f.info.size,
+                    })
+                })
+                .collect();
+            let v = json!({"operatingsystems": guests, "filesystems": fss});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Human => {
+            if guests.is_empty() {
+                println!("no operating system found ({} file systems)", found.len());
+            }
+            for g in &guests {
+                let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+                println!("{}: {}", g.root, opt(&g.product_name));
+                println!(
+                    "  distribution: {} {}",
+                    opt(&g.distro),
+                    match (g.major_version, g.minor_version) {
+                        (Some(a), Some(b)) => format!("{a}.{b}"),
+                        (Some(a), None) => a.to_string(),
+                        _ => "unknown".into(),
+                    }
+                );
+                println!("  hostname:     {}", opt(&g.hostname));
+                println!("  arch:         {}", opt(&g.arch));
+                println!(
+                    "  packages:     {} ({})",
+                    opt(&g.package_format),
+                    opt(&g.package_management)
+                );
+                println!(
+                    "  vmware tools: {}",
+                    if g.vmware_tools { "installed" } else { "no" }
+                );
+                for m in &g.mountpoints {
+                    println!(
+                        "  mount {:<14} {} ({})",
+                        m.path,
+                        m.device.as_deref().unwrap_or("not on these disks"),
+                        m.spec
+                    );
+                }
+                for k in &g.kernels {
+                    println!(
+                        "  kernel {} initramfs {}",
+                        k.version,
+                        k.initramfs.as_deref().unwrap_or("none")
+                    );
+                }
+                for u in &g.unknown {
+                    println!("  unknown: {u}");
+                }
+                for f in &g.findings {
+                    println!("  {}: {}", f.code, f.message);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
