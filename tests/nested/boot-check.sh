@@ -75,6 +75,16 @@ qboot() {
     qboot qemu-debian-novirtio "$host"/debian-novirtio/*.xml
     qboot qemu-vmware-pvscsi "$fx/debian/debian.vmx"
     sha256sum -c "$host/sums" >/dev/null && echo "BOOT-RESULT qemu-images-unchanged rc=0" || echo "BOOT-RESULT qemu-images-unchanged rc=1"
+    # The offline prediction: guest inspect reads each VMware disk's
+    # initramfs and says which guest will not find its root on virtio —
+    # the one that fails to boot above.
+    for vm in debian debian-novirtio; do
+        if "$bin" guest inspect --output json "$fx/$vm/$vm.vmx" | grep -q '"guest-initramfs-no-virtio"'; then
+            echo "BOOT-RESULT inspect-$vm rc=1 no-virtio"
+        else
+            echo "BOOT-RESULT inspect-$vm rc=0 virtio"
+        fi
+    done
 } >>"$log" 2>&1
 
 pass=0 fail=0
@@ -99,6 +109,8 @@ expect qemu-debian 0 '"verdict":"booted"'
 expect qemu-debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'
 expect qemu-vmware-pvscsi 0 '"verdict":"booted"'
 expect qemu-images-unchanged 0 ''
+expect inspect-debian 0 'virtio'
+expect inspect-debian-novirtio 1 'no-virtio'
 grep -a "BOOT-CONSOLE" "$log" || true
 if [ "$fail" -gt 0 ]; then
     echo "boot-check: the outer VM's console and the QEMU checks are in $log"

@@ -314,7 +314,14 @@ fn debian_guest(d: &Path) {
         : > root/var/lib/dpkg/status
         cp /bin/ls root/bin/ls
         echo k > root/boot/vmlinuz-6.1.0-18-amd64
-        echo i > root/boot/initrd.img-6.1.0-18-amd64
+        # The initramfs as Debian packs it: an uncompressed early-microcode
+        # archive, then the main one (here zstd), with no virtio driver.
+        mkdir -p early/kernel/x86/microcode main/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/scsi main/usr/bin
+        echo ucode > early/kernel/x86/microcode/GenuineIntel.bin
+        echo m > main/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/scsi/vmw_pvscsi.ko
+        cp /bin/ls main/usr/bin/ls
+        (cd early && find . | cpio -o -H newc --quiet) > root/boot/initrd.img-6.1.0-18-amd64
+        (cd main && find . | cpio -o -H newc --quiet) | zstd -q -19 >> root/boot/initrd.img-6.1.0-18-amd64
         echo t > root/usr/bin/vmtoolsd
         printf 'network:\\n  ethernets:\\n    ens192:\\n      dhcp4: true\\n' > root/etc/netplan/01-netcfg.yaml
         truncate -s 34M esp.img
@@ -404,11 +411,20 @@ fn inspection_agrees_with_virt_inspector() {
         codes,
         [
             "guest-fstab-device-name",
+            "guest-initramfs-no-virtio",
             "guest-vmware-tools",
             "guest-net-config-names-nic"
         ]
     );
-    assert!(os["findings"][2]["message"]
+    assert_eq!(
+        os["kernels"][0]["initramfs_archives"],
+        serde_json::json!(["none", "zstd"])
+    );
+    assert!(os["findings"][1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("update-initramfs -u"));
+    assert!(os["findings"][3]["message"]
         .as_str()
         .unwrap()
         .contains("ens192"));
@@ -416,4 +432,44 @@ fn inspection_agrees_with_virt_inspector() {
         os["kernels"][0]["initramfs"],
         "/boot/initrd.img-6.1.0-18-amd64"
     );
+}
+
+#[test]
+fn an_initramfs_with_virtio_drivers_is_seen_to_have_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    debian_guest(d);
+    // The same guest with a gzip initramfs that carries virtio (as
+    // modules; virtio_pci built into the kernel, as modules.builtin says).
+    sh(
+        d,
+        "set -e
+        rm -rf main2 && mkdir -p main2/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/block main2/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/scsi
+        echo m > main2/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/block/virtio_blk.ko.xz
+        echo m > main2/usr/lib/modules/6.1.0-18-amd64/kernel/drivers/scsi/virtio_scsi.ko.xz
+        (cd main2 && find . | cpio -o -H newc --quiet) | gzip > root/boot/initrd.img-6.1.0-18-amd64
+        mkdir -p root/lib/modules/6.1.0-18-amd64
+        echo kernel/drivers/virtio/virtio_pci.ko > root/lib/modules/6.1.0-18-amd64/modules.builtin
+        rm -f root.img
+        mke2fs -q -t ext4 -L root -U 0f3c3b1e-1d2a-4c5b-9e8f-0a1b2c3d4e5f -d root root.img 32M
+        dd if=root.img of=disk.raw bs=512 seek=71680 conv=notrunc status=none
+        rm -f disk.qcow2 && qemu-img convert -O qcow2 disk.raw disk.qcow2",
+    );
+    let v = json(vmshift_ok(d, &["guest", "inspect", "--output", "json", "disk.qcow2"]).as_bytes());
+    let os = &v["operatingsystems"][0];
+    assert_eq!(
+        os["kernels"][0]["virtio_drivers"],
+        serde_json::json!(["virtio_blk", "virtio_pci", "virtio_scsi"])
+    );
+    assert_eq!(
+        os["kernels"][0]["initramfs_archives"],
+        serde_json::json!(["gzip"])
+    );
+    let codes: Vec<&str> = os["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(!codes.contains(&"guest-initramfs-no-virtio"), "{codes:?}");
 }

@@ -34,6 +34,14 @@ pub struct Kernel {
     /// The initramfs for it, if there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<String>,
+    /// The virtio drivers the guest has at boot with this kernel: in its
+    /// initramfs, or built into the kernel (`modules.builtin`).
+    pub virtio_drivers: Vec<String>,
+    /// How the initramfs is packed (`none`, `gzip`, `zstd`, in order).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub initramfs_archives: Vec<String>,
+    /// The initramfs was built by dracut in host-only mode.
+    pub dracut_hostonly: bool,
 }
 
 /// Something in the guest that will trip the migration, and what to do.
@@ -458,11 +466,87 @@ fn kernels(fs: &dyn GuestFs, g: &mut LinuxGuest) {
                 version: v.to_string(),
                 path: format!("/boot/vmlinuz-{v}"),
                 initramfs,
+                virtio_drivers: Vec::new(),
+                initramfs_archives: Vec::new(),
+                dracut_hostonly: false,
             }
         })
         .collect();
     ks.sort_by(|a, b| a.version.cmp(&b.version));
+    for k in &mut ks {
+        boot_drivers(fs, k, g);
+    }
     g.kernels = ks;
+    // The newest kernel is the one the guest boots by default: without
+    // virtio in its initramfs, the converted VM stops at the initramfs
+    // shell ("root device not found").
+    if let Some(k) = g.kernels.last() {
+        let has = |m: &str| k.virtio_drivers.iter().any(|d| d == m);
+        let missing: Vec<&str> = ["virtio_pci", "virtio_scsi", "virtio_blk"]
+            .into_iter()
+            .filter(|m| !has(m))
+            .collect();
+        let usable = has("virtio_pci") && (has("virtio_scsi") || has("virtio_blk"));
+        if k.initramfs.is_some() && !usable && !k.initramfs_archives.is_empty() {
+            let fix = match g.package_format.as_deref() {
+                Some("deb") => "printf 'virtio_pci\\nvirtio_blk\\nvirtio_scsi\\n' >> /etc/initramfs-tools/modules && update-initramfs -u -k all".to_string(),
+                _ => "dracut -f --regenerate-all --add-drivers 'virtio_pci virtio_blk virtio_scsi'".to_string(),
+            };
+            g.findings.push(GuestFinding {
+                code: "guest-initramfs-no-virtio".into(),
+                message: format!(
+                    "the initramfs of kernel {} lacks {}{}: on virtio disks the guest stops at the initramfs shell (root device not found); before converting, in the guest run: {fix}",
+                    k.version,
+                    missing.join(", "),
+                    if k.dracut_hostonly { " (dracut built it in host-only mode: only this VMware host's drivers)" } else { "" }
+                ),
+            });
+        }
+    }
+}
+
+/// The virtio drivers kernel `k` has at boot: built in, or in its
+/// initramfs (read as a stream).
+fn boot_drivers(fs: &dyn GuestFs, k: &mut Kernel, g: &mut LinuxGuest) {
+    let wanted = ["virtio_pci", "virtio_scsi", "virtio_blk", "virtio_net"];
+    let mut have = std::collections::BTreeSet::new();
+    for dir in ["/lib/modules", "/usr/lib/modules"] {
+        if let Ok(t) = text(fs, &format!("{dir}/{}/modules.builtin", k.version)) {
+            for l in t.lines() {
+                if let Some(m) = l.rsplit('/').next().and_then(|f| f.strip_suffix(".ko")) {
+                    let m = m.replace('-', "_");
+                    if wanted.contains(&m.as_str()) {
+                        have.insert(m);
+                    }
+                }
+            }
+            break;
+        }
+    }
+    if let Some(path) = k.initramfs.clone() {
+        let mut scan = crate::initramfs::Scanner::new();
+        let read = fs.read_to(&path, crate::MAX_BOOT_FILE, &mut scan);
+        match read
+            .map_err(|e| e.to_string())
+            .and_then(|_| scan.finish().map_err(|e| e.to_string()))
+        {
+            Ok(c) => {
+                k.initramfs_archives = c.archives.iter().map(|a| a.to_string()).collect();
+                k.dracut_hostonly = c.dracut_hostonly();
+                for m in c.modules() {
+                    if wanted.contains(&m.as_str()) {
+                        have.insert(m);
+                    }
+                }
+                if let Some(why) = c.unread {
+                    g.unknown.push(format!("{path}: {why}"));
+                    k.initramfs_archives.clear();
+                }
+            }
+            Err(why) => g.unknown.push(format!("{path}: {why}")),
+        }
+    }
+    k.virtio_drivers = have.into_iter().collect();
 }
 
 /// Network configuration that names an interface or a MAC address: on

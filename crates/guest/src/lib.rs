@@ -11,6 +11,7 @@
 pub mod bootcfg;
 pub mod fat;
 pub mod fs;
+pub mod initramfs;
 pub mod inspect;
 pub mod vfs;
 

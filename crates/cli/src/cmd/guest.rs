@@ -278,9 +278,19 @@ pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
                 }
                 for k in &g.kernels {
                     println!(
-                        "  kernel {} initramfs {}",
+                        "  kernel {} initramfs {} ({}; virtio at boot: {})",
                         k.version,
-                        k.initramfs.as_deref().unwrap_or("none")
+                        k.initramfs.as_deref().unwrap_or("none"),
+                        if k.initramfs_archives.is_empty() {
+                            "not read".to_string()
+                        } else {
+                            k.initramfs_archives.join(" + ")
+                        },
+                        if k.virtio_drivers.is_empty() {
+                            "none".to_string()
+                        } else {
+                            k.virtio_drivers.join(", ")
+                        }
                     );
                 }
                 for u in &g.unknown {
