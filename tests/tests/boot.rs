@@ -154,7 +154,11 @@ fn bad_overlay_limit_is_an_error_naming_the_flag() {
 fn initrd_without_kernel_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let o = vmshift(dir.path(), &["vm", "boot", "--initrd", "i", "d.raw"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "usage errors exit 1, as qemu-img's"
+    );
     assert!(stderr(&o).contains("--kernel"), "{}", stderr(&o));
 }
 

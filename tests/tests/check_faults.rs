@@ -1142,3 +1142,29 @@ fn repair_refuses_what_it_cannot_do_or_cannot_lock() {
         "still leaking"
     );
 }
+
+#[test]
+fn a_repair_that_leaves_no_corruption_marks_the_image_clean_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The corrupt bit (QEMU set it when it found damage) and the dirty bit
+    // (a lazy-refcounts image that crashed), each on an otherwise clean
+    // image, and with a leak to repair.
+    for (bit, kind) in [(0x02u8, "leak"), (0x01, "leak"), (0x02, "low")] {
+        damaged(d, "q.qcow2", kind);
+        let mut img = std::fs::read(d.join("q.qcow2")).unwrap();
+        img[79] |= bit;
+        std::fs::write(d.join("q.qcow2"), &img).unwrap();
+        std::fs::copy(d.join("q.qcow2"), d.join("v.qcow2")).unwrap();
+        let theirs = qemu_img(d, &["check", "-r", "all", "q.qcow2"]);
+        let ours = vmshift(d, &["check", "-r", "all", "v.qcow2"]);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{bit} {kind}");
+        assert_eq!(
+            std::fs::read(d.join("v.qcow2")).unwrap(),
+            std::fs::read(d.join("q.qcow2")).unwrap(),
+            "bit {bit} {kind}: the repaired files differ"
+        );
+        // QEMU opens it for writing again.
+        tool_ok(d, "qemu-io", &["-c", "write 0 512", "v.qcow2"]);
+    }
+}

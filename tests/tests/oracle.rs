@@ -847,7 +847,17 @@ fn convert_with_a_backing_file_writes_what_qemu_img_writes() {
     let sparse = std::fs::File::create(d.join("sp.raw")).unwrap();
     sparse.set_len(8 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&sparse, b"abc", 70000).unwrap();
+    // A backing file shorter than the source: zeros past its end stay
+    // unallocated.
+    tool_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "short.qcow2", "1M"],
+    );
+    io("short.qcow2", &["write -P 4 0 1M"]);
     for (src, base) in [
+        ("top.qcow2", "short.qcow2"),
+        ("other.qcow2", "short.qcow2"),
         ("top.qcow2", "base.qcow2"),
         ("top.qcow2", "other.qcow2"),
         ("other.qcow2", "base.qcow2"),
@@ -1016,4 +1026,25 @@ fn convert_salvage_reads_what_qemu_img_salvages() {
         String::from_utf8_lossy(&quiet.stderr)
     );
     tool_ok(d, "qemu-img", &["compare", "q.raw", "v.qcow2"]);
+}
+
+/// The human map of an image with compressed clusters is qemu-img's
+/// error (it has no host offset to show), after the same header line.
+#[test]
+fn human_map_of_compressed_clusters_is_qemu_imgs_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patterned_raw(&d.join("p.raw"), 4 << 20);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "p.raw", "c.qcow2"],
+    );
+    let theirs = qemu_img(d, &["map", "c.qcow2"]);
+    let ours = vmshift(d, &["map", "c.qcow2"]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(ours.status.code(), Some(1));
+    assert_eq!(ours.stdout, theirs.stdout);
+    assert!(String::from_utf8_lossy(&ours.stderr)
+        .contains("File contains external, encrypted or compressed clusters."));
 }

@@ -202,7 +202,7 @@ fn proxmox_vm_ids_are_those_proxmox_accepts() {
             assert!(o.status.success(), "{id}: {}", text(&o));
             assert!(d.join(format!("p{id}/{id}.conf")).exists());
         } else {
-            assert_eq!(o.status.code(), Some(2), "{id}: {}", text(&o));
+            assert_eq!(o.status.code(), Some(1), "{id}: {}", text(&o));
             assert!(text(&o).contains("100..=999999999"), "{}", text(&o));
         }
     }
@@ -398,10 +398,10 @@ fn bad_network_maps_are_refused_at_the_command_line() {
         "x=network:",
     ] {
         let o = convert(d, "libvirt", "lv", &["--network-map", bad]);
-        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{bad}: {}", text(&o));
     }
     let o = convert(d, "libvirt", "lv", &["--bridge", "br0,tag=3"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let o = convert(d, "vmx", "v", &["--bridge", "br0"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(!d.join("lv").exists() && !d.join("v").exists());
@@ -603,7 +603,7 @@ fn device_choices_that_name_nothing_or_contradict_are_refused() {
         "scsi0=/dev/sdb",
     ] {
         let o = run(&["--map-device", bad]);
-        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{bad}: {}", text(&o));
     }
     assert!(!d.join("o").exists());
 }
@@ -636,7 +636,7 @@ fn qemu_accepts(d: &Path, script: &str) {
     let wrapper = bin.join("qemu-system-x86_64");
     std::fs::write(
         &wrapper,
-        "#!/bin/sh\nfor a do\n  shift\n  case \"$a\" in\n    *accel=kvm*) a=$(printf '%s' \"$a\" | sed 's/accel=kvm/accel=tcg/') ;;\n    host) a=max ;;\n    mon:stdio) a=null ;;\n  esac\n  set -- \"$@\" \"$a\"\ndone\nexec /usr/bin/qemu-system-x86_64 \"$@\" -S -display none -qmp stdio\n",
+        "#!/bin/sh\nfor a do\n  shift\n  case \"$a\" in\n    *accel=kvm*) a=$(printf '%s' \"$a\" | sed 's/accel=kvm/accel=tcg/') ;;\n    host) a=max ;;\n    host,*) a=\"max${a#host}\" ;;\n    mon:stdio) a=null ;;\n  esac\n  set -- \"$@\" \"$a\"\ndone\nexec /usr/bin/qemu-system-x86_64 \"$@\" -S -display none -qmp stdio\n",
     )
     .unwrap();
     std::fs::set_permissions(
@@ -800,4 +800,133 @@ fn a_linux_nvme_disk_goes_to_virtio_unless_models_are_kept() {
     let sh = std::fs::read_to_string(d.join("k/w.sh")).unwrap();
     assert!(sh.contains("nvme,serial="), "{sh}");
     assert!(!text(&o).contains("windows-boot-controller"));
+}
+
+#[test]
+fn workstation_default_vmnets_and_map_keys_as_vmware_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "w.vmdk");
+    vmx(
+        d,
+        "w.vmx",
+        "displayName = \"w\"\nmemsize = \"1024\"\nsata0.present = \"TRUE\"\nsata0:0.present = \"TRUE\"\nsata0:0.fileName = \"w.vmdk\"\n\
+ethernet0.present = \"TRUE\"\nethernet0.connectionType = \"custom\"\nethernet0.vnet = \"vmnet0\"\nethernet0.addressType = \"static\"\nethernet0.address = \"00:50:56:00:00:11\"\n\
+ethernet1.present = \"TRUE\"\nethernet1.connectionType = \"custom\"\nethernet1.vnet = \"/dev/vmnet1\"\nethernet1.addressType = \"static\"\nethernet1.address = \"00:50:56:00:00:12\"\n\
+ethernet2.present = \"TRUE\"\nethernet2.connectionType = \"custom\"\nethernet2.vnet = \"vmnet8\"\nethernet2.addressType = \"static\"\nethernet2.address = \"00:50:56:00:00:13\"\n",
+    );
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "o",
+            "--bridge",
+            "br0",
+            "--network-map",
+            "vmnet1=network:isolated",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    // vmnet0 is Workstation's bridged network, vmnet1 its host-only one
+    // (named /dev/vmnet1 on Linux hosts), vmnet8 its NAT.
+    assert!(t.contains("nics[0].network: vmnet0 → bridge br0"), "{t}");
+    assert!(
+        t.contains("nics[1].network: /dev/vmnet1 → network isolated"),
+        "{t}"
+    );
+    assert!(
+        t.contains("nics[2].network: vmnet8 → network default"),
+        "{t}"
+    );
+    assert!(!t.contains("network-map-unused"), "{t}");
+    // The same network twice, or a tag on a libvirt network: refused.
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "x",
+            "--network-map",
+            "nat=bridge:br1",
+            "--network-map",
+            "NAT=bridge:br2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("mapped twice"), "{}", text(&o));
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "w.vmx",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "x",
+            "--network-map",
+            "nat=network:x,tag=5",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!d.join("x").exists());
+}
+
+#[test]
+fn kept_scsi_models_reach_the_qemu_script_and_windows_hears_what_they_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    disk(d, "w.vmdk");
+    for (model, device, warned) in [
+        ("lsisas1068", "mptsas1068", false),
+        ("lsilogic", "lsi53c895a", true),
+    ] {
+        vmx(
+            d,
+            "w.vmx",
+            &format!("displayName = \"w\"\nmemsize = \"1024\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"{model}\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"w.vmdk\"\n"),
+        );
+        let out = format!("q-{model}");
+        let o = vmshift(
+            d,
+            &[
+                "vm",
+                "convert",
+                "w.vmx",
+                "--to",
+                "qemu-args",
+                "--keep-models",
+                "--out",
+                &out,
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let sh = std::fs::read_to_string(d.join(format!("{out}/w.sh"))).unwrap();
+        assert!(sh.contains(&format!("{device},id=scsi0")), "{sh}");
+        assert!(
+            sh.contains("hv_relaxed") && sh.contains("hv_time"),
+            "Hyper-V enlightenments for Windows: {sh}"
+        );
+        assert_eq!(
+            text(&o).contains("windows-boot-controller"),
+            warned,
+            "{model}: {}",
+            text(&o)
+        );
+        assert!(text(&o).contains("--keep-models"), "{}", text(&o));
+        qemu_accepts(d, &format!("{out}/w.sh"));
+    }
 }

@@ -541,10 +541,11 @@ pub enum CacheArg {
     Writeback,
     /// Each write reaches the disk (for an output: flushed at the end).
     Writethrough,
-    /// Bypass the page cache (O_DIRECT; for an output: flushed at the end).
+    /// qemu-img: bypass the page cache. Source: refused (no O_DIRECT
+    /// reads); output: written through the page cache, flushed at the end.
     None,
-    /// O_DIRECT and each write reaching the disk (for an output: flushed at
-    /// the end).
+    /// qemu-img: bypass the page cache, each write synced. Source:
+    /// refused; output: written through the page cache, flushed at the end.
     Directsync,
     /// Page cache, never flushed.
     Unsafe,

@@ -12,7 +12,19 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    // A command line that does not parse exits 1, as qemu-img's usage
+    // errors do (clap's own 2 would read as "corruptions found" to a
+    // script calling `check`); --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 1,
+            });
+        }
+    };
     let (result, error_code) = match &cli.command {
         Command::Info(a) => (cmd::info::run(a), 1),
         Command::Create(a) => (cmd::create::run(a), 1),

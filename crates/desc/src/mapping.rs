@@ -70,6 +70,11 @@ impl NetTarget {
             if net.is_empty() {
                 return Err(format!("'{text}': no network name; {usage}"));
             }
+            if net.contains(',') || net.contains('/') {
+                return Err(format!(
+                    "'{text}': a libvirt network name has no ',' or '/' (a VLAN tag goes with bridge:NAME,tag=VLAN)"
+                ));
+            }
             return Ok(NetTarget::Network(net.to_string()));
         }
         let Some(rest) = text.strip_prefix("bridge:") else {
@@ -102,6 +107,25 @@ impl NetTarget {
     }
 }
 
+impl NetTarget {
+    /// The target as `--network-map` spells it.
+    pub fn spec(&self) -> String {
+        match self {
+            NetTarget::Network(n) => format!("network:{n}"),
+            NetTarget::Bridge { name, vlan: None } => format!("bridge:{name}"),
+            NetTarget::Bridge {
+                name,
+                vlan: Some(v),
+            } => format!("bridge:{name},tag={v}"),
+        }
+    }
+}
+
+/// A network's name as maps compare it: without `/dev/`, lower case.
+pub fn net_key(name: &str) -> String {
+    name.trim_start_matches("/dev/").to_ascii_lowercase()
+}
+
 impl fmt::Display for NetTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -125,6 +149,11 @@ fn workstation_kind(network: &str) -> Option<&'static str> {
         "nat" => Some("nat"),
         "hostonly" => Some("hostonly"),
         "custom" | "pvn" => Some("custom"),
+        // Workstation's default networks: vmnet0 bridged, vmnet1
+        // host-only, vmnet8 NAT; others are custom.
+        "vmnet0" => Some("bridged"),
+        "vmnet1" => Some("hostonly"),
+        "vmnet8" => Some("nat"),
         _ if n
             .strip_prefix("vmnet")
             .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) =>
@@ -439,7 +468,7 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
         let mapped = opts
             .networks
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(&from))
+            .find(|(k, _)| net_key(k) == net_key(&from))
             .map(|(_, t)| (t.clone(), "as --network-map says"));
         let mapped = mapped.or_else(|| match (kind, &opts.bridge) {
             (Some("nat" | "hostonly" | "custom"), _) | (_, None) => None,
@@ -551,7 +580,11 @@ pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding>
             Severity::Info,
             "windows-virtio-drivers",
             "disks",
-            "the Windows guest keeps SATA disks and an Intel NIC, which it has drivers for; install the virtio-win drivers in the guest, then switch to virtio (convert with --virtio) for speed",
+            if opts.keep_models {
+                "the Windows guest keeps the controller and NIC models QEMU emulates (--keep-models); install the virtio-win drivers in the guest, then switch to virtio (convert with --virtio) for speed"
+            } else {
+                "the Windows guest keeps SATA disks and an Intel NIC, which it has drivers for; install the virtio-win drivers in the guest, then switch to virtio (convert with --virtio) for speed"
+            },
         )),
         _ => {}
     }
@@ -564,7 +597,7 @@ pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding>
 
 /// The Windows driver that runs a disk's controller, and whether it ships
 /// with Windows.
-fn windows_storage_driver(vm: &Vm, d: &Disk) -> (&'static str, bool) {
+fn windows_storage_driver(vm: &Vm, d: &Disk, target: bool) -> (&'static str, bool) {
     match d.bus {
         Bus::Sata => ("storahci", true),
         Bus::Ide => ("pciide", true),
@@ -580,6 +613,9 @@ fn windows_storage_driver(vm: &Vm, d: &Disk) -> (&'static str, bool) {
                 .and_then(|c| c.model.as_deref())
                 .unwrap_or("lsilogic");
             match model {
+                // QEMU's "lsilogic" is an LSI 53C895A, not VMware's LSI
+                // 53C1030: 64-bit Windows has no driver for it.
+                "lsilogic" if target => ("lsi53c895a", false),
                 "lsisas1068" => ("LSI_SAS", true),
                 "pvscsi" => ("pvscsi", false),
                 "buslogic" => ("BusLogic", false),
@@ -604,12 +640,14 @@ fn windows_boot_controller(src: &Vm, kvm: &Vm) -> Option<Finding> {
         .min_by_key(|(_, d)| d.boot_order)
         .or_else(|| disks().next())?;
     let k = kvm.disks.get(i)?;
-    let (from, _) = windows_storage_driver(src, s);
-    let (to, inbox) = windows_storage_driver(kvm, k);
+    let (from, _) = windows_storage_driver(src, s, false);
+    let (to, inbox) = windows_storage_driver(kvm, k, true);
     if from == to {
         return None;
     }
-    let how = if inbox {
+    let how = if to == "lsi53c895a" {
+        "QEMU's LSI Logic model is an LSI 53C895A, for which 64-bit Windows has no driver: convert without --keep-models (SATA, storahci) or install virtio-win and use --virtio".to_string()
+    } else if inbox {
         format!(
             "{to} ships with Windows but starts at boot only where Windows was installed on it: before converting, in the guest run `reg add HKLM\\SYSTEM\\CurrentControlSet\\Services\\{to} /v Start /t REG_DWORD /d 0 /f` and `reg delete HKLM\\SYSTEM\\CurrentControlSet\\Services\\{to}\\StartOverride /f`, or `bcdedit /set {{current}} safeboot minimal` before the last shutdown (Safe Mode loads every storage driver; undo it with `bcdedit /deletevalue {{current}} safeboot` once it is up)"
         )
@@ -637,7 +675,7 @@ fn network_findings(src: &Vm, opts: &MapOptions) -> Vec<Finding> {
     let source = |n: &Nic| n.network.clone().or_else(|| n.bridge.clone());
     let on: Vec<String> = src.nics.iter().filter_map(source).collect();
     for (key, target) in &opts.networks {
-        if !on.iter().any(|n| n.eq_ignore_ascii_case(key)) {
+        if !on.iter().any(|n| net_key(n) == net_key(key)) {
             let have = if on.is_empty() {
                 "it has no NIC on a network".to_string()
             } else {
@@ -647,7 +685,10 @@ fn network_findings(src: &Vm, opts: &MapOptions) -> Vec<Finding> {
                 Severity::Warning,
                 "network-map-unused",
                 "nics",
-                format!("--network-map {key}={target}: no NIC of this VM is on '{key}' ({have})"),
+                format!(
+                    "--network-map {key}={}: no NIC of this VM is on '{key}' ({have})",
+                    target.spec()
+                ),
             ));
         }
     }

@@ -44,7 +44,15 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
             if secure { ",smm=on" } else { "" }
         ),
     );
-    arg("-cpu", "host".into());
+    // Windows: the Hyper-V enlightenments the libvirt domain gets too.
+    if vm.guest.family == vmshift_model::OsFamily::Windows {
+        arg(
+            "-cpu",
+            "host,hv_relaxed,hv_vapic,hv_spinlocks=0x1fff,hv_vpindex,hv_synic,hv_stimer,hv_reset,hv_frequencies,hv_time".into(),
+        );
+    } else {
+        arg("-cpu", "host".into());
+    }
     arg(
         "-smp",
         format!(
@@ -109,7 +117,21 @@ pub fn command_line(vm: &Vm, ovmf: Option<&Ovmf>) -> (Vec<String>, Vec<Finding>)
     scsi.sort_unstable();
     scsi.dedup();
     for c in &scsi {
-        arg("-device", format!("virtio-scsi-pci,id=scsi{c}"));
+        // The controller the mapping kept (--keep-models), as QEMU names it.
+        let model = vm
+            .controllers
+            .iter()
+            .find(|x| x.bus == Bus::Scsi && x.index == *c)
+            .and_then(|x| x.model.as_deref())
+            .unwrap_or("virtio-scsi");
+        let device = match model {
+            "lsilogic" => "lsi53c895a",
+            "lsisas1068" => "mptsas1068",
+            "pvscsi" => "pvscsi",
+            "megasas" => "megasas",
+            _ => "virtio-scsi-pci",
+        };
+        arg("-device", format!("{device},id=scsi{c}"));
     }
     // q35's built-in AHCI (ide.0 … ide.5) is SATA controller 0; further
     // ones are added.

@@ -356,6 +356,9 @@ enum Layer {
     Zero,
     /// The source reads this from its backing chain: not written.
     Below,
+    /// The source's top image says zero where the target's backing file
+    /// has ended: the target reads zeros there by itself.
+    PostZero,
 }
 
 /// Reads one window for a target with a backing file (`convert -B`): per
@@ -396,34 +399,62 @@ fn process_window_top(
         } else {
             Layer::Top
         };
-        spans.push((e.start, e.len.min(start + len - e.start), layer));
+        let n = e.len.min(start + len - e.start);
+        // Past the target backing file's end the target reads zeros by
+        // itself: zeros there are left unallocated (qemu-img's
+        // post-backing zeros).
+        let end_below = below.size();
+        if layer == Layer::Zero && e.start + n > end_below {
+            if e.start < end_below {
+                spans.push((e.start, end_below - e.start, Layer::Zero));
+            }
+            let from = e.start.max(end_below);
+            spans.push((from, e.start + n - from, Layer::PostZero));
+        } else {
+            spans.push((e.start, n, layer));
+        }
         pos = e.end().min(start + len);
     }
-    if spans.iter().all(|s| s.2 == Layer::Below) {
+    if spans.iter().all(|s| s.2 == Layer::Below) || spans.iter().all(|s| s.2 == Layer::PostZero) {
         return Ok(Window {
             buf: Vec::new(),
             pieces: vec![Piece::Below { len }],
         });
     }
     let mut buf = pool.take(len as usize);
-    let mut written = vec![false; len.div_ceil(gran) as usize];
+    // Which layers each target cluster holds: bit 0 top data or zeros,
+    // bit 1 from below, bit 2 zeros past the target backing's end.
+    let mut held = vec![0u8; len.div_ceil(gran) as usize];
+    for &(s, n, layer) in &spans {
+        let bit = match layer {
+            Layer::Top | Layer::Zero => 1,
+            Layer::Below => 2,
+            Layer::PostZero => 4,
+        };
+        for c in (s - start) / gran..=(s - start + n - 1) / gran {
+            held[c as usize] |= bit;
+        }
+    }
+    // A cluster is written when the top holds something in it; for a
+    // compressed target (whole clusters only, read from the source, as
+    // qemu-img does) also when it mixes the two kinds of "nothing here".
+    let written: Vec<bool> = held
+        .iter()
+        .map(|&h| h & 1 != 0 || (compressed && h == 6))
+        .collect();
     for &(s, n, layer) in &spans {
         let r = (s - start) as usize..(s - start + n) as usize;
         match layer {
-            Layer::Top => src.read_at(&mut buf[r.clone()], s)?,
-            Layer::Zero => buf[r.clone()].fill(0),
-            Layer::Below => continue,
-        }
-        let first = (s - start) / gran;
-        let last = (s - start + n - 1) / gran;
-        for c in first..=last {
-            written[c as usize] = true;
+            Layer::Top => src.read_at(&mut buf[r], s)?,
+            Layer::Zero | Layer::PostZero => buf[r].fill(0),
+            Layer::Below => {}
         }
     }
     // Copy on write: the rest of a written cluster is the target
-    // backing's (zeros past its end).
+    // backing's (zeros past its end) — or, compressed, the source's own.
     for &(s, n, layer) in &spans {
-        if layer != Layer::Below {
+        if layer == Layer::Top || layer == Layer::Zero || (layer == Layer::PostZero && !compressed)
+        {
             continue;
         }
         let mut p = s;
@@ -658,17 +689,21 @@ pub fn compare(
 /// `offset` (split where QEMU's driver would split it) and its flags.
 fn strict_status(r: &dyn ImageReader, offset: u64) -> Result<(Extent, [bool; 6])> {
     let size = r.size();
-    let mut e = r.map(offset, size - offset)?;
+    // Ask no further than QEMU's answer would reach (a sparse VMDK's
+    // grain): mapping the whole rest each time would be quadratic.
+    let cap = r.status_end(offset);
+    let len = if cap > offset {
+        (cap - offset).min(size - offset)
+    } else {
+        size - offset
+    };
+    let e = r.map(offset, len)?;
     if e.len == 0 {
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!("map made no progress at offset {offset:#x}"),
         )
         .at_path(r.path()));
-    }
-    let cap = r.status_end(offset);
-    if cap > offset {
-        e.len = e.len.min(cap - offset);
     }
     let (allocated, zero, data) = map_flags(&e);
     let flags = [

@@ -256,6 +256,17 @@ fn convert_into(
             d.thin |= is_thin(img.as_ref());
         }
     }
+    for (i, (k, _)) in req.networks.iter().enumerate() {
+        let key = vmshift_desc::mapping::net_key(k);
+        if req.networks[..i]
+            .iter()
+            .any(|(other, _)| vmshift_desc::mapping::net_key(other) == key)
+        {
+            return Err(Error::Request(format!(
+                "--network-map: '{k}' is mapped twice (names compare without case and without /dev/)"
+            )));
+        }
+    }
     if req.to == Target::Proxmox {
         for (k, t) in &req.networks {
             if let NetTarget::Network(n) = t {

@@ -46,6 +46,13 @@ pub fn run(args: &MapArgs) -> Result<i32> {
         }
         Output::Human => {
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            // qemu-img's human map cannot show data without a host offset.
+            if extents
+                .iter()
+                .any(|e| map_flags(e).2 && e.host_offset.is_none())
+            {
+                anyhow::bail!("File contains external, encrypted or compressed clusters.");
+            }
             for e in &extents {
                 if let (BlockState::Data, Some(host)) = (e.state, e.host_offset) {
                     // The file that holds the data: an extent file, or the

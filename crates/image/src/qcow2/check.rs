@@ -251,9 +251,27 @@ pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
     done.corruptions_fixed += fixed;
     done.messages
         .extend(c.report.messages[before..].iter().cloned());
+    if c.report.check_errors == 0 && c.report.corruptions == 0 {
+        mark_clean(r, out)?;
+    }
     out.sync_all()
         .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
     Ok(done)
+}
+
+/// QEMU's `qcow2_mark_clean` and `qcow2_mark_consistent` after a repair
+/// that left no corruption: the dirty and corrupt bits of a version 3
+/// header cleared (one 8-byte write), so QEMU opens the image for writing
+/// again.
+fn mark_clean(r: &Qcow2Reader, out: &File) -> Result<()> {
+    let h = r.header();
+    if h.version < 3 || h.incompatible & 0b11 == 0 {
+        return Ok(());
+    }
+    out.sync_all()
+        .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
+    let cleared = h.incompatible & !0b11;
+    crate::fileio::write_all_at(out, r.path_ref(), &cleared.to_be_bytes(), 72)
 }
 
 /// `-r all` where a referenced cluster has refcount 0: QEMU's
@@ -320,6 +338,9 @@ fn rebuild_and_repair(
     done.corruptions_fixed += fixed;
     done.messages
         .extend(c2.report.messages[before..].iter().cloned());
+    if c2.report.check_errors == 0 && c2.report.corruptions == 0 {
+        mark_clean(r, out)?;
+    }
     out.sync_all()
         .map_err(|e| crate::error::Error::io(r.path_ref(), "syncing the repaired image", e))?;
     Ok(done)
