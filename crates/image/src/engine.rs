@@ -225,9 +225,15 @@ impl<'a> Job<'a> {
                         self.gran,
                         self.compressed,
                     ),
-                    None => {
-                        process_window(&self.pool, self.src, &*self.encoder, start, len, self.unit)
-                    }
+                    None => process_window(
+                        &self.pool,
+                        self.src,
+                        &*self.encoder,
+                        start,
+                        len,
+                        self.unit,
+                        self.gran,
+                    ),
                 }
             }))
             .unwrap_or_else(|_| {
@@ -526,6 +532,7 @@ fn process_window_top(
 }
 
 /// Reads one window and splits it into data and zero pieces.
+#[allow(clippy::too_many_arguments)]
 fn process_window(
     pool: &BufferPool,
     src: &dyn ImageReader,
@@ -533,6 +540,7 @@ fn process_window(
     start: u64,
     len: u64,
     unit: u64,
+    gran: u64,
 ) -> Result<Window> {
     if unit != 0 && reads_as_zero(src, start, len)? {
         return Ok(Window {
@@ -541,7 +549,47 @@ fn process_window(
         });
     }
     let mut buf = pool.take(len as usize);
-    src.read_at(&mut buf, start)?;
+    // The source's holes (what its map says reads as zero), per target
+    // allocation unit: never read, and never written as data whatever
+    // -S is (as qemu-img: its block status comes first, -S only splits
+    // data).
+    let blocks = len.div_ceil(gran) as usize;
+    let mut hole = vec![unit != 0; blocks];
+    if unit != 0 {
+        let mut pos = start;
+        while pos < start + len {
+            let e = src.map(pos, start + len - pos)?;
+            if e.len == 0 {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("map made no progress at offset {pos:#x}"),
+                )
+                .at_path(src.path()));
+            }
+            if !e.reads_as_zero() {
+                let first = (e.start - start) / gran;
+                let last = (e.end().min(start + len) - start - 1) / gran;
+                for b in first..=last {
+                    hole[b as usize] = false;
+                }
+            }
+            pos = e.end().min(start + len);
+        }
+    }
+    let mut b = 0;
+    while b < blocks {
+        let mut e = b;
+        while e < blocks && hole[e] == hole[b] {
+            e += 1;
+        }
+        let r = b * gran as usize..(e * gran as usize).min(len as usize);
+        if hole[b] {
+            buf[r].fill(0);
+        } else {
+            src.read_at(&mut buf[r.clone()], start + r.start as u64)?;
+        }
+        b = e;
+    }
     let data = |range: Range<usize>, buf: &[u8]| -> Result<Piece> {
         Ok(Piece::Data {
             offset: start + range.start as u64,
@@ -559,8 +607,16 @@ fn process_window(
     let mut run_zero = None;
     let mut pos = 0usize;
     while pos < buf.len() {
-        let n = (unit as usize).min(buf.len() - pos);
-        let zero = is_zero(&buf[pos..pos + n]);
+        // A unit never spans a hole's edge: a hole stays zero.
+        let block = pos / gran as usize;
+        let mut edge = block + 1;
+        while edge < blocks && hole[edge] == hole[block] {
+            edge += 1;
+        }
+        let n = (unit as usize)
+            .min(buf.len() - pos)
+            .min(edge * gran as usize - pos);
+        let zero = hole[block] || is_zero(&buf[pos..pos + n]);
         if run_zero != Some(zero) {
             if let Some(z) = run_zero {
                 pieces.push((z, run_start, pos));
