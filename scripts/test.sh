@@ -27,6 +27,8 @@ command -v strace >/dev/null || missing+=(strace)
 # list them.
 command -v mkfs.fat >/dev/null || missing+=(dosfstools)
 command -v mdir >/dev/null || missing+=(mtools)
+# zstd packs the guest tests' initramfs.
+command -v zstd >/dev/null || missing+=(zstd)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
 # VMs, cpio and lz4 for the initramfs and kernel it assembles.
 command -v debootstrap >/dev/null || missing+=(debootstrap)
@@ -62,6 +64,7 @@ fi
 if ! command -v virt-inspector >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y libguestfs-tools
 fi
 qemu-img --version | head -n1
