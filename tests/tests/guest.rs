@@ -473,3 +473,51 @@ fn an_initramfs_with_virtio_drivers_is_seen_to_have_them() {
         .collect();
     assert!(!codes.contains(&"guest-initramfs-no-virtio"), "{codes:?}");
 }
+
+#[test]
+fn vm_validate_and_convert_say_what_the_guest_will_trip_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    debian_guest(d);
+    tool_ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "vmdk", "disk.raw", "web.vmdk"],
+    );
+    std::fs::write(
+        d.join("web.vmx"),
+        "config.version = \"8\"\nvirtualHW.version = \"19\"\ndisplayName = \"web\"\nmemsize = \"1024\"\nguestOS = \"debian12-64\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\nscsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"web.vmdk\"\n",
+    )
+    .unwrap();
+    let o = vmshift(d, &["vm", "validate", "web.vmx"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    for code in [
+        "guest-initramfs-no-virtio",
+        "guest-vmware-tools",
+        "guest-fstab-device-name",
+        "guest-net-config-names-nic",
+    ] {
+        assert!(t.contains(code), "{code}: {t}");
+    }
+    assert!(t.contains("guest:/dev/sda2"), "{t}");
+    let o = vmshift(
+        d,
+        &[
+            "vm",
+            "convert",
+            "web.vmx",
+            "--to",
+            "libvirt",
+            "--descriptor-only",
+            "--out",
+            "o",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("guest-initramfs-no-virtio"),
+        "{}",
+        text(&o)
+    );
+}

@@ -236,6 +236,10 @@ fn convert_into(
     let mut findings = loaded.lowered.findings.clone();
     findings.extend(loaded.lowered.vm.validate());
     findings.extend(crate::state::state_findings(loaded, resolver, req.allow));
+    // The guest itself, read offline from its disks.
+    if req.to != Target::Vmx {
+        findings.extend(crate::resolve::guest_findings(&loaded.lowered.vm, resolver));
+    }
     let disk_format = match (req.disk_format, req.to) {
         (Some(f), _) => f,
         (None, Target::Vmx) => DiskFormat::Vmdk,

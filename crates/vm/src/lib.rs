@@ -19,4 +19,4 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub use load::{load, DescriptorFormat, Loaded};
-pub use resolve::{disk_findings, open_disks, DiskRoots, Resolver};
+pub use resolve::{disk_findings, guest_findings, open_disks, DiskRoots, Resolver};

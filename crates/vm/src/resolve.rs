@@ -395,3 +395,37 @@ pub fn open_disks(vm: &Vm, resolver: &Resolver) -> Result<Vec<(String, Box<dyn I
     }
     Ok(out)
 }
+
+/// What the guest inside the VM's disks will trip over on KVM (its
+/// initramfs without virtio, fstab device names, VMware Tools, network
+/// configuration naming the NIC), read offline; each a warning with the
+/// fix. Disks that do not open, or hold no Linux the inspection reads,
+/// add nothing here (`disk_findings` reports the former).
+pub fn guest_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
+    let Ok(disks) = open_disks(vm, resolver) else {
+        return Vec::new();
+    };
+    let disks: Vec<std::sync::Arc<dyn ImageReader>> = disks
+        .into_iter()
+        .map(|(_, d)| std::sync::Arc::from(d))
+        .collect();
+    let Ok(found) = vmshift_guest::vfs::scan(&disks) else {
+        return Vec::new();
+    };
+    let Ok(guests) = vmshift_guest::inspect::inspect(&found) else {
+        return Vec::new();
+    };
+    guests
+        .iter()
+        .flat_map(|g| {
+            g.findings.iter().map(move |f| {
+                Finding::new(
+                    Severity::Warning,
+                    &f.code,
+                    format!("guest:{}", g.root),
+                    f.message.clone(),
+                )
+            })
+        })
+        .collect()
+}

@@ -118,6 +118,7 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
+    findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, &resolver));
     findings.extend(vmshift_vm::state::state_findings(
         &l,
         &resolver,
