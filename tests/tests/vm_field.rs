@@ -892,6 +892,7 @@ fn kept_scsi_models_reach_the_qemu_script_and_windows_hears_what_they_need() {
     disk(d, "w.vmdk");
     for (model, device, warned) in [
         ("lsisas1068", "mptsas1068", false),
+        ("pvscsi", "pvscsi", false),
         ("lsilogic", "lsi53c895a", true),
     ] {
         vmx(

@@ -188,7 +188,7 @@ impl fmt::Display for Change {
 }
 
 /// SCSI controller models QEMU emulates (so `--keep-models` can keep them).
-const QEMU_SCSI: &[&str] = &["lsilogic", "lsisas1068", "virtio-scsi"];
+const QEMU_SCSI: &[&str] = &["lsilogic", "lsisas1068", "pvscsi", "virtio-scsi"];
 /// NIC models QEMU emulates.
 const QEMU_NICS: &[&str] = &["e1000", "e1000e", "rtl8139", "virtio", "vmxnet3"];
 
@@ -757,6 +757,18 @@ mod tests {
     }
 
     #[test]
+    fn keep_models_keeps_pvscsi_which_qemu_emulates() {
+        let src = vm(include_str!("../../../fixtures/vms/winsrv/winsrv.vmx"));
+        let opts = MapOptions {
+            keep_models: true,
+            ..MapOptions::default()
+        };
+        let (kvm, _) = to_kvm(&src, &opts);
+        assert_eq!(kvm.disks[0].bus, Bus::Scsi);
+        assert_eq!(kvm.controllers[0].model.as_deref(), Some("pvscsi"));
+    }
+
+    #[test]
     fn many_sata_disks_spread_over_controllers_and_addresses_stay_unique() {
         let mut src = vm(include_str!("../../../fixtures/vms/winsrv/winsrv.vmx"));
         for u in 1..8 {
@@ -765,25 +777,19 @@ mod tests {
             d.boot_order = None;
             src.disks.push(d);
         }
-        for opts in [
-            MapOptions::default(),
-            MapOptions {
-                keep_models: true,
-                ..MapOptions::default()
-            },
-        ] {
-            let (kvm, _) = to_kvm(&src, &opts);
-            assert!(kvm.disks.iter().all(|d| d.bus != Bus::Sata || d.unit < 6));
-            assert!(kvm
-                .controllers
-                .iter()
-                .any(|c| c.bus == Bus::Sata && c.index == 1));
-            let codes: Vec<String> = kvm.validate().into_iter().map(|f| f.code).collect();
-            assert!(
-                !codes.contains(&"disk-address-conflict".to_string()),
-                "{codes:?}"
-            );
-        }
+        // (--keep-models keeps pvscsi, which QEMU emulates: the disks
+        // then stay on SCSI; the SATA spreading is the default's.)
+        let (kvm, _) = to_kvm(&src, &MapOptions::default());
+        assert!(kvm.disks.iter().all(|d| d.bus != Bus::Sata || d.unit < 6));
+        assert!(kvm
+            .controllers
+            .iter()
+            .any(|c| c.bus == Bus::Sata && c.index == 1));
+        let codes: Vec<String> = kvm.validate().into_iter().map(|f| f.code).collect();
+        assert!(
+            !codes.contains(&"disk-address-conflict".to_string()),
+            "{codes:?}"
+        );
     }
 
     #[test]
