@@ -1168,3 +1168,27 @@ fn a_repair_that_leaves_no_corruption_marks_the_image_clean_as_qemu_img_does() {
         tool_ok(d, "qemu-io", &["-c", "write 0 512", "v.qcow2"]);
     }
 }
+
+#[test]
+fn refcount_overflow_says_what_qemu_img_says() {
+    // One-bit refcounts, and a cluster two L2 entries point to: the
+    // second reference overflows; the same lines as qemu-img, hint included.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "o.qcow2", "4M", &["-o", "refcount_bits=1"]);
+    io(d, "o.qcow2", &["write -P 1 0 128k"]);
+    let mut img = Image::open(d, "o.qcow2");
+    let l2 = img.first_l2();
+    let e0 = img.u64_at(l2);
+    img.set_u64(l2 + 8, e0);
+    img.save();
+    let theirs = qemu_img(d, &["check", "o.qcow2"]);
+    let ours = vmshift(d, &["check", "o.qcow2"]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(ours.stdout, theirs.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stderr),
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ours.stderr).contains("Use qemu-img amend"));
+}

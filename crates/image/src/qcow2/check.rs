@@ -546,6 +546,9 @@ impl Checker<'_> {
                     "ERROR: overflow cluster offset={:#x}",
                     cl * self.cs
                 ));
+                self.report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
+                );
                 continue;
             }
             self.refs[i] += 1;
