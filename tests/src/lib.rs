@@ -220,3 +220,14 @@ pub fn gpt_4096_disk(dir: &Path, name: &str) {
         b"g\nn\n1\n\n+8M\nn\n2\n\n\nw\n",
     );
 }
+
+/// `qemu-io -c CMD … IMAGE` in `dir`, the commands in one run; it must
+/// succeed.
+pub fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) -> Output {
+    let mut a = Vec::new();
+    for c in cmds {
+        a.extend_from_slice(&["-c", c]);
+    }
+    a.push(image);
+    tool_ok(dir, "qemu-io", &a)
+}

@@ -920,3 +920,48 @@ fn a_large_sparse_size_never_fills_the_sources_holes() {
         }
     }
 }
+
+#[test]
+fn without_w_the_target_is_written_in_guest_order() {
+    // Four workers read and encode in parallel, but the data reaches the
+    // target in guest order (qemu-img's default; -W lifts it): the
+    // pwrite offsets of a raw target only ever increase.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Data everywhere (no zero run to skip).
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(d.join("p.raw"), data).unwrap();
+    let bin = vmshift_tests::vmshift_bin();
+    tool_ok(
+        d,
+        "strace",
+        &[
+            "-f",
+            "-qq",
+            "-e",
+            "trace=pwrite64",
+            "-o",
+            "w.txt",
+            bin.to_str().unwrap(),
+            "convert",
+            "-m",
+            "4",
+            "-O",
+            "raw",
+            "p.raw",
+            "o.raw",
+        ],
+    );
+    let offsets: Vec<u64> = std::fs::read_to_string(d.join("w.txt"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.rsplit(", ").next())
+        .filter_map(|o| o.split(')').next()?.trim().parse().ok())
+        .collect();
+    assert!(offsets.len() >= 16, "{} writes", offsets.len());
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {offsets:?}"
+    );
+    tool_ok(d, "cmp", &["p.raw", "o.raw"]);
+}

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use vmshift_tests::{
-    assert_common_fields_agree, json, patterned_raw, qemu_img, tool_ok, vmshift, vmshift_ok,
+    assert_common_fields_agree, json, patterned_raw, qemu_img, qemu_io, tool_ok, vmshift,
+    vmshift_ok,
 };
 
 const SIZE: u64 = 48 << 20;
@@ -639,14 +640,7 @@ fn quiet_prints_nothing_but_problems_like_qemu_img() {
 fn compare_and_strict_compare_agree_with_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let io = |img: &str, cmds: &[&str]| {
-        let mut a = Vec::new();
-        for c in cmds {
-            a.extend_from_slice(&["-c", c]);
-        }
-        a.push(img);
-        tool_ok(d, "qemu-io", &a);
-    };
+    let io = |img: &str, cmds: &[&str]| qemu_io(d, img, cmds);
     tool_ok(
         d,
         "qemu-img",
@@ -792,14 +786,7 @@ fn layout(d: &Path, image: &str) -> String {
 fn convert_with_a_backing_file_writes_what_qemu_img_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let io = |img: &str, cmds: &[&str]| {
-        let mut a = Vec::new();
-        for c in cmds {
-            a.extend_from_slice(&["-c", c]);
-        }
-        a.push(img);
-        tool_ok(d, "qemu-io", &a);
-    };
+    let io = |img: &str, cmds: &[&str]| qemu_io(d, img, cmds);
     tool_ok(
         d,
         "qemu-img",

@@ -542,13 +542,6 @@ fn process_window(
     unit: u64,
     gran: u64,
 ) -> Result<Window> {
-    if unit != 0 && reads_as_zero(src, start, len)? {
-        return Ok(Window {
-            buf: Vec::new(),
-            pieces: vec![Piece::Zero { offset: start, len }],
-        });
-    }
-    let mut buf = pool.take(len as usize);
     // The source's holes (what its map says reads as zero), per target
     // allocation unit: never read, and never written as data whatever
     // -S is (as qemu-img: its block status comes first, -S only splits
@@ -575,7 +568,14 @@ fn process_window(
             }
             pos = e.end().min(start + len);
         }
+        if hole.iter().all(|&h| h) {
+            return Ok(Window {
+                buf: Vec::new(),
+                pieces: vec![Piece::Zero { offset: start, len }],
+            });
+        }
     }
+    let mut buf = pool.take(len as usize);
     let mut b = 0;
     while b < blocks {
         let mut e = b;
@@ -691,6 +691,27 @@ pub enum Comparison {
     StatusMismatch(u64),
 }
 
+/// Reads `x.len()` bytes at `pos` of both images (in parallel) and
+/// returns the first differing sector, if any.
+fn first_difference(
+    a: &dyn ImageReader,
+    b: &dyn ImageReader,
+    pos: u64,
+    x: &mut [u8],
+    y: &mut [u8],
+) -> Result<Option<u64>> {
+    std::thread::scope(|s| -> Result<()> {
+        let h = s.spawn(|| a.read_at(x, pos));
+        b.read_at(y, pos)?;
+        h.join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
+    })?;
+    Ok(x.iter()
+        .zip(y.iter())
+        .position(|(p, q)| p != q)
+        .map(|i| sector_of(pos + i as u64)))
+}
+
 /// The first sector of a difference at byte `at`.
 fn sector_of(at: u64) -> u64 {
     at & !511
@@ -711,15 +732,10 @@ pub fn compare(
     while pos < common {
         let n = WINDOW.min(common - pos);
         if !(reads_as_zero(a, pos, n)? && reads_as_zero(b, pos, n)?) {
-            let (x, y) = (&mut ba[..n as usize], &mut bb[..n as usize]);
-            std::thread::scope(|s| -> Result<()> {
-                let h = s.spawn(|| a.read_at(x, pos));
-                b.read_at(y, pos)?;
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
-            })?;
-            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-                return Ok(Comparison::DiffersAt(sector_of(pos + i as u64)));
+            if let Some(at) =
+                first_difference(a, b, pos, &mut ba[..n as usize], &mut bb[..n as usize])?
+            {
+                return Ok(Comparison::DiffersAt(at));
             }
         }
         pos += n;
@@ -801,15 +817,8 @@ pub fn compare_strict(
         if allocated && !zero {
             chunk = chunk.min(WINDOW);
             let n = chunk as usize;
-            let (x, y) = (&mut ba[..n], &mut bb[..n]);
-            std::thread::scope(|s| -> Result<()> {
-                let h = s.spawn(|| a.read_at(x, pos));
-                b.read_at(y, pos)?;
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "reader thread panicked")))
-            })?;
-            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-                return Ok(Comparison::DiffersAt(sector_of(pos + i as u64)));
+            if let Some(at) = first_difference(a, b, pos, &mut ba[..n], &mut bb[..n])? {
+                return Ok(Comparison::DiffersAt(at));
             }
         }
         pos += chunk;

@@ -71,6 +71,16 @@ struct Mismatch {
     computed: u64,
 }
 
+impl Mismatch {
+    /// The line qemu-img prints for it, after `word` (ERROR, Repairing).
+    fn line(&self, word: &str) -> String {
+        format!(
+            "{word} cluster {} refcount={} reference={}",
+            self.cluster, self.stored, self.computed
+        )
+    }
+}
+
 struct Checker<'a> {
     r: &'a Qcow2Reader,
     h: &'a Header,
@@ -204,32 +214,13 @@ pub fn repair(r: &Qcow2Reader, out: &File, fix: Fix) -> Result<Repaired> {
         return Ok(done);
     }
     // The repairing pass.
-    let bits = u64::from(c.h.refcount_bits());
-    let per_block = c.cs * 8 / bits;
     for m in c.mismatches.clone() {
-        let fixable = if m.stored > m.computed {
-            true
-        } else {
-            fix == Fix::All
-        };
-        if !fixable {
-            done.messages.push(format!(
-                "ERROR cluster {} refcount={} reference={}",
-                m.cluster, m.stored, m.computed
-            ));
+        if m.stored < m.computed && fix != Fix::All {
+            done.messages.push(m.line("ERROR"));
             continue;
         }
-        done.messages.push(format!(
-            "Repairing cluster {} refcount={} reference={}",
-            m.cluster, m.stored, m.computed
-        ));
-        let entry = reftable[(m.cluster / per_block) as usize] & !REFT_RESERVED_MASK;
-        let index = (m.cluster % per_block) as usize;
-        write_refcount(out, r.path_ref(), entry, index, bits, m.computed)?;
-        if m.computed == 0 {
-            // A freed cluster gives its space back (QEMU discards it).
-            punch_hole(out, m.cluster * c.cs, c.cs);
-        }
+        done.messages.push(m.line("Repairing"));
+        c.set_refcount(out, &reftable, m)?;
         if m.stored > m.computed {
             done.leaks_fixed += 1;
             c.report.leaks -= 1;
@@ -302,26 +293,13 @@ fn rebuild_and_repair(
     let before = c2.report.messages.len();
     c2.compare(&reftable)?;
     c2.report.messages.truncate(before);
-    let bits = u64::from(c2.h.refcount_bits());
-    let per_block = c2.cs * 8 / bits;
     let mut still_broken = false;
     for m in c2.mismatches.clone() {
         if m.stored > m.computed {
-            done.messages.push(format!(
-                "Repairing cluster {} refcount={} reference={}",
-                m.cluster, m.stored, m.computed
-            ));
-            let block = reftable[(m.cluster / per_block) as usize] & !REFT_RESERVED_MASK;
-            let index = (m.cluster % per_block) as usize;
-            write_refcount(out, r.path_ref(), block, index, bits, m.computed)?;
-            if m.computed == 0 {
-                punch_hole(out, m.cluster * c2.cs, c2.cs);
-            }
+            done.messages.push(m.line("Repairing"));
+            c2.set_refcount(out, &reftable, m)?;
         } else {
-            done.messages.push(format!(
-                "ERROR cluster {} refcount={} reference={}",
-                m.cluster, m.stored, m.computed
-            ));
+            done.messages.push(m.line("ERROR"));
             still_broken |= m.stored == 0;
         }
     }
@@ -347,6 +325,21 @@ fn rebuild_and_repair(
 }
 
 impl Checker<'_> {
+    /// Sets `m`'s stored refcount to the references counted (one small
+    /// write in its refcount block); a cluster freed gives its space back
+    /// (QEMU discards it).
+    fn set_refcount(&self, out: &File, reftable: &[u64], m: Mismatch) -> Result<()> {
+        let bits = u64::from(self.h.refcount_bits());
+        let per_block = self.cs * 8 / bits;
+        let block = reftable[(m.cluster / per_block) as usize] & !REFT_RESERVED_MASK;
+        let index = (m.cluster % per_block) as usize;
+        write_refcount(out, self.r.path_ref(), block, index, bits, m.computed)?;
+        if m.computed == 0 {
+            punch_hole(out, m.cluster * self.cs, self.cs);
+        }
+        Ok(())
+    }
+
     /// QEMU's `alloc_clusters_imrt`: `count` free clusters in a row in the
     /// counted references, from `*first_free` on (growing the table past
     /// the end of the file if need be), marked used; their offset.
