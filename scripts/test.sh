@@ -27,6 +27,12 @@ command -v strace >/dev/null || missing+=(strace)
 # list them.
 command -v mkfs.fat >/dev/null || missing+=(dosfstools)
 command -v mdir >/dev/null || missing+=(mtools)
+# XFS for the guest tests: mkfs.xfs makes file systems from proto files,
+# xfs_db lists them. hivexsh/hivexget/hivexregedit write and read the
+# registry hives the hive reader is compared with.
+command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
+command -v xfs_db >/dev/null || missing+=(xfsprogs)
+command -v hivexsh >/dev/null || missing+=(libhivex-bin)
 # zstd packs the guest tests' initramfs.
 command -v zstd >/dev/null || missing+=(zstd)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
@@ -61,11 +67,13 @@ fi
 # virt-inspector, the peer of `guest inspect` (libguestfs boots an
 # appliance VM; the tests run it under TCG). After the backports QEMU, so
 # that apt keeps QEMU 10 rather than pulling the release's.
-if ! command -v virt-inspector >/dev/null; then
+# guestfish builds the LVM/XFS guest (tests/guests/rhel-lvm.sh) in the same
+# appliance; libguestfs-xfs puts XFS in it.
+if ! command -v virt-inspector >/dev/null || ! dpkg -s libguestfs-xfs >/dev/null 2>&1; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y libguestfs-tools
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y libguestfs-tools libguestfs-xfs
 fi
 qemu-img --version | head -n1
 

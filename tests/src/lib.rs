@@ -231,3 +231,81 @@ pub fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) -> Output {
     a.push(image);
     tool_ok(dir, "qemu-io", &a)
 }
+
+/// The text of every `<tag>` element of an XML document (no attributes).
+fn xml_all(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|s| s.split(&close).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `virt-inspector` on `disks` (in `dir`) and asserts that `os`, one
+/// operating system of `vmshift guest inspect --output json`, says what it
+/// says: root, type, arch, distribution, version, hostname, package
+/// format and manager, and the mount points.
+pub fn virt_inspector_agrees(dir: &Path, disks: &[&str], os: &serde_json::Value) {
+    // virt-inspector boots an appliance VM (under TCG here: ~20 s).
+    // Without the package list: vmshift does not list applications (and
+    // the fixtures' package databases are empty).
+    let mut cmd = Command::new("virt-inspector");
+    cmd.arg("--no-applications");
+    for d in disks {
+        let fmt = if d.ends_with(".qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        cmd.arg(format!("--format={fmt}")).arg("-a").arg(d);
+    }
+    let out = cmd
+        .env("LIBGUESTFS_BACKEND", "direct")
+        .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+        .current_dir(dir)
+        .output()
+        .expect("virt-inspector (libguestfs-tools) must be installed");
+    assert!(
+        out.status.success(),
+        "virt-inspector: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = |tag: &str| xml_all(&xml, tag).into_iter().next().unwrap_or_default();
+    assert_eq!(os["root"], first("root").as_str());
+    assert_eq!(os["type"], first("name").as_str());
+    assert_eq!(os["arch"], first("arch").as_str());
+    assert_eq!(os["distro"], first("distro").as_str());
+    assert_eq!(os["major_version"].to_string(), first("major_version"));
+    assert_eq!(os["minor_version"].to_string(), first("minor_version"));
+    assert_eq!(os["hostname"], first("hostname").as_str());
+    assert_eq!(os["package_format"], first("package_format").as_str());
+    assert_eq!(
+        os["package_management"],
+        first("package_management").as_str()
+    );
+    // Mount points: (device, path), a device not on these disks as fstab
+    // names it.
+    let mut theirs: Vec<(String, String)> = xml
+        .split("<mountpoint dev=\"")
+        .skip(1)
+        .map(|s| {
+            let (dev, rest) = s.split_once("\">").unwrap();
+            (dev.to_string(), rest.split('<').next().unwrap().to_string())
+        })
+        .collect();
+    let mut ours: Vec<(String, String)> = os["mountpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let dev = m["device"].as_str().or(m["spec"].as_str()).unwrap();
+            (dev.to_string(), m["path"].as_str().unwrap().to_string())
+        })
+        .collect();
+    theirs.sort();
+    ours.sort();
+    assert_eq!(ours, theirs);
+}

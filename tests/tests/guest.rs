@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vmshift_tests::{json, tool_ok, vmshift, vmshift_ok};
+use vmshift_tests::{json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
 
 fn text(o: &std::process::Output) -> String {
     format!(
@@ -337,17 +337,6 @@ fn debian_guest(d: &Path) {
     );
 }
 
-/// The text of every `<tag>` element of an XML document (no attributes).
-fn xml_all(xml: &str, tag: &str) -> Vec<String> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    xml.split(&open)
-        .skip(1)
-        .filter_map(|s| s.split(&close).next())
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn inspection_agrees_with_virt_inspector() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,51 +344,7 @@ fn inspection_agrees_with_virt_inspector() {
     debian_guest(d);
     let v = json(vmshift_ok(d, &["guest", "inspect", "--output", "json", "disk.qcow2"]).as_bytes());
     let os = &v["operatingsystems"][0];
-    // virt-inspector boots an appliance VM (under TCG here: ~20 s).
-    let out = std::process::Command::new("virt-inspector")
-        .args(["--format=qcow2", "-a", "disk.qcow2"])
-        .env("LIBGUESTFS_BACKEND", "direct")
-        .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-        .current_dir(d)
-        .output()
-        .expect("virt-inspector (libguestfs-tools) must be installed");
-    assert!(out.status.success(), "{}", text(&out));
-    let xml = String::from_utf8_lossy(&out.stdout).into_owned();
-    let first = |tag: &str| xml_all(&xml, tag).into_iter().next().unwrap_or_default();
-    assert_eq!(os["root"], first("root").as_str());
-    assert_eq!(os["type"], first("name").as_str());
-    assert_eq!(os["arch"], first("arch").as_str());
-    assert_eq!(os["distro"], first("distro").as_str());
-    assert_eq!(os["major_version"].to_string(), first("major_version"));
-    assert_eq!(os["minor_version"].to_string(), first("minor_version"));
-    assert_eq!(os["hostname"], first("hostname").as_str());
-    assert_eq!(os["package_format"], first("package_format").as_str());
-    assert_eq!(
-        os["package_management"],
-        first("package_management").as_str()
-    );
-    // Mount points: (device, path), a device not on these disks as fstab
-    // names it.
-    let mut theirs: Vec<(String, String)> = xml
-        .split("<mountpoint dev=\"")
-        .skip(1)
-        .map(|s| {
-            let (dev, rest) = s.split_once("\">").unwrap();
-            (dev.to_string(), rest.split('<').next().unwrap().to_string())
-        })
-        .collect();
-    let mut ours: Vec<(String, String)> = os["mountpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let dev = m["device"].as_str().or(m["spec"].as_str()).unwrap();
-            (dev.to_string(), m["path"].as_str().unwrap().to_string())
-        })
-        .collect();
-    theirs.sort();
-    ours.sort();
-    assert_eq!(ours, theirs);
+    virt_inspector_agrees(d, &["disk.qcow2"], os);
     // And what will trip the migration.
     let codes: Vec<&str> = os["findings"]
         .as_array()

@@ -70,6 +70,10 @@ pub struct GuestSource {
     /// The image's format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<FormatArg>,
+    /// Another disk of the same guest (/dev/sdb, /dev/sdc, … after IMAGE),
+    /// like virt-ls's -a: a volume group may span several disks.
+    #[arg(short = 'a', long = "add", value_name = "IMAGE")]
+    pub add: Vec<PathBuf>,
     /// The descriptor's format (by extension when omitted).
     #[arg(long, value_enum)]
     pub from: Option<VmFormatArg>,
@@ -79,11 +83,14 @@ pub struct GuestSource {
     pub gate: GateArgs,
 }
 
-/// `vmshift guest filesystems`.
+/// `vmshift guest filesystems` and `guest inspect`.
 #[derive(Debug, Args)]
 pub struct GuestFsArgs {
     #[command(flatten)]
     pub source: GuestSource,
+    /// More disks of the same guest, in order (as -a).
+    #[arg(value_name = "IMAGE")]
+    pub more: Vec<PathBuf>,
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,

@@ -9,15 +9,13 @@
 
 use std::sync::Arc;
 
-use vmshift_image::ImageReader;
-
-use crate::vfs::{Entry, EntryKind, FsInfo, FsKind, GuestFs};
+use crate::vfs::{Device, Entry, EntryKind, FsInfo, FsKind, GuestFs};
 use crate::{Error, Result};
 
 /// A FAT file system in `[start, start + len)` of an image.
 #[derive(Debug)]
 pub struct Fat {
-    image: Arc<dyn ImageReader>,
+    image: Arc<dyn Device>,
     start: u64,
     info: FsInfo,
     cluster_bytes: u64,
@@ -168,7 +166,7 @@ fn err(place: &str, msg: impl Into<String>) -> Error {
 impl Fat {
     /// Opens the FAT file system at `[start, start + len)`.
     pub fn open(
-        image: Arc<dyn ImageReader>,
+        image: Arc<dyn Device>,
         start: u64,
         len: u64,
         place: String,
@@ -206,6 +204,7 @@ impl Fat {
                 place,
                 partition,
                 partuuid: None,
+                note: None,
             },
             cluster_bytes: g.spc * g.bps,
             fat_offset,

@@ -7,11 +7,12 @@ use ext4_view::{Ext4, Ext4Read};
 use vmshift_image::part::read_table;
 use vmshift_image::ImageReader;
 
+use crate::vfs::Device;
 use crate::Result;
 
 /// A byte range of a disk image, read as a device.
 struct RangeReader {
-    image: Arc<dyn ImageReader>,
+    image: Arc<dyn Device>,
     start: u64,
     len: u64,
 }
@@ -79,7 +80,7 @@ fn sane_ext_superblock(sb: &[u8; 1024], len: u64) -> bool {
 
 /// Opens the ext2/3/4 file system at `[start, start + len)` of `image`,
 /// its superblock's geometry checked first; `None` when it does not open.
-pub(crate) fn open_ext(image: Arc<dyn ImageReader>, start: u64, len: u64) -> Option<Ext4> {
+pub(crate) fn open_ext(image: Arc<dyn Device>, start: u64, len: u64) -> Option<Ext4> {
     let mut sb = [0u8; 1024];
     if len < 2048 || image.read_at(&mut sb, start + 1024).is_err() || !sane_ext_superblock(&sb, len)
     {
@@ -134,7 +135,7 @@ pub fn filesystems(image: Arc<dyn ImageReader>) -> Result<Vec<Filesystem>> {
             continue;
         }
         let reader = RangeReader {
-            image: image.clone(),
+            image: Arc::new(crate::vfs::Disk(image.clone())),
             start,
             len,
         };

@@ -177,6 +177,28 @@ fn inspect_linux(fs: &dyn GuestFs, root: &Found, all: &[Found]) -> LinuxGuest {
         unknown: Vec::new(),
         findings: Vec::new(),
     };
+    fstab(fs, all, &mut g);
+    // The rest reads the tree as the guest mounts it: /boot, /usr or /var
+    // may be file systems of their own.
+    let mut mounts = Vec::new();
+    for m in g.mountpoints.iter().filter(|m| m.path != "/") {
+        let Some(f) = m
+            .device
+            .as_ref()
+            .and_then(|d| all.iter().find(|f| &f.info.place == d))
+        else {
+            continue;
+        };
+        if !f.info.kind.readable() {
+            continue;
+        }
+        match vfs::open(f) {
+            Ok(mfs) => mounts.push((m.path.clone(), mfs)),
+            Err(e) => g.unknown.push(format!("{}: {e}", m.path)),
+        }
+    }
+    let view = vfs::Mounted::new(fs, mounts);
+    let fs: &dyn GuestFs = &view;
     distribution(fs, &mut g);
     hostname(fs, &mut g);
     g.arch = arch(fs);
@@ -185,7 +207,6 @@ fn inspect_linux(fs: &dyn GuestFs, root: &Found, all: &[Found]) -> LinuxGuest {
             .push("arch: no ELF binary found in /bin, /usr/bin or /sbin".into());
     }
     packages(fs, &mut g);
-    fstab(fs, all, &mut g);
     kernels(fs, &mut g);
     g.vmware_tools = [
         "/usr/bin/vmtoolsd",
@@ -338,11 +359,37 @@ fn packages(fs: &dyn GuestFs, g: &mut LinuxGuest) {
         g.package_management = Some("apt".into());
     } else if has("/var/lib/rpm") || has("/usr/lib/sysimage/rpm") {
         g.package_format = Some("rpm".into());
+        // As libguestfs decides it: the RHEL family by its version (dnf
+        // from 8, yum from 5), Fedora by dnf being there.
+        let major = g.major_version.unwrap_or(0);
+        let rhel_like = matches!(
+            g.distro.as_deref(),
+            Some(
+                "rhel"
+                    | "centos"
+                    | "rocky"
+                    | "almalinux"
+                    | "ol"
+                    | "oraclelinux"
+                    | "scientificlinux"
+                    | "redhat-based"
+            )
+        );
         g.package_management = Some(
-            if has("/usr/bin/dnf") || has("/usr/bin/dnf-3") {
-                "dnf"
-            } else if has("/usr/bin/zypper") {
+            if rhel_like {
+                match major {
+                    8.. => "dnf",
+                    5.. => "yum",
+                    _ => "up2date",
+                }
+            } else if has("/usr/bin/zypper")
+                || g.distro
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("opensuse") || d == "sles")
+            {
                 "zypper"
+            } else if has("/usr/bin/dnf") || has("/usr/bin/dnf-3") {
+                "dnf"
             } else {
                 "yum"
             }
@@ -376,12 +423,44 @@ fn resolve(spec: &str, all: &[Found]) -> Option<String> {
     {
         return by(&|x| eq(&x.info.partuuid, p.trim_matches('"')));
     }
+    // LVM: /dev/mapper/VG-LV (a '-' inside a name doubled),
+    // /dev/disk/by-id/dm-name-VG-LV, or /dev/VG/LV as named here.
+    if let Some(dm) = spec
+        .strip_prefix("/dev/mapper/")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-id/dm-name-"))
+    {
+        let (vg, lv) = split_dm_name(dm)?;
+        let name = format!("/dev/{vg}/{lv}");
+        return by(&|x| x.info.place == name);
+    }
     // /dev/sda1, /dev/vda1, /dev/hda1, /dev/xvda1: disk letter and number.
     for prefix in ["/dev/sd", "/dev/vd", "/dev/hd", "/dev/xvd"] {
         if let Some(rest) = spec.strip_prefix(prefix) {
             let name = format!("/dev/sd{rest}");
             return by(&|x| x.info.place == name);
         }
+    }
+    by(&|x| x.info.place == spec)
+}
+
+/// The VG and LV of a device-mapper name: split at the one '-' that is
+/// not doubled; a doubled '-' is a '-' in the name.
+fn split_dm_name(dm: &str) -> Option<(String, String)> {
+    let b = dm.as_bytes();
+    let mut i = 0;
+    let mut vg = String::new();
+    while i < b.len() {
+        if b[i] == b'-' {
+            if b.get(i + 1) == Some(&b'-') {
+                vg.push('-');
+                i += 2;
+                continue;
+            }
+            let lv = dm[i + 1..].replace("--", "-");
+            return (!vg.is_empty() && !lv.is_empty()).then_some((vg, lv));
+        }
+        vg.push(b[i] as char);
+        i += 1;
     }
     None
 }

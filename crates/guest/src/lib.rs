@@ -11,9 +11,12 @@
 pub mod bootcfg;
 pub mod fat;
 pub mod fs;
+pub mod hive;
 pub mod initramfs;
 pub mod inspect;
+pub mod lvm;
 pub mod vfs;
+pub mod xfs;
 
 use std::path::PathBuf;
 

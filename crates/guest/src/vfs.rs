@@ -1,7 +1,7 @@
 //! Every file system on a guest's disks, found by its magic, named the way
 //! libguestfs names it (`/dev/sda1`: disk a, partition 1), and readable
-//! through one interface where vmshift reads that kind (ext2/3/4, FAT).
-//! Kinds not read yet (XFS, NTFS, btrfs, LVM physical volumes, swap) are
+//! through one interface where vmshift reads that kind (ext2/3/4, FAT,
+//! XFS). Kinds not read yet (NTFS, btrfs, LVM physical volumes, swap) are
 //! still listed with their UUID, label and size.
 
 use std::io::{Read, Write};
@@ -38,6 +38,9 @@ pub enum FsKind {
     Swap,
     /// An LVM2 physical volume.
     LvmPv,
+    /// A logical volume vmshift does not read (thin, RAID, a PV missing)
+    /// or that holds nothing it knows; [`FsInfo::note`] says which.
+    Unread,
 }
 
 impl FsKind {
@@ -53,6 +56,7 @@ impl FsKind {
             FsKind::Btrfs => "btrfs",
             FsKind::Swap => "swap",
             FsKind::LvmPv => "LVM2_member",
+            FsKind::Unread => "unknown",
         }
     }
 
@@ -66,6 +70,7 @@ impl FsKind {
                 | FsKind::Fat12
                 | FsKind::Fat16
                 | FsKind::Fat32
+                | FsKind::Xfs
         )
     }
 }
@@ -88,6 +93,8 @@ pub struct FsInfo {
     /// The partition's PARTUUID as Linux shows it (GPT: its GUID; MBR:
     /// the disk signature and the partition number, `1234abcd-01`).
     pub partuuid: Option<String>,
+    /// Why it is not read, for [`FsKind::Unread`].
+    pub note: Option<String>,
 }
 
 /// What a directory entry is.
@@ -143,13 +150,103 @@ pub trait GuestFs {
     }
 }
 
+/// What file systems are read from: a disk image, or an LVM logical
+/// volume assembled from the disks' physical volumes.
+pub trait Device: Send + Sync + std::fmt::Debug {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// A disk image as a [`Device`].
+#[derive(Debug, Clone)]
+pub struct Disk(pub Arc<dyn ImageReader>);
+
+impl Device for Disk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Ok(self.0.read_at(buf, offset)?)
+    }
+}
+
+/// A guest's tree as the guest mounts it: its root file system, with
+/// others at their mountpoints (`/boot` on a partition of its own). A path
+/// goes to the file system of its longest mountpoint; a symlink is
+/// resolved inside the file system it is on.
+pub struct Mounted<'a> {
+    root: &'a dyn GuestFs,
+    /// Mountpoints, longest first.
+    mounts: Vec<(String, Box<dyn GuestFs>)>,
+}
+
+impl<'a> Mounted<'a> {
+    /// The tree of `root` with `mounts` (mountpoint, file system).
+    pub fn new(root: &'a dyn GuestFs, mut mounts: Vec<(String, Box<dyn GuestFs>)>) -> Self {
+        for m in &mut mounts {
+            m.0 = m.0.trim_end_matches('/').to_string();
+        }
+        mounts.retain(|m| !m.0.is_empty());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+        Mounted { root, mounts }
+    }
+
+    fn route<'p>(&self, path: &'p str) -> (&dyn GuestFs, std::borrow::Cow<'p, str>) {
+        for (mp, fs) in &self.mounts {
+            if let Some(rest) = path.strip_prefix(mp.as_str()) {
+                if rest.is_empty() {
+                    return (&**fs, "/".into());
+                }
+                if rest.starts_with('/') {
+                    return (&**fs, rest.to_string().into());
+                }
+            }
+        }
+        (self.root, path.into())
+    }
+}
+
+impl std::fmt::Debug for Mounted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mps: Vec<&str> = self.mounts.iter().map(|m| m.0.as_str()).collect();
+        f.debug_struct("Mounted")
+            .field("root", &self.root.info().place)
+            .field("mounts", &mps)
+            .finish()
+    }
+}
+
+impl GuestFs for Mounted<'_> {
+    fn info(&self) -> &FsInfo {
+        self.root.info()
+    }
+    fn list(&self, path: &str) -> Result<Vec<Entry>> {
+        let (fs, p) = self.route(path);
+        fs.list(&p)
+    }
+    fn stat(&self, path: &str) -> Result<Entry> {
+        let (fs, p) = self.route(path);
+        fs.stat(&p)
+    }
+    fn read_to(&self, path: &str, max: u64, out: &mut dyn Write) -> Result<u64> {
+        let (fs, p) = self.route(path);
+        fs.read_to(&p, max, out)
+    }
+    fn read_link(&self, path: &str) -> Result<Option<String>> {
+        let (fs, p) = self.route(path);
+        fs.read_link(&p)
+    }
+}
+
 /// A file system found on a disk.
 #[derive(Clone)]
 pub struct Found {
     /// What and where.
     pub info: FsInfo,
-    /// The disk.
-    pub image: Arc<dyn ImageReader>,
+    /// The disk, or the logical volume.
+    pub image: Arc<dyn Device>,
     /// Its byte range on the disk.
     pub start: u64,
     /// Its length.
@@ -175,7 +272,7 @@ pub fn disk_name(i: usize) -> String {
     format!("/dev/sd{}", s.into_iter().collect::<String>())
 }
 
-fn uuid_text(b: &[u8]) -> String {
+pub(crate) fn uuid_text(b: &[u8]) -> String {
     let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -187,7 +284,7 @@ fn uuid_text(b: &[u8]) -> String {
     )
 }
 
-fn c_string(b: &[u8]) -> Option<String> {
+pub(crate) fn c_string(b: &[u8]) -> Option<String> {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     let s = String::from_utf8_lossy(&b[..end]).trim_end().to_string();
     (!s.is_empty()).then_some(s)
@@ -195,8 +292,8 @@ fn c_string(b: &[u8]) -> Option<String> {
 
 /// What the bytes at the start of a range are, with UUID, label and size
 /// where the superblock says them.
-fn probe(
-    image: &Arc<dyn ImageReader>,
+pub(crate) fn probe(
+    image: &Arc<dyn Device>,
     start: u64,
     len: u64,
     place: &str,
@@ -212,6 +309,7 @@ fn probe(
         place: place.to_string(),
         partition,
         partuuid: None,
+        note: None,
     };
     let u32le = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
     // ext2/3/4: superblock at 1024.
@@ -280,7 +378,19 @@ fn probe(
             && &head[at..at + 8] == b"LABELONE"
             && &head[at + 24..at + 32] == b"LVM2 001"
         {
-            let id = String::from_utf8_lossy(&head[at + 32..at + 64]).to_string();
+            // The PV UUID at the PV header, grouped 6-4-4-4-4-4-6 as
+            // blkid and pvs print it.
+            let pvh = at
+                + u32::from_le_bytes(head[at + 20..at + 24].try_into().expect("4")).min(448)
+                    as usize;
+            let raw = String::from_utf8_lossy(&head[pvh..pvh + 32]).to_string();
+            let mut id = String::new();
+            for (i, c) in raw.chars().enumerate() {
+                if [6, 10, 14, 18, 22, 26].contains(&i) {
+                    id.push('-');
+                }
+                id.push(c);
+            }
             return Some(info(FsKind::LvmPv, Some(id), None, len));
         }
     }
@@ -331,21 +441,51 @@ pub fn scan(disks: &[Arc<dyn ImageReader>]) -> Result<Vec<Found>> {
                 .collect(),
             None => vec![(None, 0, size, None)],
         };
+        let disk: Arc<dyn Device> = Arc::new(Disk(image.clone()));
         for (number, start, len, partuuid) in ranges {
             let place = match number {
                 Some(n) => format!("{dev}{n}"),
                 None => dev.clone(),
             };
-            if let Some(mut info) = probe(image, start, len, &place, number) {
+            if let Some(mut info) = probe(&disk, start, len, &place, number) {
                 info.partuuid = partuuid;
                 out.push(Found {
                     info,
-                    image: image.clone(),
+                    image: disk.clone(),
                     start,
                     len,
                 });
             }
         }
+    }
+    // Logical volumes, named /dev/VG/LV, after the disks.
+    let (on_lvs, unread) = crate::lvm::found_on_lvs(&out);
+    out.extend(on_lvs);
+    for (place, why) in unread {
+        // A damaged PV: said on its own entry.
+        if let Some(f) = out.iter_mut().find(|f| f.info.place == place) {
+            let note = f.info.note.get_or_insert_with(String::new);
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(&why);
+            continue;
+        }
+        out.push(Found {
+            info: FsInfo {
+                kind: FsKind::Unread,
+                uuid: None,
+                label: None,
+                size: 0,
+                place,
+                partition: None,
+                partuuid: None,
+                note: Some(why),
+            },
+            image: Arc::new(Disk(disks[0].clone())),
+            start: 0,
+            len: 0,
+        });
     }
     Ok(out)
 }
@@ -372,6 +512,17 @@ pub fn open(found: &Found) -> Result<Box<dyn GuestFs>> {
             place,
             found.info.partition,
         )?)),
+        FsKind::Xfs => Ok(Box::new(crate::xfs::Xfs::open(
+            found.image.clone(),
+            found.start,
+            found.len,
+            place,
+            found.info.partition,
+        )?)),
+        FsKind::Unread => Err(Error::Fs {
+            place,
+            msg: found.info.note.clone().unwrap_or_default(),
+        }),
         k => Err(Error::Fs {
             place,
             msg: format!("vmshift does not read {} file systems yet", k.name()),

@@ -20,9 +20,17 @@ fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
     from.is_some() || DescriptorFormat::from_extension(path).is_some()
 }
 
-/// The disks: the image itself, or the descriptor's hard disks in order.
-fn disks(src: &GuestSource) -> Result<Vec<Arc<dyn ImageReader>>> {
+/// The disks: the images, in order, or the descriptor's hard disks.
+fn disks(src: &GuestSource, more: &[std::path::PathBuf]) -> Result<Vec<Arc<dyn ImageReader>>> {
+    let added: Vec<&std::path::PathBuf> = src.add.iter().chain(more).collect();
     if is_descriptor(&src.image, src.from) {
+        if let Some(a) = added.first() {
+            bail!(
+                "{}: a VM descriptor names its own disks; {} cannot be added to them",
+                src.image.display(),
+                a.display()
+            );
+        }
         let mut l = crate::cmd::vm::load(&src.image, src.from)?;
         let resolver = crate::cmd::vm::resolver(&mut l, &src.roots, src.gate.force_share)?;
         let disks = vmshift_vm::open_disks(&l.lowered.vm, &resolver)?;
@@ -31,14 +39,13 @@ fn disks(src: &GuestSource) -> Result<Vec<Arc<dyn ImageReader>>> {
         }
         return Ok(disks.into_iter().map(|(_, d)| Arc::from(d)).collect());
     }
-    let img = crate::cmd::open(
-        &src.image,
-        src.format,
-        &src.gate,
-        false,
-        crate::cmd::Use::Look,
-    )?;
-    Ok(vec![Arc::from(img)])
+    std::iter::once(&src.image)
+        .chain(added)
+        .map(|p| {
+            let img = crate::cmd::open(p, src.format, &src.gate, false, crate::cmd::Use::Look)?;
+            Ok(Arc::from(img))
+        })
+        .collect()
 }
 
 fn human_size(n: u64) -> String {
@@ -59,7 +66,7 @@ fn human_size(n: u64) -> String {
 }
 
 pub fn filesystems(args: &GuestFsArgs) -> Result<i32> {
-    let found = vfs::scan(&disks(&args.source)?)?;
+    let found = vfs::scan(&disks(&args.source, &args.more)?)?;
     match args.output {
         Output::Json => {
             let v: Vec<_> = found
@@ -72,24 +79,41 @@ pub fn filesystems(args: &GuestFsArgs) -> Result<i32> {
                         "label": f.info.label,
                         "size": f.info.size,
                         "readable": f.info.kind.readable(),
+                        "note": f.info.note,
                     })
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Human => {
+            let w = found
+                .iter()
+                .map(|f| f.info.place.len())
+                .max()
+                .unwrap_or(0)
+                .max(12);
             println!(
-                "{:<12} {:<12} {:<38} {:<16} {:>6}",
+                "{:<w$} {:<12} {:<38} {:<16} {:>6}",
                 "Name", "Type", "UUID", "Label", "Size"
             );
             for f in &found {
+                if f.info.kind == vfs::FsKind::Unread {
+                    let note = f.info.note.as_deref().unwrap_or("");
+                    println!("{:<w$} {:<12} ({note})", f.info.place, f.info.kind.name());
+                    continue;
+                }
                 println!(
-                    "{:<12} {:<12} {:<38} {:<16} {:>6}",
+                    "{:<w$} {:<12} {:<38} {:<16} {:>6}{}",
                     f.info.place,
                     f.info.kind.name(),
                     f.info.uuid.as_deref().unwrap_or("-"),
                     f.info.label.as_deref().unwrap_or("-"),
-                    human_size(f.info.size)
+                    human_size(f.info.size),
+                    f.info
+                        .note
+                        .as_ref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -179,7 +203,7 @@ fn time_string(secs: i64) -> String {
 }
 
 pub fn ls(args: &GuestLsArgs) -> Result<i32> {
-    let found = vfs::scan(&disks(&args.source)?)?;
+    let found = vfs::scan(&disks(&args.source, &[])?)?;
     let (fs, path) = locate(&found, &args.path)?;
     let mut entries = fs.list(&path)?;
     entries.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -212,7 +236,7 @@ pub fn ls(args: &GuestLsArgs) -> Result<i32> {
 }
 
 pub fn cat(args: &GuestCatArgs) -> Result<i32> {
-    let found = vfs::scan(&disks(&args.source)?)?;
+    let found = vfs::scan(&disks(&args.source, &[])?)?;
     let (fs, path) = locate(&found, &args.path)?;
     let out = std::io::stdout();
     let mut out = out.lock();
@@ -222,7 +246,7 @@ pub fn cat(args: &GuestCatArgs) -> Result<i32> {
 }
 
 pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
-    let found = vfs::scan(&disks(&args.source)?)?;
+    let found = vfs::scan(&disks(&args.source, &args.more)?)?;
     let guests = vmshift_guest::inspect::inspect(&found)?;
     match args.output {
         Output::Json => {

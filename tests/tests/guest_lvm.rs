@@ -1,0 +1,249 @@
+//! A RHEL-style guest on two disks, made by Linux itself (libguestfs's
+//! appliance: `tests/guests/rhel-lvm.sh`): XFS `/boot` on a partition, a
+//! volume group spanning a partition and a whole disk, XFS root on a
+//! linear volume that spans both, ext4 on a striped volume, swap, and a
+//! raid1 volume. vmshift reads it offline and must agree with what Linux's
+//! tools read in the appliance (blkid, lvs, xfs_db) and with
+//! virt-inspector.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use vmshift_tests::{json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
+
+/// The fixture, built once for the tests of this file (~25 s).
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/rhel-lvm.sh");
+        let out = std::process::Command::new(&script)
+            .arg(&dir)
+            .env("LIBGUESTFS_BACKEND", "direct")
+            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+            .output()
+            .expect("guestfish (libguestfs-tools) must be installed");
+        assert!(
+            out.status.success(),
+            "rhel-lvm.sh: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The first disk as qcow2: LVs read through vmshift's image drivers.
+        tool_ok(
+            &dir,
+            "qemu-img",
+            &["convert", "-O", "qcow2", "rhel1.raw", "rhel1.qcow2"],
+        );
+        dir
+    })
+}
+
+/// `blkid -o export` of several devices: device → (KEY → VALUE).
+fn blkid_export(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for block in text.split("\n\n") {
+        let kv: BTreeMap<String, String> = block
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(dev) = kv.get("DEVNAME") {
+            out.insert(dev.replace("/dev/mapper/rhel-", "/dev/rhel/"), kv);
+        }
+    }
+    out
+}
+
+/// The entries (name → type) of each directory `xfs_db ls` printed.
+fn xfs_db_dirs(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut cur = None;
+    for l in text.lines() {
+        if let Some(d) = l.strip_suffix(':') {
+            cur = Some(d.to_string());
+            continue;
+        }
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let (Some(d), true) = (&cur, f.len() >= 7) {
+            if f[5] != "." && f[5] != ".." {
+                out.entry(d.clone())
+                    .or_default()
+                    .insert(f[5].to_string(), f[2].to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn volumes_and_xfs_read_as_linux_reads_them() {
+    let d = fixture();
+    let disks = ["rhel1.qcow2", "rhel2.raw"];
+    let fs = json(
+        vmshift_ok(
+            d,
+            &[
+                "guest",
+                "filesystems",
+                "--output",
+                "json",
+                disks[0],
+                disks[1],
+            ],
+        )
+        .as_bytes(),
+    );
+    let fs = fs.as_array().unwrap();
+    let by_name = |n: &str| {
+        fs.iter()
+            .find(|f| f["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed: {fs:?}"))
+    };
+    // Every file system Linux's blkid sees, with its type, UUID and label.
+    let blkid = blkid_export(&std::fs::read_to_string(d.join("src/blkid.txt")).unwrap());
+    assert_eq!(blkid.len(), 4, "{blkid:?}");
+    for (dev, kv) in &blkid {
+        let f = by_name(dev);
+        assert_eq!(f["type"], kv["TYPE"].as_str(), "{dev}");
+        assert_eq!(f["uuid"], kv["UUID"].as_str(), "{dev}");
+        assert_eq!(
+            f["label"].as_str(),
+            kv.get("LABEL").map(String::as_str),
+            "{dev}"
+        );
+        if f["type"] != "swap" {
+            assert_eq!(f["readable"], true, "{dev}");
+        }
+    }
+    // Every LV lvs lists; the raid1 one named as not read, with its type.
+    let lvs = std::fs::read_to_string(d.join("src/lvs.txt")).unwrap();
+    for l in lvs.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let entry = by_name(&format!("/dev/rhel/{}", f[0]));
+        if f[2] == "raid1" {
+            assert_eq!(entry["type"], "unknown");
+            assert!(entry["note"].as_str().unwrap().contains("raid1"), "{entry}");
+        } else {
+            assert_ne!(entry["type"], "unknown", "{entry}");
+        }
+    }
+    // XFS written by Linux: a node-form directory of 3000 entries, the
+    // root, a file whose extent map is a B+tree, a remote symlink.
+    let xdb = std::fs::read_to_string(d.join("src/xfs_db.txt")).unwrap();
+    assert!(xdb.contains("core.format = 3 (btree)"), "{xdb}");
+    let dirs = xfs_db_dirs(&xdb);
+    for (dir, theirs) in &dirs {
+        let mut ours: Vec<String> = vmshift_ok(d, &["guest", "ls", disks[0], "-a", disks[1], dir])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        ours.sort();
+        let theirs: Vec<String> = theirs.keys().cloned().collect();
+        assert_eq!(ours, theirs, "{dir}");
+    }
+    assert_eq!(dirs["/many"].len(), 3000);
+    let cat = |p: &str| {
+        let o = vmshift(d, &["guest", "cat", disks[0], "-a", disks[1], p]);
+        assert!(
+            o.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    assert_eq!(cat("/frag"), std::fs::read(d.join("src/frag")).unwrap());
+    assert_eq!(cat("/longlink"), b"rhel9.example.com\n");
+    // ext4 on the striped volume, by its LV name.
+    assert_eq!(cat("/dev/rhel/data:/hello"), b"on a striped volume\n");
+    // /boot is its own file system: the root's /boot is an empty folder.
+    let boot = vmshift_ok(d, &["guest", "ls", disks[0], "-a", disks[1], "/dev/sda1:/"]);
+    assert!(boot.contains("loader") && boot.contains("grub2"), "{boot}");
+}
+
+#[test]
+fn rhel_inspection_agrees_with_virt_inspector() {
+    let d = fixture();
+    let v = json(
+        vmshift_ok(
+            d,
+            &[
+                "guest",
+                "inspect",
+                "--output",
+                "json",
+                "rhel1.qcow2",
+                "rhel2.raw",
+            ],
+        )
+        .as_bytes(),
+    );
+    let os = &v["operatingsystems"][0];
+    assert_eq!(os["root"], "/dev/rhel/root");
+    virt_inspector_agrees(d, &["rhel1.qcow2", "rhel2.raw"], os);
+    // The kernel is found on /boot's own file system, and its dracut
+    // initramfs has no virtio.
+    assert_eq!(os["kernels"][0]["version"], "5.14.0-362.el9.x86_64");
+    assert_eq!(os["kernels"][0]["dracut_hostonly"], true);
+    let codes: Vec<&str> = os["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["guest-initramfs-no-virtio"]);
+    assert!(os["findings"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("dracut -f"));
+}
+
+#[test]
+fn damaged_lvm_metadata_is_named_and_the_other_copy_serves() {
+    let d = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path();
+    // The whole-disk PV's current metadata text (where its metadata
+    // area header's first location points): flip one byte of it.
+    let mut pv2 = std::fs::read(d.join("rhel2.raw")).unwrap();
+    let mda = pv2[..1 << 20]
+        .windows(16)
+        .position(|w| w == b" LVM2 x[5A%r0N*>")
+        .expect("a metadata area in the first MiB")
+        - 4;
+    let text = mda + u64::from_le_bytes(pv2[mda + 40..mda + 48].try_into().unwrap()) as usize;
+    pv2[text + 10] ^= 0x20;
+    std::fs::write(t.join("rhel2.raw"), &pv2).unwrap();
+    std::fs::copy(d.join("rhel1.qcow2"), t.join("rhel1.qcow2")).unwrap();
+    let fs = vmshift_ok(t, &["guest", "filesystems", "rhel1.qcow2", "rhel2.raw"]);
+    let sdb = fs.lines().find(|l| l.starts_with("/dev/sdb ")).unwrap();
+    assert!(sdb.contains("checksum mismatch"), "{fs}");
+    // The first PV's copy of the VG's metadata still describes every LV.
+    assert!(fs.contains("/dev/rhel/root   xfs"), "{fs}");
+    let o = vmshift(
+        t,
+        &[
+            "guest",
+            "cat",
+            "rhel1.qcow2",
+            "-a",
+            "rhel2.raw",
+            "/etc/hostname",
+        ],
+    );
+    assert_eq!(o.stdout, b"rhel9.example.com\n");
+    // Without the second disk, the volumes on it are named, not misread.
+    let fs = vmshift_ok(t, &["guest", "filesystems", "rhel1.qcow2"]);
+    assert!(
+        fs.lines()
+            .any(|l| l.starts_with("/dev/rhel/root") && l.contains("not on these disks")),
+        "{fs}"
+    );
+    // A PV whose label is damaged is not read as one.
+    let mut lbl = pv2.clone();
+    lbl[512 + 40] ^= 1;
+    std::fs::write(t.join("rhel2.raw"), &lbl).unwrap();
+    let fs = vmshift_ok(t, &["guest", "filesystems", "rhel1.qcow2", "rhel2.raw"]);
+    assert!(fs.contains("label in sector 1: checksum mismatch"), "{fs}");
+}
