@@ -33,7 +33,9 @@ command -v mdir >/dev/null || missing+=(mtools)
 command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
 command -v xfs_db >/dev/null || missing+=(xfsprogs)
 command -v hivexsh >/dev/null || missing+=(libhivex-bin)
-# zstd packs the guest tests' initramfs.
+# zstd, xz and bzip2 pack the guest tests' initramfs (lz4 too, below).
+command -v xz >/dev/null || missing+=(xz-utils)
+command -v bzip2 >/dev/null || missing+=(bzip2)
 command -v zstd >/dev/null || missing+=(zstd)
 # The boot check (tests/nested/boot-check.sh): debootstrap for the fixture
 # VMs, cpio and lz4 for the initramfs and kernel it assembles.
