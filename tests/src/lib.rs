@@ -274,18 +274,35 @@ pub fn virt_inspector_agrees(dir: &Path, disks: &[&str], os: &serde_json::Value)
     );
     let xml = String::from_utf8_lossy(&out.stdout).into_owned();
     let first = |tag: &str| xml_all(&xml, tag).into_iter().next().unwrap_or_default();
-    assert_eq!(os["root"], first("root").as_str());
-    assert_eq!(os["type"], first("name").as_str());
-    assert_eq!(os["arch"], first("arch").as_str());
-    assert_eq!(os["distro"], first("distro").as_str());
-    assert_eq!(os["major_version"].to_string(), first("major_version"));
-    assert_eq!(os["minor_version"].to_string(), first("minor_version"));
-    assert_eq!(os["hostname"], first("hostname").as_str());
-    assert_eq!(os["package_format"], first("package_format").as_str());
-    assert_eq!(
-        os["package_management"],
-        first("package_management").as_str()
-    );
+    // A fact one side leaves out is "" on both.
+    let ours = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    for (key, tag) in [
+        ("root", "root"),
+        ("type", "name"),
+        ("arch", "arch"),
+        ("distro", "distro"),
+        ("product_name", "product_name"),
+        ("major_version", "major_version"),
+        ("minor_version", "minor_version"),
+        ("hostname", "hostname"),
+        ("package_format", "package_format"),
+        ("package_management", "package_management"),
+    ] {
+        assert_eq!(ours(&os[key]), first(tag), "{key}");
+    }
+    if os["type"] == "windows" {
+        assert_eq!(ours(&os["product_variant"]), first("product_variant"));
+        let w = &os["windows"];
+        assert_eq!(ours(&w["root_dir"]), first("windows_systemroot"));
+        assert_eq!(
+            ours(&w["current_control_set"]),
+            first("windows_current_control_set")
+        );
+    }
     // Mount points: (device, path), a device not on these disks as fstab
     // names it.
     let mut theirs: Vec<(String, String)> = xml

@@ -407,6 +407,16 @@ pub struct VmInspectArgs {
     /// The descriptor's format (by extension when omitted).
     #[arg(long, value_enum)]
     pub from: Option<VmFormatArg>,
+    /// Also read the guest inside the disks, offline (as `guest inspect`),
+    /// and add what it will trip over on KVM to the findings.
+    #[arg(long)]
+    pub guest: bool,
+    #[command(flatten)]
+    pub roots: DiskRootArgs,
+    /// Read the disks even if a running VM or another QEMU process holds
+    /// their locks (qemu-img's -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
     /// The descriptor (.vmx, .xml, .conf, .ovf, .ova).
     pub vm: PathBuf,
 }

@@ -32,6 +32,23 @@ pub struct MapOptions {
     /// The target emulates NVMe disks (the QEMU script; libvirt where its
     /// schema has `bus='nvme'`): an NVMe disk may stay on NVMe.
     pub nvme: bool,
+    /// What the guest inside the disks drives, read offline (None: not
+    /// read). It decides between virtio and the fallback models unless a
+    /// flag (`--virtio`, `--keep-models`) already did: the user's flags,
+    /// then the guest's facts, then the defaults.
+    pub guest: Option<GuestDrivers>,
+}
+
+/// What the guest can drive, as read from its disks: each `Some((yes,
+/// why))` where the guest says, `None` where it does not (the defaults
+/// then apply).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDrivers {
+    /// It boots from a virtio disk (virtio-scsi or virtio-blk), or it does
+    /// not but boots from SATA (AHCI).
+    pub virtio_disk: Option<(bool, String)>,
+    /// It has a virtio-net driver.
+    pub virtio_net: Option<(bool, String)>,
 }
 
 impl Default for MapOptions {
@@ -43,6 +60,7 @@ impl Default for MapOptions {
             networks: Vec::new(),
             bridge: None,
             nvme: false,
+            guest: None,
         }
     }
 }
@@ -224,6 +242,19 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             .any(|c| c.model.as_deref().is_some_and(|m| m.starts_with("virtio")))
         || vm.nics.iter().any(|n| n.model == "virtio");
     let virtio = opts.force_virtio || !windows || has_virtio;
+    // Flags first, then what the guest drives, then the default above.
+    let from_guest = |fact: Option<&(bool, String)>| {
+        if opts.force_virtio {
+            return (true, None);
+        }
+        match fact {
+            Some((yes, why)) => (*yes, Some(why.clone())),
+            None => (virtio, None),
+        }
+    };
+    let (disk_virtio, disk_why) =
+        from_guest(opts.guest.as_ref().and_then(|g| g.virtio_disk.as_ref()));
+    let (net_virtio, net_why) = from_guest(opts.guest.as_ref().and_then(|g| g.virtio_net.as_ref()));
 
     // Name: libvirt refuses '/', and control characters break every format.
     let clean: String = vm
@@ -295,7 +326,7 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             (DeviceKind::Floppy, _) => Bus::Fdc,
             (DeviceKind::Cdrom, _) => Bus::Sata,
             (_, Bus::Ide) => Bus::Sata,
-            (_, Bus::Virtio) if virtio => Bus::Virtio,
+            (_, Bus::Virtio) if disk_virtio => Bus::Virtio,
             (_, Bus::Scsi)
                 if opts.keep_models && QEMU_SCSI.contains(&scsi_model(d.controller).as_str()) =>
             {
@@ -304,18 +335,25 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
             // The controller the guest boots from today, where the
             // target has it: kept for a guest that may lack virtio
             // drivers, and when asked.
-            (DeviceKind::Disk, Bus::Nvme) if opts.nvme && (opts.keep_models || !virtio) => {
+            (DeviceKind::Disk, Bus::Nvme) if opts.nvme && (opts.keep_models || !disk_virtio) => {
                 Bus::Nvme
             }
-            (_, Bus::Scsi | Bus::Nvme | Bus::Sata | Bus::Usb | Bus::Virtio) if !virtio => Bus::Sata,
+            (_, Bus::Scsi | Bus::Nvme | Bus::Sata | Bus::Usb | Bus::Virtio) if !disk_virtio => {
+                Bus::Sata
+            }
             (_, Bus::Sata) if opts.keep_models => Bus::Sata,
             (_, _) => Bus::Scsi,
         };
+        let guest_why;
         let why = match (d.device, target) {
             (DeviceKind::Cdrom, _) => "CD-ROMs go on SATA: q35 has no IDE",
             (_, Bus::Sata) if d.bus == Bus::Ide => "q35 has no IDE; SATA (AHCI) is the equivalent",
-            (_, Bus::Sata) if !virtio => "a Windows guest may lack virtio drivers: its disks stay on SATA (AHCI), which Windows boots from with its own driver (use --virtio once the drivers are installed)",
             (_, Bus::Scsi) if opts.keep_models => "--keep-models",
+            (_, Bus::Sata | Bus::Scsi | Bus::Virtio) if disk_why.is_some() => {
+                guest_why = format!("the guest: {}", disk_why.as_deref().unwrap_or_default());
+                guest_why.as_str()
+            }
+            (_, Bus::Sata) if !disk_virtio => "a Windows guest may lack virtio drivers: its disks stay on SATA (AHCI), which Windows boots from with its own driver (use --virtio once the drivers are installed)",
             _ => "virtio-scsi: fast, and every modern guest has the driver",
         };
         if target != d.bus {
@@ -443,19 +481,25 @@ pub fn to_kvm(vm: &Vm, opts: &MapOptions) -> (Vm, Vec<Change>) {
     for (i, n) in out.nics.iter_mut().enumerate() {
         let to = if opts.keep_models && QEMU_NICS.contains(&n.model.as_str()) {
             n.model.clone()
-        } else if virtio {
+        } else if net_virtio {
             "virtio".into()
-        } else if windows_wants_e1000e(vm.guest.version.as_deref()) {
+        } else if !windows || windows_wants_e1000e(vm.guest.version.as_deref()) {
             "e1000e".into()
         } else {
             "e1000".into()
         };
-        let why = if virtio {
-            "virtio-net: fast; the MAC is kept"
-        } else {
-            "a Windows guest may lack virtio drivers: an Intel NIC Windows has a driver for; the MAC is kept"
+        let why = match (&net_why, net_virtio) {
+            _ if opts.keep_models && QEMU_NICS.contains(&n.model.as_str()) => "--keep-models".to_string(),
+            (Some(w), _) => format!("the guest: {w}; the MAC is kept"),
+            (None, true) => "virtio-net: fast; the MAC is kept".to_string(),
+            (None, false) => "a Windows guest may lack virtio drivers: an Intel NIC Windows has a driver for; the MAC is kept".to_string(),
         };
-        change(format!("nics[{i}].model"), n.model.clone(), to.clone(), why);
+        change(
+            format!("nics[{i}].model"),
+            n.model.clone(),
+            to.clone(),
+            &why,
+        );
         n.model = to;
         // Where it is attached: the user's map first, then --bridge for
         // bridged NICs, then the closest default.
@@ -551,9 +595,12 @@ fn linux_nic_names() -> Finding {
 /// What the guest will notice after the move, beyond the device list.
 pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding> {
     let mut f = Vec::new();
+    // The guest was read: its own findings say what it has, not "may".
+    let guest_disk = opts.guest.as_ref().and_then(|g| g.virtio_disk.as_ref());
     match src.guest.family {
         OsFamily::Linux
-            if kvm
+            if guest_disk.is_none()
+                && kvm
                 .disks
                 .iter()
                 .zip(&src.disks)
@@ -570,6 +617,7 @@ pub fn migration_findings(src: &Vm, kvm: &Vm, opts: &MapOptions) -> Vec<Finding>
             }
         }
         OsFamily::Linux if !kvm.nics.is_empty() => f.push(linux_nic_names()),
+        OsFamily::Windows if !opts.force_virtio && guest_disk.is_some_and(|g| g.0) => {}
         OsFamily::Windows if opts.force_virtio => f.push(Finding::new(
             Severity::Warning,
             "windows-virtio-forced",

@@ -1,6 +1,7 @@
-//! What a Linux guest is, read offline: a pipeline of small detectors,
-//! each reading a few files from the root file system. A missing or odd
-//! file makes its fact unknown (with the reason), never a failed run.
+//! What a guest is, read offline: for Linux a pipeline of small detectors,
+//! each reading a few files from the tree its fstab mounts; for Windows
+//! its registry hives (see [`crate::windows`]). A missing or odd file
+//! makes its fact unknown (with the reason), never a failed run.
 
 use serde::Serialize;
 
@@ -37,6 +38,9 @@ pub struct Kernel {
     /// The virtio drivers the guest has at boot with this kernel: in its
     /// initramfs, or built into the kernel (`modules.builtin`).
     pub virtio_drivers: Vec<String>,
+    /// Other disk controller drivers it has at boot (`ahci`, `nvme`,
+    /// `vmw_pvscsi`, `mptspi`, `mptsas`, `ata_piix`).
+    pub storage_drivers: Vec<String>,
     /// How the initramfs is packed (`none`, `gzip`, `zstd`, in order).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub initramfs_archives: Vec<String>,
@@ -53,12 +57,12 @@ pub struct GuestFinding {
     pub message: String,
 }
 
-/// A Linux installation.
+/// An operating system installation (Linux or Windows).
 #[derive(Debug, Clone, Serialize)]
-pub struct LinuxGuest {
+pub struct Guest {
     /// The root file system (`/dev/sda2`).
     pub root: String,
-    /// `linux`.
+    /// `linux` or `windows`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// The distribution's id (`debian`, `rhel`, `ubuntu`), as os-release
@@ -88,8 +92,15 @@ pub struct LinuxGuest {
     pub package_management: Option<String>,
     /// The mounts of `/etc/fstab`.
     pub mountpoints: Vec<Mount>,
-    /// The kernels in `/boot`.
+    /// The kernels in `/boot` (Linux).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kernels: Vec<Kernel>,
+    /// `InstallationType` (`Server`, `Client`), Windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_variant: Option<String>,
+    /// Windows' own facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<crate::windows::WindowsFacts>,
     /// VMware Tools (open-vm-tools or VMware's installer) is installed.
     pub vmware_tools: bool,
     /// Facts that could not be read, and why.
@@ -98,11 +109,25 @@ pub struct LinuxGuest {
     pub findings: Vec<GuestFinding>,
 }
 
-/// The guests found on the disks (file systems that hold `/etc` with an
-/// `os-release` or a release file).
-pub fn inspect(found: &[Found]) -> Result<Vec<LinuxGuest>> {
+/// The guests found on the disks: file systems that hold `/etc` with an
+/// `os-release` or a release file (Linux), NTFS volumes with a Windows
+/// system root and its registry hives (Windows).
+pub fn inspect(found: &[Found]) -> Result<Vec<Guest>> {
     let mut out = Vec::new();
     for f in found.iter().filter(|f| f.info.kind.readable()) {
+        if f.info.kind == vfs::FsKind::Ntfs {
+            let vol = crate::ntfs::NtfsVol::open(
+                f.image.clone(),
+                f.start,
+                f.len,
+                f.info.place.clone(),
+                f.info.partition,
+            )?;
+            if let Some(root) = crate::windows::system_root(&vol) {
+                out.push(crate::windows::inspect_windows(&vol, f, &root));
+            }
+            continue;
+        }
         let fs = vfs::open(f)?;
         if !is_dir(&*fs, "/etc") {
             continue;
@@ -159,24 +184,33 @@ fn version_numbers(v: &str) -> (Option<u32>, Option<u32>) {
     (major, minor.or(major.map(|_| 0)))
 }
 
-fn inspect_linux(fs: &dyn GuestFs, root: &Found, all: &[Found]) -> LinuxGuest {
-    let mut g = LinuxGuest {
-        root: root.info.place.clone(),
-        kind: "linux",
-        distro: None,
-        product_name: None,
-        major_version: None,
-        minor_version: None,
-        hostname: None,
-        arch: None,
-        package_format: None,
-        package_management: None,
-        mountpoints: Vec::new(),
-        kernels: Vec::new(),
-        vmware_tools: false,
-        unknown: Vec::new(),
-        findings: Vec::new(),
-    };
+impl Guest {
+    /// A guest with its root and type, every fact still unknown.
+    pub fn new(root: String, kind: &'static str) -> Guest {
+        Guest {
+            root,
+            kind,
+            distro: None,
+            product_name: None,
+            major_version: None,
+            minor_version: None,
+            hostname: None,
+            arch: None,
+            package_format: None,
+            package_management: None,
+            mountpoints: Vec::new(),
+            kernels: Vec::new(),
+            product_variant: None,
+            windows: None,
+            vmware_tools: false,
+            unknown: Vec::new(),
+            findings: Vec::new(),
+        }
+    }
+}
+
+fn inspect_linux(fs: &dyn GuestFs, root: &Found, all: &[Found]) -> Guest {
+    let mut g = Guest::new(root.info.place.clone(), "linux");
     fstab(fs, all, &mut g);
     // The rest reads the tree as the guest mounts it: /boot, /usr or /var
     // may be file systems of their own.
@@ -233,7 +267,7 @@ fn inspect_linux(fs: &dyn GuestFs, root: &Found, all: &[Found]) -> LinuxGuest {
     g
 }
 
-fn distribution(fs: &dyn GuestFs, g: &mut LinuxGuest) {
+fn distribution(fs: &dyn GuestFs, g: &mut Guest) {
     let os_release = text(fs, "/etc/os-release").or_else(|_| text(fs, "/usr/lib/os-release"));
     match os_release {
         Ok(t) => {
@@ -248,13 +282,14 @@ fn distribution(fs: &dyn GuestFs, g: &mut LinuxGuest) {
         Err(why) => g.unknown.push(format!("os-release: {why}")),
     }
     // Debian's point release is in /etc/debian_version (os-release has
-    // only the major version).
+    // only the major version); libguestfs names the product by it too.
     if g.distro.as_deref() == Some("debian") || g.distro.is_none() {
         if let Ok(v) = text(fs, "/etc/debian_version") {
             let v = v.trim();
             if v.chars().next().is_some_and(|c| c.is_ascii_digit()) {
                 (g.major_version, g.minor_version) = version_numbers(v);
                 g.distro.get_or_insert_with(|| "debian".into());
+                g.product_name = Some(v.to_string());
             }
         }
     }
@@ -279,7 +314,7 @@ fn distribution(fs: &dyn GuestFs, g: &mut LinuxGuest) {
     }
 }
 
-fn hostname(fs: &dyn GuestFs, g: &mut LinuxGuest) {
+fn hostname(fs: &dyn GuestFs, g: &mut Guest) {
     let from_file = ["/etc/hostname", "/etc/HOSTNAME"].iter().find_map(|p| {
         text(fs, p).ok().and_then(|t| {
             t.lines()
@@ -352,7 +387,7 @@ fn arch(fs: &dyn GuestFs) -> Option<String> {
     None
 }
 
-fn packages(fs: &dyn GuestFs, g: &mut LinuxGuest) {
+fn packages(fs: &dyn GuestFs, g: &mut Guest) {
     let has = |p: &str| fs.stat(p).is_ok();
     if has("/var/lib/dpkg/status") {
         g.package_format = Some("deb".into());
@@ -465,7 +500,7 @@ fn split_dm_name(dm: &str) -> Option<(String, String)> {
     None
 }
 
-fn fstab(fs: &dyn GuestFs, all: &[Found], g: &mut LinuxGuest) {
+fn fstab(fs: &dyn GuestFs, all: &[Found], g: &mut Guest) {
     let t = match text(fs, "/etc/fstab") {
         Ok(t) => t,
         Err(why) => {
@@ -522,7 +557,7 @@ fn fstab(fs: &dyn GuestFs, all: &[Found], g: &mut LinuxGuest) {
     }
 }
 
-fn kernels(fs: &dyn GuestFs, g: &mut LinuxGuest) {
+fn kernels(fs: &dyn GuestFs, g: &mut Guest) {
     let Ok(entries) = fs.list("/boot") else {
         g.unknown.push("kernels: /boot cannot be listed".into());
         return;
@@ -546,6 +581,7 @@ fn kernels(fs: &dyn GuestFs, g: &mut LinuxGuest) {
                 path: format!("/boot/vmlinuz-{v}"),
                 initramfs,
                 virtio_drivers: Vec::new(),
+                storage_drivers: Vec::new(),
                 initramfs_archives: Vec::new(),
                 dracut_hostonly: false,
             }
@@ -586,8 +622,19 @@ fn kernels(fs: &dyn GuestFs, g: &mut LinuxGuest) {
 
 /// The virtio drivers kernel `k` has at boot: built in, or in its
 /// initramfs (read as a stream).
-fn boot_drivers(fs: &dyn GuestFs, k: &mut Kernel, g: &mut LinuxGuest) {
-    let wanted = ["virtio_pci", "virtio_scsi", "virtio_blk", "virtio_net"];
+fn boot_drivers(fs: &dyn GuestFs, k: &mut Kernel, g: &mut Guest) {
+    let wanted = [
+        "virtio_pci",
+        "virtio_scsi",
+        "virtio_blk",
+        "virtio_net",
+        "ahci",
+        "ata_piix",
+        "nvme",
+        "vmw_pvscsi",
+        "mptspi",
+        "mptsas",
+    ];
     let mut have = std::collections::BTreeSet::new();
     for dir in ["/lib/modules", "/usr/lib/modules"] {
         if let Ok(t) = text(fs, &format!("{dir}/{}/modules.builtin", k.version)) {
@@ -625,12 +672,15 @@ fn boot_drivers(fs: &dyn GuestFs, k: &mut Kernel, g: &mut LinuxGuest) {
             Err(why) => g.unknown.push(format!("{path}: {why}")),
         }
     }
-    k.virtio_drivers = have.into_iter().collect();
+    let (virtio, other): (Vec<String>, Vec<String>) =
+        have.into_iter().partition(|m| m.starts_with("virtio"));
+    k.virtio_drivers = virtio;
+    k.storage_drivers = other;
 }
 
 /// Network configuration that names an interface or a MAC address: on
 /// KVM the NIC is another device with another name (ens192 → enp1s0).
-fn network(fs: &dyn GuestFs, g: &mut LinuxGuest) {
+fn network(fs: &dyn GuestFs, g: &mut Guest) {
     let mut named = Vec::new();
     let dir_files = |dir: &str, suffix: &str| -> Vec<String> {
         fs.list(dir)

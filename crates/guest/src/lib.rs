@@ -9,13 +9,16 @@
 #![deny(missing_docs)]
 
 pub mod bootcfg;
+pub mod bootpath;
 pub mod fat;
 pub mod fs;
 pub mod hive;
 pub mod initramfs;
 pub mod inspect;
 pub mod lvm;
+pub mod ntfs;
 pub mod vfs;
+pub mod windows;
 pub mod xfs;
 
 use std::path::PathBuf;

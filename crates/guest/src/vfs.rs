@@ -1,7 +1,7 @@
 //! Every file system on a guest's disks, found by its magic, named the way
 //! libguestfs names it (`/dev/sda1`: disk a, partition 1), and readable
 //! through one interface where vmshift reads that kind (ext2/3/4, FAT,
-//! XFS). Kinds not read yet (NTFS, btrfs, LVM physical volumes, swap) are
+//! XFS, NTFS). Kinds not read (btrfs, LVM physical volumes, swap) are
 //! still listed with their UUID, label and size.
 
 use std::io::{Read, Write};
@@ -71,6 +71,7 @@ impl FsKind {
                 | FsKind::Fat16
                 | FsKind::Fat32
                 | FsKind::Xfs
+                | FsKind::Ntfs
         )
     }
 }
@@ -359,8 +360,14 @@ pub(crate) fn probe(
             size,
         ));
     }
-    // NTFS: "NTFS    " at 3; serial at 0x48.
+    // NTFS: "NTFS    " at 3; the volume (label, serial) read by the NTFS
+    // reader, or the boot sector's serial and size when it does not open.
     if head.len() >= 512 && &head[3..11] == b"NTFS    " {
+        if let Ok(v) =
+            crate::ntfs::NtfsVol::open(image.clone(), start, len, place.to_string(), partition)
+        {
+            return Some(v.info().clone());
+        }
         let bps = u64::from(u16::from_le_bytes([head[11], head[12]]));
         let sectors = u64::from_le_bytes(head[0x28..0x30].try_into().expect("8"));
         let serial = u64::from_le_bytes(head[0x48..0x50].try_into().expect("8"));
@@ -513,6 +520,13 @@ pub fn open(found: &Found) -> Result<Box<dyn GuestFs>> {
             found.info.partition,
         )?)),
         FsKind::Xfs => Ok(Box::new(crate::xfs::Xfs::open(
+            found.image.clone(),
+            found.start,
+            found.len,
+            place,
+            found.info.partition,
+        )?)),
+        FsKind::Ntfs => Ok(Box::new(crate::ntfs::NtfsVol::open(
             found.image.clone(),
             found.start,
             found.len,

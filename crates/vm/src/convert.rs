@@ -237,9 +237,12 @@ fn convert_into(
     findings.extend(loaded.lowered.vm.validate());
     findings.extend(crate::state::state_findings(loaded, resolver, req.allow));
     // The guest itself, read offline from its disks.
-    if req.to != Target::Vmx {
-        findings.extend(crate::resolve::guest_findings(&loaded.lowered.vm, resolver));
-    }
+    let guest = if req.to != Target::Vmx {
+        crate::resolve::read_guest(&loaded.lowered.vm, resolver)
+    } else {
+        None
+    };
+
     let disk_format = match (req.disk_format, req.to) {
         (Some(f), _) => f,
         (None, Target::Vmx) => DiskFormat::Vmdk,
@@ -259,6 +262,29 @@ fn convert_into(
         if let Some(Ok((_, img))) = d.source.as_ref().map(|r| resolver.open(r)) {
             d.thin |= is_thin(img.as_ref());
         }
+    }
+    // The firmware the boot disk boots with, where the descriptor asks
+    // for the other (an OVF that lost `firmware = "efi"`): the converted
+    // VM gets what the disk needs, and the report says so.
+    let mut firmware_change = None;
+    if let Some(g) = &guest {
+        if let Some((kind, why)) = crate::resolve::firmware_fix(&src, g) {
+            firmware_change = Some(Change {
+                path: "firmware".into(),
+                from: format!("{:?}", src.firmware.kind).to_lowercase(),
+                to: format!("{kind:?}").to_lowercase(),
+                why: format!(
+                    "the guest: {}",
+                    why.split(": it would").next().unwrap_or(&why)
+                ),
+            });
+            src.firmware.kind = kind;
+            if kind == vmshift_model::FirmwareKind::Bios {
+                src.firmware.secure_boot = false;
+                src.firmware.efi_vars = None;
+            }
+        }
+        findings.extend(crate::resolve::guest_findings(&src, g));
     }
     for (i, (k, _)) in req.networks.iter().enumerate() {
         let key = vmshift_desc::mapping::net_key(k);
@@ -303,11 +329,13 @@ fn convert_into(
             )),
             Target::Proxmox | Target::Vmx => false,
         },
+        guest: guest.as_ref().and_then(crate::resolve::guest_drivers),
     };
     let (mut vm, mut changes): (Vm, Vec<Change>) = match req.to {
         Target::Vmx => (src.clone(), Vec::new()),
         _ => to_kvm(&src, &map_opts),
     };
+    changes.extend(firmware_change);
     if req.to != Target::Vmx {
         findings.extend(migration_findings(&src, &vm, &map_opts));
     }

@@ -19,4 +19,7 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub use load::{load, DescriptorFormat, Loaded};
-pub use resolve::{disk_findings, guest_findings, open_disks, DiskRoots, Resolver};
+pub use resolve::{
+    disk_findings, guest_drivers, guest_findings, open_disks, read_guest, DiskRoots, GuestRead,
+    Resolver,
+};

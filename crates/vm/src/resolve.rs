@@ -396,26 +396,38 @@ pub fn open_disks(vm: &Vm, resolver: &Resolver) -> Result<Vec<(String, Box<dyn I
     Ok(out)
 }
 
-/// What the guest inside the VM's disks will trip over on KVM (its
-/// initramfs without virtio, fstab device names, VMware Tools, network
-/// configuration naming the NIC), read offline; each a warning with the
-/// fix. Disks that do not open, or hold no Linux the inspection reads,
-/// add nothing here (`disk_findings` reports the former).
-pub fn guest_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
-    let Ok(disks) = open_disks(vm, resolver) else {
-        return Vec::new();
-    };
+/// What vmshift read of the guest inside a VM's disks.
+#[derive(Debug, Clone)]
+pub struct GuestRead {
+    /// The operating systems found.
+    pub guests: Vec<vmshift_guest::inspect::Guest>,
+    /// What the boot disk boots with.
+    pub boot: vmshift_guest::bootpath::BootPath,
+}
+
+/// Reads the guest inside the VM's hard disks, offline: `None` when the
+/// disks do not open (`disk_findings` reports that) or hold nothing
+/// readable.
+pub fn read_guest(vm: &Vm, resolver: &Resolver) -> Option<GuestRead> {
+    let disks = open_disks(vm, resolver).ok()?;
     let disks: Vec<std::sync::Arc<dyn ImageReader>> = disks
         .into_iter()
         .map(|(_, d)| std::sync::Arc::from(d))
         .collect();
-    let Ok(found) = vmshift_guest::vfs::scan(&disks) else {
-        return Vec::new();
-    };
-    let Ok(guests) = vmshift_guest::inspect::inspect(&found) else {
-        return Vec::new();
-    };
-    guests
+    let found = vmshift_guest::vfs::scan(&disks).ok()?;
+    let guests = vmshift_guest::inspect::inspect(&found).ok()?;
+    let boot = vmshift_guest::bootpath::boot_path(&disks, &found);
+    Some(GuestRead { guests, boot })
+}
+
+/// What the guest will trip over on KVM (its initramfs without virtio,
+/// fstab device names, VMware Tools, network configuration naming the NIC,
+/// Windows' boot drivers and hibernation), each a warning with the fix;
+/// and the firmware the VM asks for against what its boot disk boots
+/// with (`boot-firmware-mismatch`, an error: the VM would not start).
+pub fn guest_findings(vm: &Vm, read: &GuestRead) -> Vec<Finding> {
+    let mut out: Vec<Finding> = read
+        .guests
         .iter()
         .flat_map(|g| {
             g.findings.iter().map(move |f| {
@@ -427,5 +439,114 @@ pub fn guest_findings(vm: &Vm, resolver: &Resolver) -> Vec<Finding> {
                 )
             })
         })
-        .collect()
+        .collect();
+    if let Some((_, why)) = firmware_fix(vm, read) {
+        out.push(Finding::new(
+            Severity::Error,
+            "boot-firmware-mismatch",
+            "firmware",
+            why,
+        ));
+    }
+    out
+}
+
+/// The firmware the boot disk needs where the VM asks for the other one
+/// (a BIOS VM whose disk has only an EFI system partition, or the
+/// reverse: "No bootable device"), with what was found.
+pub fn firmware_fix(vm: &Vm, read: &GuestRead) -> Option<(vmshift_model::FirmwareKind, String)> {
+    use vmshift_model::FirmwareKind;
+    let b = &read.boot;
+    let uefi = vm.firmware.kind == FirmwareKind::Uefi;
+    if uefi && !b.uefi_bootable() && b.bios_bootable() {
+        Some((
+            FirmwareKind::Bios,
+            format!(
+                "the VM asks for UEFI firmware, but its boot disk {} has no EFI system partition with a loader, only BIOS boot code ({}): it would stop at \"No bootable device\". Set the firmware to BIOS (VMware: firmware = \"bios\"; libvirt: no <loader>; Proxmox: bios: seabios); vm convert does",
+                b.disk,
+                b.bios.as_deref().unwrap_or("")
+            ),
+        ))
+    } else if !uefi && !b.bios_bootable() && b.uefi_bootable() {
+        Some((
+            FirmwareKind::Uefi,
+            format!(
+                "the VM asks for BIOS firmware, but its boot disk {} has no BIOS boot code, only EFI loaders ({}): it would stop at \"No bootable device\". Set the firmware to UEFI (VMware: firmware = \"efi\"; libvirt: <os firmware='efi'>; Proxmox: bios: ovmf); vm convert does",
+                b.disk,
+                b.uefi.join(", ")
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+/// What the guest drives, for the mapping: virtio disks when its boot
+/// path has the drivers (Linux: the newest kernel's initramfs or built-in
+/// modules; Windows: viostor or vioscsi starting at boot), SATA when it
+/// has no virtio but has AHCI; virtio-net when it has the driver.
+pub fn guest_drivers(read: &GuestRead) -> Option<vmshift_desc::mapping::GuestDrivers> {
+    let g = read.guests.first()?;
+    let mut out = vmshift_desc::mapping::GuestDrivers::default();
+    if let Some(w) = &g.windows {
+        let boot: Vec<&str> = w
+            .drivers
+            .iter()
+            .filter(|d| d.start == Some(0))
+            .map(|d| d.name.as_str())
+            .collect();
+        let vio = boot
+            .iter()
+            .find(|n| n.eq_ignore_ascii_case("viostor") || n.eq_ignore_ascii_case("vioscsi"));
+        out.virtio_disk = Some(match vio {
+            Some(n) => (true, format!("Windows starts {n} at boot")),
+            None => (
+                false,
+                "Windows has no VirtIO storage driver that starts at boot (viostor, vioscsi): SATA, which storahci drives".into(),
+            ),
+        });
+        let net = w
+            .drivers
+            .iter()
+            .any(|d| d.name.eq_ignore_ascii_case("netkvm"))
+            || w.driver_store_virtio
+                .iter()
+                .any(|p| p.to_ascii_lowercase().starts_with("netkvm"));
+        out.virtio_net = Some(if net {
+            (
+                true,
+                "Windows has the VirtIO network driver (netkvm)".into(),
+            )
+        } else {
+            (
+                false,
+                "Windows has no VirtIO network driver (netkvm)".into(),
+            )
+        });
+        return Some(out);
+    }
+    let k = g.kernels.last()?;
+    let has = |m: &str| k.virtio_drivers.iter().any(|d| d == m);
+    if has("virtio_pci") && (has("virtio_scsi") || has("virtio_blk")) {
+        out.virtio_disk = Some((
+            true,
+            format!(
+                "kernel {} has {} at boot",
+                k.version,
+                k.virtio_drivers.join(", ")
+            ),
+        ));
+    } else if !k.initramfs_archives.is_empty() && k.storage_drivers.iter().any(|d| d == "ahci") {
+        out.virtio_disk = Some((
+            false,
+            format!(
+                "the initramfs of kernel {} has no virtio disk driver but has ahci: SATA",
+                k.version
+            ),
+        ));
+    }
+    if has("virtio_net") {
+        out.virtio_net = Some((true, format!("kernel {} has virtio_net", k.version)));
+    }
+    Some(out)
 }

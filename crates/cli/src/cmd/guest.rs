@@ -246,8 +246,10 @@ pub fn cat(args: &GuestCatArgs) -> Result<i32> {
 }
 
 pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
-    let found = vfs::scan(&disks(&args.source, &args.more)?)?;
+    let disks = disks(&args.source, &args.more)?;
+    let found = vfs::scan(&disks)?;
     let guests = vmshift_guest::inspect::inspect(&found)?;
+    let boot = vmshift_guest::bootpath::boot_path(&disks, &found);
     match args.output {
         Output::Json => {
             let fss: Vec<_> = found
@@ -262,13 +264,27 @@ pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
                     })
                 })
                 .collect();
-            let v = json!({"operatingsystems": guests, "filesystems": fss});
+            let v = json!({"operatingsystems": guests, "filesystems": fss, "boot": boot});
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Human => {
             if guests.is_empty() {
                 println!("no operating system found ({} file systems)", found.len());
             }
+            println!(
+                "{} boots with BIOS: {}",
+                boot.disk,
+                boot.bios.as_deref().unwrap_or("no (no boot code)")
+            );
+            println!(
+                "{} boots with UEFI: {}",
+                boot.disk,
+                if boot.uefi.is_empty() {
+                    "no (no EFI system partition with a loader)".to_string()
+                } else {
+                    boot.uefi.join(", ")
+                }
+            );
             for g in &guests {
                 let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
                 println!("{}: {}", g.root, opt(&g.product_name));
@@ -283,11 +299,40 @@ pub fn inspect(args: &GuestFsArgs) -> Result<i32> {
                 );
                 println!("  hostname:     {}", opt(&g.hostname));
                 println!("  arch:         {}", opt(&g.arch));
-                println!(
-                    "  packages:     {} ({})",
-                    opt(&g.package_format),
-                    opt(&g.package_management)
-                );
+                if let Some(w) = &g.windows {
+                    println!(
+                        "  windows:      {} {} build {} (root {}, {})",
+                        opt(&g.product_variant),
+                        opt(&w.edition),
+                        opt(&w.build),
+                        opt(&w.system_root),
+                        opt(&w.current_control_set)
+                    );
+                    for d in &w.drivers {
+                        println!(
+                            "  driver {:<14} starts {:<10} {}",
+                            d.name, d.starts, d.drives
+                        );
+                    }
+                    if !w.driver_store_virtio.is_empty() {
+                        println!("  driver store: {}", w.driver_store_virtio.join(", "));
+                    }
+                    println!(
+                        "  hibernated:   {}{}",
+                        if w.hibernated { "yes" } else { "no" },
+                        if w.ntfs_dirty {
+                            " (NTFS volume dirty)"
+                        } else {
+                            ""
+                        }
+                    );
+                } else {
+                    println!(
+                        "  packages:     {} ({})",
+                        opt(&g.package_format),
+                        opt(&g.package_management)
+                    );
+                }
                 println!(
                     "  vmware tools: {}",
                     if g.vmware_tools { "installed" } else { "no" }

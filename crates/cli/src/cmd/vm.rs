@@ -68,16 +68,53 @@ fn print_findings(findings: &[Finding]) {
 }
 
 pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
-    let l = load(&args.vm, args.from)?;
+    let mut l = load(&args.vm, args.from)?;
     let mut findings = l.lowered.findings.clone();
     findings.extend(l.lowered.vm.validate());
+    let guest = if args.guest {
+        let resolver = resolver(&mut l, &args.roots, args.force_share)?;
+        findings.extend(disk_findings(&l.lowered.vm, &resolver));
+        let g = vmshift_vm::read_guest(&l.lowered.vm, &resolver);
+        if let Some(g) = &g {
+            findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, g));
+        }
+        g
+    } else {
+        None
+    };
     match args.output {
         ModelOutput::Json => {
-            let v = serde_json::json!({"vm": l.lowered.vm, "findings": findings});
+            let mut v = serde_json::json!({"vm": l.lowered.vm, "findings": findings});
+            if let Some(g) = &guest {
+                v["guest"] = serde_json::json!({"operatingsystems": g.guests, "boot": g.boot});
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         ModelOutput::Toml => {
             print!("{}", toml::to_string(&l.lowered.vm)?);
+            if let Some(g) = &guest {
+                // The guest as TOML comments: what was read, one line each.
+                for os in &g.guests {
+                    println!(
+                        "# guest {}: {} ({} {}.{}), hostname {}",
+                        os.root,
+                        os.product_name.as_deref().unwrap_or("unknown"),
+                        os.distro.as_deref().unwrap_or("unknown"),
+                        os.major_version.unwrap_or(0),
+                        os.minor_version.unwrap_or(0),
+                        os.hostname.as_deref().unwrap_or("unknown")
+                    );
+                }
+                println!(
+                    "# guest boot: BIOS {}; UEFI {}",
+                    g.boot.bios.as_deref().unwrap_or("no"),
+                    if g.boot.uefi.is_empty() {
+                        "no".to_string()
+                    } else {
+                        g.boot.uefi.join(", ")
+                    }
+                );
+            }
             // Findings as TOML comments: one line each.
             for f in &findings {
                 println!("# {}", f.to_string().replace(['\n', '\r'], " "));
@@ -118,7 +155,9 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
-    findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, &resolver));
+    if let Some(g) = vmshift_vm::read_guest(&l.lowered.vm, &resolver) {
+        findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, &g));
+    }
     findings.extend(vmshift_vm::state::state_findings(
         &l,
         &resolver,
