@@ -67,6 +67,7 @@ sync
 EOF
 printf '# GRUB Environment Block\nkernelopts=root=/dev/mapper/rhel-root ro\n' > src/grubenv
 printf 'on a striped volume\n' > src/hello
+printf 'set default="${saved_entry}"\ninsmod blscfg\nblscfg\n' > src/grub.cfg
 # What Linux's tools read, run in the appliance with the XFS root not
 # mounted (the script itself sits on the ext4 volume).
 cat > src/peers.sh <<'EOF'
@@ -116,6 +117,7 @@ upload src/entry.conf /boot/loader/entries/0123456789abcdef-$kver.conf
 upload src/initramfs.img /boot/initramfs-$kver.img
 upload src/vmlinuz /boot/vmlinuz-$kver
 upload src/grubenv /boot/grub2/grubenv
+upload src/grub.cfg /boot/grub2/grub.cfg
 upload src/inside.sh /inside.sh
 debug sh "sh /sysroot/inside.sh"
 rm /inside.sh

@@ -247,3 +247,30 @@ fn damaged_lvm_metadata_is_named_and_the_other_copy_serves() {
     let fs = vmshift_ok(t, &["guest", "filesystems", "rhel1.qcow2", "rhel2.raw"]);
     assert!(fs.contains("label in sector 1: checksum mismatch"), "{fs}");
 }
+
+#[test]
+fn vm_boot_finds_the_kernel_on_xfs_boot_and_the_root_on_lvm() {
+    // What `vm boot` boots by default: the newest BootLoaderSpec entry on
+    // the XFS /boot, its $kernelopts-free options naming the LVM root.
+    let d = fixture();
+    let open = |p: &str| -> std::sync::Arc<dyn vmshift_image::ImageReader> {
+        std::sync::Arc::from(
+            vmshift_image::open_image(&d.join(p), None, &vmshift_image::OpenOptions::default())
+                .unwrap(),
+        )
+    };
+    let e = vmshift_guest::find_boot_entry(&[open("rhel1.qcow2"), open("rhel2.raw")]).unwrap();
+    assert_eq!(
+        e.source,
+        "/dev/sda1: /loader/entries/0123456789abcdef-5.14.0-362.el9.x86_64.conf"
+    );
+    assert_eq!(e.kernel_path, "/vmlinuz-5.14.0-362.el9.x86_64");
+    assert_eq!(e.kernel.len(), 4096);
+    assert!(
+        e.cmdline.starts_with("root=/dev/mapper/rhel-root ro"),
+        "{}",
+        e.cmdline
+    );
+    let initrd = e.initrd.unwrap().1;
+    assert_eq!(initrd, std::fs::read(d.join("src/initramfs.img")).unwrap());
+}

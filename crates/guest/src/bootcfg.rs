@@ -2,20 +2,30 @@
 //! from its disks: GRUB's `grub.cfg` (the default entry, or the first),
 //! BootLoaderSpec entries (`blscfg`, with `$kernelopts` from `grubenv`),
 //! or Debian's `/vmlinuz` and `/initrd.img` links with the file system's
-//! UUID as root.
+//! UUID as root — on every file system vmshift reads (ext2/3/4, XFS, FAT,
+//! on partitions or LVM logical volumes: RHEL keeps `/boot` on XFS).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmshift_image::ImageReader;
 
-use crate::fs::{filesystems, Filesystem};
+use crate::vfs::{self, EntryKind, GuestFs};
 use crate::{Error, Result, MAX_BOOT_FILE};
+
+/// A file system opened for its boot configuration.
+struct Filesystem {
+    /// Its device name (`/dev/sda1`, `/dev/rhel/root`).
+    place: String,
+    /// Its UUID, for a `root=UUID=` of its own.
+    uuid: String,
+    fs: Box<dyn GuestFs>,
+}
 
 /// What the guest's boot loader would boot.
 #[derive(Debug, Clone)]
 pub struct BootEntry {
-    /// Where the configuration was found ("disk.qcow2 partition 1:
+    /// Where the configuration was found ("/dev/sda1:
     /// /boot/grub/grub.cfg").
     pub source: String,
     /// The entry's title.
@@ -270,13 +280,21 @@ pub fn parse_bls(text: &str, vars: &Vars) -> EntrySpec {
     e
 }
 
+/// The size of the file at `path` (symlinks followed).
+fn size_of(fs: &Filesystem, path: &str) -> Result<u64> {
+    let m = fs.fs.metadata(path)?;
+    if m.kind != EntryKind::File {
+        return Err(Error::Fs {
+            place: fs.place.clone(),
+            msg: format!("{path}: not a regular file"),
+        });
+    }
+    Ok(m.size)
+}
+
 /// Reads a whole file, refusing one larger than [`MAX_BOOT_FILE`].
 fn read_file(fs: &Filesystem, path: &str) -> Result<Vec<u8>> {
-    let err = |e: ext4_view::Ext4Error| Error::Fs {
-        place: fs.place.clone(),
-        msg: format!("{path}: {e}"),
-    };
-    let size = fs.fs.metadata(path).map_err(err)?.len();
+    let size = size_of(fs, path)?;
     if size > MAX_BOOT_FILE {
         return Err(Error::TooLarge {
             place: fs.place.clone(),
@@ -285,14 +303,13 @@ fn read_file(fs: &Filesystem, path: &str) -> Result<Vec<u8>> {
             max: MAX_BOOT_FILE,
         });
     }
-    fs.fs.read(path).map_err(err)
+    fs.fs.read(path, MAX_BOOT_FILE)
 }
 
 fn read_text(fs: &Filesystem, path: &str, max: u64) -> Option<String> {
-    let size = fs.fs.metadata(path).ok()?.len();
-    (size <= max)
-        .then(|| fs.fs.read(path).ok())
-        .flatten()
+    fs.fs
+        .read(path, max)
+        .ok()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
@@ -300,12 +317,12 @@ fn read_text(fs: &Filesystem, path: &str, max: u64) -> Option<String> {
 /// GRUB's blscfg sorts them).
 fn newest_bls(fs: &Filesystem, env: &Vars) -> Option<(String, EntrySpec)> {
     for dir in ["/loader/entries", "/boot/loader/entries"] {
-        let Ok(rd) = fs.fs.read_dir(dir) else {
+        let Ok(rd) = fs.fs.list(dir) else {
             continue;
         };
         let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().as_str().unwrap_or_default().to_string())
+            .into_iter()
+            .map(|e| e.name)
             .filter(|n| n.ends_with(".conf"))
             .collect();
         names.sort();
@@ -328,7 +345,7 @@ fn load(fs: &Filesystem, source: String, spec: EntrySpec) -> Result<BootEntry> {
         // sizes are added up before any is read.
         let mut total = 0u64;
         for p in &spec.initrd {
-            total = total.saturating_add(fs.fs.metadata(p.as_str()).map(|m| m.len()).unwrap_or(0));
+            total = total.saturating_add(size_of(fs, p).unwrap_or(0));
         }
         if total > MAX_BOOT_FILE {
             return Err(Error::TooLarge {
@@ -381,13 +398,25 @@ fn entry_on(fs: &Filesystem) -> Option<Result<BootEntry>> {
             None => {}
         }
     }
+    // BootLoaderSpec entries without GRUB (systemd-boot), $kernelopts
+    // from a grubenv beside them if there is one.
+    let env = ["/grub2/grubenv", "/boot/grub2/grubenv"]
+        .iter()
+        .find_map(|p| read_text(fs, p, MAX_GRUBENV))
+        .map(|t| grubenv(&t))
+        .unwrap_or_default();
+    if let Some((path, spec)) = newest_bls(fs, &env) {
+        if !spec.linux.is_empty() {
+            return Some(load(fs, format!("{}: {path}", fs.place), spec));
+        }
+    }
     // Debian's links, with this file system as root.
     for (k, i) in [
         ("/vmlinuz", "/initrd.img"),
         ("/boot/vmlinuz", "/boot/initrd.img"),
     ] {
-        if fs.fs.exists(k).unwrap_or(false) {
-            let initrd = if fs.fs.exists(i).unwrap_or(false) {
+        if fs.fs.metadata(k).is_ok() {
+            let initrd = if fs.fs.metadata(i).is_ok() {
                 vec![i.to_string()]
             } else {
                 Vec::new()
@@ -405,15 +434,24 @@ fn entry_on(fs: &Filesystem) -> Option<Result<BootEntry>> {
 }
 
 /// Finds what the guest boots: the first disk, then the next, each
-/// partition in order.
+/// partition in order, then the LVM logical volumes.
 pub fn find_boot_entry(disks: &[Arc<dyn ImageReader>]) -> Result<BootEntry> {
-    let mut looked = Vec::new();
-    for d in disks {
-        looked.push(d.path().display().to_string());
-        for fs in filesystems(d.clone())? {
-            if let Some(e) = entry_on(&fs) {
-                return e;
-            }
+    let looked: Vec<String> = disks
+        .iter()
+        .map(|d| d.path().display().to_string())
+        .collect();
+    for f in vfs::scan(disks)?
+        .iter()
+        .filter(|f| f.info.kind.readable() && f.info.kind != vfs::FsKind::Ntfs)
+    {
+        let Ok(fs) = vfs::open(f) else { continue };
+        let fs = Filesystem {
+            place: f.info.place.clone(),
+            uuid: f.info.uuid.clone().unwrap_or_default(),
+            fs,
+        };
+        if let Some(e) = entry_on(&fs) {
+            return e;
         }
     }
     Err(Error::NoBootConfig(looked.join(", ")))

@@ -1,14 +1,11 @@
-//! File systems on a disk: each partition (or the whole disk when it has
-//! no partition table) that holds ext2/3/4.
+//! ext2/3/4 opened with `ext4-view` over a byte range of a device, its
+//! superblock's geometry checked first.
 
 use std::sync::Arc;
 
 use ext4_view::{Ext4, Ext4Read};
-use vmshift_image::part::read_table;
-use vmshift_image::ImageReader;
 
 use crate::vfs::Device;
-use crate::Result;
 
 /// A byte range of a disk image, read as a device.
 struct RangeReader {
@@ -87,72 +84,6 @@ pub(crate) fn open_ext(image: Arc<dyn Device>, start: u64, len: u64) -> Option<E
         return None;
     }
     Ext4::load(Box::new(RangeReader { image, start, len })).ok()
-}
-
-/// An ext2/3/4 file system found on a disk.
-pub struct Filesystem {
-    /// Where it is, for messages: "disk.qcow2 partition 1".
-    pub place: String,
-    /// Its partition number (None: the whole disk).
-    pub partition: Option<u32>,
-    /// The file system UUID.
-    pub uuid: String,
-    /// The file system.
-    pub fs: Ext4,
-}
-
-impl std::fmt::Debug for Filesystem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Filesystem")
-            .field("place", &self.place)
-            .field("uuid", &self.uuid)
-            .finish()
-    }
-}
-
-/// The ext2/3/4 file systems of a disk, in partition order. A partition
-/// that holds something else (or damaged ext4, or a superblock whose
-/// geometry does not fit the partition) is skipped.
-pub fn filesystems(image: Arc<dyn ImageReader>) -> Result<Vec<Filesystem>> {
-    let name = image.path().display().to_string();
-    let size = image.size();
-    let ranges: Vec<(Option<u32>, u64, u64)> = match read_table(&*image)? {
-        Some(t) => t
-            .partitions
-            .iter()
-            .filter(|p| !p.extended && p.end <= size && p.start < p.end)
-            .map(|p| (Some(p.number), p.start, p.end - p.start))
-            .collect(),
-        None => vec![(None, 0, size)],
-    };
-    let mut out = Vec::new();
-    for (number, start, len) in ranges {
-        let mut sb = [0u8; 1024];
-        if len < 2048
-            || image.read_at(&mut sb, start + 1024).is_err()
-            || !sane_ext_superblock(&sb, len)
-        {
-            continue;
-        }
-        let reader = RangeReader {
-            image: Arc::new(crate::vfs::Disk(image.clone())),
-            start,
-            len,
-        };
-        if let Ok(fs) = Ext4::load(Box::new(reader)) {
-            let place = match number {
-                Some(n) => format!("{name} partition {n}"),
-                None => name.clone(),
-            };
-            out.push(Filesystem {
-                place,
-                partition: number,
-                uuid: fs.uuid().to_string(),
-                fs,
-            });
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

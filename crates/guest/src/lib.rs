@@ -24,7 +24,6 @@ pub mod xfs;
 use std::path::PathBuf;
 
 pub use bootcfg::{find_boot_entry, BootEntry};
-pub use fs::{filesystems, Filesystem};
 pub use vfs::{scan, EntryKind, Found, FsInfo, FsKind, GuestFs};
 
 /// The largest kernel, or initramfs (all its files together), read from a

@@ -135,6 +135,10 @@ pub trait GuestFs {
     fn list(&self, path: &str) -> Result<Vec<Entry>>;
     /// The entry at `path` itself (a symlink is not followed).
     fn stat(&self, path: &str) -> Result<Entry>;
+    /// The entry `path` names, symlinks followed (inside the file system).
+    fn metadata(&self, path: &str) -> Result<Entry> {
+        self.stat(path)
+    }
     /// Streams the file at `path` into `out`; a file larger than `max`
     /// bytes is an error. Returns its size.
     fn read_to(&self, path: &str, max: u64, out: &mut dyn Write) -> Result<u64>;
@@ -230,6 +234,10 @@ impl GuestFs for Mounted<'_> {
     fn stat(&self, path: &str) -> Result<Entry> {
         let (fs, p) = self.route(path);
         fs.stat(&p)
+    }
+    fn metadata(&self, path: &str) -> Result<Entry> {
+        let (fs, p) = self.route(path);
+        fs.metadata(&p)
     }
     fn read_to(&self, path: &str, max: u64, out: &mut dyn Write) -> Result<u64> {
         let (fs, p) = self.route(path);
@@ -608,6 +616,16 @@ impl GuestFs for ExtFs {
             .fs
             .symlink_metadata(path)
             .map_err(|e| self.err(path, e))?;
+        let name = path
+            .rsplit('/')
+            .find(|s| !s.is_empty())
+            .unwrap_or("/")
+            .to_string();
+        Ok(ext_entry(name, &m))
+    }
+
+    fn metadata(&self, path: &str) -> Result<Entry> {
+        let m = self.fs.metadata(path).map_err(|e| self.err(path, e))?;
         let name = path
             .rsplit('/')
             .find(|s| !s.is_empty())

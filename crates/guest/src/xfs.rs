@@ -841,6 +841,16 @@ impl GuestFs for Xfs {
         Ok(self.entry(name, &i))
     }
 
+    fn metadata(&self, path: &str) -> Result<Entry> {
+        let i = self.resolve(path, true)?;
+        let name = path
+            .rsplit('/')
+            .find(|s| !s.is_empty())
+            .unwrap_or("/")
+            .to_string();
+        Ok(self.entry(name, &i))
+    }
+
     fn read_to(&self, path: &str, max: u64, out: &mut dyn std::io::Write) -> Result<u64> {
         let i = self.resolve(path, true)?;
         if i.kind() != EntryKind::File {
