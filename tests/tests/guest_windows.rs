@@ -349,3 +349,89 @@ fn vm_commands_read_the_windows_guest_and_convert_picks_what_it_drives() {
     assert!(!xml.contains("bus=\"sata\""), "{xml}");
     assert!(xml.contains("<model type=\"virtio\"/>"), "{xml}");
 }
+
+#[test]
+fn a_dirty_ntfs_volume_is_seen_as_ntfsinfo_sees_it() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let d = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path();
+    tool_ok(
+        t,
+        "cp",
+        &[
+            "--sparse=always",
+            d.join("windows.raw").to_str().unwrap(),
+            "dirty.raw",
+        ],
+    );
+    // Set VOLUME_DIRTY in $Volume's VOLUME_INFORMATION (MFT record 3), as
+    // Windows leaves it after a crash.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.join("dirty.raw"))
+        .unwrap();
+    let part = 239_616u64 * 512;
+    let mut boot = [0u8; 512];
+    f.seek(SeekFrom::Start(part)).unwrap();
+    f.read_exact(&mut boot).unwrap();
+    let cluster = u64::from(u16::from_le_bytes([boot[11], boot[12]])) * u64::from(boot[13]);
+    let mft = u64::from_le_bytes(boot[0x30..0x38].try_into().unwrap()) * cluster;
+    let rec_size = match boot[0x40] as i8 {
+        n if n < 0 => 1u64 << (-n),
+        n => n as u64 * cluster,
+    };
+    let mirror = u64::from_le_bytes(boot[0x38..0x40].try_into().unwrap()) * cluster;
+    let at = part + mft + 3 * rec_size;
+    let mut rec = vec![0u8; rec_size as usize];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut rec).unwrap();
+    assert_eq!(&rec[0..4], b"FILE");
+    let mut a = usize::from(u16::from_le_bytes([rec[0x14], rec[0x15]]));
+    loop {
+        let ty = u32::from_le_bytes(rec[a..a + 4].try_into().unwrap());
+        assert_ne!(ty, 0xffff_ffff, "no VOLUME_INFORMATION in $Volume");
+        let len = u32::from_le_bytes(rec[a + 4..a + 8].try_into().unwrap()) as usize;
+        if ty == 0x70 {
+            let v = a + usize::from(u16::from_le_bytes([rec[a + 0x14], rec[a + 0x15]]));
+            rec[v + 0x0a] |= 1;
+            break;
+        }
+        a += len;
+    }
+    // And its copy in $MFTMirr, which ntfs-3g compares.
+    for to in [at, part + mirror + 3 * rec_size] {
+        f.seek(SeekFrom::Start(to)).unwrap();
+        f.write_all(&rec).unwrap();
+    }
+    drop(f);
+    tool_ok(
+        t,
+        "dd",
+        &[
+            "if=dirty.raw",
+            "of=c.ntfs",
+            "bs=512",
+            "skip=239616",
+            "conv=sparse",
+            "status=none",
+        ],
+    );
+    let info = String::from_utf8_lossy(&tool_ok(t, "ntfsinfo", &["-m", "-f", "c.ntfs"]).stdout)
+        .to_string();
+    assert!(info.contains("Volume Flags: 0x0001"), "{info}");
+    let v = json(vmshift_ok(t, &["guest", "inspect", "--output", "json", "dirty.raw"]).as_bytes());
+    let os = &v["operatingsystems"][0];
+    assert_eq!(os["windows"]["ntfs_dirty"], true);
+    let msg = os["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "windows-hibernated")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("marked dirty"), "{msg}");
+}
