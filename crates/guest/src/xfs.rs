@@ -927,4 +927,143 @@ mod tests {
         b[192] = 8;
         assert!(Geo::parse(&b, 1000 * 4096).is_err(), "dir blocks > 64 KiB");
     }
+
+    /// A file read as a device, with some 4 KiB blocks replaced.
+    #[derive(Debug)]
+    struct Patched {
+        file: std::fs::File,
+        len: u64,
+        blocks: std::collections::HashMap<u64, Vec<u8>>,
+    }
+
+    impl Device for Patched {
+        fn size(&self) -> u64 {
+            self.len
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            use std::os::unix::fs::FileExt;
+            self.file
+                .read_exact_at(buf, offset)
+                .map_err(|e| Error::Fs {
+                    place: "test".into(),
+                    msg: e.to_string(),
+                })?;
+            let end = offset + buf.len() as u64;
+            for blk in offset / 4096..end.div_ceil(4096) {
+                if let Some(b) = self.blocks.get(&blk) {
+                    let (s, e) = ((blk * 4096).max(offset), ((blk + 1) * 4096).min(end));
+                    buf[(s - offset) as usize..(e - offset) as usize]
+                        .copy_from_slice(&b[(s - blk * 4096) as usize..(e - blk * 4096) as usize]);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Lists and reads everything reachable, within bounds.
+    fn walk(fs: &Xfs, dir: &str, depth: u32, budget: &mut u32) {
+        let Ok(entries) = fs.list(dir) else { return };
+        for e in entries {
+            if *budget == 0 {
+                return;
+            }
+            *budget -= 1;
+            let path = format!("{}/{}", dir.trim_end_matches('/'), e.name);
+            let _ = fs.read_link(&path);
+            match e.kind {
+                EntryKind::Dir if depth < 6 => walk(fs, &path, depth + 1, budget),
+                EntryKind::File => {
+                    let _ = fs.read_to(&path, 1 << 24, &mut std::io::sink());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_metadata_never_panics_or_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\n");
+        std::fs::write(d.join("f"), vec![7u8; 20000]).unwrap();
+        for (name, n) in [("s", 3), ("b", 40), ("l", 400)] {
+            proto.push_str(&format!("{name} d--755 0 0\n"));
+            for i in 0..n {
+                proto.push_str(&format!(
+                    "file{i:04} ---644 0 0 {}\n",
+                    d.join("f").display()
+                ));
+            }
+            proto.push_str(&format!("ln l--777 0 0 ../{name}/file0001\n$\n"));
+        }
+        proto.push_str("$\n");
+        std::fs::write(d.join("proto"), proto).unwrap();
+        let img = d.join("x.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(320 << 20).unwrap();
+        let out = std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-p"])
+            .arg(d.join("proto"))
+            .arg(&img)
+            .output()
+            .expect("mkfs.xfs (xfsprogs) must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The metadata blocks: those of the first 2 MiB that are not zero.
+        let file = std::fs::File::open(&img).unwrap();
+        let mut meta = Vec::new();
+        {
+            use std::os::unix::fs::FileExt;
+            let mut b = vec![0u8; 4096];
+            for blk in 0..512u64 {
+                file.read_exact_at(&mut b, blk * 4096).unwrap();
+                if b.iter().any(|&x| x != 0) {
+                    meta.push((blk, b.clone()));
+                }
+            }
+        }
+        assert!(meta.len() > 10);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let start = std::time::Instant::now();
+        for case in 0..300 {
+            let mut blocks = std::collections::HashMap::new();
+            for _ in 0..1 + case % 3 {
+                let (blk, orig) = &meta[(rnd() % meta.len() as u64) as usize];
+                let mut b = blocks.remove(blk).unwrap_or_else(|| orig.clone());
+                for _ in 0..1 + rnd() % 8 {
+                    let at = (rnd() % 4096) as usize;
+                    b[at] = match rnd() % 4 {
+                        0 => 0xff,
+                        1 => 0,
+                        2 => b[at] ^ (1 << (rnd() % 8)),
+                        _ => rnd() as u8,
+                    };
+                }
+                blocks.insert(*blk, b);
+            }
+            let dev: Arc<dyn Device> = Arc::new(Patched {
+                file: file.try_clone().unwrap(),
+                len: 320 << 20,
+                blocks,
+            });
+            if let Ok(fs) = Xfs::open(dev, 0, 320 << 20, "/dev/sda".into(), None) {
+                let mut budget = 2000;
+                walk(&fs, "/", 0, &mut budget);
+            }
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 }
