@@ -274,3 +274,126 @@ fn vm_boot_finds_the_kernel_on_xfs_boot_and_the_root_on_lvm() {
     let initrd = e.initrd.unwrap().1;
     assert_eq!(initrd, std::fs::read(d.join("src/initramfs.img")).unwrap());
 }
+
+/// LVM's CRC-32 variant (initial 0xf597a6cf, no final inversion).
+fn lvm_crc(data: &[u8]) -> u32 {
+    let mut crc = 0xf597_a6cfu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// The whole-disk PV with its current metadata text rewritten by `edit`
+/// (the seqno raised so that this copy wins), checksums recomputed as
+/// LVM writes them.
+fn pv2_with(d: &Path, edit: impl Fn(&str) -> String) -> Vec<u8> {
+    let mut pv = std::fs::read(d.join("rhel2.raw")).unwrap();
+    let mda = pv[..1 << 20]
+        .windows(16)
+        .position(|w| w == b" LVM2 x[5A%r0N*>")
+        .unwrap()
+        - 4;
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let (off, size) = (le64(&pv, mda + 40) as usize, le64(&pv, mda + 48) as usize);
+    let area = le64(&pv, mda + 32) as usize;
+    let text = String::from_utf8_lossy(&pv[mda + off..mda + off + size])
+        .trim_end_matches('\0')
+        .to_string();
+    let seq: u64 = text
+        .split("seqno = ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let new = edit(&text).replacen(
+        &format!("seqno = {seq}"),
+        &format!("seqno = {}", seq + 1),
+        1,
+    );
+    // Written after the header, unwrapped: the area must hold it.
+    let at = 512;
+    assert!(at + new.len() < area, "{} bytes of metadata", new.len());
+    pv[mda + at..mda + at + new.len()].copy_from_slice(new.as_bytes());
+    pv[mda + 40..mda + 48].copy_from_slice(&(at as u64).to_le_bytes());
+    pv[mda + 48..mda + 56].copy_from_slice(&(new.len() as u64).to_le_bytes());
+    let c = lvm_crc(new.as_bytes());
+    pv[mda + 56..mda + 60].copy_from_slice(&c.to_le_bytes());
+    let c = lvm_crc(&pv[mda + 4..mda + 512]);
+    pv[mda..mda + 4].copy_from_slice(&c.to_le_bytes());
+    pv
+}
+
+#[test]
+fn hostile_lvm_metadata_is_named_not_misread() {
+    let d = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path();
+    std::fs::copy(d.join("rhel1.qcow2"), t.join("rhel1.qcow2")).unwrap();
+    let fs_of = |pv: Vec<u8>| {
+        std::fs::write(t.join("rhel2.raw"), pv).unwrap();
+        let o = vmshift(t, &["guest", "filesystems", "rhel1.qcow2", "rhel2.raw"]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // The edited copy is the one read: the LV renamed.
+    let fs = fs_of(pv2_with(d, |t| t.replacen("root {", "slash {", 1)));
+    assert!(fs.contains("/dev/rhel/slash"), "{fs}");
+    // A name of 100,000 characters lists (no column of that width).
+    let long = "r".repeat(100_000);
+    let fs = fs_of(pv2_with(d, |t| {
+        t.replacen("root {", &format!("{long} {{"), 1)
+    }));
+    assert!(fs.contains(&format!("/dev/rhel/{long}")));
+    // stripe_count that disagrees with the stripes listed.
+    let fs = fs_of(pv2_with(d, |t| {
+        t.replacen("stripe_count = 2", "stripe_count = 1000", 1)
+    }));
+    let data = fs
+        .lines()
+        .find(|l| l.starts_with("/dev/rhel/data"))
+        .unwrap();
+    assert!(data.contains("stripe_count 1000 but 2 stripes"), "{data}");
+    // Two segments over the same extents of the volume.
+    let fs = fs_of(pv2_with(d, |t| {
+        let i = t
+            .find("segment2")
+            .expect("root spans two PVs: two segments");
+        let (a, b) = t.split_at(i);
+        format!(
+            "{a}{}",
+            b.replacen(
+                &b.split("start_extent = ")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .map(|n| format!("start_extent = {n}"))
+                    .unwrap(),
+                "start_extent = 0",
+                1,
+            )
+        )
+    }));
+    let root = fs
+        .lines()
+        .find(|l| l.starts_with("/dev/rhel/root"))
+        .unwrap();
+    assert!(
+        root.contains("unknown") && root.contains("starts at byte"),
+        "{root}"
+    );
+}

@@ -435,3 +435,83 @@ fn a_dirty_ntfs_volume_is_seen_as_ntfsinfo_sees_it() {
         .to_string();
     assert!(msg.contains("marked dirty"), "{msg}");
 }
+
+/// A copy of the fixture with `edit` applied to its bytes.
+fn damaged_copy(d: &Path, t: &Path, edit: impl Fn(&mut Vec<u8>)) {
+    let mut img = std::fs::read(d.join("windows.raw")).unwrap();
+    edit(&mut img);
+    std::fs::write(t.join("bad.raw"), img).unwrap();
+}
+
+#[test]
+fn damaged_ntfs_indexes_and_hives_are_errors_and_unknowns() {
+    let d = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path();
+    // Every index block (INDX record) of the volume with its first entry's
+    // length set to 0: the ntfs crate panics on that; vmshift must not.
+    damaged_copy(d, t, |img| {
+        let part = 239_616 * 512;
+        let mut n = 0;
+        for at in (part..img.len() - 4096).step_by(4096) {
+            if &img[at..at + 4] == b"INDX" {
+                let first = at
+                    + 0x18
+                    + u32::from_le_bytes(img[at + 0x18..at + 0x1c].try_into().unwrap()) as usize;
+                img[first + 8] = 0;
+                img[first + 9] = 0;
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no INDX record");
+    });
+    let o = vmshift(
+        t,
+        &["guest", "ls", "bad.raw", "/dev/sda3:/Windows/System32"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("damaged NTFS structure") && !err.contains("panicked"),
+        "{err}"
+    );
+    // inspect goes on (the root's own index is damaged too: no Windows
+    // is found), and prints no panic.
+    let o = vmshift(t, &["guest", "inspect", "bad.raw"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    // SYSTEM's Services key claiming 2^32-1 subkeys: the drivers are
+    // unknown, never "none installed".
+    damaged_copy(d, t, |img| {
+        let sys = std::fs::read(d.join("src/SYSTEM")).unwrap();
+        let name = sys
+            .windows(8)
+            .enumerate()
+            .position(|(i, w)| w == b"Services" && i >= 0x4c && &sys[i - 0x4c..i - 0x4a] == b"nk")
+            .unwrap();
+        // The cell where NTFS put that part of the file: its offset within
+        // a 4 KiB cluster is kept.
+        let cell = &sys[name - 0x4c..name + 8];
+        let nk = (name - 0x4c) % 4096;
+        let nk = (nk..img.len() - cell.len())
+            .step_by(4096)
+            .find(|&p| &img[p..p + cell.len()] == cell)
+            .expect("the Services key in the image");
+        img[nk + 0x14..nk + 0x18].copy_from_slice(&u32::MAX.to_le_bytes());
+    });
+    let v = json(vmshift_ok(t, &["guest", "inspect", "--output", "json", "bad.raw"]).as_bytes());
+    let os = &v["operatingsystems"][0];
+    assert_eq!(os["windows"]["drivers_read"], false);
+    assert!(os["unknown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u.as_str().unwrap().contains("SYSTEM hive: drivers")));
+    let codes: Vec<&str> = os["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["windows-hibernated", "guest-vmware-tools"]);
+}

@@ -16,7 +16,7 @@
 //!
 //! Limits: a member name is at most 4 KiB; the initramfs holds at most
 //! 1 million members with 64 MiB of names in all and inflates to at most
-//! 4 GiB in all (past them the scan stops with an error: a decompression
+//! 2 GiB in all (past them the scan stops with an error: a decompression
 //! bomb or a damaged archive); an xz or lzma dictionary is at most
 //! 128 MiB. No decoder holds more than its window and one block (lz4: 8
 //! MiB in and out), whatever the input says.
@@ -28,7 +28,9 @@ use std::io::{self, Write};
 use std::rc::Rc;
 
 /// The most an initramfs may inflate to.
-pub const MAX_INFLATED: u64 = 4 << 30;
+/// (Distributions' largest, with firmware, stay well under 1 GiB; a bomb
+/// is stopped within seconds.)
+pub const MAX_INFLATED: u64 = 2 << 30;
 /// The most members it may hold.
 pub const MAX_MEMBERS: u64 = 1 << 20;
 /// The most bytes of member names it may hold.

@@ -587,8 +587,11 @@ fn kernels(fs: &dyn GuestFs, g: &mut Guest) {
             }
         })
         .collect();
-    ks.sort_by(|a, b| a.version.cmp(&b.version));
-    for k in &mut ks {
+    ks.sort_by(|a, b| version_order(&a.version, &b.version));
+    // The newest kernel is the one that boots by default: its initramfs is
+    // read (an initramfs may inflate to gigabytes; reading every kernel's
+    // would multiply that).
+    if let Some(k) = ks.last_mut() {
         boot_drivers(fs, k, g);
     }
     g.kernels = ks;
@@ -618,6 +621,37 @@ fn kernels(fs: &dyn GuestFs, g: &mut Guest) {
             });
         }
     }
+}
+
+/// Orders kernel versions as versions: numbers by value (`6.1.0-18` after
+/// `6.1.0-9`), the rest as text.
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[start].is_ascii_digit() {
+                out.push((b[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let o = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if o.is_ne() {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
 }
 
 /// The virtio drivers kernel `k` has at boot: built in, or in its
@@ -791,5 +825,46 @@ fn network(fs: &dyn GuestFs, g: &mut Guest) {
                 named.join("; ")
             ),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_order_as_versions() {
+        let mut v = vec![
+            "6.1.0-18-amd64",
+            "6.1.0-9-amd64",
+            "5.14.0-362.el9.x86_64",
+            "6.1.0-18-amd64-rt",
+            "5.14.0-70.el9.x86_64",
+        ];
+        v.sort_by(|a, b| version_order(a, b));
+        assert_eq!(
+            v,
+            [
+                "5.14.0-70.el9.x86_64",
+                "5.14.0-362.el9.x86_64",
+                "6.1.0-9-amd64",
+                "6.1.0-18-amd64",
+                "6.1.0-18-amd64-rt"
+            ]
+        );
+    }
+
+    #[test]
+    fn device_mapper_names_split_at_the_single_dash() {
+        assert_eq!(
+            split_dm_name("rhel-root"),
+            Some(("rhel".into(), "root".into()))
+        );
+        assert_eq!(
+            split_dm_name("my--vg-lv--home"),
+            Some(("my-vg".into(), "lv-home".into()))
+        );
+        assert_eq!(split_dm_name("novg"), None);
+        assert_eq!(split_dm_name("-lv"), None);
     }
 }

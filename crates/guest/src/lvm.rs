@@ -581,6 +581,14 @@ fn assemble(
             _ => Vec::new(),
         };
         let n = stripes.len() / 2;
+        if s.int("stripe_count").is_some_and(|c| c != n as i64) || stripes.len() % 2 != 0 {
+            problem.get_or_insert(format!(
+                "{sname}: stripe_count {} but {} stripes listed",
+                s.int("stripe_count").unwrap_or(-1),
+                stripes.len() as f64 / 2.0
+            ));
+            continue;
+        }
         let stripe = if n > 1 {
             s.int("stripe_size").unwrap_or(0).max(0) as u64 * 512
         } else {

@@ -75,6 +75,40 @@ pub struct NtfsVol {
     inner: Arc<Mutex<Inner>>,
 }
 
+thread_local! {
+    /// Set while the `ntfs` crate runs here: its panics are caught.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, which calls the `ntfs` crate: a panic in it (the crate has
+/// some on damaged index entries) becomes an error naming the volume, and
+/// is not printed. Other threads' panics print as before.
+fn guarded<R>(place: &str, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                prev(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    r.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(err(
+            place,
+            format!("{what}: a damaged NTFS structure ({why})"),
+        ))
+    })
+}
+
 fn err(place: &str, msg: impl Into<String>) -> Error {
     Error::Fs {
         place: place.to_string(),
@@ -89,6 +123,19 @@ fn unix_time(nt: u64) -> i64 {
 impl NtfsVol {
     /// Opens the NTFS volume at `[start, start + len)`.
     pub fn open(
+        dev: Arc<dyn Device>,
+        start: u64,
+        len: u64,
+        place: String,
+        partition: Option<u32>,
+    ) -> Result<NtfsVol> {
+        let p = place.clone();
+        guarded(&p, "NTFS", move || {
+            Self::open_inner(dev, start, len, place, partition)
+        })
+    }
+
+    fn open_inner(
         dev: Arc<dyn Device>,
         start: u64,
         len: u64,
@@ -172,10 +219,17 @@ impl NtfsVol {
         path: &str,
         f: impl FnOnce(&Ntfs, &mut Io, NtfsFile<'_>) -> Result<R>,
     ) -> Result<R> {
-        let mut guard = self
-            .inner
-            .lock()
-            .map_err(|_| self.err(path, "a previous read panicked"))?;
+        guarded(&self.info.place, path, || self.with_file_inner(path, f))
+    }
+
+    fn with_file_inner<R>(
+        &self,
+        path: &str,
+        f: impl FnOnce(&Ntfs, &mut Io, NtfsFile<'_>) -> Result<R>,
+    ) -> Result<R> {
+        // A read that panicked (caught in `guarded`) leaves nothing half
+        // done that matters: every read seeks first.
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.lookup(&mut guard, path)?;
         let Inner { ntfs, io } = &mut *guard;
         let file = ntfs.file(io, rec).map_err(|e| self.err(path, e))?;
@@ -258,13 +312,19 @@ impl HiveSource for NtfsFileSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        guarded(&self.vol.info.place, &self.path, || {
+            self.read_at_inner(buf, offset)
+                .map_err(|e| err(&self.vol.info.place, e.to_string()))
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+impl NtfsFileSource {
+    fn read_at_inner(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let io_err =
             |e: &dyn std::fmt::Display| std::io::Error::other(format!("{}: {e}", self.path));
-        let mut guard = self
-            .vol
-            .inner
-            .lock()
-            .map_err(|_| io_err(&"a previous read panicked"))?;
+        let mut guard = self.vol.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Inner { ntfs, io } = &mut *guard;
         let file = ntfs.file(io, self.record).map_err(|e| io_err(&e))?;
         let item = file

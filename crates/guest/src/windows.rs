@@ -66,6 +66,9 @@ pub struct WindowsFacts {
     pub build: Option<String>,
     /// The storage and network drivers installed, and when they start.
     pub drivers: Vec<WinDriver>,
+    /// The drivers could be read (`SYSTEM` and its Services key are
+    /// sound); when not, `drivers` is empty and says nothing.
+    pub drivers_read: bool,
     /// VirtIO driver packages in the driver store (`viostor.inf_amd64_…`).
     pub driver_store_virtio: Vec<String>,
     /// `hiberfil.sys` holds an image Windows will resume (hibernation or
@@ -88,14 +91,13 @@ fn start_name(v: Option<u32>) -> &'static str {
 }
 
 /// The system root folder of an NTFS volume (`/Windows`, `/WINNT`), if it
-/// holds a Windows installation (`System32/config` with both hives).
+/// holds a Windows installation (a `System32` folder; its hives may still
+/// be missing or damaged, which the inspection then reports).
 pub fn system_root(vol: &NtfsVol) -> Option<String> {
     ["/Windows", "/WINNT"].into_iter().find_map(|r| {
         let ok = vol
-            .stat(&format!("{r}/System32/config"))
-            .is_ok_and(|e| e.kind == EntryKind::Dir)
-            && vol.stat(&format!("{r}/System32/config/SOFTWARE")).is_ok()
-            && vol.stat(&format!("{r}/System32/config/SYSTEM")).is_ok();
+            .stat(&format!("{r}/System32"))
+            .is_ok_and(|e| e.kind == EntryKind::Dir);
         // The folder's name as the volume spells it.
         ok.then(|| {
             vol.list("/")
@@ -235,17 +237,41 @@ pub fn inspect_windows(vol: &NtfsVol, found: &Found, root_dir: &str) -> Guest {
                         "ComputerName",
                     )
                 });
-            for (name, drives) in DRIVERS {
-                let key = format!(r"{cs}\Services\{name}");
-                if h.open_path(&key).ok().flatten().is_some() {
-                    let start = dword(&h, &key, "Start");
-                    w.drivers.push(WinDriver {
-                        name: name.to_string(),
-                        drives: drives.to_string(),
-                        start,
-                        starts: start_name(start),
-                    });
+            // A damaged Services key is unknown, never "no drivers".
+            let mut damaged = None;
+            match h.open_path(&format!(r"{cs}\Services")) {
+                Ok(Some(services)) => {
+                    for (name, drives) in DRIVERS {
+                        match services.subkey(name) {
+                            Ok(Some(k)) => {
+                                let start = match k.value("Start") {
+                                    Ok(Some(v)) => v.as_dword().ok(),
+                                    _ => None,
+                                };
+                                w.drivers.push(WinDriver {
+                                    name: name.to_string(),
+                                    drives: drives.to_string(),
+                                    start,
+                                    starts: start_name(start),
+                                });
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                damaged = Some(format!("{cs}\\Services\\{name}: {e}"));
+                                break;
+                            }
+                        }
+                    }
                 }
+                Ok(None) => damaged = Some(format!("no {cs}\\Services key")),
+                Err(e) => damaged = Some(format!("{cs}\\Services: {e}")),
+            }
+            if let Some(why) = damaged {
+                g.unknown.push(format!("SYSTEM hive: drivers: {why}"));
+                w.drivers.clear();
+                w.drivers_read = false;
+            } else {
+                w.drivers_read = true;
             }
             w.current_control_set = Some(cs);
         }
@@ -288,6 +314,36 @@ pub fn inspect_windows(vol: &NtfsVol, found: &Found, root_dir: &str) -> Guest {
 }
 
 fn findings(g: &mut Guest, w: &WindowsFacts) {
+    // Where the drivers could not be read (said in `unknown`), nothing is
+    // claimed about them.
+    if w.drivers_read {
+        storage_findings(g, w);
+    }
+    if w.hibernated || w.ntfs_dirty {
+        g.findings.push(GuestFinding {
+            code: "windows-hibernated".into(),
+            message: format!(
+                "{}: the disk is not consistent, and what is changed on it (drivers, registry) may be discarded when Windows resumes. In the guest on VMware, turn off hibernation and Fast Startup (powercfg /h off) and shut down fully (shutdown /s /t 0) before converting",
+                match (w.hibernated, w.ntfs_dirty) {
+                    (true, true) => "Windows was hibernated (hiberfil.sys holds an image to resume) and its NTFS volume is marked dirty",
+                    (true, false) => "Windows was hibernated or shut down with Fast Startup (hiberfil.sys holds an image to resume)",
+                    _ => "the NTFS volume is marked dirty (Windows did not shut down cleanly)",
+                }
+            ),
+        });
+    }
+    if w.drivers_read {
+        net_finding(g, w);
+    }
+    if g.vmware_tools {
+        g.findings.push(GuestFinding {
+            code: "guest-vmware-tools".into(),
+            message: "VMware Tools is installed: it does nothing on KVM and its drivers (pvscsi, vmxnet3) will not find their devices; uninstall it (Settings > Apps, or its MSI with msiexec /x) and install the QEMU guest agent from the virtio-win ISO".into(),
+        });
+    }
+}
+
+fn storage_findings(g: &mut Guest, w: &WindowsFacts) {
     let drv = |n: &str| w.drivers.iter().find(|d| d.name.eq_ignore_ascii_case(n));
     let boot = |n: &str| drv(n).is_some_and(|d| d.start == Some(0));
     let virtio_store = !w
@@ -322,19 +378,10 @@ fn findings(g: &mut Guest, w: &WindowsFacts) {
             ),
         });
     }
-    if w.hibernated || w.ntfs_dirty {
-        g.findings.push(GuestFinding {
-            code: "windows-hibernated".into(),
-            message: format!(
-                "{}: the disk is not consistent, and what is changed on it (drivers, registry) may be discarded when Windows resumes. In the guest on VMware, turn off hibernation and Fast Startup (powercfg /h off) and shut down fully (shutdown /s /t 0) before converting",
-                match (w.hibernated, w.ntfs_dirty) {
-                    (true, true) => "Windows was hibernated (hiberfil.sys holds an image to resume) and its NTFS volume is marked dirty",
-                    (true, false) => "Windows was hibernated or shut down with Fast Startup (hiberfil.sys holds an image to resume)",
-                    _ => "the NTFS volume is marked dirty (Windows did not shut down cleanly)",
-                }
-            ),
-        });
-    }
+}
+
+fn net_finding(g: &mut Guest, w: &WindowsFacts) {
+    let drv = |n: &str| w.drivers.iter().find(|d| d.name.eq_ignore_ascii_case(n));
     if drv("netkvm").is_none()
         && !w
             .driver_store_virtio
@@ -344,12 +391,6 @@ fn findings(g: &mut Guest, w: &WindowsFacts) {
         g.findings.push(GuestFinding {
             code: "windows-no-virtio-net-driver".into(),
             message: "Windows has no VirtIO network driver (netkvm): a virtio-net NIC has no network until the virtio-win drivers are installed; install them before converting, or use an e1000e NIC".into(),
-        });
-    }
-    if g.vmware_tools {
-        g.findings.push(GuestFinding {
-            code: "guest-vmware-tools".into(),
-            message: "VMware Tools is installed: it does nothing on KVM and its drivers (pvscsi, vmxnet3) will not find their devices; uninstall it (Settings > Apps, or its MSI with msiexec /x) and install the QEMU guest agent from the virtio-win ISO".into(),
         });
     }
 }

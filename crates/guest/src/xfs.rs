@@ -31,6 +31,46 @@ const MAX_LINK: u64 = 4096;
 /// free-index blocks above it.
 const DIR_LEAF_OFFSET: u64 = 32 << 30;
 
+/// CRC-32C (Castagnoli), as XFS v5 checksums its metadata.
+fn crc32c(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82f6_3b78
+                } else {
+                    c >> 1
+                };
+            }
+            *e = c;
+        }
+        t
+    });
+    !data.iter().fold(!0u32, |c, &b| {
+        t[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
+    })
+}
+
+/// True when the little-endian CRC-32C at `at` of `b` is the checksum of
+/// `b` with that field zeroed (how XFS stores it).
+fn crc_ok(b: &[u8], at: usize) -> bool {
+    let mut c = b.to_vec();
+    let stored = u32::from_le_bytes(c[at..at + 4].try_into().expect("4 bytes"));
+    c[at..at + 4].fill(0);
+    crc32c(&c) == stored
+}
+
+/// v5 incompatible features vmshift reads: file types in directory
+/// entries, sparse inode chunks, a separate metadata UUID, big
+/// timestamps, 64-bit extent counters.
+const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | 0x20;
+/// v5 incompatible feature: xfs_repair must run before the file system
+/// is used (Linux refuses to mount it).
+const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
+
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -118,6 +158,26 @@ impl Geo {
         }
         let features2 = be32(sb, 200);
         let incompat = if v5 { be32(sb, 216) } else { 0 };
+        if incompat & INCOMPAT_NEEDSREPAIR != 0 {
+            return Err("marked as needing repair (run xfs_repair before it is used)".into());
+        }
+        if incompat & !INCOMPAT_KNOWN != 0 {
+            return Err(format!(
+                "incompatible features {:#x} that vmshift does not read",
+                incompat & !INCOMPAT_KNOWN
+            ));
+        }
+        if v5 {
+            let sect = usize::from(be16(sb, 102));
+            if !(512..=sb.len()).contains(&sect) || !crc_ok(&sb[..sect], 224) {
+                return Err("checksum mismatch".into());
+            }
+        }
+        if dblocks == 0 || agcount != dblocks.div_ceil(agblocks) {
+            return Err(format!(
+                "{agcount} allocation groups of {agblocks} blocks, but {dblocks} blocks in all"
+            ));
+        }
         let ftype = if v5 {
             incompat & 1 != 0
         } else {
@@ -231,10 +291,11 @@ impl Xfs {
         place: String,
         partition: Option<u32>,
     ) -> Result<Xfs> {
-        let mut sb = [0u8; 512];
         if len < 512 {
             return Err(err(&place, "XFS superblock: the partition is too small"));
         }
+        // One sector (up to 4 KiB): what its checksum covers.
+        let mut sb = vec![0u8; len.min(4096) as usize];
         image.read_at(&mut sb, start)?;
         let g = Geo::parse(&sb, len).map_err(|m| err(&place, format!("XFS superblock: {m}")))?;
         let uuid = crate::vfs::uuid_text(&sb[32..48]);
@@ -318,6 +379,11 @@ impl Xfs {
                 )))
             }
         };
+        if version == 3 && (!crc_ok(&b, 100) || be64(&b, 152) != ino) {
+            return Err(self.err(format!(
+                "inode {ino} (at {at}): checksum mismatch, or it names another inode"
+            )));
+        }
         let forkoff = usize::from(b[82]) * 8;
         let end = if forkoff == 0 {
             b.len()
@@ -403,6 +469,14 @@ impl Xfs {
                 )))
             }
         }
+        if ino.format == 3 && out.len() as u64 != ino.nextents {
+            return Err(self.err(format!(
+                "inode {}: its extent B+tree holds {} extents, the inode says {}",
+                ino.ino,
+                out.len(),
+                ino.nextents
+            )));
+        }
         out.sort_by_key(|e| e.off);
         let mut next = 0u64;
         for e in &out {
@@ -443,6 +517,11 @@ impl Xfs {
             return Err(self.err(format!(
                 "inode {ino}: extent B+tree block {fsb} has no {} magic",
                 String::from_utf8_lossy(magic)
+            )));
+        }
+        if self.g.v5 && (!crc_ok(&b, 64) || be64(&b, 56) != ino) {
+            return Err(self.err(format!(
+                "inode {ino}: extent B+tree block {fsb}: checksum mismatch, or another inode owns it"
             )));
         }
         let lvl = be16(&b, 4);
@@ -574,7 +653,15 @@ impl Xfs {
         match d.format {
             1 => {
                 let f = &d.fork;
-                let end = (d.size as usize).min(f.len());
+                if d.size > f.len() as u64 {
+                    return Err(self.err(format!(
+                        "directory inode {}: short-form size {} past its {}-byte data fork",
+                        d.ino,
+                        d.size,
+                        f.len()
+                    )));
+                }
+                let end = d.size as usize;
                 if end < 6 {
                     return Err(self.err(format!(
                         "directory inode {}: short-form header past its {end} bytes",
@@ -648,6 +735,11 @@ impl Xfs {
     /// The entries of one directory data block (block or data form).
     fn dir_block(&self, ino: u64, at: u64, b: &[u8], out: &mut Vec<RawEntry>) -> Result<()> {
         let hdr = if self.g.v5 { 64 } else { 16 };
+        if self.g.v5 && (!crc_ok(b, 4) || be64(b, 40) != ino) {
+            return Err(self.err(format!(
+                "directory inode {ino}: block at {at}: checksum mismatch, or another inode owns it"
+            )));
+        }
         let magic = &b[0..4];
         let end = match magic {
             b"XD2B" | b"XDB3" => {
@@ -728,9 +820,11 @@ impl Xfs {
                 let mut fb = 0u64;
                 while (v.len() as u64) < l.size {
                     let b = self.read_range(l.ino, &map, fb * self.g.block, self.g.block)?;
-                    if self.g.v5 && &b[0..4] != b"XSLM" {
+                    if self.g.v5
+                        && (&b[0..4] != b"XSLM" || !crc_ok(&b, 12) || be64(&b, 32) != l.ino)
+                    {
                         return Err(self.err(format!(
-                            "symlink inode {}: block {fb} has no XSLM magic",
+                            "symlink inode {}: block {fb} has no XSLM magic, a checksum mismatch, or another owner",
                             l.ino
                         )));
                     }
@@ -909,22 +1003,46 @@ mod tests {
         sb[122] = 9;
         sb[123] = 3;
         sb[124] = 10;
+        sb[102..104].copy_from_slice(&512u16.to_be_bytes());
+        let fix = |b: &mut Vec<u8>| {
+            b[224..228].fill(0);
+            let c = crc32c(b);
+            b[224..228].copy_from_slice(&c.to_le_bytes());
+        };
+        fix(&mut sb);
         assert!(Geo::parse(&sb, 1000 * 4096).is_ok());
         assert!(
             Geo::parse(&sb, 10 * 4096).is_err(),
             "more blocks than bytes"
         );
         let mut b = sb.clone();
+        b[300] ^= 1;
+        assert!(Geo::parse(&b, 1000 * 4096).is_err(), "checksum");
+        for (incompat, what) in [(0x10u32, "needs repair"), (0x8000_0000, "unknown feature")] {
+            let mut b = sb.clone();
+            b[216..220].copy_from_slice(&incompat.to_be_bytes());
+            fix(&mut b);
+            assert!(Geo::parse(&b, 1000 * 4096).is_err(), "{what}");
+        }
+        let mut b = sb.clone();
+        b[8..16].copy_from_slice(&0u64.to_be_bytes());
+        fix(&mut b);
+        assert!(Geo::parse(&b, 1000 * 4096).is_err(), "no blocks");
+        let mut b = sb.clone();
         b[120] = 20;
+        fix(&mut b);
         assert!(Geo::parse(&b, 1000 * 4096).is_err(), "block log");
         let mut b = sb.clone();
         b[88..92].copy_from_slice(&0u32.to_be_bytes());
+        fix(&mut b);
         assert!(Geo::parse(&b, 1000 * 4096).is_err(), "no AGs");
         let mut b = sb.clone();
         b[124] = 5;
+        fix(&mut b);
         assert!(Geo::parse(&b, 1000 * 4096).is_err(), "agblklog too small");
-        let mut b = sb;
+        let mut b = sb.clone();
         b[192] = 8;
+        fix(&mut b);
         assert!(Geo::parse(&b, 1000 * 4096).is_err(), "dir blocks > 64 KiB");
     }
 
@@ -982,6 +1100,13 @@ mod tests {
 
     #[test]
     fn damaged_metadata_never_panics_or_hangs() {
+        // v5 (most damage ends at a checksum) and v4 (none: the parsers
+        // themselves meet it).
+        damaged(&[], 100);
+        damaged(&["-m", "crc=0", "-i", "size=256", "-n", "ftype=0"], 150);
+    }
+
+    fn damaged(mkfs: &[&str], cases: u32) {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\n");
@@ -1004,6 +1129,7 @@ mod tests {
         let out = std::process::Command::new("mkfs.xfs")
             .args(["-q", "-f", "-p"])
             .arg(d.join("proto"))
+            .args(mkfs)
             .arg(&img)
             .output()
             .expect("mkfs.xfs (xfsprogs) must be installed");
@@ -1012,20 +1138,20 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // The metadata blocks: those of the first 2 MiB that are not zero.
+        // The metadata blocks: those of the first 8 MiB that are not zero.
         let file = std::fs::File::open(&img).unwrap();
         let mut meta = Vec::new();
         {
             use std::os::unix::fs::FileExt;
             let mut b = vec![0u8; 4096];
-            for blk in 0..512u64 {
+            for blk in 0..2048u64 {
                 file.read_exact_at(&mut b, blk * 4096).unwrap();
                 if b.iter().any(|&x| x != 0) {
                     meta.push((blk, b.clone()));
                 }
             }
         }
-        assert!(meta.len() > 10);
+        assert!(meta.len() > 4, "{}", meta.len());
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = || {
             seed ^= seed << 13;
@@ -1034,7 +1160,7 @@ mod tests {
             seed
         };
         let start = std::time::Instant::now();
-        for case in 0..300 {
+        for case in 0..cases {
             let mut blocks = std::collections::HashMap::new();
             for _ in 0..1 + case % 3 {
                 let (blk, orig) = &meta[(rnd() % meta.len() as u64) as usize];

@@ -489,6 +489,9 @@ pub fn guest_drivers(read: &GuestRead) -> Option<vmshift_desc::mapping::GuestDri
     let g = read.guests.first()?;
     let mut out = vmshift_desc::mapping::GuestDrivers::default();
     if let Some(w) = &g.windows {
+        if !w.drivers_read {
+            return Some(out);
+        }
         let boot: Vec<&str> = w
             .drivers
             .iter()

@@ -86,12 +86,14 @@ pub fn filesystems(args: &GuestFsArgs) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Human => {
+            // Wide enough for /dev/VG/LV names, within reason (a name from
+            // a damaged image may be any length).
             let w = found
                 .iter()
                 .map(|f| f.info.place.len())
                 .max()
                 .unwrap_or(0)
-                .max(12);
+                .clamp(12, 48);
             println!(
                 "{:<w$} {:<12} {:<38} {:<16} {:>6}",
                 "Name", "Type", "UUID", "Label", "Size"
