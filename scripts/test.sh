@@ -33,6 +33,8 @@ command -v mdir >/dev/null || missing+=(mtools)
 command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
 command -v xfs_db >/dev/null || missing+=(xfsprogs)
 command -v hivexsh >/dev/null || missing+=(libhivex-bin)
+# cryptsetup makes the encrypted volume the guest tests name.
+command -v cryptsetup >/dev/null || missing+=(cryptsetup-bin)
 # zstd, xz and bzip2 pack the guest tests' initramfs (lz4 too, below).
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v bzip2 >/dev/null || missing+=(bzip2)

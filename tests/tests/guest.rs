@@ -466,3 +466,53 @@ fn vm_validate_and_convert_say_what_the_guest_will_trip_over() {
         text(&o)
     );
 }
+
+#[test]
+fn an_encrypted_volume_is_named_and_crypttab_mounts_resolve_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        "set -e
+        truncate -s 20M luks.img
+        printf pw | cryptsetup luksFormat -q --type luks2 --label secret --pbkdf pbkdf2 --pbkdf-force-iterations 1000 luks.img -
+        uuid=$(blkid -s UUID -o value luks.img)
+        mkdir -p root/etc root/data
+        echo 'ID=debian' > root/etc/os-release
+        printf 'data UUID=%s none luks\\n' \"$uuid\" > root/etc/crypttab
+        printf 'LABEL=root / ext4 defaults 0 1\\n/dev/mapper/data /data ext4 defaults 0 2\\n' > root/etc/fstab
+        mke2fs -q -t ext4 -L root -d root root.img 16M
+        truncate -s 40M disk.raw
+        printf 'label: gpt\\nstart=2048, size=32768\\nstart=34816, size=40960\\n' | sfdisk -q disk.raw
+        dd if=root.img of=disk.raw bs=512 seek=2048 conv=notrunc status=none
+        dd if=luks.img of=disk.raw bs=512 seek=34816 conv=notrunc status=none",
+    );
+    let peer = blkid(d, "luks.img");
+    let fs =
+        json(vmshift_ok(d, &["guest", "filesystems", "--output", "json", "disk.raw"]).as_bytes());
+    let luks = fs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "/dev/sda2")
+        .unwrap()
+        .clone();
+    assert_eq!(luks["type"], peer["TYPE"].as_str());
+    assert_eq!(luks["uuid"], peer["UUID"].as_str());
+    assert_eq!(luks["label"], peer["LABEL"].as_str());
+    assert_eq!(luks["readable"], false);
+    let v = json(vmshift_ok(d, &["guest", "inspect", "--output", "json", "disk.raw"]).as_bytes());
+    let os = &v["operatingsystems"][0];
+    let data = os["mountpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["path"] == "/data")
+        .unwrap();
+    assert_eq!(data["device"], "/dev/sda2");
+    assert!(os["unknown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u.as_str().unwrap().contains("encrypted (LUKS)")));
+}

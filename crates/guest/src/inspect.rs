@@ -500,7 +500,24 @@ fn split_dm_name(dm: &str) -> Option<(String, String)> {
     None
 }
 
+/// `/etc/crypttab`: each mapped name and the device it opens.
+fn crypttab(fs: &dyn GuestFs) -> Vec<(String, String)> {
+    text(fs, "/etc/crypttab")
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    Some((f.next()?.to_string(), f.next()?.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn fstab(fs: &dyn GuestFs, all: &[Found], g: &mut Guest) {
+    let crypt = crypttab(fs);
     let t = match text(fs, "/etc/fstab") {
         Ok(t) => t,
         Err(why) => {
@@ -524,7 +541,17 @@ fn fstab(fs: &dyn GuestFs, all: &[Found], g: &mut Guest) {
         ) {
             continue;
         }
-        let device = resolve(spec, all);
+        let mut device = resolve(spec, all);
+        // A device crypttab opens: the encrypted volume it comes from.
+        if device.is_none() {
+            let name = spec.strip_prefix("/dev/mapper/").unwrap_or(spec);
+            if let Some((_, src)) = crypt.iter().find(|(n, _)| n == name) {
+                device = resolve(src, all);
+                g.unknown.push(format!(
+                    "{path}: on {spec}, which /etc/crypttab opens from {src}: encrypted (LUKS), not read"
+                ));
+            }
+        }
         if ["/dev/sd", "/dev/hd", "/dev/vd", "/dev/xvd"]
             .iter()
             .any(|p| spec.starts_with(p))

@@ -38,6 +38,9 @@ pub enum FsKind {
     Swap,
     /// An LVM2 physical volume.
     LvmPv,
+    /// A LUKS-encrypted volume (not read: its key is in the guest's
+    /// owner's hands).
+    Luks,
     /// A logical volume vmshift does not read (thin, RAID, a PV missing)
     /// or that holds nothing it knows; [`FsInfo::note`] says which.
     Unread,
@@ -56,6 +59,7 @@ impl FsKind {
             FsKind::Btrfs => "btrfs",
             FsKind::Swap => "swap",
             FsKind::LvmPv => "LVM2_member",
+            FsKind::Luks => "crypto_LUKS",
             FsKind::Unread => "unknown",
         }
     }
@@ -384,6 +388,16 @@ pub(crate) fn probe(
             Some(format!("{serial:016X}")),
             None,
             sectors.saturating_mul(bps),
+        ));
+    }
+    // LUKS1/2: "LUKS\xba\xbe", the UUID as text at 168, LUKS2's label at 24.
+    if head.len() >= 512 && &head[0..6] == b"LUKS\xba\xbe" {
+        let v2 = u16::from_be_bytes([head[6], head[7]]) == 2;
+        return Some(info(
+            FsKind::Luks,
+            c_string(&head[168..208]),
+            if v2 { c_string(&head[24..72]) } else { None },
+            len,
         ));
     }
     // LVM2: "LABELONE" in one of the first four sectors, "LVM2 001" after.
