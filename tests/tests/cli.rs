@@ -911,8 +911,11 @@ fn a_large_sparse_size_never_fills_the_sources_holes() {
             tool_ok(d, "qemu-img", &["convert", "-S", s, "-O", o, "s.qcow2", &q]);
             vmshift_ok(d, &["convert", "-S", s, "-O", o, "s.qcow2", &v]);
             tool_ok(d, "qemu-img", &["compare", &q, &v]);
+            // One file-system block of slack: st_blocks of a file just
+            // written can carry a block of the file system's own
+            // preallocation (seen once under load).
             assert!(
-                used(&v) <= used(&q),
+                used(&v) <= used(&q) + 4096,
                 "-S {s} -O {o}: {} bytes used, qemu-img {}",
                 used(&v),
                 used(&q)

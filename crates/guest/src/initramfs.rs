@@ -1455,6 +1455,16 @@ mod tests {
             let len = compressed.len();
             for cut in [6, 12, len / 3, len / 2, len - 5, len - 1] {
                 let r = scan(&compressed[..cut], 4096);
+                // .lzma has no checksum or size: its last byte may only
+                // feed the range coder's final normalisation, after the
+                // end marker, so losing it can lose nothing. Then every
+                // member must have been read.
+                if how.0 == "lzma" && cut == len - 1 {
+                    if let Ok(c) = &r {
+                        assert_eq!(c.names, main.names, "{how:?} cut to {cut} of {len}");
+                        continue;
+                    }
+                }
                 assert!(r.is_err(), "{how:?} cut to {cut} of {len}: {r:?}");
             }
         }
