@@ -326,3 +326,37 @@ pub fn virt_inspector_agrees(dir: &Path, disks: &[&str], os: &serde_json::Value)
     ours.sort();
     assert_eq!(ours, theirs);
 }
+
+/// Runs a guest builder from `tests/guests` (it makes its disks with
+/// libguestfs's appliance under TCG) into a new folder that outlives the
+/// test process's temporary files, and returns the folder.
+pub fn build_guest(script: &str) -> PathBuf {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("guests")
+        .join(script);
+    let out = Command::new(&path)
+        .arg(&dir)
+        .env("LIBGUESTFS_BACKEND", "direct")
+        .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+        .output()
+        .expect("guestfish (libguestfs-tools) must be installed");
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// The finding codes of one operating system of `guest inspect --output
+/// json`, in order.
+pub fn finding_codes(os: &serde_json::Value) -> Vec<String> {
+    os["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| f["code"].as_str().expect("code").to_string())
+        .collect()
+}

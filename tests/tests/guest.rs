@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vmshift_tests::{json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
+use vmshift_tests::{finding_codes, json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
 
 fn text(o: &std::process::Output) -> String {
     format!(
@@ -346,12 +346,7 @@ fn inspection_agrees_with_virt_inspector() {
     let os = &v["operatingsystems"][0];
     virt_inspector_agrees(d, &["disk.qcow2"], os);
     // And what will trip the migration.
-    let codes: Vec<&str> = os["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let codes = finding_codes(os);
     assert_eq!(
         codes,
         [
@@ -410,13 +405,11 @@ fn an_initramfs_with_virtio_drivers_is_seen_to_have_them() {
         os["kernels"][0]["initramfs_archives"],
         serde_json::json!(["gzip"])
     );
-    let codes: Vec<&str> = os["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
-    assert!(!codes.contains(&"guest-initramfs-no-virtio"), "{codes:?}");
+    let codes = finding_codes(os);
+    assert!(
+        !codes.iter().any(|c| c == "guest-initramfs-no-virtio"),
+        "{codes:?}"
+    );
 }
 
 #[test]

@@ -10,26 +10,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use vmshift_tests::{json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
+use vmshift_tests::{
+    build_guest, finding_codes, json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok,
+};
 
 /// The fixture, built once for the tests of this file (~25 s).
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/rhel-lvm.sh");
-        let out = std::process::Command::new(&script)
-            .arg(&dir)
-            .env("LIBGUESTFS_BACKEND", "direct")
-            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-            .output()
-            .expect("guestfish (libguestfs-tools) must be installed");
-        assert!(
-            out.status.success(),
-            "rhel-lvm.sh: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = build_guest("rhel-lvm.sh");
         // The first disk as qcow2: LVs read through vmshift's image drivers.
         tool_ok(
             &dir,
@@ -186,12 +175,7 @@ fn rhel_inspection_agrees_with_virt_inspector() {
     // initramfs has no virtio.
     assert_eq!(os["kernels"][0]["version"], "5.14.0-362.el9.x86_64");
     assert_eq!(os["kernels"][0]["dracut_hostonly"], true);
-    let codes: Vec<&str> = os["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let codes = finding_codes(os);
     assert_eq!(codes, ["guest-initramfs-no-virtio"]);
     assert!(os["findings"][0]["message"]
         .as_str()
@@ -275,22 +259,6 @@ fn vm_boot_finds_the_kernel_on_xfs_boot_and_the_root_on_lvm() {
     assert_eq!(initrd, std::fs::read(d.join("src/initramfs.img")).unwrap());
 }
 
-/// LVM's CRC-32 variant (initial 0xf597a6cf, no final inversion).
-fn lvm_crc(data: &[u8]) -> u32 {
-    let mut crc = 0xf597_a6cfu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    crc
-}
-
 /// The whole-disk PV with its current metadata text rewritten by `edit`
 /// (the seqno raised so that this copy wins), checksums recomputed as
 /// LVM writes them.
@@ -325,9 +293,9 @@ fn pv2_with(d: &Path, edit: impl Fn(&str) -> String) -> Vec<u8> {
     pv[mda + at..mda + at + new.len()].copy_from_slice(new.as_bytes());
     pv[mda + 40..mda + 48].copy_from_slice(&(at as u64).to_le_bytes());
     pv[mda + 48..mda + 56].copy_from_slice(&(new.len() as u64).to_le_bytes());
-    let c = lvm_crc(new.as_bytes());
+    let c = vmshift_guest::lvm::lvm_crc(new.as_bytes());
     pv[mda + 56..mda + 60].copy_from_slice(&c.to_le_bytes());
-    let c = lvm_crc(&pv[mda + 4..mda + 512]);
+    let c = vmshift_guest::lvm::lvm_crc(&pv[mda + 4..mda + 512]);
     pv[mda..mda + 4].copy_from_slice(&c.to_le_bytes());
     pv
 }

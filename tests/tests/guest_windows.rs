@@ -8,27 +8,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use vmshift_tests::{json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok};
+use vmshift_tests::{
+    build_guest, finding_codes, json, tool_ok, virt_inspector_agrees, vmshift, vmshift_ok,
+};
 
 /// The fixture, built once for the tests of this file (~20 s); `c.ntfs` is
 /// the NTFS partition on its own, for ntfs-3g's tools.
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/windows.sh");
-        let out = std::process::Command::new(&script)
-            .arg(&dir)
-            .env("LIBGUESTFS_BACKEND", "direct")
-            .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-            .output()
-            .expect("guestfish (libguestfs-tools) must be installed");
-        assert!(
-            out.status.success(),
-            "windows.sh: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = build_guest("windows.sh");
         tool_ok(
             &dir,
             "qemu-img",
@@ -206,12 +195,7 @@ fn windows_inspection_agrees_with_virt_inspector_and_hivex() {
     assert_eq!(starts["storahci"], "on demand");
     assert_eq!(w["hibernated"], true);
     assert_eq!(os["vmware_tools"], true);
-    let codes: Vec<&str> = os["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let codes = finding_codes(os);
     assert_eq!(
         codes,
         [
@@ -507,11 +491,6 @@ fn damaged_ntfs_indexes_and_hives_are_errors_and_unknowns() {
         .unwrap()
         .iter()
         .any(|u| u.as_str().unwrap().contains("SYSTEM hive: drivers")));
-    let codes: Vec<&str> = os["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let codes = finding_codes(os);
     assert_eq!(codes, ["windows-hibernated", "guest-vmware-tools"]);
 }

@@ -157,10 +157,7 @@ impl Geometry {
 }
 
 fn err(place: &str, msg: impl Into<String>) -> Error {
-    Error::Fs {
-        place: place.to_string(),
-        msg: msg.into(),
-    }
+    Error::fs(place, msg)
 }
 
 impl Fat {

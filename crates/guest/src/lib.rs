@@ -62,5 +62,15 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// A file system error at `place` (`/dev/sda1`).
+    pub(crate) fn fs(place: &str, msg: impl Into<String>) -> Error {
+        Error::Fs {
+            place: place.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;

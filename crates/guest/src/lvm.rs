@@ -30,7 +30,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// LVM's CRC: CRC-32 (reflected, 0xedb88320) from 0xf597a6cf, with no
 /// final inversion.
-fn lvm_crc(data: &[u8]) -> u32 {
+pub fn lvm_crc(data: &[u8]) -> u32 {
     let mut crc = 0xf597_a6cfu32;
     for &b in data {
         crc ^= u32::from(b);

@@ -110,10 +110,7 @@ fn guarded<R>(place: &str, what: &str, f: impl FnOnce() -> Result<R>) -> Result<
 }
 
 fn err(place: &str, msg: impl Into<String>) -> Error {
-    Error::Fs {
-        place: place.to_string(),
-        msg: msg.into(),
-    }
+    Error::fs(place, msg)
 }
 
 fn unix_time(nt: u64) -> i64 {
@@ -377,11 +374,7 @@ impl GuestFs for NtfsVol {
     }
 
     fn stat(&self, path: &str) -> Result<Entry> {
-        let name = path
-            .rsplit('/')
-            .find(|s| !s.is_empty())
-            .unwrap_or("/")
-            .to_string();
+        let name = crate::vfs::base_name(path);
         self.with_file(path, |_, io, file| self.entry(path, name, io, &file))
     }
 

@@ -272,6 +272,14 @@ impl std::fmt::Debug for Found {
     }
 }
 
+/// The last component of a guest path (`/` for the root).
+pub(crate) fn base_name(path: &str) -> String {
+    path.rsplit('/')
+        .find(|s| !s.is_empty())
+        .unwrap_or("/")
+        .to_string()
+}
+
 /// `/dev/sda`, `/dev/sdb`, … `/dev/sdaa` for disk `i`.
 pub fn disk_name(i: usize) -> String {
     let mut n = i + 1;
@@ -630,21 +638,13 @@ impl GuestFs for ExtFs {
             .fs
             .symlink_metadata(path)
             .map_err(|e| self.err(path, e))?;
-        let name = path
-            .rsplit('/')
-            .find(|s| !s.is_empty())
-            .unwrap_or("/")
-            .to_string();
+        let name = base_name(path);
         Ok(ext_entry(name, &m))
     }
 
     fn metadata(&self, path: &str) -> Result<Entry> {
         let m = self.fs.metadata(path).map_err(|e| self.err(path, e))?;
-        let name = path
-            .rsplit('/')
-            .find(|s| !s.is_empty())
-            .unwrap_or("/")
-            .to_string();
+        let name = base_name(path);
         Ok(ext_entry(name, &m))
     }
 

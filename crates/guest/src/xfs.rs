@@ -273,10 +273,7 @@ pub struct Xfs {
 }
 
 fn err(place: &str, msg: impl Into<String>) -> Error {
-    Error::Fs {
-        place: place.to_string(),
-        msg: msg.into(),
-    }
+    Error::fs(place, msg)
 }
 
 /// A directory entry as stored: name, inode number.
@@ -927,21 +924,13 @@ impl GuestFs for Xfs {
 
     fn stat(&self, path: &str) -> Result<Entry> {
         let i = self.resolve(path, false)?;
-        let name = path
-            .rsplit('/')
-            .find(|s| !s.is_empty())
-            .unwrap_or("/")
-            .to_string();
+        let name = crate::vfs::base_name(path);
         Ok(self.entry(name, &i))
     }
 
     fn metadata(&self, path: &str) -> Result<Entry> {
         let i = self.resolve(path, true)?;
-        let name = path
-            .rsplit('/')
-            .find(|s| !s.is_empty())
-            .unwrap_or("/")
-            .to_string();
+        let name = crate::vfs::base_name(path);
         Ok(self.entry(name, &i))
     }
 
