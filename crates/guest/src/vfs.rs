@@ -313,7 +313,7 @@ pub(crate) fn c_string(b: &[u8]) -> Option<String> {
 
 /// What the bytes at the start of a range are, with UUID, label and size
 /// where the superblock says them.
-pub(crate) fn probe(
+pub fn probe(
     image: &Arc<dyn Device>,
     start: u64,
     len: u64,

@@ -1,0 +1,26 @@
+//! An input as a partition: probed for every file system vmshift knows
+//! (ext2/3/4, XFS, FAT, NTFS, btrfs, swap, LUKS, LVM PV), opened where it
+//! reads the kind, and walked within a budget.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmshift_guest::vfs::{self, Found};
+
+fuzz_target!(|data: &[u8]| {
+    let dev = vmshift_fuzz::device(data);
+    let len = data.len() as u64;
+    let Some(info) = vfs::probe(&dev, 0, len, "/dev/sda1", Some(1)) else {
+        return;
+    };
+    let found = Found {
+        info,
+        image: dev,
+        start: 0,
+        len,
+    };
+    // A PV: its volume group and logical volumes.
+    let _ = vmshift_guest::lvm::logical_volumes(std::slice::from_ref(&found));
+    if let Ok(fs) = vfs::open(&found) {
+        vmshift_fuzz::walk(&*fs);
+    }
+});

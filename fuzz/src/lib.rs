@@ -1,0 +1,88 @@
+//! What the fuzz targets share: an input as a disk image file, an input as
+//! a guest device, and a bounded walk over a guest file system.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use vmshift_guest::vfs::{Device, EntryKind, GuestFs};
+
+/// A file the input is written to (in /dev/shm when there is one): image
+/// formats are opened by path, as vmshift opens them.
+pub fn input_file(name: &str, data: &[u8]) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let d = base.join(format!("vmshift-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("fuzz scratch folder");
+        d
+    });
+    let p = dir.join(name);
+    std::fs::write(&p, data).expect("writing the fuzz input");
+    p
+}
+
+/// The input as a device (a partition, a logical volume).
+#[derive(Debug)]
+pub struct Mem(pub Vec<u8>);
+
+impl Device for Mem {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vmshift_guest::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start
+            .checked_add(buf.len())
+            .and_then(|end| self.0.get(start..end))
+        {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            // Past the end reads as zeros, as a sparse image would.
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The input as a device.
+pub fn device(data: &[u8]) -> Arc<dyn Device> {
+    Arc::new(Mem(data.to_vec()))
+}
+
+/// Lists and reads what a file system holds, within a budget of entries
+/// and bytes: every call must return (an error is fine), never panic,
+/// hang or grow without bound.
+pub fn walk(fs: &dyn GuestFs) {
+    let mut budget = 256u32;
+    walk_dir(fs, "/", 0, &mut budget);
+    let _ = fs.stat("/etc/../etc/./fstab");
+    let _ = fs.metadata("/a/b/c");
+}
+
+fn walk_dir(fs: &dyn GuestFs, dir: &str, depth: u32, budget: &mut u32) {
+    let Ok(entries) = fs.list(dir) else { return };
+    for e in entries {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let path = format!("{}/{}", dir.trim_end_matches('/'), e.name);
+        let _ = fs.stat(&path);
+        let _ = fs.read_link(&path);
+        match e.kind {
+            EntryKind::Dir if depth < 4 => walk_dir(fs, &path, depth + 1, budget),
+            EntryKind::File | EntryKind::Symlink => {
+                let _ = fs.read_to(&path, 1 << 20, &mut std::io::sink());
+            }
+            _ => {}
+        }
+    }
+}
