@@ -268,8 +268,8 @@ pub struct VmBootArgs {
     /// Write the guest's console to FILE.
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
-    /// Guest writes kept in memory per disk (bytes, or with K, M, G); past
-    /// it the guest's writes fail. The images are never written (with
+    /// Guest writes kept in memory, over all the VM's disks (bytes, or
+    /// with K, M, G); past it the guest's writes fail. The images are never written (with
     /// --engine qemu too: QEMU writes through vmshift).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub overlay_limit: String,

@@ -175,21 +175,98 @@ pub fn grubenv(text: &str) -> Vars {
         .collect()
 }
 
-/// The entry GRUB boots by default from a `grub.cfg`: `set default=N`
-/// when it names a top-level menu entry by number, else the first. Returns
-/// `None` when the file has no menu entry with a `linux` line; `Some` of
-/// an empty `linux` when it uses `blscfg` instead.
-pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
-    let mut default: Option<usize> = None;
-    let mut top_items: Vec<Option<EntrySpec>> = Vec::new();
-    let mut depth = 0usize;
-    let mut current: Option<EntrySpec> = None;
-    let mut bls = false;
-    for raw in text.lines() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+/// Splits a `grub.cfg` into statements: at newlines and unquoted `;`,
+/// with a block's `{` ending its statement and `}` a statement of its own
+/// (so `menuentry 'A' { linux /k; initrd /i; }` on one line reads as it
+/// would on several); `${…}` and quoted text are kept whole; comments
+/// dropped.
+fn statements(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    let push = |cur: &mut String, out: &mut Vec<String>| {
+        let t = cur.trim();
+        if !t.is_empty() {
+            out.push(t.to_string());
         }
+        cur.clear();
+    };
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => {
+                quote = None;
+                cur.push(c);
+            }
+            (Some('"'), '\\') | (None, '\\') => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                cur.push(c);
+            }
+            (None, '$') if chars.peek() == Some(&'{') => {
+                cur.push(c);
+                for n in chars.by_ref() {
+                    cur.push(n);
+                    if n == '}' {
+                        break;
+                    }
+                }
+            }
+            (None, '#') if cur.trim().is_empty() || cur.ends_with(char::is_whitespace) => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        break;
+                    }
+                }
+                push(&mut cur, &mut out);
+            }
+            (None, '\n' | ';') => push(&mut cur, &mut out),
+            (None, '{') => {
+                cur.push_str(" {");
+                push(&mut cur, &mut out);
+            }
+            (None, '}') => {
+                push(&mut cur, &mut out);
+                out.push("}".into());
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    push(&mut cur, &mut out);
+    out
+}
+
+/// A top-level item of the GRUB menu.
+#[derive(Debug, Clone)]
+struct MenuItem {
+    /// The entry (a submenu has none).
+    entry: Option<EntrySpec>,
+    /// Its `--id` (or `$menuentry_id_option`) value.
+    id: Option<String>,
+}
+
+/// The entry GRUB boots by default from a `grub.cfg`: `set default=` when
+/// it names a top-level menu entry by number, title or id (after
+/// expanding `${saved_entry}` and the like from grubenv), else the first
+/// entry. An entry without a `linux` line (a `chainloader` to another
+/// system, say) cannot be booted directly: then the first top-level entry
+/// with one is taken. Returns `None` when the file has no menu entry with
+/// a `linux` line; `Some` of an empty `linux` when it uses `blscfg`
+/// instead.
+pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
+    let mut default: Option<String> = None;
+    let mut top_items: Vec<MenuItem> = Vec::new();
+    let mut depth = 0usize;
+    let mut current: Option<MenuItem> = None;
+    let mut bls = false;
+    for line in statements(text) {
+        let line = line.as_str();
         let w = words(line);
         let Some(cmd) = w.first().map(String::as_str) else {
             continue;
@@ -197,13 +274,22 @@ pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
         match cmd {
             "menuentry" | "submenu" => {
                 if depth == 0 {
-                    if cmd == "menuentry" {
-                        current = Some(EntrySpec {
+                    let id = w
+                        .iter()
+                        .position(|a| a == "--id" || a == "$menuentry_id_option")
+                        .and_then(|i| w.get(i + 1))
+                        .cloned();
+                    let item = MenuItem {
+                        entry: (cmd == "menuentry").then(|| EntrySpec {
                             title: w.get(1).cloned().unwrap_or_default(),
                             ..Default::default()
-                        });
+                        }),
+                        id,
+                    };
+                    if cmd == "menuentry" {
+                        current = Some(item);
                     } else {
-                        top_items.push(None);
+                        top_items.push(item);
                     }
                 }
                 if line.ends_with('{') {
@@ -214,24 +300,26 @@ pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
                 depth = depth.saturating_sub(1);
                 if depth == 0 {
                     if let Some(e) = current.take() {
-                        top_items.push(Some(e));
+                        top_items.push(e);
                     }
                 }
             }
             "set" if depth == 0 => {
                 if let Some(v) = w.get(1).and_then(|a| a.strip_prefix("default=")) {
-                    default = v.trim_matches('"').parse().ok();
+                    default = Some(expand(v, vars));
                 }
             }
             "blscfg" => bls = true,
             "linux" | "linux16" | "linuxefi" if depth == 1 => {
-                if let (Some(e), Some(k)) = (current.as_mut(), w.get(1)) {
+                if let (Some(e), Some(k)) =
+                    (current.as_mut().and_then(|c| c.entry.as_mut()), w.get(1))
+                {
                     e.linux = grub_path(&expand(k, vars));
                     e.options = expand_words(w[2..].iter().map(String::as_str), vars).join(" ");
                 }
             }
             "initrd" | "initrd16" | "initrdefi" if depth == 1 => {
-                if let Some(e) = current.as_mut() {
+                if let Some(e) = current.as_mut().and_then(|c| c.entry.as_mut()) {
                     e.initrd = expand_words(w[1..].iter().map(String::as_str), vars)
                         .iter()
                         .map(|p| grub_path(p))
@@ -241,10 +329,16 @@ pub fn parse_grub_cfg(text: &str, vars: &Vars) -> Option<EntrySpec> {
             _ => {}
         }
     }
-    let pick = default
-        .and_then(|d| top_items.get(d).cloned().flatten())
-        .or_else(|| top_items.iter().flatten().next().cloned())
-        .filter(|e| !e.linux.is_empty());
+    let bootable = |i: &MenuItem| i.entry.clone().filter(|e| !e.linux.is_empty());
+    let named = default.as_deref().and_then(|d| match d.parse::<usize>() {
+        Ok(n) => top_items.get(n),
+        Err(_) => top_items
+            .iter()
+            .find(|i| i.id.as_deref() == Some(d) || i.entry.as_ref().is_some_and(|e| e.title == d)),
+    });
+    let pick = named
+        .and_then(bootable)
+        .or_else(|| top_items.iter().find_map(bootable));
     match pick {
         Some(e) => Some(e),
         None if bls => Some(EntrySpec::default()),
@@ -543,6 +637,34 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
         assert_eq!(
             words(r#"menuentry 'Debian GNU/Linux' --class "a b" x\ y"#),
             vec!["menuentry", "Debian GNU/Linux", "--class", "a b", "x y"]
+        );
+    }
+
+    #[test]
+    fn one_line_entries_titles_ids_and_chainloader_entries() {
+        let cfg = "menuentry 'A' { linux /a; initrd /ia; }\nmenuentry 'B' --id b-id { linux /b x=${v} ; initrd /ib }\n";
+        let mut vars = Vars::new();
+        vars.insert("v".into(), "1".into());
+        let e = parse_grub_cfg(cfg, &vars).unwrap();
+        assert_eq!(
+            (e.linux.as_str(), e.initrd.clone()),
+            ("/a", vec!["/ia".to_string()])
+        );
+        let by_id = format!("set default=b-id\n{cfg}");
+        let e = parse_grub_cfg(&by_id, &vars).unwrap();
+        assert_eq!((e.linux.as_str(), e.options.as_str()), ("/b", "x=1"));
+        let by_title = format!("set default='B'\n{cfg}");
+        assert_eq!(parse_grub_cfg(&by_title, &vars).unwrap().linux, "/b");
+        // saved_entry from grubenv.
+        vars.insert("saved_entry".into(), "B".into());
+        let saved = format!("set default=\"${{saved_entry}}\"\n{cfg}");
+        assert_eq!(parse_grub_cfg(&saved, &vars).unwrap().linux, "/b");
+        // A first (default) entry that chainloads Windows: the Linux one.
+        let dual = "menuentry 'Windows' {\n insmod chain # a comment\n chainloader +1\n}\nmenuentry 'Linux' {\n linux /vmlinuz root=/dev/sda2 # tail\n}\n";
+        let e = parse_grub_cfg(dual, &Vars::new()).unwrap();
+        assert_eq!(
+            (e.title.as_str(), e.options.as_str()),
+            ("Linux", "root=/dev/sda2")
         );
     }
 

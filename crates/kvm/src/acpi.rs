@@ -100,8 +100,9 @@ fn fadt(dsdt: u64) -> Sdt {
     // present), RESET_REG_SUP, HW_REDUCED_ACPI.
     let flags: u32 = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 10) | (1 << 20);
     f.write_u32(112, flags);
-    // IAPC_BOOT_ARCH: no VGA, ASPM controls off.
-    f.write_u16(109, (1 << 2) | (1 << 4));
+    // IAPC_BOOT_ARCH: no VGA, ASPM controls off, no CMOS RTC (ports
+    // 0x70/0x71 are not emulated; the guest takes its time from kvmclock).
+    f.write_u16(109, (1 << 2) | (1 << 4) | (1 << 5));
     f.write_bytes(116, &gas_io(RESET_PORT));
     f.write_u8(128, RESET_VALUE);
     f.write_u8(131, 3); // FADT minor version
@@ -250,6 +251,8 @@ mod tests {
         assert_eq!(u64_at(&fadt, 120), u64::from(RESET_PORT));
         assert_eq!(fadt[128], RESET_VALUE);
         assert_eq!(u64_at(&fadt, 248), u64::from(SLEEP_PORT));
+        // IAPC_BOOT_ARCH says there is no CMOS RTC.
+        assert_ne!(u16::from_le_bytes([fadt[109], fadt[110]]) & (1 << 5), 0);
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! Linux direct boot: the kernel (bzImage or ELF vmlinux), the initramfs,
 //! the command line, the zero page with its e820 map, and the page tables
 //! and GDT the 64-bit entry point expects (Documentation/arch/x86/boot.rst,
-//! "64-bit BOOT PROTOCOL").
+//! "64-bit BOOT PROTOCOL"). An ELF vmlinux with a PVH note
+//! (`XEN_ELFNOTE_PHYS32_ENTRY`, Linux's `CONFIG_PVH`) is entered there
+//! instead, in 32-bit protected mode with an `hvm_start_info` in `ebx`
+//! (Xen's `arch-x86/hvm/start_info.h`, the protocol QEMU and Firecracker
+//! use for `vmlinux`).
 
 use std::io::Cursor;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -28,11 +35,32 @@ const HDRS: u32 = 0x5372_6448;
 /// `type_of_loader` for a loader without an assigned id.
 const LOADER_UNDEFINED: u8 = 0xff;
 
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Linux's 64-bit entry: long mode, identity paging, the zero page in
+    /// `rsi`.
+    Linux64(u64),
+    /// The PVH entry of an ELF vmlinux: 32-bit protected mode without
+    /// paging, the `hvm_start_info` in `ebx`.
+    Pvh(u64),
+}
+
+impl Entry {
+    /// The protocol's name, as reports say it.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Entry::Linux64(_) => "64-bit boot protocol",
+            Entry::Pvh(_) => "PVH",
+        }
+    }
+}
+
 /// A kernel placed in guest memory.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
-    /// The 64-bit entry point.
-    pub entry: u64,
+    /// Where and how the boot vCPU starts.
+    pub entry: Entry,
     /// The first byte after the kernel image.
     pub end: u64,
     /// The setup header to copy into the zero page.
@@ -85,8 +113,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, blob: &Blob) -> Result<LoadedKernel> {
             ..Default::default()
         };
         header.xloadflags = XLF_KERNEL_64;
+        let entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(a) => Entry::Pvh(a.raw_value()),
+            _ => Entry::Linux64(r.kernel_load.raw_value()),
+        };
         Ok(LoadedKernel {
-            entry: r.kernel_load.raw_value(),
+            entry,
             end: r.kernel_end,
             header,
         })
@@ -120,7 +152,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, blob: &Blob) -> Result<LoadedKernel> {
             .pref_address
             .saturating_add(u64::from(header.init_size));
         Ok(LoadedKernel {
-            entry: load + 0x200,
+            entry: Entry::Linux64(load + 0x200),
             end: r.kernel_end.max(init_end).max(pref_end),
             header,
         })
@@ -258,10 +290,101 @@ pub fn write_boot_data(
     let bp = zero_page(kernel, p);
     mem.write_obj(bp, GuestAddress(layout::ZERO_PAGE))
         .map_err(|e| Error::Memory(format!("writing the zero page: {e}")))?;
-    let gdt: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+    let gdt: Vec<u8> = match kernel.entry {
+        Entry::Linux64(_) => gdt(),
+        Entry::Pvh(_) => gdt_pvh(),
+    }
+    .iter()
+    .flat_map(|e| e.to_le_bytes())
+    .collect();
     w("GDT", &gdt, layout::GDT)?;
     w("page tables", &page_tables(), layout::PML4)?;
+    if let Entry::Pvh(_) = kernel.entry {
+        let (info, modules, map) = pvh_start_info(p);
+        let modules: Vec<u8> = modules
+            .iter()
+            .flat_map(|m| le(&[m.paddr, m.size, m.cmdline_paddr, m.reserved]))
+            .collect();
+        let map: Vec<u8> = map
+            .iter()
+            .flat_map(|e| {
+                le(&[
+                    e.addr,
+                    e.size,
+                    u64::from(e.type_) | u64::from(e.reserved) << 32,
+                ])
+            })
+            .collect();
+        w("PVH module list", &modules, layout::PVH_MODLIST)?;
+        w("PVH memory map", &map, layout::PVH_MEMMAP)?;
+        w("PVH start info", &start_info_bytes(&info), layout::PVH_INFO)?;
+    }
     Ok(())
+}
+
+/// `u64`s as little-endian bytes.
+fn le(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The start info as the guest reads it (56 bytes, little-endian).
+pub fn start_info_bytes(i: &hvm_start_info) -> Vec<u8> {
+    let pair = |a: u32, b: u32| u64::from(a) | u64::from(b) << 32;
+    le(&[
+        pair(i.magic, i.version),
+        pair(i.flags, i.nr_modules),
+        i.modlist_paddr,
+        i.cmdline_paddr,
+        i.rsdp_paddr,
+        i.memmap_paddr,
+        pair(i.memmap_entries, i.reserved),
+    ])
+}
+
+/// The PVH start info with its module list (the initramfs, if any) and
+/// memory map (the same ranges as the e820 map).
+pub fn pvh_start_info(
+    p: &BootParams,
+) -> (
+    hvm_start_info,
+    Vec<hvm_modlist_entry>,
+    Vec<hvm_memmap_table_entry>,
+) {
+    let modules: Vec<hvm_modlist_entry> = p
+        .initrd
+        .iter()
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr: *paddr,
+            size: *size,
+            ..Default::default()
+        })
+        .collect();
+    let map: Vec<hvm_memmap_table_entry> = e820_map(p.mem_size)
+        .iter()
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: *type_,
+            reserved: 0,
+        })
+        .collect();
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        flags: 0,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() {
+            0
+        } else {
+            layout::PVH_MODLIST
+        },
+        cmdline_paddr: layout::CMDLINE,
+        rsdp_paddr: p.rsdp,
+        memmap_paddr: layout::PVH_MEMMAP,
+        memmap_entries: map.len() as u32,
+        reserved: 0,
+    };
+    (info, modules, map)
 }
 
 /// The boot GDT: null, null, code (`__BOOT_CS` = 0x10), data
@@ -273,6 +396,18 @@ pub fn gdt() -> [u64; 5] {
         gdt_entry(0xa09b, 0, 0xfffff),
         gdt_entry(0xc093, 0, 0xfffff),
         gdt_entry(0x808b, 0, 0xfffff),
+    ]
+}
+
+/// The GDT for the PVH entry: the same selectors with a flat 32-bit code
+/// segment (the kernel loads its own GDT before it enables long mode).
+pub fn gdt_pvh() -> [u64; 5] {
+    [
+        0,
+        0,
+        gdt_entry(0xc09b, 0, 0xfffff),
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x008b, 0, 0x67),
     ]
 }
 
@@ -354,7 +489,7 @@ mod tests {
     #[test]
     fn zero_page_carries_cmdline_initrd_rsdp_and_e820() {
         let kernel = LoadedKernel {
-            entry: 0x100200,
+            entry: Entry::Linux64(0x100200),
             end: 0x200000,
             header: linux_loader::loader::bootparam::setup_header {
                 header: HDRS,
@@ -388,5 +523,43 @@ mod tests {
         let last = bp.e820_table[2];
         let (a, s, t) = (last.addr, last.size, last.r#type);
         assert_eq!((a, s, t), (0x10_0000, (512 << 20) - 0x10_0000, E820_RAM));
+    }
+
+    #[test]
+    fn pvh_start_info_names_cmdline_initrd_rsdp_and_memory_map() {
+        let p = BootParams {
+            mem_size: 5 << 30,
+            cmdline_len: 10,
+            initrd: Some((0x3f00_0000, 0x4321)),
+            rsdp: layout::ACPI_START,
+        };
+        let (info, modules, map) = pvh_start_info(&p);
+        assert_eq!(info.magic, 0x336e_c578);
+        assert_eq!(info.version, 1);
+        assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.modlist_paddr, layout::PVH_MODLIST);
+        assert_eq!(info.cmdline_paddr, layout::CMDLINE);
+        assert_eq!(info.rsdp_paddr, 0xe0000);
+        assert_eq!(info.memmap_paddr, layout::PVH_MEMMAP);
+        assert_eq!((modules[0].paddr, modules[0].size), (0x3f00_0000, 0x4321));
+        assert_eq!(info.memmap_entries as usize, map.len());
+        let e820 = e820_map(5 << 30);
+        assert_eq!(map.len(), e820.len());
+        for (m, e) in map.iter().zip(&e820) {
+            assert_eq!((m.addr, m.size, m.type_), *e);
+        }
+        let bytes = start_info_bytes(&info);
+        assert_eq!(bytes.len(), 56);
+        assert_eq!(&bytes[..4], &0x336e_c578u32.to_le_bytes());
+        assert_eq!(&bytes[24..32], &layout::CMDLINE.to_le_bytes());
+        assert_eq!(&bytes[48..52], &(map.len() as u32).to_le_bytes());
+        let none = pvh_start_info(&BootParams { initrd: None, ..p }).0;
+        assert_eq!((none.nr_modules, none.modlist_paddr), (0, 0));
+    }
+
+    #[test]
+    fn pvh_gdt_code_segment_is_32_bit_flat() {
+        assert_eq!(gdt_pvh()[2], 0x00cf_9b00_0000_ffff);
+        assert_eq!(gdt_pvh()[3], 0x00cf_9300_0000_ffff);
     }
 }

@@ -68,11 +68,12 @@ pub fn segment(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
-/// Puts the boot vCPU at the kernel's 64-bit entry with the zero page in
-/// `rsi`.
-pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<()> {
+/// Puts the boot vCPU at the kernel's entry: the 64-bit one with the zero
+/// page in `rsi`, or the PVH one with the start info in `ebx`.
+pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: boot::Entry) -> Result<()> {
     let mut sregs = vcpu.get_sregs().map_err(Error::kvm("reading sregs"))?;
-    let gdt = boot::gdt();
+    let pvh = matches!(entry, boot::Entry::Pvh(_));
+    let gdt = if pvh { boot::gdt_pvh() } else { boot::gdt() };
     let code = segment(gdt[2], 0x10);
     let data = segment(gdt[3], 0x18);
     let tss = segment(gdt[4], 0x20);
@@ -87,21 +88,38 @@ pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64) -> Result<()> {
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    // Protected mode with paging, long mode, PAE.
-    sregs.cr0 = 0x8000_0011;
-    sregs.cr3 = layout::PML4;
-    sregs.cr4 = 0x20;
-    sregs.efer = 0x500;
+    let regs = match entry {
+        boot::Entry::Linux64(rip) => {
+            // Protected mode with paging, long mode, PAE.
+            sregs.cr0 = 0x8000_0011;
+            sregs.cr3 = layout::PML4;
+            sregs.cr4 = 0x20;
+            sregs.efer = 0x500;
+            kvm_regs {
+                rflags: 0x2,
+                rip,
+                rsp: layout::BOOT_STACK,
+                rbp: layout::BOOT_STACK,
+                rsi: layout::ZERO_PAGE,
+                ..Default::default()
+            }
+        }
+        boot::Entry::Pvh(rip) => {
+            // Protected mode (and ET), no paging, no long mode.
+            sregs.cr0 = 0x11;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            kvm_regs {
+                rflags: 0x2,
+                rip,
+                rbx: layout::PVH_INFO,
+                ..Default::default()
+            }
+        }
+    };
     vcpu.set_sregs(&sregs)
         .map_err(Error::kvm("setting sregs"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: layout::BOOT_STACK,
-        rbp: layout::BOOT_STACK,
-        rsi: layout::ZERO_PAGE,
-        ..Default::default()
-    };
     vcpu.set_regs(&regs)
         .map_err(Error::kvm("setting registers"))?;
     let fpu = kvm_fpu {
@@ -185,5 +203,9 @@ mod tests {
         let d = segment(boot::gdt()[3], 0x18);
         assert_eq!((d.type_, d.db, d.l), (0x3, 1, 0));
         assert_eq!(segment(0, 0).unusable, 1);
+        let c = segment(boot::gdt_pvh()[2], 0x10);
+        assert_eq!((c.l, c.db, c.type_, c.limit), (0, 1, 0xb, 0xffff_ffff));
+        let t = segment(boot::gdt_pvh()[4], 0x20);
+        assert_eq!((t.type_, t.limit, t.s, t.present), (0xb, 0x67, 0, 1));
     }
 }

@@ -5,6 +5,7 @@
 //! running out of memory.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmshift_image::ImageReader;
@@ -36,23 +37,67 @@ pub enum DiskError {
     Image(#[from] vmshift_image::Error),
 }
 
+/// The bytes of guest writes one VM may keep, over all its disks.
+#[derive(Debug)]
+pub struct OverlayBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl OverlayBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(OverlayBudget {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes taken so far.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes`, or fails with [`DiskError::OverlayFull`] and takes
+    /// nothing.
+    fn take(&self, bytes: u64) -> Result<(), DiskError> {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .map(|_| ())
+            .map_err(|_| DiskError::OverlayFull { limit: self.limit })
+    }
+
+    /// Gives back `bytes` taken for blocks that were not kept.
+    fn give(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 /// A disk image with a write overlay.
 #[derive(Debug)]
 pub struct OverlayDisk {
     base: Arc<dyn ImageReader>,
     blocks: BTreeMap<u64, Box<[u8]>>,
-    limit: u64,
+    budget: Arc<OverlayBudget>,
     size: u64,
 }
 
 impl OverlayDisk {
     /// Wraps `base`; at most `limit` bytes of guest writes are kept.
     pub fn new(base: Arc<dyn ImageReader>, limit: u64) -> Self {
+        Self::sharing(base, OverlayBudget::new(limit))
+    }
+
+    /// Wraps `base`, its writes kept within a budget the VM's other disks
+    /// share.
+    pub fn sharing(base: Arc<dyn ImageReader>, budget: Arc<OverlayBudget>) -> Self {
         let size = base.size();
         OverlayDisk {
             base,
             blocks: BTreeMap::new(),
-            limit,
+            budget,
             size,
         }
     }
@@ -115,9 +160,8 @@ impl OverlayDisk {
         let new = (first..=last)
             .filter(|i| !self.blocks.contains_key(i))
             .count() as u64;
-        if self.overlay_bytes() + new * BLOCK > self.limit {
-            return Err(DiskError::OverlayFull { limit: self.limit });
-        }
+        self.budget.take(new * BLOCK)?;
+        let mut inserted = 0;
         for idx in first..=last {
             let bstart = idx * BLOCK;
             if !self.blocks.contains_key(&idx) {
@@ -125,9 +169,13 @@ impl OverlayDisk {
                 let valid = (self.size - bstart).min(BLOCK) as usize;
                 // A block the write covers whole needs nothing from below.
                 if !(offset <= bstart && end >= bstart + valid as u64) {
-                    self.read_at(&mut block[..valid], bstart)?;
+                    if let Err(e) = self.read_at(&mut block[..valid], bstart) {
+                        self.budget.give((new - inserted) * BLOCK);
+                        return Err(e);
+                    }
                 }
                 self.blocks.insert(idx, block);
+                inserted += 1;
             }
             let block = self.blocks.get_mut(&idx).expect("inserted above");
             let from = bstart.max(offset);
@@ -227,6 +275,23 @@ mod tests {
         let mut b = [0u8; 1];
         d.read_at(&mut b, 8192).unwrap();
         assert_eq!(b[0], 0);
+    }
+
+    #[test]
+    fn disks_of_one_vm_share_the_limit() {
+        let (_f, r) = image(&[0u8; 65536]);
+        let budget = OverlayBudget::new(3 * BLOCK);
+        let mut a = OverlayDisk::sharing(r.clone(), budget.clone());
+        let mut b = OverlayDisk::sharing(r, budget.clone());
+        a.write_at(&[1; 8192], 0).unwrap();
+        assert!(matches!(
+            b.write_at(&[2; 8192], 0),
+            Err(DiskError::OverlayFull { .. })
+        ));
+        // The refused write took nothing: one block is still free.
+        b.write_at(&[2; 4096], 0).unwrap();
+        assert_eq!(budget.used(), 3 * BLOCK);
+        assert!(a.write_at(&[1], 20000).is_err());
     }
 
     #[test]

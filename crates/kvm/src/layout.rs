@@ -1,7 +1,8 @@
 //! Where things live in the guest's physical address space.
 //!
 //! ```text
-//! 0x0000_0500  GDT used to enter long mode
+//! 0x0000_0500  GDT used to enter long mode (or the PVH entry)
+//! 0x0000_6000  PVH start info, module list and memory map (vmlinux with a PVH note)
 //! 0x0000_7000  zero page (Linux boot_params)
 //! 0x0000_8ff0  boot stack (grows down)
 //! 0x0000_9000  page tables: PML4, PDPT, 4 page directories (4 GiB of 2 MiB pages)
@@ -17,6 +18,17 @@
 
 /// The boot GDT.
 pub const GDT: u64 = 0x500;
+/// The PVH `hvm_start_info` handed to a PVH entry in `ebx`.
+pub const PVH_INFO: u64 = 0x6000;
+/// The PVH module list (the initramfs).
+pub const PVH_MODLIST: u64 = 0x6040;
+/// The PVH memory map.
+pub const PVH_MEMMAP: u64 = 0x6080;
+// The start info (56 bytes), one module entry (32) and a memory map of up
+// to 128 entries (24 each) fit between them and the zero page.
+const _: () = assert!(PVH_INFO + 56 <= PVH_MODLIST);
+const _: () = assert!(PVH_MODLIST + 32 <= PVH_MEMMAP);
+const _: () = assert!(PVH_MEMMAP + 24 * 128 <= ZERO_PAGE);
 /// The zero page handed to Linux in `rsi`.
 pub const ZERO_PAGE: u64 = 0x7000;
 /// The boot stack pointer.

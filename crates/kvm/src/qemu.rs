@@ -469,9 +469,10 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
     // Serve each disk from its overlay.
     let mut servers = Vec::new();
     let mut disks = Vec::new();
+    let budget = crate::disk::OverlayBudget::new(config.overlay_limit);
     for (i, d) in std::mem::take(&mut config.disks).into_iter().enumerate() {
         let socket = files.dir.path().join(format!("disk{i}.sock"));
-        let overlay = SharedOverlay(Mutex::new(OverlayDisk::new(d.image, config.overlay_limit)));
+        let overlay = SharedOverlay(Mutex::new(OverlayDisk::sharing(d.image, budget.clone())));
         servers.push(
             NbdServer::start_export(Arc::new(overlay), &socket).map_err(|e| {
                 Error::Config(format!(
@@ -623,6 +624,7 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
         first_exit: None,
         console_tail: tail,
         cmdline,
+        entry: None,
     })
 }
 

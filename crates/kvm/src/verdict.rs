@@ -71,6 +71,9 @@ pub enum Verdict {
     Timeout,
 }
 
+/// The longest unfinished line matched against the prompt pattern.
+const MAX_PARTIAL: usize = 1024;
+
 /// Decides the verdict from console output.
 #[derive(Debug)]
 pub struct Watcher {
@@ -165,7 +168,11 @@ impl Watcher {
                 }
             }
         }
-        if self.verdict.is_none() && !self.line.is_empty() {
+        // The line still being written is matched only while it is short:
+        // a prompt is, and a guest that never ends its line must not cost
+        // a rescan of kilobytes per byte (a longer line counts once it
+        // ends).
+        if self.verdict.is_none() && !self.line.is_empty() && self.line.len() <= MAX_PARTIAL {
             let text = clean(&self.line);
             if let Some(p) = &self.prompt {
                 if p.is_match(&text) {
@@ -360,6 +367,22 @@ mod tests {
         let mut w = Watcher::probe();
         assert!(matches!(
             w.feed(b"VMSHIFT-PROBE done\n"),
+            Some(Verdict::Booted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_long_unfinished_line_is_matched_when_it_ends() {
+        let mut w = Watcher::new(Some("MARK")).unwrap();
+        let long = format!("{}MARK", "x".repeat(MAX_PARTIAL));
+        // Fed byte by byte, as the UART does: no rescans past the bound.
+        for b in long.bytes() {
+            assert!(w.feed(&[b]).is_none());
+        }
+        assert!(matches!(w.feed(b"\n"), Some(Verdict::Booted { .. })));
+        let mut short = Watcher::new(Some("MARK")).unwrap();
+        assert!(matches!(
+            short.feed(b"xxMARK"),
             Some(Verdict::Booted { .. })
         ));
     }

@@ -104,7 +104,7 @@ pub struct BootConfig {
     pub cmdline: String,
     /// The disks, in the VM's order.
     pub disks: Vec<DiskSpec>,
-    /// Bytes of guest writes kept per disk before writes fail.
+    /// Bytes of guest writes kept, over all disks, before writes fail.
     pub overlay_limit: u64,
     /// Where the console is logged.
     pub console_log: Option<PathBuf>,
@@ -136,6 +136,9 @@ pub struct BootReport {
     pub console_tail: String,
     /// The command line the kernel got.
     pub cmdline: String,
+    /// The boot protocol the kernel was entered by (vmshift-kvm only:
+    /// QEMU chooses its own).
+    pub entry: Option<&'static str>,
 }
 
 /// What `/dev/kvm` on this host is.
@@ -347,6 +350,7 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
         first_exit,
         console_tail: tail,
         cmdline,
+        entry: Some(kernel.entry.protocol()),
     })
 }
 
@@ -444,8 +448,9 @@ fn build_devices(
     }
     let mut slots = Vec::new();
     let mut luns = Vec::new();
+    let budget = crate::disk::OverlayBudget::new(config.overlay_limit);
     for d in disks {
-        let disk = OverlayDisk::new(d.image, config.overlay_limit);
+        let disk = OverlayDisk::sharing(d.image, budget.clone());
         match d.bus {
             DiskBus::VirtioBlk => slots.push(Slot::Blk(disk, d.serial)),
             DiskBus::VirtioScsi => {

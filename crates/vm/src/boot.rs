@@ -195,7 +195,7 @@ pub struct BootRequest {
     pub console_log: Option<PathBuf>,
     /// Echo the console to standard output.
     pub console_echo: bool,
-    /// Bytes of guest writes kept per disk.
+    /// Bytes of guest writes kept, over all the VM's disks.
     pub overlay_limit: u64,
     /// Set to stop the boot (it then fails with an interrupted error).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
@@ -212,8 +212,43 @@ pub struct PreparedBoot {
     pub kernel_source: String,
     /// The disks' controllers, for the advice on failure.
     pub buses: Vec<DiskBus>,
+    /// What the boot changed from the VM, for the report.
+    pub notes: Vec<String>,
     /// The launch itself.
     pub config: BootConfig,
+}
+
+/// This host's RAM in MiB (`MemTotal` in `/proc/meminfo`), if it says.
+pub fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// The guest RAM to boot with: `--memory` if given (refused past the
+/// host's RAM), else the VM's own, at most half the host's RAM — a VM
+/// sized for its ESXi host must not take this one down. Returns the
+/// size and, when it differs from the VM's, a note saying why.
+pub fn guest_memory(
+    asked: Option<u64>,
+    vm_mib: u64,
+    host_mib: Option<u64>,
+) -> Result<(u64, Option<String>)> {
+    match (asked, host_mib) {
+        (Some(m), Some(h)) if m > h => Err(Error::Request(format!(
+            "--memory {m} MiB is more than this host's RAM ({h} MiB)"
+        ))),
+        (Some(m), _) => Ok((m, None)),
+        (None, Some(h)) if vm_mib > h / 2 => Ok((
+            h / 2,
+            Some(format!(
+                "the VM has {vm_mib} MiB of RAM; it boots with {} MiB, half of this host's (--memory sets it)",
+                h / 2
+            )),
+        )),
+        (None, _) => Ok((vm_mib, None)),
+    }
 }
 
 impl PreparedBoot {
@@ -317,6 +352,8 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
         }
     };
     let engine = host_engine(asked)?;
+    let (memory_mib, memory_note) =
+        guest_memory(req.memory_mib, target.memory_mib, host_memory_mib())?;
     let qemu = (engine == Engine::Qemu).then(|| QemuOptions {
         program: req
             .qemu
@@ -330,8 +367,9 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
         qemu,
         kernel_source,
         buses,
+        notes: memory_note.into_iter().collect(),
         config: BootConfig {
-            memory_mib: req.memory_mib.unwrap_or(target.memory_mib),
+            memory_mib,
             vcpus: req.vcpus,
             kernel,
             initrd,
@@ -399,5 +437,25 @@ pub fn advice(cause: FailureCause, buses: &[DiskBus]) -> Option<String> {
             "the root device was found but not mounted: check root= on the command line and that the kernel has the root file system's driver".into(),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_memory_is_capped_at_half_the_host_unless_asked() {
+        assert_eq!(guest_memory(None, 2048, Some(24000)).unwrap(), (2048, None));
+        let (m, note) = guest_memory(None, 65536, Some(24000)).unwrap();
+        assert_eq!(m, 12000);
+        assert!(note.unwrap().contains("65536 MiB"));
+        assert_eq!(
+            guest_memory(Some(16000), 65536, Some(24000)).unwrap(),
+            (16000, None)
+        );
+        let e = guest_memory(Some(30000), 1024, Some(24000)).unwrap_err();
+        assert!(e.to_string().contains("more than this host's RAM"), "{e}");
+        assert_eq!(guest_memory(None, 65536, None).unwrap(), (65536, None));
     }
 }

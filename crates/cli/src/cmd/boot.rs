@@ -83,6 +83,12 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;
+    if args.output == BootOutput::Human {
+        for n in &prepared.notes {
+            eprintln!("vmshift: {n}");
+        }
+    }
+    let notes: Vec<String> = notes.into_iter().chain(prepared.notes.clone()).collect();
     let kernel_source = prepared.kernel_source.clone();
     let engine_name = prepared.engine_name();
     let buses = prepared.buses.clone();
@@ -122,6 +128,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
                 "first-exit-ms": report.first_exit.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 "engine": engine_name,
                 "kernel": kernel_source,
+                "kernel-entry": report.entry,
                 "memory-mib": memory,
                 "cmdline": report.cmdline,
                 "fix": fix,
