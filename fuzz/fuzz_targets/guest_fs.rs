@@ -4,11 +4,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmshift_guest::vfs::{self, Found};
+use vmshift_guest::vfs::{self, Device, Found};
 
 fuzz_target!(|data: &[u8]| {
-    let dev = vmshift_fuzz::device(data);
-    let len = data.len() as u64;
+    // The input is the start of a 1 GiB partition (zeros after it).
+    let dev = vmshift_fuzz::device(data, 1 << 30);
+    let len = dev.size();
     let Some(info) = vfs::probe(&dev, 0, len, "/dev/sda1", Some(1)) else {
         return;
     };

@@ -25,36 +25,38 @@ pub fn input_file(name: &str, data: &[u8]) -> PathBuf {
     p
 }
 
-/// The input as a device (a partition, a logical volume).
+/// The input as a device (a partition, a logical volume) of `len` bytes:
+/// the input's bytes, then zeros, as a sparse image reads.
 #[derive(Debug)]
-pub struct Mem(pub Vec<u8>);
+pub struct Mem {
+    data: Vec<u8>,
+    len: u64,
+}
 
 impl Device for Mem {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.len
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vmshift_guest::Result<()> {
+        buf.fill(0);
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start
-            .checked_add(buf.len())
-            .and_then(|end| self.0.get(start..end))
-        {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                Ok(())
-            }
-            // Past the end reads as zeros, as a sparse image would.
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
+        if let Some(src) = self.data.get(start..) {
+            let n = src.len().min(buf.len());
+            buf[..n].copy_from_slice(&src[..n]);
         }
+        Ok(())
     }
 }
 
-/// The input as a device.
-pub fn device(data: &[u8]) -> Arc<dyn Device> {
-    Arc::new(Mem(data.to_vec()))
+/// The input as a device of `len` bytes (at least the input's own):
+/// a small input stands for the first bytes of a large file system, so
+/// that superblock geometry checks against the device size pass and the
+/// readers go on to the structures behind them.
+pub fn device(data: &[u8], len: u64) -> Arc<dyn Device> {
+    Arc::new(Mem {
+        data: data.to_vec(),
+        len: len.max(data.len() as u64),
+    })
 }
 
 /// Lists and reads what a file system holds, within a budget of entries

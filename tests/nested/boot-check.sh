@@ -40,7 +40,7 @@ boot() {
     name=$1 vm=$2
     shift 2
     vmshift vm boot --output json --timeout 300 --console-log "/tmp/$name.console" "$@" "$vm" >"/tmp/$name.json"
-    echo "BOOT-RESULT $name rc=$? $(tr -d '\n ' <"/tmp/$name.json" | grep -o '"verdict":"[a-z]*","cause":[a-z"-]*') $(grep -o '"seconds": [0-9.]*' "/tmp/$name.json") $(grep -o '"first-exit-ms": [0-9.]*' "/tmp/$name.json")"
+    echo "BOOT-RESULT $name rc=$? $(tr -d '\n ' <"/tmp/$name.json" | grep -o '"verdict":"[a-z]*","cause":[a-z"-]*') $(grep -o '"seconds": [0-9.]*' "/tmp/$name.json") $(grep -o '"first-exit-ms": [0-9.]*' "/tmp/$name.json") $(grep -o '"kernel-entry": "[^"]*"' "/tmp/$name.json")"
     grep -o '"kernel": "[^"]*"' "/tmp/$name.json" | sed "s/^/BOOT-CONSOLE $name: /"
     grep -a 'login:\|Gave up\|ALERT\|Reached target' "/tmp/$name.console" | tail -n 3 | sed "s/^/BOOT-CONSOLE $name: /"
 }
@@ -48,7 +48,7 @@ boot() {
 boot debian /data/debian/*.xml
 boot debian-novirtio /data/debian-novirtio/*.xml
 # The uncompressed ELF kernel given explicitly, with the same initramfs, on
-# two vCPUs.
+# two vCPUs: entered at its PVH entry point.
 boot debian-vmlinux /data/debian/*.xml --cpus 2 --kernel $k/vmlinux --initrd $k/initrd.img --append "$(cat $k/cmdline)"
 # The guest wrote to its disks: the images must be unchanged.
 sha256sum -c /data/sums >/dev/null && echo "BOOT-RESULT images-unchanged rc=0" || echo "BOOT-RESULT images-unchanged rc=1"
@@ -101,9 +101,9 @@ expect() {
         fail=$((fail + 1))
     fi
 }
-expect debian 0 '"verdict":"booted"'
+expect debian 0 '"verdict":"booted".*"kernel-entry": "64-bit boot protocol"'
 expect debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'
-expect debian-vmlinux 0 '"verdict":"booted"'
+expect debian-vmlinux 0 '"verdict":"booted".*"kernel-entry": "PVH"'
 expect images-unchanged 0 ''
 expect qemu-debian 0 '"verdict":"booted"'
 expect qemu-debian-novirtio 1 '"verdict":"failed","cause":"root-not-found"'

@@ -14,6 +14,14 @@ use vmshift_model::DiskFormat;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Do not confine the process (Landlock, seccomp) once the input is
+    /// open; for debugging. no_new_privs is still set.
+    #[arg(long, global = true)]
+    pub no_sandbox: bool,
+    /// Fail, instead of going on with seccomp alone, where the kernel has
+    /// no Landlock to confine the files vmshift may open.
+    #[arg(long, global = true)]
+    pub require_landlock: bool,
 }
 
 /// The subcommands.

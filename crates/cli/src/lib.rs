@@ -4,6 +4,7 @@
 pub mod args;
 pub mod cmd;
 mod progress;
+pub mod sandbox;
 pub mod signals;
 
 pub use args::{command, Cli};

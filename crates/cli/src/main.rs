@@ -25,6 +25,10 @@ fn main() -> ExitCode {
             });
         }
     };
+    vmshift::sandbox::configure(vmshift::sandbox::Settings {
+        off: cli.no_sandbox,
+        require_landlock: cli.require_landlock,
+    });
     let (result, error_code) = match &cli.command {
         Command::Info(a) => (cmd::info::run(a), 1),
         Command::Create(a) => (cmd::create::run(a), 1),
@@ -47,7 +51,15 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("vmshift: {}", one_line(&e));
+            if vmshift::sandbox::refused(&e) {
+                eprintln!(
+                    "vmshift: {}: {}",
+                    one_line(&e),
+                    vmshift::sandbox::REFUSED_NOTE
+                );
+            } else {
+                eprintln!("vmshift: {}", one_line(&e));
+            }
             // Stopped by Ctrl-C (or SIGTERM): the shell's convention.
             if vmshift::signals::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
                 return ExitCode::from(130);

@@ -270,6 +270,9 @@ fn disk_args(disks: &[QemuDisk], machine: Machine) -> Result<Vec<String>> {
     Ok(a)
 }
 
+/// QEMU's `-sandbox` setting: everything it can deny.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The whole argument list (without the program).
 fn qemu_args(
     config: &BootConfig,
@@ -306,6 +309,11 @@ fn qemu_args(
             "-S",
             "-serial",
             "stdio",
+            // QEMU's own seccomp filter: the guest's devices run in a
+            // process that cannot exec, fork, gain privileges or use
+            // obsolete calls.
+            "-sandbox",
+            SANDBOX,
         ]
         .map(String::from),
     );
@@ -755,6 +763,8 @@ mod tests {
             "-display",
             "none",
             "-S",
+            "-sandbox",
+            SANDBOX,
         ]
         .map(String::from)
         .to_vec();

@@ -13,6 +13,7 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
         return repair(args, fix);
     }
     let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let Some(report) = img.check() else {
         eprintln!(
             "vmshift: {}: this image format ({}) does not support checks",
@@ -57,6 +58,14 @@ fn repair(args: &CheckArgs, fix: RepairArg) -> Result<i32> {
         )?)
     };
     let img = open()?;
+    // The image is rewritten in place and read again after the repair,
+    // with its backing chain.
+    let mut policy = crate::sandbox::Policy::write(Vec::new(), vec![path.clone()]);
+    policy.read_files = super::chain(img.as_ref())
+        .iter()
+        .map(|l| l.path().to_path_buf())
+        .collect();
+    crate::sandbox::confine(&policy)?;
     let fix = match fix {
         RepairArg::Leaks => Fix::Leaks,
         RepairArg::All => Fix::All,

@@ -21,6 +21,7 @@ pub fn run(args: &CompareArgs) -> Result<i32> {
         false,
         super::Use::Compare,
     )?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let progress = if args.quiet {
         Progress::Silent
     } else {

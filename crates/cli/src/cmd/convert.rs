@@ -123,6 +123,14 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         },
         None => opts,
     };
+    // The source is open: from here on only the target's folder (a new
+    // target and its temporary and side files) or the target itself (-n)
+    // may be opened.
+    crate::sandbox::confine(&if args.no_create {
+        crate::sandbox::Policy::write(Vec::new(), vec![args.target.clone()])
+    } else {
+        crate::sandbox::Policy::write(vec![crate::sandbox::folder_of(&args.target)], Vec::new())
+    })?;
     crate::signals::install();
     let progress = if args.quiet {
         Progress::Silent

@@ -21,7 +21,15 @@ fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
 }
 
 /// The disks: the images, in order, or the descriptor's hard disks.
+/// The guest's disks, opened; then the process is confined (it reads
+/// only through them from here on).
 fn disks(src: &GuestSource, more: &[std::path::PathBuf]) -> Result<Vec<Arc<dyn ImageReader>>> {
+    let disks = open_disks(src, more)?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
+    Ok(disks)
+}
+
+fn open_disks(src: &GuestSource, more: &[std::path::PathBuf]) -> Result<Vec<Arc<dyn ImageReader>>> {
     let added: Vec<&std::path::PathBuf> = src.add.iter().chain(more).collect();
     if is_descriptor(&src.image, src.from) {
         if let Some(a) = added.first() {

@@ -15,6 +15,7 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         false,
         super::Use::Describe,
     )?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let layers = if args.backing_chain {
         super::chain(top.as_ref())
     } else {

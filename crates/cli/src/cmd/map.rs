@@ -9,6 +9,7 @@ use crate::args::{MapArgs, Output};
 
 pub fn run(args: &MapArgs) -> Result<i32> {
     let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
         v.as_deref()
             .map(|v| vmshift_model::parse_size(v).map_err(|e| anyhow!("{flag} {v}: {e}")))

@@ -8,6 +8,7 @@ use crate::args::{Output, PartArgs};
 
 pub fn run(args: &PartArgs) -> Result<i32> {
     let img = super::open(&args.file, args.format, &args.gate, false, super::Use::Look)?;
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let table = read_table(img.as_ref())?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&table)?),

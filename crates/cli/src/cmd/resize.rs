@@ -47,6 +47,19 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
         fix_gpt: !args.no_fix_gpt,
         grow_partition: args.grow_partition,
     };
+    // The image is rewritten in its folder (in place, or a stream-optimized
+    // VMDK through a temporary file beside it), where the gate also keeps
+    // its backing files and extents: only that folder may be opened.
+    crate::sandbox::confine(&crate::sandbox::Policy::write(
+        // (the real folder, when the image is named through a symlink)
+        vec![crate::sandbox::folder_of(
+            &args
+                .file
+                .canonicalize()
+                .unwrap_or_else(|_| args.file.clone()),
+        )],
+        Vec::new(),
+    ))?;
     let report = resize(&args.file, format, new, &opts)?;
     if args.quiet {
         return Ok(0);

@@ -1,0 +1,483 @@
+//! Confinement while vmshift reads untrusted input.
+//!
+//! A command opens every file it needs first, through the image gate (the
+//! image, its backing files, extents and data files; the output's
+//! temporary file comes later, in the output's folder). Then it calls
+//! [`confine`], and from there a parser bug in vmshift — a damaged qcow2,
+//! a hostile guest file system — cannot reach the rest of the host:
+//!
+//! - `no_new_privs`, always;
+//! - Landlock: no file may be opened except in the output's folders (and
+//!   the files a command rewrites in place); no TCP bind or connect. Where
+//!   the running kernel has no Landlock, the command says so once and goes
+//!   on (`--require-landlock` makes that an error);
+//! - seccomp (a deny list per profile): no `execve`, no sockets, no
+//!   ptrace, mounts, namespaces, modules, BPF or keyrings; for a command
+//!   that only reads ([`Profile::Read`]) also no `open` at all and no
+//!   write-side calls (writes only to standard output and error).
+//!
+//! `--no-sandbox` turns Landlock and seccomp off (for debugging; the
+//! command says so), `no_new_privs` stays.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use landlock::{
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+
+/// What a confined command may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// It reads the files it opened and writes to standard output and
+    /// error: `info`, `map`, `check`, `compare`, `part`, `guest …`.
+    Read,
+    /// It also writes: its output's folder (`convert`), or the files it
+    /// rewrites in place (`resize`, `check -r`).
+    Write,
+}
+
+/// A command's confinement.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The profile.
+    pub profile: Profile,
+    /// Folders where files may be created, written, renamed and removed.
+    pub write_dirs: Vec<PathBuf>,
+    /// Files that may be opened again for reading and writing.
+    pub write_files: Vec<PathBuf>,
+    /// Files that may be opened again for reading.
+    pub read_files: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// A command that only reads.
+    pub fn read() -> Self {
+        Policy {
+            profile: Profile::Read,
+            write_dirs: Vec::new(),
+            write_files: Vec::new(),
+            read_files: Vec::new(),
+        }
+    }
+
+    /// A command that writes files in `dirs` and rewrites `files`.
+    pub fn write(dirs: Vec<PathBuf>, files: Vec<PathBuf>) -> Self {
+        Policy {
+            profile: Profile::Write,
+            write_dirs: dirs,
+            write_files: files,
+            read_files: Vec::new(),
+        }
+    }
+}
+
+/// The command line's say.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings {
+    /// `--no-sandbox`.
+    pub off: bool,
+    /// `--require-landlock`.
+    pub require_landlock: bool,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Records the command line's settings (once, before the command runs).
+pub fn configure(s: Settings) {
+    let _ = SETTINGS.set(s);
+}
+
+/// True once [`confine`] has confined the process.
+pub fn active() -> bool {
+    ACTIVE.load(Ordering::SeqCst)
+}
+
+/// The folder a new output file is created in.
+pub fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Confines the process (every thread it starts from here on) by
+/// `policy`. Called once every file the command reads is open.
+pub fn confine(policy: &Policy) -> Result<()> {
+    let settings = SETTINGS.get().copied().unwrap_or_default();
+    no_new_privs()?;
+    if settings.off {
+        eprintln!("vmshift: --no-sandbox: Landlock and seccomp are off; only no_new_privs is set");
+        return Ok(());
+    }
+    match landlock(policy)? {
+        RulesetStatus::NotEnforced if settings.require_landlock => {
+            bail!("--require-landlock: this kernel has no Landlock (Linux 5.13 or later, with landlock in its lsm= list), so the files vmshift may open cannot be confined")
+        }
+        RulesetStatus::NotEnforced => eprintln!(
+            "vmshift: note: this kernel has no Landlock: the files vmshift may open are not confined (seccomp still is; --require-landlock makes this an error)"
+        ),
+        _ => {}
+    }
+    for program in seccomp_programs(policy.profile)? {
+        seccompiler::apply_filter(&program)
+            .map_err(|e| anyhow!("installing the seccomp filter: {e}"))?;
+    }
+    ACTIVE.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+fn no_new_privs() -> Result<()> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only
+    // and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if rc != 0 {
+        bail!("setting no_new_privs: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The Landlock ruleset: every file-system right and TCP bind/connect
+/// handled; rights given back only for the output's folders and the files
+/// rewritten in place. Best effort: an older kernel enforces what it
+/// knows.
+fn landlock(policy: &Policy) -> Result<RulesetStatus> {
+    let abi = ABI::V5;
+    let err = |e: landlock::RulesetError| anyhow!("setting up Landlock: {e}");
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?;
+    // A folder that does not exist gets no rule: creating a file in it
+    // fails as it would anyway (ENOENT, said by the command).
+    for dir in policy.write_dirs.iter().filter(|d| d.is_dir()) {
+        let fd = PathFd::new(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, AccessFs::from_all(abi)))
+            .map_err(err)?;
+    }
+    for file in &policy.write_files {
+        let fd = PathFd::new(file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+        // On a file, the rights that only apply to folders are dropped.
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, AccessFs::from_file(abi)))
+            .map_err(err)?;
+    }
+    for file in &policy.read_files {
+        let fd = PathFd::new(file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, AccessFs::ReadFile))
+            .map_err(err)?;
+    }
+    let status = ruleset.restrict_self().map_err(err)?;
+    Ok(status.ruleset)
+}
+
+/// Calls no confined vmshift command makes.
+const NEVER: &[i64] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_fsopen,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_io_uring_setup,
+];
+
+/// Opening a file: a command that only reads has opened all it reads.
+const OPENS: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
+    libc::SYS_open_by_handle_at,
+];
+
+/// Calls that change files: a command that only reads does not make them.
+const READ_ONLY_NEVER: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_truncate,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rmdir,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_link,
+    libc::SYS_linkat,
+    libc::SYS_symlink,
+    libc::SYS_symlinkat,
+    libc::SYS_mknod,
+    libc::SYS_mknodat,
+    libc::SYS_chmod,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_chown,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_lchown,
+    libc::SYS_utimensat,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_splice,
+];
+
+/// The seccomp filters of a profile: the calls above fail with `EPERM`,
+/// and (for [`Profile::Read`]) opening a file with `EACCES`, as a path
+/// Landlock refuses does; everything else is allowed.
+pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
+    let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
+        NEVER.iter().map(|n| (*n, Vec::new())).collect();
+    let mut out = Vec::new();
+    if profile == Profile::Read {
+        denied.extend(READ_ONLY_NEVER.iter().map(|n| (*n, Vec::new())));
+        // Writes only to standard output and error.
+        for call in [libc::SYS_write, libc::SYS_writev] {
+            let past_stderr =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Gt, 2)
+                    .map_err(seccomp_err)?;
+            denied.insert(
+                call,
+                vec![SeccompRule::new(vec![past_stderr]).map_err(seccomp_err)?],
+            );
+        }
+        let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
+        out.push(program(opens, libc::EACCES)?);
+    }
+    out.insert(0, program(denied, libc::EPERM)?);
+    Ok(out)
+}
+
+fn seccomp_err(e: seccompiler::BackendError) -> anyhow::Error {
+    anyhow!("building the seccomp filter: {e}")
+}
+
+/// A filter that fails the calls in `rules` with `errno`.
+fn program(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(seccomp_err)?;
+    filter.try_into().map_err(seccomp_err)
+}
+
+/// True when `e` is what a refused open or call looks like (`EACCES`,
+/// `EPERM`) in a confined process.
+pub fn refused(e: &anyhow::Error) -> bool {
+    active()
+        && e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.raw_os_error())
+                .is_some_and(|n| n == libc::EACCES || n == libc::EPERM)
+                || c.to_string().contains("Permission denied")
+                || c.to_string().contains("Operation not permitted")
+        })
+}
+
+/// What the error line adds when the sandbox refused something.
+pub const REFUSED_NOTE: &str = "vmshift's sandbox refused it: once the input is open, a command may open no other file and run no program (--no-sandbox turns the sandbox off)";
+
+#[cfg(test)]
+mod tests {
+    //! Each test confines its own thread (Landlock and seccomp act on the
+    //! calling thread and the threads it starts), so the rest of the test
+    //! process is untouched: this is the test-only way in, never shipped.
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn in_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().expect("the confined thread")
+    }
+
+    fn landlock_here() -> bool {
+        // SAFETY: landlock_create_ruleset with a NULL attribute, size 0 and
+        // the VERSION flag only returns the ABI version.
+        unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) > 0 }
+    }
+
+    #[test]
+    fn a_read_command_reads_what_it_opened_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = dir.path().join("opened");
+        let other = dir.path().join("other");
+        std::fs::write(&opened, b"input").unwrap();
+        std::fs::write(&other, b"secret").unwrap();
+        let (o, d) = (opened.clone(), dir.path().to_path_buf());
+        let r = in_thread(move || {
+            let mut f = std::fs::File::open(&o).unwrap();
+            confine(&Policy::read()).unwrap();
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            let again = std::fs::File::open(&o)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let other = std::fs::File::open(d.join("other"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let create = std::fs::File::create(d.join("new"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true")
+                .status()
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let net = std::net::TcpListener::bind("127.0.0.1:0")
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let status = std::fs::read_to_string("/proc/thread-self/status");
+            (
+                s,
+                again,
+                other,
+                create,
+                exec,
+                net,
+                status.map_err(|e| e.raw_os_error()),
+            )
+        });
+        let (s, again, other, create, exec, net, status) = r;
+        assert_eq!(s, "input");
+        assert_eq!(again, Err(Some(libc::EACCES)), "reopening by path");
+        assert_eq!(other, Err(Some(libc::EACCES)));
+        assert_eq!(create, Err(Some(libc::EACCES)));
+        assert_eq!(exec, Err(Some(libc::EPERM)), "execve");
+        assert_eq!(net, Err(Some(libc::EPERM)), "socket");
+        // /proc is a file too: the thread cannot even read its own status.
+        assert_eq!(status, Err(Some(libc::EACCES)));
+        assert!(!dir.path().join("new").exists());
+    }
+
+    #[test]
+    fn a_read_command_writes_only_to_stdout_and_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let p = path.clone();
+        let (write, pwrite, truncate, rename) = in_thread(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            confine(&Policy::read()).unwrap();
+            let write = f.write(b"changed").map_err(|e| e.raw_os_error());
+            let pwrite =
+                std::os::unix::fs::FileExt::write_at(&f, b"y", 0).map_err(|e| e.raw_os_error());
+            let truncate = f.set_len(0).map_err(|e| e.raw_os_error());
+            let rename =
+                std::fs::rename(&p, p.with_extension("moved")).map_err(|e| e.raw_os_error());
+            (write, pwrite, truncate, rename)
+        });
+        assert_eq!(write, Err(Some(libc::EPERM)));
+        assert_eq!(pwrite, Err(Some(libc::EPERM)));
+        assert_eq!(truncate, Err(Some(libc::EPERM)));
+        assert!(rename.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_write_command_writes_in_its_output_folder_only() {
+        if !landlock_here() {
+            panic!("this kernel has no Landlock: the write profile's folder rules cannot be tested (CI kernels have it)");
+        }
+        let out = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("keep"), b"k").unwrap();
+        let (o, e) = (out.path().to_path_buf(), elsewhere.path().to_path_buf());
+        let (inside, rename, outside, read_outside, exec) = in_thread(move || {
+            confine(&Policy::write(vec![o.clone()], Vec::new())).unwrap();
+            let inside = std::fs::write(o.join(".t.tmp"), b"data").map_err(|e| e.raw_os_error());
+            let rename =
+                std::fs::rename(o.join(".t.tmp"), o.join("t")).map_err(|e| e.raw_os_error());
+            let outside = std::fs::write(e.join("x"), b"data").map_err(|e| e.raw_os_error());
+            let read_outside = std::fs::read(e.join("keep"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true")
+                .status()
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            (inside, rename, outside, read_outside, exec)
+        });
+        assert_eq!(inside, Ok(()));
+        assert_eq!(rename, Ok(()));
+        assert_eq!(std::fs::read(out.path().join("t")).unwrap(), b"data");
+        assert_eq!(outside, Err(Some(libc::EACCES)));
+        assert_eq!(read_outside, Err(Some(libc::EACCES)));
+        assert_eq!(exec, Err(Some(libc::EPERM)));
+        assert!(!elsewhere.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_refused_open_is_said_to_be_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let msg = in_thread(move || {
+            confine(&Policy::read()).unwrap();
+            let e = std::fs::File::open(&p)
+                .map_err(anyhow::Error::from)
+                .map(|_| ())
+                .unwrap_err();
+            refused(&e)
+        });
+        assert!(msg);
+    }
+}

@@ -1,0 +1,166 @@
+//! The sandbox, seen from outside: a running command's /proc status says
+//! no_new_privs and a seccomp filter, for a command that reads and for one
+//! that writes; --no-sandbox leaves only no_new_privs. (What the sandbox
+//! refuses is tested inside the crate, on a confined test thread.)
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmshift_tests::vmshift_bin;
+
+/// A raw image with 4 KiB of data every 8 KiB: thousands of extents.
+fn holey_raw(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let block = [0x5au8; 4096];
+    for at in (0..size).step_by(8192) {
+        f.write_all_at(&block, at).unwrap();
+    }
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(vmshift_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running vmshift")
+}
+
+/// The child's /proc status once `ready` says so; None if it exited
+/// first.
+fn status_when(child: &mut Child, ready: impl Fn(&str) -> bool) -> Option<String> {
+    let path = format!("/proc/{}/status", child.id());
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            if ready(&s) {
+                return Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("no status within 30 s");
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("{name} missing from {status}"))
+}
+
+fn finish(mut child: Child) -> (String, String) {
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "vmshift failed ({st}): {err}");
+    (out, err)
+}
+
+#[test]
+fn a_reading_command_runs_with_no_new_privs_and_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    holey_raw(&dir.path().join("h.raw"), 64 << 20);
+    // Its map is larger than a pipe holds: it waits for us, confined.
+    let mut child = spawn(
+        dir.path(),
+        &["map", "--output", "json", "-f", "raw", "h.raw"],
+    );
+    let status = status_when(&mut child, |s| s.contains("Seccomp:\t2"))
+        .expect("map ended before its status was read");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "Seccomp"), "2");
+    // Two filters: the calls no command makes, and opening a file.
+    assert_eq!(field(&status, "Seccomp_filters"), "2");
+    let (out, _) = finish(child);
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(map.as_array().unwrap().len(), 2 * (64 << 20) / 8192);
+}
+
+#[test]
+fn a_writing_command_runs_with_no_new_privs_and_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.raw");
+    {
+        let f = std::fs::File::create(&src).unwrap();
+        let chunk: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+        for i in 0..128u64 {
+            f.write_all_at(&chunk, i * (4 << 20)).unwrap();
+        }
+    }
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "big.raw",
+            "out.qcow2",
+        ],
+    );
+    let status = status_when(&mut child, |s| s.contains("Seccomp:\t2"))
+        .expect("convert of 512 MiB ended before its status was read");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    // One filter: a command that writes may open files (Landlock keeps it
+    // to the target's folder).
+    assert_eq!(field(&status, "Seccomp_filters"), "1");
+    finish(child);
+    let out = vmshift_tests::qemu_img(dir.path(), &["compare", "big.raw", "out.qcow2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn no_sandbox_leaves_only_no_new_privs_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    holey_raw(&dir.path().join("h.raw"), 64 << 20);
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "map",
+            "--no-sandbox",
+            "--output",
+            "json",
+            "-f",
+            "raw",
+            "h.raw",
+        ],
+    );
+    let status = status_when(&mut child, |s| s.contains("NoNewPrivs:\t1"))
+        .expect("map ended before its status was read");
+    // Read while it waits on the full pipe: nothing more is coming.
+    std::thread::sleep(Duration::from_millis(200));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or(status);
+    assert_eq!(field(&status, "Seccomp"), "0");
+    let (_, err) = finish(child);
+    assert!(
+        err.contains("--no-sandbox: Landlock and seccomp are off"),
+        "{err}"
+    );
+}
