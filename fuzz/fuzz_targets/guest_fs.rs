@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmshift_guest::vfs::{self, Device, Found};
+use vmshift_guest::vfs::{self, Found};
 
 fuzz_target!(|data: &[u8]| {
     // The input is the start of a 1 GiB partition (zeros after it).
