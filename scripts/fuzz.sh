@@ -27,6 +27,18 @@ all=(image descriptors guest_fs hive initramfs lvm_metadata virtio)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
+# The tools that make the seeds (scripts/test.sh installs the others).
+missing=()
+command -v mkntfs >/dev/null || missing+=(ntfs-3g)
+for t in qemu-img mke2fs mkfs.fat mcopy mkfs.xfs hivexsh cpio zstd xz bzip2 lz4 sfdisk; do
+    command -v $t >/dev/null || { echo "fuzz.sh: $t is missing: run scripts/test.sh once (it installs the test peers)" >&2; exit 1; }
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi
+
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi

@@ -29,7 +29,7 @@ use vmshift_model::{Finding, Vm};
 
 /// The largest descriptor vmshift reads (a `.vmx`, `.xml`, `.conf` or
 /// `.ovf` is a few KiB; anything this large is not one).
-pub const MAX_DESCRIPTOR_BYTES: u64 = 4 << 20;
+pub const MAX_DESCRIPTOR_BYTES: u64 = vmshift_model::limits::DESCRIPTOR_BYTES;
 
 /// A descriptor lowered to the model, with what lowering noticed (keys it
 /// could not map, values it had to guess).

@@ -31,9 +31,9 @@ use quick_xml::{NsReader, Writer};
 use crate::{DescError, Result, MAX_DESCRIPTOR_BYTES};
 
 /// The deepest nesting accepted (libvirt and OVF documents nest about 6).
-const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = vmshift_model::limits::XML_DEPTH;
 /// The most elements accepted (a large descriptor has a few hundred).
-const MAX_ELEMENTS: usize = 100_000;
+const MAX_ELEMENTS: usize = vmshift_model::limits::XML_ELEMENTS;
 
 /// The namespace `xmlns` declarations belong to.
 pub const XMLNS_NAMESPACE: &str = "http://www.w3.org/2000/xmlns/";

@@ -49,11 +49,11 @@ pub const REG_QWORD: u32 = 11;
 
 /// The most value data [`Value::data`] reads (16 MiB); use
 /// [`Value::data_with_limit`] for more.
-pub const MAX_VALUE_DATA: usize = 16 << 20;
+pub const MAX_VALUE_DATA: usize = vmshift_model::limits::HIVE_VALUE_BYTES;
 
 /// The most subkeys or values one key may have here (about a million);
 /// a key claiming more is reported as damaged.
-pub const MAX_LIST_ENTRIES: u32 = 1 << 20;
+pub const MAX_LIST_ENTRIES: u32 = vmshift_model::limits::HIVE_LIST_ENTRIES;
 
 /// The most 4 KiB pages of the file the reader keeps in memory (1 MiB).
 pub const CACHE_PAGES: usize = 256;

@@ -30,9 +30,9 @@ use std::rc::Rc;
 /// The most an initramfs may inflate to.
 /// (Distributions' largest, with firmware, stay well under 1 GiB; a bomb
 /// is stopped within seconds.)
-pub const MAX_INFLATED: u64 = 2 << 30;
+pub const MAX_INFLATED: u64 = vmshift_model::limits::INITRAMFS_INFLATED_BYTES;
 /// The most members it may hold.
-pub const MAX_MEMBERS: u64 = 1 << 20;
+pub const MAX_MEMBERS: u64 = vmshift_model::limits::INITRAMFS_MEMBERS;
 /// The most bytes of member names it may hold.
 pub const MAX_NAME_BYTES: u64 = 64 << 20;
 /// The most memory an xz or lzma decoder may take, in KiB (128 MiB: `xz

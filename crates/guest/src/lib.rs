@@ -28,7 +28,7 @@ pub use vfs::{scan, EntryKind, Found, FsInfo, FsKind, GuestFs};
 
 /// The largest kernel, or initramfs (all its files together), read from a
 /// guest.
-pub const MAX_BOOT_FILE: u64 = 512 << 20;
+pub const MAX_BOOT_FILE: u64 = vmshift_model::limits::BOOT_FILE_BYTES;
 
 /// What went wrong reading a guest.
 #[derive(Debug, thiserror::Error)]

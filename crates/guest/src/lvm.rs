@@ -15,11 +15,11 @@ use crate::vfs::{Device, FsKind};
 use crate::{Error, Result};
 
 /// The longest metadata text read (LVM's default area is 1 MiB).
-const MAX_METADATA: u64 = 16 << 20;
+const MAX_METADATA: u64 = vmshift_model::limits::LVM_METADATA_BYTES;
 /// The deepest nesting of sections in the metadata text.
 const MAX_DEPTH: usize = 16;
 /// The most segments one logical volume may have.
-const MAX_SEGMENTS: usize = 1 << 16;
+const MAX_SEGMENTS: usize = vmshift_model::limits::LVM_SEGMENTS;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))

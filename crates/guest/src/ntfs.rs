@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// Records below this are NTFS's own metadata files.
 const FIRST_USER_RECORD: u64 = 24;
 /// The most entries one directory listing may return.
-const MAX_DIR_ENTRIES: usize = 1 << 20;
+const MAX_DIR_ENTRIES: usize = vmshift_model::limits::DIR_ENTRIES;
 /// Seconds from 1601-01-01 (NTFS time) to 1970-01-01.
 const NT_TO_UNIX: i64 = 11_644_473_600;
 

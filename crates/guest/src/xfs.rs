@@ -18,13 +18,13 @@ use crate::vfs::{Device, Entry, EntryKind, FsInfo, FsKind, GuestFs};
 use crate::{Error, Result};
 
 /// The most extents one file's map may have.
-const MAX_EXTENTS: usize = 1 << 18;
+const MAX_EXTENTS: usize = vmshift_model::limits::XFS_EXTENTS;
 /// The most B+tree blocks read for one file's extent map.
-const MAX_TREE_BLOCKS: usize = 1 << 16;
+const MAX_TREE_BLOCKS: usize = vmshift_model::limits::XFS_TREE_BLOCKS;
 /// The most entries one directory may have.
-const MAX_DIR_ENTRIES: usize = 1 << 20;
+const MAX_DIR_ENTRIES: usize = vmshift_model::limits::DIR_ENTRIES;
 /// The most symlinks followed while resolving one path (Linux: 40).
-const MAX_SYMLINK_HOPS: u32 = 40;
+const MAX_SYMLINK_HOPS: u32 = vmshift_model::limits::SYMLINK_HOPS;
 /// The longest symlink target (Linux's PATH_MAX).
 const MAX_LINK: u64 = 4096;
 /// Directory data lives below this byte offset of the directory; leaf and

@@ -121,6 +121,9 @@ pub struct ImageInfo {
     /// flag that lets it through). Only an image opened for `info` has
     /// this; reading its unallocated ranges is then an error.
     pub backing_refused: Option<String>,
+    /// The limits of `vmshift_model::limits` this image was checked
+    /// against, by name, with the image's own figure for each.
+    pub limits: Vec<(&'static str, u64)>,
 }
 
 /// Reads a disk image as the guest sees it.

@@ -14,7 +14,7 @@ use crate::raw::RawReader;
 use crate::vmdk::VmdkReader;
 
 /// The deepest backing chain vmshift follows.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+pub const MAX_CHAIN_DEPTH: usize = vmshift_model::limits::CHAIN_DEPTH;
 
 /// How to open an image and the files it names.
 #[derive(Debug, Clone, Default)]

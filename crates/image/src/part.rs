@@ -16,9 +16,9 @@ use crate::block::ImageReader;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Logical partitions followed in an extended partition, at most.
-const MAX_LOGICAL: usize = 128;
+const MAX_LOGICAL: usize = vmshift_model::limits::MBR_LOGICAL_PARTITIONS;
 /// GPT entries read, at most (the usual array has 128).
-const MAX_GPT_ENTRIES: u32 = 16384;
+const MAX_GPT_ENTRIES: u32 = vmshift_model::limits::GPT_ENTRIES;
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 
 /// MBR or GPT.
@@ -81,6 +81,10 @@ pub struct GptState {
     pub backup_ok: bool,
     /// The backup header is on the disk's last sector.
     pub backup_at_end: bool,
+    /// Entries in the partition array, as its header says (checked
+    /// against `limits::GPT_ENTRIES`).
+    #[serde(skip)]
+    pub entries: u32,
 }
 
 /// A disk's partition table.
@@ -506,6 +510,7 @@ fn read_gpt(img: &dyn ImageReader, ss: u64) -> Result<PartitionTable> {
             primary_ok: primary.is_ok(),
             backup_ok: backup.is_ok(),
             backup_at_end: backup_at == last_lba,
+            entries: h.entries,
         }),
         partitions: Vec::new(),
         problems,

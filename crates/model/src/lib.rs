@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 mod format;
+pub mod limits;
 mod size;
 pub mod text;
 mod validate;

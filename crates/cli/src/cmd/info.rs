@@ -16,6 +16,7 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         super::Use::Describe,
     )?;
     crate::sandbox::confine(&crate::sandbox::Policy::read())?;
+    let top_ref = top.as_ref();
     let layers = if args.backing_chain {
         super::chain(top.as_ref())
     } else {
@@ -46,6 +47,26 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         Output::Json => {
             let mut objects = objects;
             if let Some(Value::Object(m)) = objects.first_mut() {
+                // The limits the whole guest view was read within: the
+                // chain's depth and the partition table's counts.
+                let mut top: Vec<(&'static str, u64)> = layers[0].info().limits;
+                top.push((
+                    "chain-depth",
+                    layers.len().max(super::chain(top_ref).len()) as u64,
+                ));
+                if let Ok(Some(t)) = &table {
+                    match t.kind {
+                        vmshift_image::part::TableKind::Gpt => top.push((
+                            "gpt-entries",
+                            t.gpt.as_ref().map_or(0, |g| u64::from(g.entries)),
+                        )),
+                        _ => top.push((
+                            "mbr-logical-partitions",
+                            t.partitions.iter().filter(|p| p.number > 4).count() as u64,
+                        )),
+                    }
+                }
+                m.insert("limits".into(), limits_json(&top));
                 match &table {
                     Ok(Some(t)) => {
                         m.insert("partitions".into(), serde_json::to_value(t)?);
@@ -81,6 +102,19 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The limits an image was checked against (`vmshift_model::limits`), each
+/// with the image's own figure.
+fn limits_json(used: &[(&'static str, u64)]) -> Value {
+    Value::Array(
+        used.iter()
+            .filter_map(|(name, value)| {
+                let l = vmshift_model::limits::named(name)?;
+                Some(json!({"name": l.name, "limit": l.value, "value": value, "unit": l.unit}))
+            })
+            .collect(),
+    )
+}
+
 fn to_json(r: &dyn ImageReader, name: &str) -> Value {
     let info = r.info();
     let mut m = Map::new();
@@ -101,6 +135,9 @@ fn to_json(r: &dyn ImageReader, name: &str) -> Value {
     m.insert("format".into(), json!(r.format().name()));
     if let Some(a) = actual_size(r, &info) {
         m.insert("actual-size".into(), json!(a));
+    }
+    if !info.limits.is_empty() {
+        m.insert("limits".into(), limits_json(&info.limits));
     }
     if !info.format_specific.is_empty() {
         let data: Map<String, Value> = info

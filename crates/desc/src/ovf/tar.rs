@@ -13,9 +13,9 @@ use std::fs::File;
 use std::io;
 
 /// The most members (files, directories, links) an archive may list.
-pub(crate) const MAX_MEMBERS: usize = 10_000;
+pub(crate) const MAX_MEMBERS: usize = vmshift_model::limits::OVA_MEMBERS;
 /// The longest member name accepted, in bytes.
-pub(crate) const MAX_NAME: usize = 4096;
+pub(crate) const MAX_NAME: usize = vmshift_model::limits::OVA_NAME_BYTES;
 /// The most headers of any kind (members plus extended headers).
 const MAX_HEADERS: usize = 4 * MAX_MEMBERS;
 /// The largest pax extended header accepted.

@@ -10,12 +10,13 @@ use crate::fileio::read_up_to_at;
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 pub const V2_HEADER_LEN: u32 = 72;
 pub const V3_HEADER_LEN: u32 = 104;
-/// QEMU's limits, so an image QEMU refuses is refused here too.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
-pub const MAX_SNAPSHOTS: u32 = 65536;
-pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-pub const MAX_BACKING_NAME: u32 = 1023;
+/// QEMU's limits, so an image QEMU refuses is refused here too (the values
+/// live in `vmshift_model::limits`, with every other limit).
+pub const MAX_L1_BYTES: u64 = vmshift_model::limits::QCOW2_L1_BYTES;
+pub const MAX_REFTABLE_BYTES: u64 = vmshift_model::limits::QCOW2_REFTABLE_BYTES;
+pub const MAX_SNAPSHOTS: u32 = vmshift_model::limits::QCOW2_SNAPSHOTS;
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = vmshift_model::limits::QCOW2_SNAPSHOT_TABLE_BYTES;
+pub const MAX_BACKING_NAME: u32 = vmshift_model::limits::QCOW2_BACKING_NAME;
 
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -34,8 +35,8 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 /// QEMU's limits on persistent bitmaps.
-pub const MAX_BITMAPS: u32 = 65535;
-pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
+pub const MAX_BITMAPS: u32 = vmshift_model::limits::QCOW2_BITMAPS;
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = vmshift_model::limits::QCOW2_BITMAP_DIRECTORY_BYTES;
 /// The largest file offset (QEMU's `INT64_MAX`): no table may end past it.
 pub const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 

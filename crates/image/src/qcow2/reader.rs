@@ -23,7 +23,7 @@ pub const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub const OFLAG_ZERO: u64 = 1;
 
 /// How many bytes of L2 tables a reader keeps in memory.
-const L2_CACHE_BYTES: usize = 16 << 20;
+const L2_CACHE_BYTES: usize = vmshift_model::limits::QCOW2_L2_CACHE_BYTES;
 
 /// What one L2 entry (or subcluster) says about its guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -684,7 +684,30 @@ impl ImageReader for Qcow2Reader {
             ));
             fs.push(("extended-l2", h.extended_l2().into()));
         }
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        let reftable_bytes = u64::from(h.refcount_table_clusters) * h.cluster_size();
+        // L2 tables held in memory: as many as the L1 table names, within
+        // the cache.
+        let l2_bytes = (u64::from(h.l1_size) * h.cluster_size())
+            .min(vmshift_model::limits::QCOW2_L2_CACHE_BYTES as u64);
+        let bitmaps = h.bitmaps.map(|(n, size, _)| (n, size));
+        let mut limits = vec![
+            ("qcow2-l1-table-bytes", l1_bytes),
+            ("qcow2-refcount-table-bytes", reftable_bytes),
+            ("qcow2-l2-cache-bytes", l2_bytes),
+            ("qcow2-snapshots", u64::from(h.nb_snapshots)),
+            ("qcow2-backing-name-bytes", u64::from(h.backing_file_size)),
+        ];
+        if let Some((n, size)) = bitmaps {
+            limits.push(("qcow2-bitmaps", u64::from(n)));
+            limits.push(("qcow2-bitmap-directory-bytes", size));
+        }
+        limits.push((
+            "image-metadata-bytes",
+            l1_bytes + reftable_bytes + l2_bytes + bitmaps.map_or(0, |b| b.1),
+        ));
         ImageInfo {
+            limits,
             cluster_size: Some(h.cluster_size()),
             backing_filename: self.backing_name.clone(),
             full_backing_filename: self.full_backing.clone(),

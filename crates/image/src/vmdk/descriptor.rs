@@ -8,7 +8,7 @@
 use crate::error::{Ctx, Result};
 
 /// QEMU reads at most this much of a descriptor; so do we.
-pub const MAX_DESCRIPTOR_BYTES: usize = (1 << 20) - 1;
+pub const MAX_DESCRIPTOR_BYTES: usize = vmshift_model::limits::VMDK_DESCRIPTOR_BYTES;
 
 /// How an extent may be accessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,8 @@ pub struct ExtentLine {
 /// A parsed descriptor.
 #[derive(Debug, Clone, Default)]
 pub struct Descriptor {
+    /// Its size in bytes, as read (up to a NUL that ends an embedded one).
+    pub len: usize,
     /// Every line as read (without line ends).
     pub lines: Vec<String>,
     pub crlf: bool,
@@ -85,6 +87,7 @@ impl Descriptor {
         }
         let text = decode(bytes);
         let mut d = Descriptor {
+            len: bytes.len(),
             crlf: text.contains("\r\n"),
             windows_1252: std::str::from_utf8(bytes).is_err(),
             ..Descriptor::default()

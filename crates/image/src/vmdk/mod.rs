@@ -651,6 +651,22 @@ impl ImageReader for VmdkReader {
                 .filter(|p| p.as_path() != self.ctx.path.as_path())
                 .collect(),
             backing_refused: None,
+            limits: {
+                let mut l = Vec::new();
+                if let Some(d) = &self.descriptor {
+                    l.push(("vmdk-descriptor-bytes", d.len as u64));
+                }
+                if let Some(g) = self
+                    .extents
+                    .iter()
+                    .filter_map(grain_of)
+                    .map(|(g, _)| g)
+                    .max()
+                {
+                    l.push(("vmdk-grain-sectors", g / 512));
+                }
+                l
+            },
             format_specific: vec![
                 ("cid", json!(self.cid)),
                 ("parent-cid", json!(self.parent_cid)),

@@ -29,7 +29,7 @@ const GRAIN_BYTES: u64 = GRAIN_SECTORS * 512;
 const GT_SECTORS: u64 = 64;
 const GT_ENTRIES: u64 = GT_SECTORS * 512 / 8;
 /// 64 TiB, the largest seSparse disk (QEMU's limit too).
-const MAX_GD_ENTRIES: u64 = 1 << 22;
+const MAX_GD_ENTRIES: u64 = vmshift_model::limits::VMDK_GD_ENTRIES;
 const GT_CACHE_TABLES: usize = 256;
 
 const GD_ALLOCATED: u64 = 0x1000_0000_0000_0000;

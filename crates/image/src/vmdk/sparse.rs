@@ -22,11 +22,11 @@ const INCOMPAT_KNOWN: u32 = FLAG_COMPRESSED | FLAG_MARKERS;
 /// Limits: grains up to 2 MiB (so a grain buffer stays small; VMware uses
 /// 64 KiB), QEMU's 512 entries per grain table, and a grain directory of at
 /// most 16 MiB.
-const MAX_GRAIN_SECTORS: u64 = 4096;
-const MAX_GTES_PER_GT: u32 = 512;
-const MAX_GD_ENTRIES: u64 = 1 << 22;
+const MAX_GRAIN_SECTORS: u64 = vmshift_model::limits::VMDK_GRAIN_SECTORS;
+const MAX_GTES_PER_GT: u32 = vmshift_model::limits::VMDK_GTES_PER_GT;
+const MAX_GD_ENTRIES: u64 = vmshift_model::limits::VMDK_GD_ENTRIES;
 /// Grain tables kept in memory per extent (bytes, whatever the table size).
-const GT_CACHE_BYTES: usize = 8 << 20;
+const GT_CACHE_BYTES: usize = vmshift_model::limits::VMDK_GT_CACHE_BYTES;
 /// A vmfsSparse ("COWD") extent: 2048-byte header, 4096 entries per table.
 pub const COWD_MAGIC: &[u8; 4] = b"COWD";
 const COWD_HEADER_BYTES: u64 = 2048;

@@ -1,0 +1,264 @@
+//! Each limit of `vmshift_model::limits` on an input just past it (refused,
+//! naming the limit) and at it (not refused for that limit), and `info
+//! --output json` reporting the limits an image was read within.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vmshift_tests::{qemu_img, tool_ok, vmshift, vmshift_ok};
+
+fn put_be32(path: &Path, at: u64, v: u32) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&v.to_be_bytes(), at).unwrap();
+}
+
+fn info_error(dir: &Path, image: &str) -> String {
+    let out = vmshift(dir, &["info", image]);
+    assert!(!out.status.success(), "{image} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn small_qcow2(dir: &Path, name: &str) {
+    let out = qemu_img(dir, &["create", "-q", "-f", "qcow2", name, "64M"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn qcow2_l1_table_just_past_32_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    small_qcow2(dir.path(), "a.qcow2");
+    let p = dir.path().join("a.qcow2");
+    put_be32(&p, 36, (32 << 20) / 8 + 1);
+    let e = info_error(dir.path(), "a.qcow2");
+    assert!(
+        e.contains("l1_size") && e.contains("32 MiB L1 limit"),
+        "{e}"
+    );
+    put_be32(&p, 36, (32 << 20) / 8);
+    let e = info_error(dir.path(), "a.qcow2");
+    assert!(!e.contains("32 MiB L1 limit"), "at the limit: {e}");
+}
+
+#[test]
+fn qcow2_snapshots_just_past_65536() {
+    let dir = tempfile::tempdir().unwrap();
+    small_qcow2(dir.path(), "a.qcow2");
+    let p = dir.path().join("a.qcow2");
+    put_be32(&p, 60, 65537);
+    let e = info_error(dir.path(), "a.qcow2");
+    assert!(
+        e.contains("nb_snapshots") && e.contains("limit of 65536"),
+        "{e}"
+    );
+    put_be32(&p, 60, 65536);
+    let e = info_error(dir.path(), "a.qcow2");
+    assert!(!e.contains("limit of 65536"), "at the limit: {e}");
+}
+
+#[test]
+fn backing_chain_of_64_reads_and_65_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    small_qcow2(dir.path(), "0.qcow2");
+    for i in 1..65 {
+        let (b, o) = (format!("{}.qcow2", i - 1), format!("{i}.qcow2"));
+        let out = qemu_img(
+            dir.path(),
+            &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &o],
+        );
+        assert!(out.status.success());
+    }
+    // 63.qcow2 is the top of 64 images.
+    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "63.qcow2"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let depth = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "chain-depth")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (depth["value"].as_u64(), depth["limit"].as_u64()),
+        (Some(64), Some(64))
+    );
+    let out = vmshift(dir.path(), &["map", "64.qcow2"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("deeper than 64 images"), "{e}");
+}
+
+#[test]
+fn vmdk_descriptor_of_one_mib_is_refused_one_byte_less_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "d.vmdk",
+            "1M",
+        ],
+    );
+    assert!(out.status.success());
+    let p = dir.path().join("d.vmdk");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let padded = |total: usize| {
+        let mut t = text.clone();
+        while t.len() < total {
+            let n = (total - t.len()).min(200);
+            if n < 3 {
+                t.push_str(&"#".repeat(n - 1));
+                t.push('\n');
+            } else {
+                t.push_str(&format!("#{}\n", "x".repeat(n - 2)));
+            }
+        }
+        assert_eq!(t.len(), total);
+        t
+    };
+    std::fs::write(&p, padded(1 << 20)).unwrap();
+    let e = info_error(dir.path(), "d.vmdk");
+    assert!(
+        e.contains("larger than the 1 MiB a descriptor may have"),
+        "{e}"
+    );
+    std::fs::write(&p, padded((1 << 20) - 1)).unwrap();
+    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "d.vmdk"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let l = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "vmdk-descriptor-bytes")
+        .unwrap()
+        .clone();
+    assert_eq!(l["value"].as_u64(), Some((1 << 20) - 1));
+    assert_eq!(l["limit"].as_u64(), Some((1 << 20) - 1));
+}
+
+/// The GPT header's entry count set to `n`, its CRC made right.
+fn gpt_with_entries(path: &Path, n: u32) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 92];
+    f.read_exact_at(&mut h, 512).unwrap();
+    h[80..84].copy_from_slice(&n.to_le_bytes());
+    h[16..20].fill(0);
+    let crc = crc32(&h);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&h, 512).unwrap();
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn gpt_entries_just_past_16384() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.raw");
+    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    tool_ok(dir.path(), "sgdisk", &["-n", "1:2048:4095", "g.raw"]);
+    let json = vmshift_ok(
+        dir.path(),
+        &["info", "--output", "json", "-f", "raw", "g.raw"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let l = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "gpt-entries")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (l["value"].as_u64(), l["limit"].as_u64()),
+        (Some(128), Some(16384))
+    );
+    gpt_with_entries(&p, 16385);
+    let out = vmshift(dir.path(), &["part", "-f", "raw", "g.raw"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("16385 entries (expected 1 to 16384)"),
+        "{said}"
+    );
+    gpt_with_entries(&p, 16384);
+    let out = vmshift(dir.path(), &["part", "-f", "raw", "g.raw"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !said.contains("expected 1 to 16384"),
+        "at the limit: {said}"
+    );
+}
+
+#[test]
+fn info_reports_the_limits_a_qcow2_was_read_within() {
+    let dir = tempfile::tempdir().unwrap();
+    small_qcow2(dir.path(), "base.qcow2");
+    let out = qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert!(out.status.success());
+    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "top.qcow2"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let get = |name: &str| {
+        v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {v}"))
+            .clone()
+    };
+    // 64 MiB at 64 KiB clusters: one L1 entry, one refcount table cluster.
+    assert_eq!(get("qcow2-l1-table-bytes")["value"].as_u64(), Some(8));
+    assert_eq!(
+        get("qcow2-l1-table-bytes")["limit"].as_u64(),
+        Some(32 << 20)
+    );
+    assert_eq!(
+        get("qcow2-refcount-table-bytes")["value"].as_u64(),
+        Some(65536)
+    );
+    assert_eq!(get("qcow2-backing-name-bytes")["value"].as_u64(), Some(10));
+    assert_eq!(get("chain-depth")["value"].as_u64(), Some(2));
+    let meta = get("image-metadata-bytes");
+    assert!(meta["value"].as_u64().unwrap() <= meta["limit"].as_u64().unwrap());
+}
