@@ -143,20 +143,35 @@ pub(super) fn resize_qcow2(
     }
     // One transaction: the new size (with a larger L1 table when needed),
     // the new space and a moved GPT, switched to in one header write.
-    txn.set_size(new, u64::from(need.max(l1_size)));
-    if fill {
-        txn.fill_new_space(new, zero_to, opts.prealloc)?;
-    }
+    // Everything new goes to clusters past the old end: when it fails
+    // before the switch (out of space, an I/O error), the file is cut back
+    // to its old length and the image is as it was.
+    let old_len = file_len(&file, path)?;
     let mut report = report;
-    if let Some(plan) = gpt_plan {
-        // The moved GPT joins the same switch: the old disk with its old
-        // table, or the new disk with the new one.
-        txn.atomic = true;
-        apply_gpt(&mut txn, &plan)?;
-        report.gpt_moved = true;
-        report.partition_grown = plan.grown;
+    let done = (|| -> Result<()> {
+        txn.set_size(new, u64::from(need.max(l1_size)));
+        if fill {
+            txn.fill_new_space(new, zero_to, opts.prealloc)?;
+        }
+        if let Some(plan) = gpt_plan {
+            // The moved GPT joins the same switch: the old disk with its
+            // old table, or the new disk with the new one.
+            txn.atomic = true;
+            apply_gpt(&mut txn, &plan)?;
+            report.gpt_moved = true;
+            report.partition_grown = plan.grown;
+        }
+        txn.commit()
+    })();
+    if let Err(e) = done {
+        let mut now = [0u8; 80];
+        let unswitched =
+            read_exact_at(&file, path, &mut now, 0, "qcow2 header").is_ok() && now == h;
+        if unswitched && file.set_len(old_len).is_ok() {
+            let _ = sync(&file, path);
+        }
+        return Err(e);
     }
-    txn.commit()?;
     Ok(report)
 }
 

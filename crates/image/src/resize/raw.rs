@@ -119,12 +119,21 @@ pub(super) fn resize_raw(
         ));
     }
 
-    // Grow: the new end exists before anything points at it.
+    // Grow: the new end exists before anything points at it. If the new
+    // space cannot be written (out of space, an I/O error), the file is cut
+    // back: the disk keeps its old size.
     if new > old {
-        file.set_len(new)
-            .map_err(|e| Error::io(path, "growing the image", e))?;
-        preallocate(&file, path, old, new, opts.prealloc)?;
-        sync(&file, path)?;
+        let grown = file
+            .set_len(new)
+            .map_err(|e| Error::io(path, "growing the image", e))
+            .and_then(|()| preallocate(&file, path, old, new, opts.prealloc))
+            .and_then(|()| sync(&file, path));
+        if let Err(e) = grown {
+            if file.set_len(old).is_ok() {
+                let _ = sync(&file, path);
+            }
+            return Err(e);
+        }
         step();
     }
     if new >= old {
