@@ -136,17 +136,34 @@ impl NbdServer {
         let thread = std::thread::Builder::new()
             .name("nbd".into())
             .spawn(move || {
+                // One thread per client, at most NBD_CONNECTIONS at once:
+                // a client past that is closed at once, so that clients
+                // cannot make the server start threads without bound.
+                let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     if flag.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(conn) = conn else { continue };
+                    if live.load(Ordering::SeqCst) >= vmshift_model::limits::NBD_CONNECTIONS {
+                        drop(conn);
+                        continue;
+                    }
+                    live.fetch_add(1, Ordering::SeqCst);
                     let image = image.clone();
+                    let done = live.clone();
                     // A client that breaks the protocol only loses its own
                     // connection.
-                    std::thread::spawn(move || {
-                        let _ = serve(conn, &*image);
-                    });
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("nbd-client".into())
+                            .spawn(move || {
+                                let _ = serve(conn, &*image);
+                                done.fetch_sub(1, Ordering::SeqCst);
+                            });
+                    if spawned.is_err() {
+                        live.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             })
             .map_err(|e| Error::io(socket, "starting the NBD server", e))?;

@@ -180,3 +180,43 @@ fn a_writable_export_takes_writes_and_reports_a_full_overlay_as_enospc() {
         .iter()
         .all(|b| *b == 0));
 }
+
+#[test]
+fn clients_past_the_connection_limit_are_closed_at_once() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    images(dir.path());
+    let reader = open_image(&dir.path().join("d.raw"), None, &OpenOptions::default()).unwrap();
+    let server = NbdServer::start(Arc::from(reader), &dir.path().join("s.sock")).unwrap();
+    let limit = vmshift_model::limits::NBD_CONNECTIONS;
+    // Each client reads the server's greeting and then stays, idle.
+    let mut held = Vec::new();
+    for _ in 0..limit {
+        let mut c = UnixStream::connect(server.path()).unwrap();
+        let mut magic = [0u8; 8];
+        c.read_exact(&mut magic).unwrap();
+        assert_eq!(&magic, b"NBDMAGIC");
+        held.push(c);
+    }
+    let mut extra = UnixStream::connect(server.path()).unwrap();
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(extra.read(&mut b).unwrap(), 0, "closed without a greeting");
+    // One client leaves: a new one is served again.
+    drop(held.pop());
+    let start = std::time::Instant::now();
+    loop {
+        let mut c = UnixStream::connect(server.path()).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        if c.read(&mut b).unwrap() == 8 {
+            assert_eq!(&b, b"NBDMAGIC");
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 10, "no room for a new client");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -104,6 +104,9 @@ pub const HIVE_LIST_ENTRIES: u32 = 1 << 20;
 /// A kernel or initramfs `vm boot` reads from a guest.
 pub const BOOT_FILE_BYTES: u64 = 512 << 20;
 
+/// Clients one NBD server serves at once (QEMU opens one per disk).
+pub const NBD_CONNECTIONS: usize = 16;
+
 /// Every limit, for reports.
 pub const ALL: &[Limit] = &[
     Limit {
@@ -291,6 +294,12 @@ pub const ALL: &[Limit] = &[
         value: HIVE_LIST_ENTRIES as u64,
         unit: "entries",
         what: "registry subkey list",
+    },
+    Limit {
+        name: "nbd-connections",
+        value: NBD_CONNECTIONS as u64,
+        unit: "connections",
+        what: "clients of one NBD server at once",
     },
     Limit {
         name: "boot-file-bytes",
