@@ -12,6 +12,20 @@ fn put_be32(path: &Path, at: u64, v: u32) {
     f.write_all_at(&v.to_be_bytes(), at).unwrap();
 }
 
+/// The limit `name` in `info --output json`'s `limits` of `image`.
+fn limit(dir: &Path, image: &[&str], name: &str) -> serde_json::Value {
+    let mut args = vec!["info", "--output", "json"];
+    args.extend_from_slice(image);
+    let v: serde_json::Value = serde_json::from_str(&vmshift_ok(dir, &args)).unwrap();
+    v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing: {v}"))
+        .clone()
+}
+
 fn info_error(dir: &Path, image: &str) -> String {
     let out = vmshift(dir, &["info", image]);
     assert!(!out.status.success(), "{image} was accepted");
@@ -68,15 +82,7 @@ fn backing_chain_of_64_reads_and_65_is_refused() {
         assert!(out.status.success());
     }
     // 63.qcow2 is the top of 64 images.
-    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "63.qcow2"]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let depth = v["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "chain-depth")
-        .unwrap()
-        .clone();
+    let depth = limit(dir.path(), &["63.qcow2"], "chain-depth");
     assert_eq!(
         (depth["value"].as_u64(), depth["limit"].as_u64()),
         (Some(64), Some(64))
@@ -127,15 +133,7 @@ fn vmdk_descriptor_of_one_mib_is_refused_one_byte_less_reads() {
         "{e}"
     );
     std::fs::write(&p, padded((1 << 20) - 1)).unwrap();
-    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "d.vmdk"]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let l = v["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "vmdk-descriptor-bytes")
-        .unwrap()
-        .clone();
+    let l = limit(dir.path(), &["d.vmdk"], "vmdk-descriptor-bytes");
     assert_eq!(l["value"].as_u64(), Some((1 << 20) - 1));
     assert_eq!(l["limit"].as_u64(), Some((1 << 20) - 1));
 }
@@ -236,17 +234,7 @@ fn info_reports_the_limits_a_qcow2_was_read_within() {
         ],
     );
     assert!(out.status.success());
-    let json = vmshift_ok(dir.path(), &["info", "--output", "json", "top.qcow2"]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let get = |name: &str| {
-        v["limits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing: {v}"))
-            .clone()
-    };
+    let get = |name: &str| limit(dir.path(), &["top.qcow2"], name);
     // 64 MiB at 64 KiB clusters: one L1 entry, one refcount table cluster.
     assert_eq!(get("qcow2-l1-table-bytes")["value"].as_u64(), Some(8));
     assert_eq!(
