@@ -48,8 +48,9 @@ boot() {
 boot debian /data/debian/*.xml
 boot debian-novirtio /data/debian-novirtio/*.xml
 # The uncompressed ELF kernel given explicitly, with the same initramfs, on
-# two vCPUs: entered at its PVH entry point.
-boot debian-vmlinux /data/debian/*.xml --cpus 2 --kernel $k/vmlinux --initrd $k/initrd.img --append "$(cat $k/cmdline)"
+# two vCPUs: entered at its PVH entry point; the guest's writes kept in a
+# temporary file (--overlay-dir) rather than memory.
+boot debian-vmlinux /data/debian/*.xml --cpus 2 --overlay-dir /tmp --kernel $k/vmlinux --initrd $k/initrd.img --append "$(cat $k/cmdline)"
 # The guest wrote to its disks: the images must be unchanged.
 sha256sum -c /data/sums >/dev/null && echo "BOOT-RESULT images-unchanged rc=0" || echo "BOOT-RESULT images-unchanged rc=1"
 EOF
@@ -79,10 +80,14 @@ qboot() {
     # initramfs and says which guest will not find its root on virtio —
     # the one that fails to boot above.
     for vm in debian debian-novirtio; do
-        if "$bin" guest inspect --output json "$fx/$vm/$vm.vmx" | grep -q '"guest-initramfs-no-virtio"'; then
+        irc=0
+        "$bin" guest inspect --output json "$fx/$vm/$vm.vmx" >"$host/inspect-$vm.json" || irc=$?
+        if grep -q '"guest-initramfs-no-virtio"' "$host/inspect-$vm.json"; then
             echo "BOOT-RESULT inspect-$vm rc=1 no-virtio"
         else
-            echo "BOOT-RESULT inspect-$vm rc=0 virtio"
+            echo "BOOT-RESULT inspect-$vm rc=0 virtio (guest inspect exit $irc)"
+            # What it could not read, if anything.
+            grep -A3 '"unknown"' "$host/inspect-$vm.json" | sed "s/^/BOOT-CONSOLE inspect-$vm: /" || true
         fi
     done
 } >>"$log" 2>&1

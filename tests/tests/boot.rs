@@ -300,3 +300,53 @@ fn probe_of_a_damaged_image_fails_without_hanging() {
         "{v}"
     );
 }
+
+#[test]
+fn an_overlay_in_a_folder_boots_and_a_missing_folder_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    probe_disks(dir.path());
+    std::fs::create_dir(dir.path().join("spill")).unwrap();
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm",
+            "boot",
+            "--probe",
+            "--timeout",
+            "30",
+            "--overlay-dir",
+            "spill",
+            "d.raw",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The overlay file was unlinked: nothing is left in the folder.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spill")).unwrap().count(),
+        0
+    );
+    let o = vmshift(
+        dir.path(),
+        &[
+            "vm",
+            "boot",
+            "--probe",
+            "--timeout",
+            "30",
+            "--overlay-dir",
+            "missing",
+            "d.raw",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--overlay-dir missing: cannot make the overlay file there"),
+        "{e}"
+    );
+}

@@ -281,6 +281,10 @@ pub struct VmBootArgs {
     /// --engine qemu too: QEMU writes through vmshift).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub overlay_limit: String,
+    /// Keep the guest's writes in an unlinked temporary file in DIR
+    /// instead of memory (for large runs; still within --overlay-limit).
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
     /// The engine. By default vmshift's launcher runs where /dev/kvm boots
     /// stock kernels and refuses a kvm_pvm host; `--engine kvm` runs it
     /// anyway.

@@ -1,10 +1,14 @@
 //! A guest's view of a disk image: reads through vmshift's own
-//! [`ImageReader`], writes into a copy-on-write overlay held in memory, so
-//! the image under test is never modified. The overlay has a limit; past
-//! it, writes fail (the guest sees an I/O error) instead of the host
-//! running out of memory.
+//! [`ImageReader`], writes into a copy-on-write overlay held in memory (or,
+//! for large runs, in an unlinked temporary file), so the image under test
+//! is never modified. The overlay has a limit; past it, writes fail (the
+//! guest sees an I/O error) instead of the host running out of memory or
+//! disk.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,22 +39,41 @@ pub enum DiskError {
     /// The image could not be read.
     #[error(transparent)]
     Image(#[from] vmshift_image::Error),
+    /// The overlay's temporary file failed.
+    #[error("the overlay file: {0}")]
+    Spill(std::io::Error),
 }
 
-/// The bytes of guest writes one VM may keep, over all its disks.
+/// The bytes of guest writes one VM may keep, over all its disks, and
+/// where they are kept.
 #[derive(Debug)]
 pub struct OverlayBudget {
     limit: u64,
     used: AtomicU64,
+    /// The unlinked temporary file the blocks go to, and its next free
+    /// block; `None`: memory.
+    spill: Option<(File, AtomicU64)>,
 }
 
 impl OverlayBudget {
-    /// A budget of `limit` bytes.
+    /// A budget of `limit` bytes, kept in memory.
     pub fn new(limit: u64) -> Arc<Self> {
         Arc::new(OverlayBudget {
             limit,
             used: AtomicU64::new(0),
+            spill: None,
         })
+    }
+
+    /// A budget of `limit` bytes kept in an unlinked temporary file in
+    /// `dir` (gone with the process, whatever way it ends).
+    pub fn in_file(limit: u64, dir: &Path) -> std::io::Result<Arc<Self>> {
+        let file = tempfile::tempfile_in(dir)?;
+        Ok(Arc::new(OverlayBudget {
+            limit,
+            used: AtomicU64::new(0),
+            spill: Some((file, AtomicU64::new(0))),
+        }))
     }
 
     /// Bytes taken so far.
@@ -75,11 +98,33 @@ impl OverlayBudget {
     }
 }
 
+/// The overlay budget of a VM: `limit` bytes, in a temporary file in `dir`
+/// when one is given, else in memory.
+pub fn budget(limit: u64, dir: Option<&Path>) -> crate::Result<Arc<OverlayBudget>> {
+    match dir {
+        None => Ok(OverlayBudget::new(limit)),
+        Some(d) => OverlayBudget::in_file(limit, d).map_err(|e| {
+            crate::Error::Config(format!(
+                "--overlay-dir {}: cannot make the overlay file there: {e}",
+                d.display()
+            ))
+        }),
+    }
+}
+
+/// Where one overlay block is.
+#[derive(Debug)]
+enum Block {
+    Ram(Box<[u8]>),
+    /// At this byte offset of the budget's file.
+    File(u64),
+}
+
 /// A disk image with a write overlay.
 #[derive(Debug)]
 pub struct OverlayDisk {
     base: Arc<dyn ImageReader>,
-    blocks: BTreeMap<u64, Box<[u8]>>,
+    blocks: BTreeMap<u64, Block>,
     budget: Arc<OverlayBudget>,
     size: u64,
 }
@@ -139,14 +184,31 @@ impl OverlayDisk {
         self.base.read_at(buf, offset)?;
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
-        for (&idx, data) in self.blocks.range(first..=last) {
+        for (&idx, block) in self.blocks.range(first..=last) {
             let bstart = idx * BLOCK;
             let from = bstart.max(offset);
             let to = (bstart + BLOCK).min(end);
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&data[(from - bstart) as usize..(to - bstart) as usize]);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match block {
+                Block::Ram(data) => {
+                    dst.copy_from_slice(&data[(from - bstart) as usize..(to - bstart) as usize])
+                }
+                Block::File(at) => self
+                    .spill_file()
+                    .read_exact_at(dst, at + (from - bstart))
+                    .map_err(DiskError::Spill)?,
+            }
         }
         Ok(())
+    }
+
+    fn spill_file(&self) -> &File {
+        &self
+            .budget
+            .spill
+            .as_ref()
+            .expect("file blocks only with a file")
+            .0
     }
 
     /// Writes `data` at `offset` into the overlay.
@@ -167,23 +229,58 @@ impl OverlayDisk {
             if !self.blocks.contains_key(&idx) {
                 let mut block = vec![0u8; BLOCK as usize].into_boxed_slice();
                 let valid = (self.size - bstart).min(BLOCK) as usize;
-                // A block the write covers whole needs nothing from below.
-                if !(offset <= bstart && end >= bstart + valid as u64) {
-                    if let Err(e) = self.read_at(&mut block[..valid], bstart) {
+                let from = bstart.max(offset);
+                let to = (bstart + BLOCK).min(end);
+                let stored = (|| {
+                    // A block the write covers whole needs nothing from
+                    // below.
+                    if !(offset <= bstart && end >= bstart + valid as u64) {
+                        self.read_at(&mut block[..valid], bstart)?;
+                    }
+                    block[(from - bstart) as usize..(to - bstart) as usize]
+                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                    self.store(block)
+                })();
+                match stored {
+                    Ok(b) => {
+                        self.blocks.insert(idx, b);
+                        inserted += 1;
+                    }
+                    Err(e) => {
                         self.budget.give((new - inserted) * BLOCK);
                         return Err(e);
                     }
                 }
-                self.blocks.insert(idx, block);
-                inserted += 1;
+                continue;
             }
-            let block = self.blocks.get_mut(&idx).expect("inserted above");
             let from = bstart.max(offset);
             let to = (bstart + BLOCK).min(end);
-            block[(from - bstart) as usize..(to - bstart) as usize]
-                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            let src = &data[(from - offset) as usize..(to - offset) as usize];
+            let at = match self.blocks.get_mut(&idx).expect("present") {
+                Block::Ram(b) => {
+                    b[(from - bstart) as usize..(to - bstart) as usize].copy_from_slice(src);
+                    continue;
+                }
+                Block::File(at) => *at + (from - bstart),
+            };
+            self.spill_file()
+                .write_all_at(src, at)
+                .map_err(DiskError::Spill)?;
         }
         Ok(())
+    }
+
+    /// Keeps a new block: in memory, or written to the next free block of
+    /// the overlay file.
+    fn store(&self, block: Box<[u8]>) -> Result<Block, DiskError> {
+        match &self.budget.spill {
+            None => Ok(Block::Ram(block)),
+            Some((file, next)) => {
+                let at = next.fetch_add(BLOCK, Ordering::Relaxed);
+                file.write_all_at(&block, at).map_err(DiskError::Spill)?;
+                Ok(Block::File(at))
+            }
+        }
     }
 }
 
@@ -203,7 +300,7 @@ fn io_error(e: DiskError) -> std::io::Error {
     let kind = match e {
         DiskError::OverlayFull { .. } => std::io::ErrorKind::StorageFull,
         DiskError::OutOfRange { .. } => std::io::ErrorKind::InvalidInput,
-        DiskError::Image(_) => std::io::ErrorKind::Other,
+        DiskError::Image(_) | DiskError::Spill(_) => std::io::ErrorKind::Other,
     };
     std::io::Error::new(kind, e)
 }
@@ -292,6 +389,40 @@ mod tests {
         b.write_at(&[2; 4096], 0).unwrap();
         assert_eq!(budget.used(), 3 * BLOCK);
         assert!(a.write_at(&[1], 20000).is_err());
+    }
+
+    #[test]
+    fn an_overlay_in_a_file_reads_and_limits_as_one_in_memory() {
+        let orig: Vec<u8> = (0..40000u32).map(|i| (i * 3) as u8).collect();
+        let (f, r) = image(&orig);
+        let dir = tempfile::tempdir().unwrap();
+        let budget = OverlayBudget::in_file(4 * BLOCK, dir.path()).unwrap();
+        let mut a = OverlayDisk::sharing(r.clone(), budget.clone());
+        let mut b = OverlayDisk::sharing(r, budget.clone());
+        a.write_at(&[0xaa; 100], 4090).unwrap();
+        b.write_at(&[0xbb; 5000], 0).unwrap();
+        // Rewrites of kept blocks, inside them.
+        a.write_at(&[0xcc; 3], 4095).unwrap();
+        let mut want_a = orig.clone();
+        want_a[4090..4190].fill(0xaa);
+        want_a[4095..4098].fill(0xcc);
+        let mut want_b = orig.clone();
+        want_b[..5000].fill(0xbb);
+        let mut got = vec![0u8; orig.len()];
+        a.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want_a);
+        b.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want_b);
+        // Four blocks kept, none in memory, nothing in the folder (the
+        // file is unlinked); the fifth is refused.
+        assert_eq!(budget.used(), 4 * BLOCK);
+        assert!(a.blocks.values().all(|b| matches!(b, Block::File(_))));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(matches!(
+            b.write_at(&[1], 30000),
+            Err(DiskError::OverlayFull { .. })
+        ));
+        assert_eq!(std::fs::read(f.path()).unwrap(), orig);
     }
 
     #[test]

@@ -477,7 +477,7 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
     // Serve each disk from its overlay.
     let mut servers = Vec::new();
     let mut disks = Vec::new();
-    let budget = crate::disk::OverlayBudget::new(config.overlay_limit);
+    let budget = crate::disk::budget(config.overlay_limit, config.overlay_dir.as_deref())?;
     for (i, d) in std::mem::take(&mut config.disks).into_iter().enumerate() {
         let socket = files.dir.path().join(format!("disk{i}.sock"));
         let overlay = SharedOverlay(Mutex::new(OverlayDisk::sharing(d.image, budget.clone())));

@@ -106,6 +106,9 @@ pub struct BootConfig {
     pub disks: Vec<DiskSpec>,
     /// Bytes of guest writes kept, over all disks, before writes fail.
     pub overlay_limit: u64,
+    /// Keep them in an unlinked temporary file in this folder instead of
+    /// memory.
+    pub overlay_dir: Option<PathBuf>,
     /// Where the console is logged.
     pub console_log: Option<PathBuf>,
     /// Echo the console to standard output.
@@ -448,7 +451,7 @@ fn build_devices(
     }
     let mut slots = Vec::new();
     let mut luns = Vec::new();
-    let budget = crate::disk::OverlayBudget::new(config.overlay_limit);
+    let budget = crate::disk::budget(config.overlay_limit, config.overlay_dir.as_deref())?;
     for d in disks {
         let disk = OverlayDisk::sharing(d.image, budget.clone());
         match d.bus {

@@ -197,6 +197,9 @@ pub struct BootRequest {
     pub console_echo: bool,
     /// Bytes of guest writes kept, over all the VM's disks.
     pub overlay_limit: u64,
+    /// Where the guest's writes are kept: a temporary file in this folder,
+    /// or memory.
+    pub overlay_dir: Option<PathBuf>,
     /// Set to stop the boot (it then fails with an interrupted error).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
@@ -376,6 +379,7 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
             cmdline: req.append.clone().unwrap_or(guest_cmdline),
             disks: target.disks,
             overlay_limit: req.overlay_limit,
+            overlay_dir: req.overlay_dir.clone(),
             console_log: req.console_log.clone(),
             console_echo: req.console_echo,
             expect: req.expect.clone(),

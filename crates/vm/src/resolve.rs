@@ -409,11 +409,24 @@ pub struct GuestRead {
 /// disks do not open (`disk_findings` reports that) or hold nothing
 /// readable.
 pub fn read_guest(vm: &Vm, resolver: &Resolver) -> Option<GuestRead> {
+    read_guest_of(guest_disks(vm, resolver)?)
+}
+
+/// The VM's disks, opened through the resolver, for [`read_guest_of`]
+/// (`None` when one does not open).
+pub fn guest_disks(vm: &Vm, resolver: &Resolver) -> Option<Vec<std::sync::Arc<dyn ImageReader>>> {
     let disks = open_disks(vm, resolver).ok()?;
-    let disks: Vec<std::sync::Arc<dyn ImageReader>> = disks
-        .into_iter()
-        .map(|(_, d)| std::sync::Arc::from(d))
-        .collect();
+    Some(
+        disks
+            .into_iter()
+            .map(|(_, d)| std::sync::Arc::from(d))
+            .collect(),
+    )
+}
+
+/// [`read_guest`] on disks already open (so that a caller can confine
+/// itself between opening them and reading what the guest wrote).
+pub fn read_guest_of(disks: Vec<std::sync::Arc<dyn ImageReader>>) -> Option<GuestRead> {
     let found = vmshift_guest::vfs::scan(&disks).ok()?;
     let guests = vmshift_guest::inspect::inspect(&found).ok()?;
     let boot = vmshift_guest::bootpath::boot_path(&disks, &found);

@@ -80,6 +80,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         console_log: args.console_log.clone(),
         console_echo: args.console,
         overlay_limit,
+        overlay_dir: args.overlay_dir.clone(),
         cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;

@@ -74,7 +74,11 @@ pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
     let guest = if args.guest {
         let resolver = resolver(&mut l, &args.roots, args.force_share)?;
         findings.extend(disk_findings(&l.lowered.vm, &resolver));
-        let g = vmshift_vm::read_guest(&l.lowered.vm, &resolver);
+        // The disks open, the process confines itself before it reads what
+        // the guest wrote.
+        let disks = vmshift_vm::guest_disks(&l.lowered.vm, &resolver);
+        crate::sandbox::confine(&crate::sandbox::Policy::read())?;
+        let g = disks.and_then(vmshift_vm::read_guest_of);
         if let Some(g) = &g {
             findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, g));
         }
@@ -155,14 +159,20 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
     findings.extend(l.lowered.findings.clone());
     findings.extend(l.lowered.vm.validate());
     findings.extend(disk_findings(&l.lowered.vm, &resolver));
-    if let Some(g) = vmshift_vm::read_guest(&l.lowered.vm, &resolver) {
-        findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, &g));
-    }
+    // What VMware left beside the VM (lock folders, suspend files) is read
+    // by path: before the sandbox.
     findings.extend(vmshift_vm::state::state_findings(
         &l,
         &resolver,
         allow(&args.state),
     ));
+    // The disks open, the process confines itself before it reads what
+    // the guest wrote.
+    let disks = vmshift_vm::guest_disks(&l.lowered.vm, &resolver);
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
+    if let Some(g) = disks.and_then(vmshift_vm::read_guest_of) {
+        findings.extend(vmshift_vm::guest_findings(&l.lowered.vm, &g));
+    }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     for f in &findings {
         println!("{f}");
