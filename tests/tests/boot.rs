@@ -350,3 +350,41 @@ fn an_overlay_in_a_folder_boots_and_a_missing_folder_is_said() {
         "{e}"
     );
 }
+
+#[test]
+fn the_launcher_confines_itself_before_the_guest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    probe_disks(dir.path());
+    // strace sees the filters installed (two: calls and ioctls, and opens)
+    // and the probe still runs to its end under them.
+    let out = tool_ok(
+        dir.path(),
+        "strace",
+        &[
+            "-f",
+            "-e",
+            "trace=seccomp,landlock_restrict_self",
+            "-o",
+            "trace",
+            vmshift_tests::vmshift_bin().to_str().unwrap(),
+            "vm",
+            "boot",
+            "--probe",
+            "--timeout",
+            "30",
+            "d.raw",
+        ],
+    );
+    let trace = std::fs::read_to_string(dir.path().join("trace")).unwrap();
+    let filters = trace
+        .lines()
+        .filter(|l| l.contains("seccomp(SECCOMP_SET_MODE_FILTER") && l.ends_with("= 0"))
+        .count();
+    assert_eq!(filters, 2, "{trace}");
+    assert!(trace.contains("landlock_restrict_self("), "{trace}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("VMSHIFT-PROBE done"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

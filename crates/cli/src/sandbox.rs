@@ -43,6 +43,11 @@ pub enum Profile {
     /// It also writes: its output's folder (`convert`), or the files it
     /// rewrites in place (`resize`, `check -r`).
     Write,
+    /// vm boot's VMM once the VM is built (kernel loaded, disks and
+    /// console log open, KVM set up): its vCPU and device threads open no
+    /// file, and of the ioctls only make those they use (`KVM_RUN`,
+    /// `KVM_SIGNAL_MSI`, `KVM_GET_REGS`, and the terminal's).
+    Vmm,
 }
 
 /// A command's confinement.
@@ -63,6 +68,16 @@ impl Policy {
     pub fn read() -> Self {
         Policy {
             profile: Profile::Read,
+            write_dirs: Vec::new(),
+            write_files: Vec::new(),
+            read_files: Vec::new(),
+        }
+    }
+
+    /// vm boot's VMM.
+    pub fn vmm() -> Self {
+        Policy {
+            profile: Profile::Vmm,
             write_dirs: Vec::new(),
             write_files: Vec::new(),
             read_files: Vec::new(),
@@ -283,6 +298,22 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().map(|n| (*n, Vec::new())).collect();
     let mut out = Vec::new();
+    if profile == Profile::Vmm {
+        // Any ioctl but these fails.
+        let mut others = Vec::new();
+        for cmd in vmm_ioctls() {
+            others.push(
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, cmd)
+                    .map_err(seccomp_err)?,
+            );
+        }
+        denied.insert(
+            libc::SYS_ioctl,
+            vec![SeccompRule::new(others).map_err(seccomp_err)?],
+        );
+        let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
+        out.push(program(opens, libc::EACCES)?);
+    }
     if profile == Profile::Read {
         denied.extend(READ_ONLY_NEVER.iter().map(|n| (*n, Vec::new())));
         // Writes only to standard output and error.
@@ -300,6 +331,15 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
     }
     out.insert(0, program(denied, libc::EPERM)?);
     Ok(out)
+}
+
+/// The ioctls vm boot's VMM makes once it runs: `KVM_RUN`,
+/// `KVM_SIGNAL_MSI`, `KVM_GET_REGS` (a triple fault's report), and the
+/// terminal's `TCGETS`/`TIOCGWINSZ` (the console on a terminal).
+fn vmm_ioctls() -> Vec<u64> {
+    let mut v = vmshift_kvm::RUNTIME_IOCTLS.to_vec();
+    v.extend([libc::TCGETS, libc::TIOCGWINSZ]);
+    v
 }
 
 fn seccomp_err(e: seccompiler::BackendError) -> anyhow::Error {
@@ -479,5 +519,41 @@ mod tests {
             refused(&e)
         });
         assert!(msg);
+    }
+
+    #[test]
+    fn the_vmm_makes_only_its_ioctls_and_opens_nothing() {
+        let (fionread, tcgets, open, exec) = in_thread(|| {
+            let (r, _w) = {
+                let mut fds = [0; 2];
+                // SAFETY: pipe() fills the two-element array it is given.
+                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                (fds[0], fds[1])
+            };
+            confine(&Policy::vmm()).unwrap();
+            let errno = || std::io::Error::last_os_error().raw_os_error();
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int to `n`.
+            let fionread = unsafe { libc::ioctl(r, libc::FIONREAD, &mut n) };
+            let fionread = (fionread, errno());
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: TCGETS writes one termios to `t`.
+            let tcgets = unsafe { libc::ioctl(r, libc::TCGETS, &mut t) };
+            let tcgets = (tcgets, errno());
+            let open = std::fs::File::open("/etc/hostname")
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true")
+                .status()
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            (fionread, tcgets, open, exec)
+        });
+        // Another ioctl: refused by the filter.
+        assert_eq!(fionread, (-1, Some(libc::EPERM)));
+        // The terminal's: allowed (a pipe is no terminal: ENOTTY).
+        assert_eq!(tcgets, (-1, Some(libc::ENOTTY)));
+        assert_eq!(open, Err(Some(libc::EACCES)));
+        assert_eq!(exec, Err(Some(libc::EPERM)));
     }
 }

@@ -40,4 +40,6 @@ pub fn probe_kernel() -> Blob {
 }
 pub use error::{Error, Result};
 pub use verdict::{FailureCause, Verdict, Watcher};
-pub use vmm::{boot, kvm_status, BootConfig, BootReport, DiskBus, DiskSpec, KvmStatus};
+pub use vmm::{
+    boot, kvm_status, BootConfig, BootReport, DiskBus, DiskSpec, KvmStatus, RUNTIME_IOCTLS,
+};

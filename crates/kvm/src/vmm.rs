@@ -123,6 +123,9 @@ pub struct BootConfig {
     /// Set (by a signal handler) to stop the boot: it then ends with
     /// [`Error::Interrupted`].
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
+    /// Called once the VM is built, before its vCPUs start: the caller's
+    /// sandbox (vmshift-kvm only).
+    pub confine: Option<fn() -> std::result::Result<(), String>>,
 }
 
 /// How the boot went.
@@ -184,6 +187,21 @@ impl MsiSink for KvmMsi {
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// `_IOC(dir, 0xAE, nr, size)`: a KVM ioctl number (dir 0 none, 1 write,
+/// 2 read).
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+
+/// The ioctls the VMM makes once the VM runs (a sandbox allows these and
+/// no other): `KVM_RUN`, `KVM_SIGNAL_MSI`, and `KVM_GET_REGS` for a triple
+/// fault's report.
+pub const RUNTIME_IOCTLS: [u64; 3] = [
+    kvm_ioc(0, 0x80, 0),
+    kvm_ioc(1, 0xa5, std::mem::size_of::<kvm_msi>()),
+    kvm_ioc(2, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),
+];
 
 /// Boots the VM and waits for the verdict.
 pub fn boot(mut config: BootConfig) -> Result<BootReport> {
@@ -286,6 +304,11 @@ pub fn boot(mut config: BootConfig) -> Result<BootReport> {
 
     register_signal_handler(SIGRTMIN(), kick_handler)
         .map_err(|e| Error::Config(format!("installing the vCPU kick signal: {e}")))?;
+    // Everything is open and set up: the caller's sandbox closes in before
+    // the guest runs (the vCPU threads inherit it).
+    if let Some(confine) = config.confine {
+        confine().map_err(|e| Error::Config(format!("confining the VMM: {e}")))?;
+    }
     let first_exit = Arc::new(Mutex::new(None));
     let threads: Vec<JoinHandle<()>> = vcpus
         .into_iter()

@@ -200,6 +200,8 @@ pub struct BootRequest {
     /// Where the guest's writes are kept: a temporary file in this folder,
     /// or memory.
     pub overlay_dir: Option<PathBuf>,
+    /// The sandbox vmshift-kvm enters once the VM is built.
+    pub confine: Option<fn() -> std::result::Result<(), String>>,
     /// Set to stop the boot (it then fails with an interrupted error).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
@@ -380,6 +382,7 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
             disks: target.disks,
             overlay_limit: req.overlay_limit,
             overlay_dir: req.overlay_dir.clone(),
+            confine: req.confine,
             console_log: req.console_log.clone(),
             console_echo: req.console_echo,
             expect: req.expect.clone(),

@@ -23,6 +23,11 @@ pub const EXIT_TIMEOUT: i32 = 3;
 /// vmshift could not run the boot at all.
 pub const EXIT_ERROR: u8 = 4;
 
+/// vmshift-kvm's sandbox once the VM is built.
+fn confine_vmm() -> std::result::Result<(), String> {
+    crate::sandbox::confine(&crate::sandbox::Policy::vmm()).map_err(|e| format!("{e:#}"))
+}
+
 /// True when `path` names a VM descriptor rather than a disk image.
 fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
     from.is_some() || DescriptorFormat::from_extension(path).is_some()
@@ -81,6 +86,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         console_echo: args.console,
         overlay_limit,
         overlay_dir: args.overlay_dir.clone(),
+        confine: Some(confine_vmm),
         cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;
