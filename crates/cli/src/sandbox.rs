@@ -536,6 +536,7 @@ mod tests {
             // SAFETY: FIONREAD writes one int to `n`.
             let fionread = unsafe { libc::ioctl(r, libc::FIONREAD, &mut n) };
             let fionread = (fionread, errno());
+            // SAFETY: termios is plain data; all zeros is a valid value.
             let mut t: libc::termios = unsafe { std::mem::zeroed() };
             // SAFETY: TCGETS writes one termios to `t`.
             let tcgets = unsafe { libc::ioctl(r, libc::TCGETS, &mut t) };
