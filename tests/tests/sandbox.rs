@@ -87,12 +87,13 @@ fn a_reading_command_runs_with_no_new_privs_and_seccomp() {
         dir.path(),
         &["map", "--output", "json", "-f", "raw", "h.raw"],
     );
-    let status = status_when(&mut child, |s| s.contains("Seccomp:\t2"))
+    let status = status_when(&mut child, |s| s.contains("Seccomp_filters:\t4"))
         .expect("map ended before its status was read");
     assert_eq!(field(&status, "NoNewPrivs"), "1");
     assert_eq!(field(&status, "Seccomp"), "2");
-    // Two filters: the calls no command makes, and opening a file.
-    assert_eq!(field(&status, "Seccomp_filters"), "2");
+    // Four filters: x32 calls, clone3, opening a file, and the calls no
+    // command makes.
+    assert_eq!(field(&status, "Seccomp_filters"), "4");
     let (out, _) = finish(child);
     let map: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(map.as_array().unwrap().len(), 2 * (64 << 20) / 8192);
@@ -121,12 +122,12 @@ fn a_writing_command_runs_with_no_new_privs_and_seccomp() {
             "out.qcow2",
         ],
     );
-    let status = status_when(&mut child, |s| s.contains("Seccomp:\t2"))
+    let status = status_when(&mut child, |s| s.contains("Seccomp_filters:\t3"))
         .expect("convert of 512 MiB ended before its status was read");
     assert_eq!(field(&status, "NoNewPrivs"), "1");
-    // One filter: a command that writes may open files (Landlock keeps it
-    // to the target's folder).
-    assert_eq!(field(&status, "Seccomp_filters"), "1");
+    // Three filters: a command that writes may open files (Landlock keeps
+    // it to the target's folder).
+    assert_eq!(field(&status, "Seccomp_filters"), "3");
     finish(child);
     let out = vmshift_tests::qemu_img(dir.path(), &["compare", "big.raw", "out.qcow2"]);
     assert!(

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
     RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
 };
 use seccompiler::{
@@ -55,12 +55,19 @@ pub enum Profile {
 pub struct Policy {
     /// The profile.
     pub profile: Profile,
-    /// Folders where files may be created, written, renamed and removed.
+    /// Folders whose regular files may be opened, written, created and
+    /// removed (nothing else: no devices, sockets, links, folders or
+    /// programs).
     pub write_dirs: Vec<PathBuf>,
+    /// Folders where an output already open is put in place: regular files
+    /// linked, renamed and removed, the folder itself opened to sync it.
+    pub commit_dirs: Vec<PathBuf>,
     /// Files that may be opened again for reading and writing.
     pub write_files: Vec<PathBuf>,
     /// Files that may be opened again for reading.
     pub read_files: Vec<PathBuf>,
+    /// Folders whose files may be opened again for reading.
+    pub read_dirs: Vec<PathBuf>,
 }
 
 impl Policy {
@@ -69,8 +76,10 @@ impl Policy {
         Policy {
             profile: Profile::Read,
             write_dirs: Vec::new(),
+            commit_dirs: Vec::new(),
             write_files: Vec::new(),
             read_files: Vec::new(),
+            read_dirs: Vec::new(),
         }
     }
 
@@ -79,8 +88,19 @@ impl Policy {
         Policy {
             profile: Profile::Vmm,
             write_dirs: Vec::new(),
+            commit_dirs: Vec::new(),
             write_files: Vec::new(),
             read_files: Vec::new(),
+            read_dirs: Vec::new(),
+        }
+    }
+
+    /// A command whose outputs are open already and are put in place in
+    /// `dirs` (`convert`).
+    pub fn commit(dirs: Vec<PathBuf>) -> Self {
+        Policy {
+            commit_dirs: dirs,
+            ..Policy::write(Vec::new(), Vec::new())
         }
     }
 
@@ -89,8 +109,10 @@ impl Policy {
         Policy {
             profile: Profile::Write,
             write_dirs: dirs,
+            commit_dirs: Vec::new(),
             write_files: files,
             read_files: Vec::new(),
+            read_dirs: Vec::new(),
         }
     }
 }
@@ -125,9 +147,15 @@ pub fn folder_of(path: &Path) -> PathBuf {
     }
 }
 
-/// Confines the process (every thread it starts from here on) by
-/// `policy`. Called once every file the command reads is open.
+/// Confines the process by `policy`: the seccomp filters on every thread
+/// (TSYNC), Landlock on the calling thread and every thread it starts
+/// from here on (callers confine before they start any). Called once every
+/// file the command reads is open.
 pub fn confine(policy: &Policy) -> Result<()> {
+    confine_in(policy, true)
+}
+
+fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
     let settings = SETTINGS.get().copied().unwrap_or_default();
     no_new_privs()?;
     if settings.off {
@@ -144,8 +172,12 @@ pub fn confine(policy: &Policy) -> Result<()> {
         _ => {}
     }
     for program in seccomp_programs(policy.profile)? {
-        seccompiler::apply_filter(&program)
-            .map_err(|e| anyhow!("installing the seccomp filter: {e}"))?;
+        if all_threads {
+            seccompiler::apply_filter_all_threads(&program)
+        } else {
+            seccompiler::apply_filter(&program)
+        }
+        .map_err(|e| anyhow!("installing the seccomp filter: {e}"))?;
     }
     ACTIVE.store(true, Ordering::SeqCst);
     Ok(())
@@ -176,26 +208,29 @@ fn landlock(policy: &Policy) -> Result<RulesetStatus> {
         .map_err(err)?
         .create()
         .map_err(err)?;
-    // A folder that does not exist gets no rule: creating a file in it
-    // fails as it would anyway (ENOENT, said by the command).
-    for dir in policy.write_dirs.iter().filter(|d| d.is_dir()) {
-        let fd = PathFd::new(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(fd, AccessFs::from_all(abi)))
-            .map_err(err)?;
-    }
-    for file in &policy.write_files {
-        let fd = PathFd::new(file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-        // On a file, the rights that only apply to folders are dropped.
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(fd, AccessFs::from_file(abi)))
-            .map_err(err)?;
-    }
-    for file in &policy.read_files {
-        let fd = PathFd::new(file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(fd, AccessFs::ReadFile))
-            .map_err(err)?;
+    let files = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+    let rules: [(&Vec<PathBuf>, BitFlags<AccessFs>); 5] = [
+        (
+            &policy.write_dirs,
+            files | AccessFs::ReadDir | AccessFs::MakeReg | AccessFs::RemoveFile,
+        ),
+        (
+            &policy.commit_dirs,
+            AccessFs::ReadDir | AccessFs::MakeReg | AccessFs::RemoveFile,
+        ),
+        (&policy.write_files, files),
+        (&policy.read_files, AccessFs::ReadFile.into()),
+        (&policy.read_dirs, AccessFs::ReadFile | AccessFs::ReadDir),
+    ];
+    for (paths, access) in rules {
+        // A path that does not exist gets no rule: opening or creating it
+        // fails as it would anyway (ENOENT, said by the command).
+        for path in paths.iter().filter(|p| p.exists()) {
+            let fd = PathFd::new(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, access))
+                .map_err(err)?;
+        }
     }
     let status = ruleset.restrict_self().map_err(err)?;
     Ok(status.ruleset)
@@ -245,6 +280,49 @@ const NEVER: &[i64] = &[
     libc::SYS_iopl,
     libc::SYS_ioperm,
     libc::SYS_io_uring_setup,
+    // Metadata Landlock does not cover: modes, owners, times, attributes.
+    libc::SYS_chmod,
+    libc::SYS_fchmodat,
+    SYS_FCHMODAT2,
+    libc::SYS_chown,
+    libc::SYS_fchown,
+    libc::SYS_lchown,
+    libc::SYS_fchownat,
+    libc::SYS_utime,
+    libc::SYS_utimes,
+    libc::SYS_futimesat,
+    libc::SYS_utimensat,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    SYS_SETXATTRAT,
+    SYS_REMOVEXATTRAT,
+    libc::SYS_truncate,
+    libc::SYS_name_to_handle_at,
+    // Other processes.
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
+    libc::SYS_process_madvise,
+];
+
+/// Newer calls the libc crate may not name yet (x86-64 numbers).
+const SYS_FCHMODAT2: i64 = 452;
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_REMOVEXATTRAT: i64 = 466;
+
+/// The namespace flags of clone(2): a confined command makes no namespace.
+const CLONE_NEW: [u64; 7] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
 ];
 
 /// Opening a file: a command that only reads has opened all it reads.
@@ -289,6 +367,14 @@ const READ_ONLY_NEVER: &[i64] = &[
     libc::SYS_copy_file_range,
     libc::SYS_sendfile,
     libc::SYS_splice,
+    libc::SYS_vmsplice,
+    libc::SYS_tee,
+    // A writable descriptor moved onto standard output or error.
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_sendmmsg,
 ];
 
 /// The seccomp filters of a profile: the calls above fail with `EPERM`,
@@ -297,7 +383,51 @@ const READ_ONLY_NEVER: &[i64] = &[
 pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().map(|n| (*n, Vec::new())).collect();
-    let mut out = Vec::new();
+    let arg = |index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, len, op, value).map_err(seccomp_err)
+    };
+    let rule = |c: Vec<SeccompCondition>| SeccompRule::new(c).map_err(seccomp_err);
+    // A thread, never a namespace.
+    let mut clone = Vec::new();
+    for flag in CLONE_NEW {
+        clone.push(rule(vec![arg(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )?])?);
+    }
+    denied.insert(libc::SYS_clone, clone);
+    // No keystrokes pushed into the terminal the command runs on (its
+    // input, open before the sandbox).
+    denied.insert(
+        libc::SYS_ioctl,
+        vec![
+            rule(vec![arg(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::TIOCSTI,
+            )?])?,
+            rule(vec![arg(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::TIOCLINUX,
+            )?])?,
+        ],
+    );
+    // x32 calls (the x86-64 arch with bit 30 of the number set) would
+    // match none of the numbers below: they kill the process. clone3
+    // (whose flags are behind a pointer) answers ENOSYS, and the C library
+    // starts threads with clone, whose flags the filter sees.
+    let mut out = vec![
+        no_x32(),
+        program(
+            [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+            libc::ENOSYS,
+        )?,
+    ];
     if profile == Profile::Vmm {
         // Any ioctl but these fails.
         let mut others = Vec::new();
@@ -329,8 +459,48 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
         let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
         out.push(program(opens, libc::EACCES)?);
     }
-    out.insert(0, program(denied, libc::EPERM)?);
+    out.push(program(denied, libc::EPERM)?);
     Ok(out)
+}
+
+/// A filter that kills the process on any x32 call (the x86-64 arch with
+/// `__X32_SYSCALL_BIT` in the number): seccompiler's filters compare whole
+/// numbers, which an x32 call would pass.
+fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JGE_K: u16 = 0x35;
+    const RET_K: u16 = 0x06;
+    const X32_BIT: u32 = 0x4000_0000;
+    const RET_KILL_PROCESS: u32 = 0x8000_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    vec![
+        // The syscall number (seccomp_data.nr, offset 0).
+        sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: JGE_K,
+            jt: 0,
+            jf: 1,
+            k: X32_BIT,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_KILL_PROCESS,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ALLOW,
+        },
+    ]
 }
 
 /// The ioctls vm boot's VMM makes once it runs: `KVM_RUN`,
@@ -358,21 +528,21 @@ fn program(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProg
     filter.try_into().map_err(seccomp_err)
 }
 
-/// True when `e` is what a refused open or call looks like (`EACCES`,
-/// `EPERM`) in a confined process.
+/// True when `e` may be the sandbox's refusal: an `EACCES`, `EPERM` or
+/// `EXDEV` from the system in a confined process.
 pub fn refused(e: &anyhow::Error) -> bool {
     active()
         && e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.raw_os_error())
-                .is_some_and(|n| n == libc::EACCES || n == libc::EPERM)
-                || c.to_string().contains("Permission denied")
-                || c.to_string().contains("Operation not permitted")
+            let io = c
+                .downcast_ref::<std::io::Error>()
+                .or_else(|| c.source().and_then(|s| s.downcast_ref::<std::io::Error>()));
+            io.and_then(|io| io.raw_os_error())
+                .is_some_and(|n| n == libc::EACCES || n == libc::EPERM || n == libc::EXDEV)
         })
 }
 
-/// What the error line adds when the sandbox refused something.
-pub const REFUSED_NOTE: &str = "vmshift's sandbox refused it: once the input is open, a command may open no other file and run no program (--no-sandbox turns the sandbox off)";
+/// What the error line adds when the sandbox may have refused something.
+pub const REFUSED_NOTE: &str = "vmshift's sandbox may have refused it: once the input is open, a command opens no other file outside its output's folder and runs no program (--no-sandbox turns the sandbox off, to tell)";
 
 #[cfg(test)]
 mod tests {
@@ -402,7 +572,7 @@ mod tests {
         let (o, d) = (opened.clone(), dir.path().to_path_buf());
         let r = in_thread(move || {
             let mut f = std::fs::File::open(&o).unwrap();
-            confine(&Policy::read()).unwrap();
+            confine_in(&Policy::read(), false).unwrap();
             let mut s = String::new();
             f.read_to_string(&mut s).unwrap();
             let again = std::fs::File::open(&o)
@@ -456,7 +626,7 @@ mod tests {
                 .write(true)
                 .open(&p)
                 .unwrap();
-            confine(&Policy::read()).unwrap();
+            confine_in(&Policy::read(), false).unwrap();
             let write = f.write(b"changed").map_err(|e| e.raw_os_error());
             let pwrite =
                 std::os::unix::fs::FileExt::write_at(&f, b"y", 0).map_err(|e| e.raw_os_error());
@@ -482,7 +652,7 @@ mod tests {
         std::fs::write(elsewhere.path().join("keep"), b"k").unwrap();
         let (o, e) = (out.path().to_path_buf(), elsewhere.path().to_path_buf());
         let (inside, rename, outside, read_outside, exec) = in_thread(move || {
-            confine(&Policy::write(vec![o.clone()], Vec::new())).unwrap();
+            confine_in(&Policy::write(vec![o.clone()], Vec::new()), false).unwrap();
             let inside = std::fs::write(o.join(".t.tmp"), b"data").map_err(|e| e.raw_os_error());
             let rename =
                 std::fs::rename(o.join(".t.tmp"), o.join("t")).map_err(|e| e.raw_os_error());
@@ -511,7 +681,7 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, b"x").unwrap();
         let msg = in_thread(move || {
-            confine(&Policy::read()).unwrap();
+            confine_in(&Policy::read(), false).unwrap();
             let e = std::fs::File::open(&p)
                 .map_err(anyhow::Error::from)
                 .map(|_| ())
@@ -530,7 +700,7 @@ mod tests {
                 assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
                 (fds[0], fds[1])
             };
-            confine(&Policy::vmm()).unwrap();
+            confine_in(&Policy::vmm(), false).unwrap();
             let errno = || std::io::Error::last_os_error().raw_os_error();
             let mut n: libc::c_int = 0;
             // SAFETY: FIONREAD writes one int to `n`.
@@ -556,5 +726,73 @@ mod tests {
         assert_eq!(tcgets, (-1, Some(libc::ENOTTY)));
         assert_eq!(open, Err(Some(libc::EACCES)));
         assert_eq!(exec, Err(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn threads_still_start_but_namespaces_terminal_keystrokes_and_dup2_do_not() {
+        let (thread, clone3, newuser, tiocsti, dup2) = in_thread(|| {
+            let mut fds = [0; 2];
+            // SAFETY: pipe() fills the two-element array it is given.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            confine_in(&Policy::read(), false).unwrap();
+            let errno = || std::io::Error::last_os_error().raw_os_error();
+            // glibc answers clone3's ENOSYS with clone, without namespaces.
+            let thread = std::thread::spawn(|| 7).join().ok();
+            // SAFETY: clone3 with a null argument only returns an error.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            let clone3 = (r, errno());
+            // SAFETY: a fork-like clone; should it succeed, the child
+            // leaves at once.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            };
+            if r == 0 {
+                // SAFETY: the child ends without running anything else.
+                unsafe { libc::_exit(0) };
+            }
+            let newuser = (r, errno());
+            let c = b'x';
+            // SAFETY: TIOCSTI reads one byte from the pointer given.
+            let r = unsafe { libc::ioctl(fds[0], libc::TIOCSTI, &c) };
+            let tiocsti = (r, errno());
+            // SAFETY: dup2 takes two descriptor numbers.
+            let r = unsafe { libc::dup2(fds[1], 1) };
+            let dup2 = (r, errno());
+            (thread, clone3, newuser, tiocsti, dup2)
+        });
+        assert_eq!(thread, Some(7));
+        assert_eq!(clone3, (-1, Some(libc::ENOSYS)));
+        assert_eq!(newuser, (-1, Some(libc::EPERM)));
+        assert_eq!(tiocsti, (-1, Some(libc::EPERM)));
+        assert_eq!(dup2, (-1, Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn an_x32_call_kills_the_process() {
+        if std::env::var_os("VMSHIFT_SANDBOX_X32_CHILD").is_some() {
+            confine_in(&Policy::read(), false).unwrap();
+            // getpid through the x32 ABI: a number no deny rule names.
+            // SAFETY: getpid takes no arguments; the filter stops it first.
+            unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) };
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sandbox::tests::an_x32_call_kills_the_process",
+                "--nocapture",
+            ])
+            .env("VMSHIFT_SANDBOX_X32_CHILD", "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
     }
 }

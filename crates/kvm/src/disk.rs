@@ -263,9 +263,10 @@ impl OverlayDisk {
                 }
                 Block::File(at) => *at + (from - bstart),
             };
-            self.spill_file()
-                .write_all_at(src, at)
-                .map_err(DiskError::Spill)?;
+            if let Err(e) = self.spill_file().write_all_at(src, at) {
+                self.budget.give((new - inserted) * BLOCK);
+                return Err(DiskError::Spill(e));
+            }
         }
         Ok(())
     }

@@ -60,11 +60,17 @@ fn repair(args: &CheckArgs, fix: RepairArg) -> Result<i32> {
     let img = open()?;
     // The image is rewritten in place and read again after the repair,
     // with its backing chain.
+    // (its extents and data files sit in the folders of its layers)
     let mut policy = crate::sandbox::Policy::write(Vec::new(), vec![path.clone()]);
-    policy.read_files = super::chain(img.as_ref())
-        .iter()
-        .map(|l| l.path().to_path_buf())
-        .collect();
+    for l in super::chain(img.as_ref()) {
+        policy.read_files.push(l.path().to_path_buf());
+        policy.read_files.extend(l.info().extra_files);
+        policy.read_dirs.push(crate::sandbox::folder_of(
+            &l.path()
+                .canonicalize()
+                .unwrap_or_else(|_| l.path().to_path_buf()),
+        ));
+    }
     crate::sandbox::confine(&policy)?;
     let fix = match fix {
         RepairArg::Leaks => Fix::Leaks,

@@ -123,14 +123,6 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         },
         None => opts,
     };
-    // The source is open: from here on only the target's folder (a new
-    // target and its temporary and side files) or the target itself (-n)
-    // may be opened.
-    crate::sandbox::confine(&if args.no_create {
-        crate::sandbox::Policy::write(Vec::new(), vec![args.target.clone()])
-    } else {
-        crate::sandbox::Policy::write(vec![crate::sandbox::folder_of(&args.target)], Vec::new())
-    })?;
     crate::signals::install();
     let progress = if args.quiet {
         Progress::Silent
@@ -154,6 +146,8 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
             })?;
         let mut writer =
             open_existing_writer(file, &args.target, format, src.size(), args.target_is_zero)?;
+        // Source and target are open: no file may be opened from here on.
+        crate::sandbox::confine(&crate::sandbox::Policy::write(Vec::new(), Vec::new()))?;
         convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
         writer.finish_with(flush)?;
     } else {
@@ -161,6 +155,11 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         let (out, file) = AtomicOutput::create(&args.target, args.force)?;
         let mut sides = SideOutputs::new(&args.target, args.force);
         let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+        // Source and outputs (the temporary files) are open: from here on
+        // the outputs may only be put in place in the target's folder.
+        crate::sandbox::confine(&crate::sandbox::Policy::commit(vec![
+            crate::sandbox::folder_of(&args.target),
+        ]))?;
         convert(src.as_ref(), writer.as_mut(), &opts, &report)?;
         writer.finish_with(flush)?;
         sides.commit_with(flush)?;
