@@ -250,3 +250,38 @@ fn info_reports_the_limits_a_qcow2_was_read_within() {
     let meta = get("image-metadata-bytes");
     assert!(meta["value"].as_u64().unwrap() <= meta["limit"].as_u64().unwrap());
 }
+
+/// An OVA of `linux.ovf` (the fixture) and `extra` more small members.
+fn ova_with_members(dir: &Path, name: &str, extra: usize) {
+    let stage = dir.join(format!("stage-{extra}"));
+    std::fs::create_dir_all(&stage).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms/ovf/linux.ovf");
+    std::fs::copy(&fixture, stage.join("linux.ovf")).unwrap();
+    let mut list = vec!["linux.ovf".to_string()];
+    for i in 0..extra {
+        let n = format!("m{i}.txt");
+        std::fs::write(stage.join(&n), b"x").unwrap();
+        list.push(n);
+    }
+    std::fs::write(stage.join("list"), list.join("\n")).unwrap();
+    tool_ok(
+        &stage,
+        "tar",
+        &["-cf", dir.join(name).to_str().unwrap(), "-T", "list"],
+    );
+}
+
+#[test]
+fn ova_of_10000_members_reads_and_10001_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    ova_with_members(dir.path(), "at.ova", 9_999);
+    ova_with_members(dir.path(), "past.ova", 10_000);
+    let at = vmshift(dir.path(), &["vm", "inspect", "at.ova"]);
+    let e = String::from_utf8_lossy(&at.stderr);
+    assert!(at.status.success(), "at the limit: {e}");
+    assert!(String::from_utf8_lossy(&at.stdout).contains("name = \"linux\""));
+    let past = vmshift(dir.path(), &["vm", "inspect", "past.ova"]);
+    assert!(!past.status.success());
+    let e = String::from_utf8_lossy(&past.stderr);
+    assert!(e.contains("more than 10000 members; not an OVA"), "{e}");
+}

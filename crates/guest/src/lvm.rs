@@ -556,8 +556,19 @@ fn assemble(
     let mut size = 0u64;
     let mut problem = None;
     let mut sections = lv.sections();
+    if sections.len() > MAX_SEGMENTS {
+        // Not read in part: a volume missing segments would read as zeros
+        // where its data is.
+        return (
+            0,
+            Err(format!(
+                "{} segments, more than the {MAX_SEGMENTS} vmshift reads",
+                sections.len()
+            )),
+        );
+    }
     sections.sort_by_key(|(_, s)| s.int("start_extent").unwrap_or(0));
-    for (sname, s) in sections.iter().take(MAX_SEGMENTS) {
+    for (sname, s) in sections.iter() {
         let start = s.int("start_extent").unwrap_or(-1);
         let count = s.int("extent_count").unwrap_or(-1);
         if start < 0 || count <= 0 {
@@ -715,6 +726,29 @@ creation_time = 1700000000	# Tue
         }
         let deep = "a {".repeat(100) + &"}".repeat(100);
         assert!(parse_metadata(&deep).is_err());
+    }
+
+    #[test]
+    fn a_volume_past_the_segment_limit_is_refused_not_read_in_part() {
+        let lv = |n: usize| {
+            let mut t = String::from("lv {\n");
+            for i in 0..n {
+                t.push_str(&format!(
+                    "segment{i} {{\nstart_extent = {i}\nextent_count = 1\ntype = \"striped\"\nstripe_count = 1\nstripes = [\"pv0\", {i}]\n}}\n"
+                ));
+            }
+            t.push_str("}\n");
+            parse_metadata(&t).unwrap()
+        };
+        let past = lv(MAX_SEGMENTS + 1);
+        let (_, r) = assemble(past.get("lv").unwrap(), 4 << 20, &PvMap::new());
+        let e = r.unwrap_err();
+        assert!(e.contains("65537 segments, more than the 65536"), "{e}");
+        let at = lv(MAX_SEGMENTS);
+        let (size, r) = assemble(at.get("lv").unwrap(), 4 << 20, &PvMap::new());
+        // Read (its PV is missing here, which is another error).
+        assert_eq!(size, MAX_SEGMENTS as u64 * (4 << 20));
+        assert!(!r.unwrap_err().contains("segments, more than"));
     }
 
     #[test]
