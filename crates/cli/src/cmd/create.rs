@@ -73,6 +73,10 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
     let (out, file) = AtomicOutput::create(&args.file, args.force)?;
     let mut sides = SideOutputs::new(&args.file, args.force);
     let writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+    // The outputs are open: from here on they may only be put in place.
+    crate::sandbox::confine(&crate::sandbox::Policy::commit(vec![
+        crate::sandbox::folder_of(&args.file),
+    ]))?;
     writer.finish()?;
     sides.commit()?;
     out.commit()?;
