@@ -70,6 +70,20 @@ pub fn qemu_img(dir: &Path, args: &[&str]) -> Output {
     tool(dir, "qemu-img", args)
 }
 
+/// `len` random-like bytes (xorshift, always the same): no compressor
+/// shrinks them.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Writes a raw file of `size` bytes holding a recognisable, mostly
 /// compressible pattern in a few ranges (and holes elsewhere).
 pub fn patterned_raw(path: &Path, size: u64) {
@@ -82,15 +96,7 @@ pub fn patterned_raw(path: &Path, size: u64) {
         .flat_map(|i| format!("line {i} of the vmshift test pattern\n").into_bytes())
         .take(1 << 20)
         .collect();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..(512 << 10))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = noise(512 << 10);
     let places = [
         0u64,
         size / 3 + 4096,

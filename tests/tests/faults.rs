@@ -8,20 +8,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use vmshift_tests::{tool_ok, vmshift_bin};
+use vmshift_tests::{noise, tool_ok, vmshift_bin};
 
-/// `len` bytes no compressor shrinks much (qcow2 and raw keep them all).
+/// `len` bytes no compressor shrinks (qcow2 and raw keep them all).
 fn dense(path: &Path, len: usize) {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, data).unwrap();
+    std::fs::write(path, noise(len)).unwrap();
 }
 
 /// Runs `vmshift ARGS` in `dir` with a 3 MiB tmpfs on `dir/small`, after

@@ -552,6 +552,14 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// A pipe: (read end, write end).
+    fn pipe() -> (i32, i32) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills the two-element array it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    }
+
     fn in_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(f).join().expect("the confined thread")
     }
@@ -694,12 +702,7 @@ mod tests {
     #[test]
     fn the_vmm_makes_only_its_ioctls_and_opens_nothing() {
         let (fionread, tcgets, open, exec) = in_thread(|| {
-            let (r, _w) = {
-                let mut fds = [0; 2];
-                // SAFETY: pipe() fills the two-element array it is given.
-                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-                (fds[0], fds[1])
-            };
+            let (r, _w) = pipe();
             confine_in(&Policy::vmm(), false).unwrap();
             let errno = || std::io::Error::last_os_error().raw_os_error();
             let mut n: libc::c_int = 0;
@@ -731,9 +734,7 @@ mod tests {
     #[test]
     fn threads_still_start_but_namespaces_terminal_keystrokes_and_dup2_do_not() {
         let (thread, clone3, newuser, tiocsti, dup2) = in_thread(|| {
-            let mut fds = [0; 2];
-            // SAFETY: pipe() fills the two-element array it is given.
-            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let (rd, wr) = pipe();
             confine_in(&Policy::read(), false).unwrap();
             let errno = || std::io::Error::last_os_error().raw_os_error();
             // glibc answers clone3's ENOSYS with clone, without namespaces.
@@ -760,11 +761,11 @@ mod tests {
             let newuser = (r, errno());
             let c = b'x';
             // SAFETY: TIOCSTI reads one byte from the pointer given.
-            let r = unsafe { libc::ioctl(fds[0], libc::TIOCSTI, &c) };
-            let tiocsti = (r, errno());
+            let rc = unsafe { libc::ioctl(rd, libc::TIOCSTI, &c) };
+            let tiocsti = (rc, errno());
             // SAFETY: dup2 takes two descriptor numbers.
-            let r = unsafe { libc::dup2(fds[1], 1) };
-            let dup2 = (r, errno());
+            let rc = unsafe { libc::dup2(wr, 1) };
+            let dup2 = (rc, errno());
             (thread, clone3, newuser, tiocsti, dup2)
         });
         assert_eq!(thread, Some(7));

@@ -16,7 +16,6 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         super::Use::Describe,
     )?;
     crate::sandbox::confine(&crate::sandbox::Policy::read())?;
-    let top_ref = top.as_ref();
     let layers = if args.backing_chain {
         super::chain(top.as_ref())
     } else {
@@ -49,24 +48,21 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
             if let Some(Value::Object(m)) = objects.first_mut() {
                 // The limits the whole guest view was read within: the
                 // chain's depth and the partition table's counts.
-                let mut top: Vec<(&'static str, u64)> = layers[0].info().limits;
-                top.push((
-                    "chain-depth",
-                    layers.len().max(super::chain(top_ref).len()) as u64,
-                ));
+                let mut used: Vec<(&'static str, u64)> = layers[0].info().limits;
+                used.push(("chain-depth", super::chain(top.as_ref()).len() as u64));
                 if let Ok(Some(t)) = &table {
                     match t.kind {
-                        vmshift_image::part::TableKind::Gpt => top.push((
+                        vmshift_image::part::TableKind::Gpt => used.push((
                             "gpt-entries",
                             t.gpt.as_ref().map_or(0, |g| u64::from(g.entries)),
                         )),
-                        _ => top.push((
+                        _ => used.push((
                             "mbr-logical-partitions",
                             t.partitions.iter().filter(|p| p.number > 4).count() as u64,
                         )),
                     }
                 }
-                m.insert("limits".into(), limits_json(&top));
+                m.insert("limits".into(), limits_json(&used));
                 match &table {
                     Ok(Some(t)) => {
                         m.insert("partitions".into(), serde_json::to_value(t)?);
