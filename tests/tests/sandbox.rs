@@ -58,6 +58,25 @@ fn field<'a>(status: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{name} missing from {status}"))
 }
 
+/// The capability sets (effective, permitted, bounding) of every thread
+/// of `child`, as /proc shows them.
+fn capabilities(child: &Child) -> Vec<(u64, u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).ok())
+        .map(|s| {
+            let hex = |name: &str| u64::from_str_radix(field(&s, name), 16).unwrap();
+            (hex("CapEff"), hex("CapPrm"), hex("CapBnd"))
+        })
+        .collect()
+}
+
+/// Whether this test runs as root (with capabilities to drop).
+fn privileged() -> bool {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    field(&own, "CapEff") != "0000000000000000"
+}
+
 fn finish(mut child: Child) -> (String, String) {
     let mut out = String::new();
     let mut err = String::new();
@@ -94,6 +113,14 @@ fn a_reading_command_runs_with_no_new_privs_and_seccomp() {
     // Four filters: x32 calls, clone3, opening a file, and the calls no
     // command makes.
     assert_eq!(field(&status, "Seccomp_filters"), "4");
+    // No capability left, on any thread, whoever runs it (as root, the
+    // bounding set is emptied too).
+    for (eff, prm, bnd) in capabilities(&child) {
+        assert_eq!((eff, prm), (0, 0));
+        if privileged() {
+            assert_eq!(bnd, 0, "bounding set");
+        }
+    }
     let (out, _) = finish(child);
     let map: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(map.as_array().unwrap().len(), 2 * (64 << 20) / 8192);
@@ -128,6 +155,14 @@ fn a_writing_command_runs_with_no_new_privs_and_seccomp() {
     // Three filters: a command that writes may open files (Landlock keeps
     // it to the target's folder).
     assert_eq!(field(&status, "Seccomp_filters"), "3");
+    // At most CAP_DAC_OVERRIDE (root writing into a folder it does not
+    // own), on every thread.
+    for (eff, prm, bnd) in capabilities(&child) {
+        assert_eq!((eff & !2, prm & !2), (0, 0));
+        if privileged() {
+            assert_eq!(bnd, 2, "bounding set");
+        }
+    }
     finish(child);
     let out = vmshift_tests::qemu_img(dir.path(), &["compare", "big.raw", "out.qcow2"]);
     assert!(
@@ -163,5 +198,55 @@ fn no_sandbox_leaves_only_no_new_privs_and_says_so() {
     assert!(
         err.contains("--no-sandbox: Landlock and seccomp are off"),
         "{err}"
+    );
+}
+
+#[test]
+fn vm_convert_copies_its_disks_confined() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("big.raw");
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        let chunk: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+        for i in 0..128u64 {
+            f.write_all_at(&chunk, i * (4 << 20)).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.path().join("big.xml"),
+        "<domain type='kvm'><name>big</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='big.raw'/><target dev='vda' bus='virtio'/></disk>\
+         </devices></domain>",
+    )
+    .unwrap();
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "vm",
+            "convert",
+            "--to",
+            "qemu-args",
+            "--out",
+            "new/vm",
+            "big.xml",
+        ],
+    );
+    let status = status_when(&mut child, |s| s.contains("Seccomp_filters:\t3"))
+        .expect("vm convert of 512 MiB ended before its status was read");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    for (eff, prm, _) in capabilities(&child) {
+        assert_eq!((eff & !2, prm & !2), (0, 0));
+    }
+    finish(child);
+    let out = vmshift_tests::qemu_img(
+        dir.path(),
+        &["compare", "big.raw", "new/vm/big-disk0.qcow2"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }

@@ -68,6 +68,11 @@ pub struct Policy {
     pub read_files: Vec<PathBuf>,
     /// Folders whose files may be opened again for reading.
     pub read_dirs: Vec<PathBuf>,
+    /// Folders in which folders may be made (and, empty, removed).
+    pub make_dirs: Vec<PathBuf>,
+    /// Folders in which empty folders may be removed (those a failed run
+    /// made).
+    pub remove_dirs: Vec<PathBuf>,
 }
 
 impl Policy {
@@ -80,6 +85,8 @@ impl Policy {
             write_files: Vec::new(),
             read_files: Vec::new(),
             read_dirs: Vec::new(),
+            make_dirs: Vec::new(),
+            remove_dirs: Vec::new(),
         }
     }
 
@@ -92,6 +99,8 @@ impl Policy {
             write_files: Vec::new(),
             read_files: Vec::new(),
             read_dirs: Vec::new(),
+            make_dirs: Vec::new(),
+            remove_dirs: Vec::new(),
         }
     }
 
@@ -113,6 +122,8 @@ impl Policy {
             write_files: files,
             read_files: Vec::new(),
             read_dirs: Vec::new(),
+            make_dirs: Vec::new(),
+            remove_dirs: Vec::new(),
         }
     }
 }
@@ -162,7 +173,9 @@ fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
         eprintln!("vmshift: --no-sandbox: Landlock and seccomp are off; only no_new_privs is set");
         return Ok(());
     }
-    match landlock(policy)? {
+    let landlock_status = landlock(policy)?;
+    drop_capabilities(policy.profile)?;
+    match landlock_status {
         RulesetStatus::NotEnforced if settings.require_landlock => {
             bail!("--require-landlock: this kernel has no Landlock (Linux 5.13 or later, with landlock in its lsm= list), so the files vmshift may open cannot be confined")
         }
@@ -180,6 +193,103 @@ fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
         .map_err(|e| anyhow!("installing the seccomp filter: {e}"))?;
     }
     ACTIVE.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Capabilities a profile keeps (when it runs with them at all, as root):
+/// a command that writes keeps `CAP_DAC_OVERRIDE`, so that root still
+/// writes its output into a folder it does not own; nothing else keeps
+/// any.
+fn kept_capabilities(profile: Profile) -> u64 {
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    match profile {
+        Profile::Write => 1 << CAP_DAC_OVERRIDE,
+        Profile::Read | Profile::Vmm => 0,
+    }
+}
+
+/// `capget`/`capset`'s header (`struct __user_cap_header_struct`).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// One half of `capget`/`capset`'s data (`struct __user_cap_data_struct`).
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability but the profile's from the calling thread (the
+/// effective, permitted, inheritable, ambient and bounding sets; a
+/// command confines itself before it starts threads). Without
+/// `CAP_SETPCAP` (not root) the bounding set stays, and no_new_privs and
+/// the refused `execve` keep anything from being gained through it.
+fn drop_capabilities(profile: Profile) -> Result<()> {
+    let keep = kept_capabilities(profile);
+    for cap in 0..64u64 {
+        // SAFETY: prctl with PR_CAPBSET_READ/DROP takes integer arguments
+        // only.
+        let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) };
+        if present < 0 {
+            break; // past the kernel's last capability
+        }
+        if present == 1 && keep & (1 << cap) == 0 {
+            // SAFETY: as above.
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+            let err = std::io::Error::last_os_error();
+            if rc != 0 && err.raw_os_error() != Some(libc::EPERM) {
+                bail!("dropping capability {cap} from the bounding set: {err}");
+            }
+        }
+    }
+    // SAFETY: integer arguments only.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "clearing the ambient capabilities: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: `header` and `data` are the kernel's v3 layout (a header and
+    // two data structs), live and writable for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        bail!(
+            "reading the capabilities: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    for (half, d) in data.iter_mut().enumerate() {
+        let keep = (keep >> (32 * half)) as u32;
+        d.permitted &= keep;
+        d.effective &= d.permitted;
+        d.inheritable = 0;
+    }
+    // SAFETY: as for capget; the kernel only reads `data` here.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        bail!("dropping capabilities: {}", std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -209,7 +319,7 @@ fn landlock(policy: &Policy) -> Result<RulesetStatus> {
         .create()
         .map_err(err)?;
     let files = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
-    let rules: [(&Vec<PathBuf>, BitFlags<AccessFs>); 5] = [
+    let rules: [(&Vec<PathBuf>, BitFlags<AccessFs>); 7] = [
         (
             &policy.write_dirs,
             files | AccessFs::ReadDir | AccessFs::MakeReg | AccessFs::RemoveFile,
@@ -221,6 +331,8 @@ fn landlock(policy: &Policy) -> Result<RulesetStatus> {
         (&policy.write_files, files),
         (&policy.read_files, AccessFs::ReadFile.into()),
         (&policy.read_dirs, AccessFs::ReadFile | AccessFs::ReadDir),
+        (&policy.make_dirs, AccessFs::MakeDir | AccessFs::RemoveDir),
+        (&policy.remove_dirs, AccessFs::RemoveDir.into()),
     ];
     for (paths, access) in rules {
         // A path that does not exist gets no rule: opening or creating it

@@ -4,6 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use vmshift_desc::libvirt::DomainDocument;
 use vmshift_desc::mapping::{migration_findings, to_kvm, Change, MapOptions, NetTarget};
@@ -63,7 +64,17 @@ pub struct ConvertRequest {
     /// The host bridge for every NIC not mapped otherwise and not on
     /// VMware NAT, host-only or a custom vmnet (`--bridge NAME`).
     pub bridge: Option<String>,
+    /// The sandbox the run enters once every input is open (the disks,
+    /// OVMF's variable template, libvirt's schema) and the output folder
+    /// exists, before it reads what the guest wrote: called with the
+    /// output folder (canonical), and the folder above the highest folder
+    /// this run made (whose empty folders a failed run removes), if it
+    /// made any.
+    pub confine: Option<Confine>,
 }
+
+/// The sandbox a conversion enters (see [`ConvertRequest::confine`]).
+pub type Confine = fn(&Path, Option<&Path>) -> std::result::Result<(), String>;
 
 /// Told how a conversion goes; every method has a default that does
 /// nothing.
@@ -160,12 +171,17 @@ fn ovmf(secure: bool) -> Option<(PathBuf, PathBuf)> {
 /// One output file a conversion writes.
 struct Job {
     /// What to copy (a disk, or OVMF's variable template).
-    img: Box<dyn ImageReader>,
+    img: Arc<dyn ImageReader>,
     /// How the source is named in messages.
     input: String,
     target: PathBuf,
     format: DiskFormat,
 }
+
+/// A disk opened before the sandbox: how it is named, and its reader.
+type OpenedDisk = Result<(String, Arc<dyn ImageReader>)>;
+/// An image opened before the sandbox.
+type OpenedImage = Result<Arc<dyn ImageReader>>;
 
 /// Whether an image allocates space as it is written (qcow2, sparse
 /// VMDK): its guest's discards are worth passing on.
@@ -216,7 +232,13 @@ pub fn convert_vm(
         .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
         .map(Path::to_path_buf)
         .collect();
-    let r = convert_into(loaded, resolver, req, observer, cancel);
+    let above = made.last().map(|top| {
+        top.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    });
+    let r = convert_into(loaded, resolver, req, observer, cancel, above.as_deref());
     if r.is_err() {
         // Only empty folders go (remove_dir refuses any other).
         for dir in &made {
@@ -232,16 +254,11 @@ fn convert_into(
     req: &ConvertRequest,
     observer: &dyn Observer,
     cancel: Option<&'static AtomicBool>,
+    made_above: Option<&Path>,
 ) -> Result<ConvertReport> {
     let mut findings = loaded.lowered.findings.clone();
     findings.extend(loaded.lowered.vm.validate());
     findings.extend(crate::state::state_findings(loaded, resolver, req.allow));
-    // The guest itself, read offline from its disks.
-    let guest = if req.to != Target::Vmx {
-        crate::resolve::read_guest(&loaded.lowered.vm, resolver)
-    } else {
-        None
-    };
 
     let disk_format = match (req.disk_format, req.to) {
         (Some(f), _) => f,
@@ -252,39 +269,6 @@ fn convert_into(
         return Err(Error::Request(
             "--to proxmox needs --vmid N --storage NAME".into(),
         ));
-    }
-    // Sparse source images are thin: the converted disks get discard.
-    let mut src = loaded.lowered.vm.clone();
-    for d in &mut src.disks {
-        if d.device != DeviceKind::Disk || d.passthrough {
-            continue;
-        }
-        if let Some(Ok((_, img))) = d.source.as_ref().map(|r| resolver.open(r)) {
-            d.thin |= is_thin(img.as_ref());
-        }
-    }
-    // The firmware the boot disk boots with, where the descriptor asks
-    // for the other (an OVF that lost `firmware = "efi"`): the converted
-    // VM gets what the disk needs, and the report says so.
-    let mut firmware_change = None;
-    if let Some(g) = &guest {
-        if let Some((kind, why)) = crate::resolve::firmware_fix(&src, g) {
-            firmware_change = Some(Change {
-                path: "firmware".into(),
-                from: format!("{:?}", src.firmware.kind).to_lowercase(),
-                to: format!("{kind:?}").to_lowercase(),
-                why: format!(
-                    "the guest: {}",
-                    why.split(": it would").next().unwrap_or(&why)
-                ),
-            });
-            src.firmware.kind = kind;
-            if kind == vmshift_model::FirmwareKind::Bios {
-                src.firmware.secure_boot = false;
-                src.firmware.efi_vars = None;
-            }
-        }
-        findings.extend(crate::resolve::guest_findings(&src, g));
     }
     for (i, (k, _)) in req.networks.iter().enumerate() {
         let key = vmshift_desc::mapping::net_key(k);
@@ -316,19 +300,105 @@ fn convert_into(
             "--network-map and --bridge map networks for KVM; --to vmx keeps the VM's own".into(),
         ));
     }
+
+    // Every input open before the sandbox: the disks (once each; the plan
+    // below takes them from here), OVMF's variable templates where the
+    // target may need one (the guest may turn a BIOS VM into a UEFI one),
+    // and what libvirt's schema accepts.
+    let mut opened: Vec<Option<OpenedDisk>> = loaded
+        .lowered
+        .vm
+        .disks
+        .iter()
+        .map(|d| match &d.source {
+            Some(src) if d.device == DeviceKind::Disk => {
+                Some(resolver.open(src).map(|(name, img)| (name, Arc::from(img))))
+            }
+            _ => None,
+        })
+        .collect();
+    let templates: Vec<(bool, (PathBuf, PathBuf), OpenedImage)> =
+        if matches!(req.to, Target::Proxmox | Target::QemuArgs) {
+            [false, true]
+                .into_iter()
+                .filter_map(|secure| {
+                    let (code, template) = ovmf(secure)?;
+                    let img = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())
+                        .map(Arc::from)
+                        .map_err(Error::from);
+                    Some((secure, (code, template), img))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let nvme = match req.to {
+        Target::QemuArgs => true,
+        Target::Libvirt => vmshift_desc::schema::accepts_emulated_nvme(Path::new(
+            vmshift_desc::schema::DEFAULT_SCHEMA_DIR,
+        )),
+        Target::Proxmox | Target::Vmx => false,
+    };
+    std::fs::create_dir_all(&req.out).map_err(Error::io(&req.out, "creating the output folder"))?;
+    let out = req
+        .out
+        .canonicalize()
+        .map_err(Error::io(&req.out, "reading the output folder"))?;
+    if let Some(confine) = req.confine {
+        confine(&out, made_above).map_err(|e| Error::Request(format!("the sandbox: {e}")))?;
+    }
+
+    // The guest itself, read offline from its disks.
+    let guest = if req.to != Target::Vmx {
+        let disks: Option<Vec<Arc<dyn ImageReader>>> = opened
+            .iter()
+            .flatten()
+            .map(|r| r.as_ref().ok().map(|(_, img)| img.clone()))
+            .collect();
+        disks.and_then(crate::resolve::read_guest_of)
+    } else {
+        None
+    };
+    // Sparse source images are thin: the converted disks get discard.
+    let mut src = loaded.lowered.vm.clone();
+    for (d, o) in src.disks.iter_mut().zip(&opened) {
+        if d.passthrough {
+            continue;
+        }
+        if let Some(Ok((_, img))) = o {
+            d.thin |= is_thin(img.as_ref());
+        }
+    }
+    // The firmware the boot disk boots with, where the descriptor asks
+    // for the other (an OVF that lost `firmware = "efi"`): the converted
+    // VM gets what the disk needs, and the report says so.
+    let mut firmware_change = None;
+    if let Some(g) = &guest {
+        if let Some((kind, why)) = crate::resolve::firmware_fix(&src, g) {
+            firmware_change = Some(Change {
+                path: "firmware".into(),
+                from: format!("{:?}", src.firmware.kind).to_lowercase(),
+                to: format!("{kind:?}").to_lowercase(),
+                why: format!(
+                    "the guest: {}",
+                    why.split(": it would").next().unwrap_or(&why)
+                ),
+            });
+            src.firmware.kind = kind;
+            if kind == vmshift_model::FirmwareKind::Bios {
+                src.firmware.secure_boot = false;
+                src.firmware.efi_vars = None;
+            }
+        }
+        findings.extend(crate::resolve::guest_findings(&src, g));
+    }
     let map_opts = MapOptions {
         keep_models: req.keep_models,
         force_virtio: req.force_virtio,
         disk_format,
         networks: req.networks.clone(),
         bridge: req.bridge.clone(),
-        nvme: match req.to {
-            Target::QemuArgs => true,
-            Target::Libvirt => vmshift_desc::schema::accepts_emulated_nvme(Path::new(
-                vmshift_desc::schema::DEFAULT_SCHEMA_DIR,
-            )),
-            Target::Proxmox | Target::Vmx => false,
-        },
+        nvme,
         guest: guest.as_ref().and_then(crate::resolve::guest_drivers),
     };
     let (mut vm, mut changes): (Vm, Vec<Change>) = match req.to {
@@ -352,11 +422,6 @@ fn convert_into(
             .filter(|f| !known.contains(&(f.code.clone(), f.path.clone()))),
     );
 
-    std::fs::create_dir_all(&req.out).map_err(Error::io(&req.out, "creating the output folder"))?;
-    let out = req
-        .out
-        .canonicalize()
-        .map_err(Error::io(&req.out, "reading the output folder"))?;
     let base = safe_name(&vm.name);
     let ext = match disk_format {
         DiskFormat::Qcow2 => "qcow2",
@@ -373,7 +438,9 @@ fn convert_into(
     // written.
     let mut jobs: Vec<Job> = Vec::new();
     let mut n = 0;
-    for i in 0..vm.disks.len() {
+    // The mapping keeps the source's disks, in its order.
+    debug_assert_eq!(opened.len(), vm.disks.len());
+    for (i, slot) in opened.iter_mut().enumerate() {
         let d = vm.disks[i].clone();
         let Some(source) = &d.source else { continue };
         if d.passthrough {
@@ -444,7 +511,14 @@ fn convert_into(
                 note,
             ));
         }
-        let (input, img) = match resolver.open(source) {
+        let opened_disk = slot.take().unwrap_or_else(|| {
+            // Not a disk of the source (the mapping adds none): opened
+            // here, or refused by the sandbox.
+            resolver
+                .open(source)
+                .map(|(name, img)| (name, Arc::from(img)))
+        });
+        let (input, img) = match opened_disk {
             Ok(x) => x,
             Err(e) => {
                 findings.push(open_failure(i, &d, missing_severity, &e));
@@ -505,9 +579,12 @@ fn convert_into(
     }
     let mut ovmf_files = None;
     if uefi && matches!(req.to, Target::Proxmox | Target::QemuArgs) {
-        let (code, template) = ovmf(vm.firmware.secure_boot).ok_or_else(|| {
-            Error::Request("the VM is UEFI and needs OVMF's variable store template; install Debian's ovmf package".into())
-        })?;
+        let secure = vm.firmware.secure_boot;
+        let Some((_, (code, template), vars)) =
+            templates.into_iter().find(|(s, _, _)| *s == secure)
+        else {
+            return Err(Error::Request("the VM is UEFI and needs OVMF's variable store template; install Debian's ovmf package".into()));
+        };
         let (rel, reference, fmt) = match (req.vmid, &req.storage) {
             (Some(id), Some(storage)) if req.to == Target::Proxmox => {
                 let (rel, r) = proxmox_volume(id, storage, n, ext);
@@ -524,9 +601,8 @@ fn convert_into(
             }
         };
         let target = inside(&out, &rel)?;
-        let vars = open_image(&template, Some(DiskFormat::Raw), &OpenOptions::default())?;
         jobs.push(Job {
-            img: vars,
+            img: vars?,
             input: template.display().to_string(),
             target: target.clone(),
             format: fmt,

@@ -267,6 +267,16 @@ impl Observer for Bars {
     }
 }
 
+/// vm convert's sandbox once its inputs are open: it writes only in the
+/// output folder (files, and the folders a Proxmox storage layout needs),
+/// and a failed run removes the empty folders it made above it.
+fn confine_convert(out: &Path, made_above: Option<&Path>) -> std::result::Result<(), String> {
+    let mut policy = crate::sandbox::Policy::write(vec![out.to_path_buf()], Vec::new());
+    policy.make_dirs.push(out.to_path_buf());
+    policy.remove_dirs.extend(made_above.map(Path::to_path_buf));
+    crate::sandbox::confine(&policy).map_err(|e| format!("{e:#}"))
+}
+
 pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
     let mut l = load(&args.vm, args.from)?;
     l.apply_devices(&args.devices.choices())?;
@@ -290,6 +300,7 @@ pub fn convert_vm(args: &VmConvertArgs) -> Result<i32> {
         allow: allow(&args.state),
         networks: args.network_map.clone(),
         bridge: args.bridge.clone(),
+        confine: Some(confine_convert),
     };
     crate::signals::install();
     let bars = Bars {
