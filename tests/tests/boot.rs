@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vmshift_tests::{json, sfdisk, sparse_disk, tool_ok, vmshift};
+use vmshift_tests::{json, sfdisk, sparse_disk, tool, tool_ok, vmshift};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/vms")
@@ -387,5 +387,93 @@ fn the_launcher_confines_itself_before_the_guest_runs() {
         String::from_utf8_lossy(&out.stdout).contains("VMSHIFT-PROBE done"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn the_guests_boot_files_are_read_on_a_confined_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sparse_disk(d, "d.raw", 64 << 20);
+    sfdisk(d, "d.raw", "label: gpt\nstart=2048, size=40960, type=L\n");
+    std::fs::create_dir_all(d.join("tree/boot/grub")).unwrap();
+    fake_kernel(d);
+    std::fs::copy(d.join("k"), d.join("tree/boot/vmlinuz-6.1.0-9-amd64")).unwrap();
+    std::fs::write(d.join("tree/boot/initrd.img-6.1.0-9-amd64"), b"07070").unwrap();
+    std::fs::write(
+        d.join("tree/boot/grub/grub.cfg"),
+        "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz-6.1.0-9-amd64 root=/dev/vda1 ro\n\tinitrd /boot/initrd.img-6.1.0-9-amd64\n}\n",
+    )
+    .unwrap();
+    tool_ok(
+        d,
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            "tree",
+            "-E",
+            "offset=1048576",
+            "d.raw",
+            "20480k",
+        ],
+    );
+    // A QEMU that refuses to start: the boot ends there, after the read.
+    std::fs::write(d.join("qemu"), "#!/bin/sh\necho 'qemu: no' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(
+        d.join("qemu"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = tool(
+        d,
+        "strace",
+        &[
+            "-f",
+            "-e",
+            "trace=seccomp,landlock_restrict_self",
+            "-o",
+            "trace",
+            vmshift_tests::vmshift_bin().to_str().unwrap(),
+            "vm",
+            "boot",
+            "--qemu",
+            "./qemu",
+            "-f",
+            "raw",
+            "d.raw",
+        ],
+    );
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{e}");
+    assert!(
+        e.contains("kernel /boot/vmlinuz-6.1.0-9-amd64 (") && e.contains("QEMU"),
+        "{e}"
+    );
+    // One thread confined itself (Landlock, and the four filters of a
+    // command that only reads, on itself alone: no TSYNC) and read the
+    // guest's files; nothing else was confined (QEMU then runs).
+    let trace = std::fs::read_to_string(d.join("trace")).unwrap();
+    let filters: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("seccomp(SECCOMP_SET_MODE_FILTER") && l.ends_with("= 0"))
+        .collect();
+    assert_eq!(filters.len(), 4, "{trace}");
+    assert!(
+        filters
+            .iter()
+            .all(|l| l.contains("SECCOMP_SET_MODE_FILTER, 0,")),
+        "{trace}"
+    );
+    let pid = |l: &str| l.split_whitespace().next().unwrap().to_string();
+    assert!(filters.iter().all(|l| pid(l) == pid(filters[0])), "{trace}");
+    assert!(
+        trace
+            .lines()
+            .any(|l| l.contains("landlock_restrict_self(") && pid(l) == pid(filters[0])),
+        "{trace}"
     );
 }

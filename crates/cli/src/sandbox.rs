@@ -40,6 +40,10 @@ pub enum Profile {
     /// It reads the files it opened and writes to standard output and
     /// error: `info`, `map`, `check`, `compare`, `part`, `guest …`.
     Read,
+    /// It opens and reads only the files its policy names, and writes
+    /// nothing but standard output and error: the thread that reads a VM's
+    /// descriptor (and the files beside it, a `.vmsd`) into the model.
+    Load,
     /// It also writes: its output's folder (`convert`), or the files it
     /// rewrites in place (`resize`, `check -r`).
     Write,
@@ -104,6 +108,15 @@ impl Policy {
         }
     }
 
+    /// A thread that opens and reads `files`, nothing else.
+    pub fn load(files: Vec<PathBuf>) -> Self {
+        Policy {
+            profile: Profile::Load,
+            read_files: files,
+            ..Policy::read()
+        }
+    }
+
     /// A command whose outputs are open already and are put in place in
     /// `dirs` (`convert`).
     pub fn commit(dirs: Vec<PathBuf>) -> Self {
@@ -140,14 +153,20 @@ pub struct Settings {
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// This thread alone is confined ([`confined`]).
+    static THREAD_CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Records the command line's settings (once, before the command runs).
 pub fn configure(s: Settings) {
     let _ = SETTINGS.set(s);
 }
 
-/// True once [`confine`] has confined the process.
+/// True once [`confine`] has confined the process (or, on a thread
+/// [`confined`] runs, that thread).
 pub fn active() -> bool {
-    ACTIVE.load(Ordering::SeqCst)
+    ACTIVE.load(Ordering::SeqCst) || THREAD_CONFINED.with(|c| c.get())
 }
 
 /// The folder a new output file is created in.
@@ -166,11 +185,42 @@ pub fn confine(policy: &Policy) -> Result<()> {
     confine_in(policy, true)
 }
 
+/// Confines the calling thread only (Landlock, seccomp, capabilities), for
+/// a thread that reads untrusted input while the rest of the process goes
+/// on unconfined; see [`confined`].
+pub fn confine_thread(policy: &Policy) -> Result<()> {
+    confine_in(policy, false)
+}
+
+/// Runs `work` on a thread of its own, confined by `policy` (Landlock,
+/// seccomp and capabilities on that thread only), and returns what it
+/// returned: for reading untrusted input while the rest of the process
+/// still has work to do unconfined (the descriptor read before its disks
+/// are opened, the guest's boot files read before the VM is built). The
+/// thread shares the process's memory: this keeps a parser that is misled
+/// from opening, writing or running anything, as the whole-process
+/// sandbox does, not a memory-corruption exploit from the other threads
+/// (safe Rust is what stands against that).
+pub fn confined<T: Send>(policy: &Policy, work: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<T> {
+                confine_thread(policy)?;
+                Ok(work())
+            })
+            .join()
+            .map_err(|_| anyhow!("the confined reader thread panicked"))?
+    })
+}
+
 fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
     let settings = SETTINGS.get().copied().unwrap_or_default();
     no_new_privs()?;
     if settings.off {
-        eprintln!("vmshift: --no-sandbox: Landlock and seccomp are off; only no_new_privs is set");
+        say_once(
+            &SAID_OFF,
+            "vmshift: --no-sandbox: Landlock and seccomp are off; only no_new_privs is set",
+        );
         return Ok(());
     }
     let landlock_status = landlock(policy)?;
@@ -179,8 +229,9 @@ fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
         RulesetStatus::NotEnforced if settings.require_landlock => {
             bail!("--require-landlock: this kernel has no Landlock (Linux 5.13 or later, with landlock in its lsm= list), so the files vmshift may open cannot be confined")
         }
-        RulesetStatus::NotEnforced => eprintln!(
-            "vmshift: note: this kernel has no Landlock: the files vmshift may open are not confined (seccomp still is; --require-landlock makes this an error)"
+        RulesetStatus::NotEnforced => say_once(
+            &SAID_NO_LANDLOCK,
+            "vmshift: note: this kernel has no Landlock: the files vmshift may open are not confined (seccomp still is; --require-landlock makes this an error)",
         ),
         _ => {}
     }
@@ -192,7 +243,11 @@ fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
         }
         .map_err(|e| anyhow!("installing the seccomp filter: {e}"))?;
     }
-    ACTIVE.store(true, Ordering::SeqCst);
+    if all_threads {
+        ACTIVE.store(true, Ordering::SeqCst);
+    } else {
+        THREAD_CONFINED.with(|c| c.set(true));
+    }
     Ok(())
 }
 
@@ -204,7 +259,7 @@ fn kept_capabilities(profile: Profile) -> u64 {
     const CAP_DAC_OVERRIDE: u32 = 1;
     match profile {
         Profile::Write => 1 << CAP_DAC_OVERRIDE,
-        Profile::Read | Profile::Vmm => 0,
+        Profile::Read | Profile::Load | Profile::Vmm => 0,
     }
 }
 
@@ -291,6 +346,16 @@ fn drop_capabilities(profile: Profile) -> Result<()> {
         bail!("dropping capabilities: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+static SAID_OFF: AtomicBool = AtomicBool::new(false);
+static SAID_NO_LANDLOCK: AtomicBool = AtomicBool::new(false);
+
+/// Says `what` on standard error, the first time only.
+fn say_once(said: &AtomicBool, what: &str) {
+    if !said.swap(true, Ordering::SeqCst) {
+        eprintln!("{what}");
+    }
 }
 
 fn no_new_privs() -> Result<()> {
@@ -556,7 +621,7 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
         let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
         out.push(program(opens, libc::EACCES)?);
     }
-    if profile == Profile::Read {
+    if matches!(profile, Profile::Read | Profile::Load) {
         denied.extend(READ_ONLY_NEVER.iter().map(|n| (*n, Vec::new())));
         // Writes only to standard output and error.
         for call in [libc::SYS_write, libc::SYS_writev] {
@@ -568,6 +633,8 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
                 vec![SeccompRule::new(vec![past_stderr]).map_err(seccomp_err)?],
             );
         }
+    }
+    if profile == Profile::Read {
         let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
         out.push(program(opens, libc::EACCES)?);
     }
@@ -793,6 +860,43 @@ mod tests {
         assert_eq!(read_outside, Err(Some(libc::EACCES)));
         assert_eq!(exec, Err(Some(libc::EPERM)));
         assert!(!elsewhere.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_confined_reader_thread_opens_only_its_files_and_the_process_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmx = dir.path().join("vm.vmx");
+        let beside = dir.path().join("vm.nvram");
+        std::fs::write(&vmx, b"displayName = \"x\"").unwrap();
+        std::fs::write(&beside, b"secret").unwrap();
+        let r = confined(&Policy::load(vec![vmx.clone()]), || {
+            let read = std::fs::read_to_string(&vmx).map_err(|e| e.raw_os_error());
+            let other = std::fs::read(&beside).map_err(|e| e.raw_os_error());
+            let create = std::fs::File::create(dir.path().join("new"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true")
+                .status()
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            (read, other.map(|_| ()), create, exec, active())
+        })
+        .unwrap();
+        let (read, other, create, exec, confined_here) = r;
+        assert_eq!(read.as_deref(), Ok("displayName = \"x\""));
+        if landlock_here() {
+            assert_eq!(other, Err(Some(libc::EACCES)), "a file it was not given");
+            assert_eq!(create, Err(Some(libc::EACCES)));
+        } else {
+            // seccomp alone: no writes, so no file made.
+            assert!(create.is_err());
+        }
+        assert_eq!(exec, Err(Some(libc::EPERM)), "execve");
+        assert!(confined_here);
+        // This thread is not confined: it opens and makes files.
+        assert!(!THREAD_CONFINED.with(|c| c.get()));
+        std::fs::read(&beside).unwrap();
+        std::fs::write(dir.path().join("made"), b"x").unwrap();
     }
 
     #[test]

@@ -202,6 +202,10 @@ pub struct BootRequest {
     pub overlay_dir: Option<PathBuf>,
     /// The sandbox vmshift-kvm enters once the VM is built.
     pub confine: Option<fn() -> std::result::Result<(), String>>,
+    /// The sandbox of the thread that reads the guest's boot files (its
+    /// file systems, grub.cfg, kernel and initramfs) from the open disks,
+    /// before either engine runs.
+    pub confine_reader: Option<fn() -> std::result::Result<(), String>>,
     /// Set to stop the boot (it then fails with an interrupted error).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
@@ -342,7 +346,22 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
         ),
         None => {
             let images: Vec<_> = target.disks.iter().map(|d| d.image.clone()).collect();
-            let e = vmshift_guest::find_boot_entry(&images)?;
+            let e = match req.confine_reader {
+                None => vmshift_guest::find_boot_entry(&images)?,
+                Some(confine) => std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| {
+                            confine().map_err(|e| Error::Request(format!("the sandbox: {e}")))?;
+                            Ok::<_, Error>(vmshift_guest::find_boot_entry(&images)?)
+                        })
+                        .join()
+                        .map_err(|_| {
+                            Error::Request(
+                                "the thread reading the guest's boot files panicked".into(),
+                            )
+                        })?
+                })?,
+            };
             let source = format!("{} ({}, \"{}\")", e.kernel_path, e.source, e.title);
             let initrd = e.initrd.map(|(name, data)| Blob { name, data });
             (

@@ -28,6 +28,12 @@ fn confine_vmm() -> std::result::Result<(), String> {
     crate::sandbox::confine(&crate::sandbox::Policy::vmm()).map_err(|e| format!("{e:#}"))
 }
 
+/// The sandbox of the thread that reads the guest's boot files from the
+/// open disks: it opens, writes and runs nothing.
+fn confine_reader() -> std::result::Result<(), String> {
+    crate::sandbox::confine_thread(&crate::sandbox::Policy::read()).map_err(|e| format!("{e:#}"))
+}
+
 /// True when `path` names a VM descriptor rather than a disk image.
 fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
     from.is_some() || DescriptorFormat::from_extension(path).is_some()
@@ -87,6 +93,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         overlay_limit,
         overlay_dir: args.overlay_dir.clone(),
         confine: Some(confine_vmm),
+        confine_reader: Some(confine_reader),
         cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;

@@ -29,9 +29,14 @@ impl From<VmFormatArg> for DescriptorFormat {
     }
 }
 
-/// Reads a descriptor (its format `from`, or by extension).
+/// Reads a descriptor (its format `from`, or by extension), on a thread
+/// confined to reading it and the snapshot list beside a `.vmx`.
 pub(crate) fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
-    Ok(vmshift_vm::load(path, from.map(Into::into))?)
+    let files = vec![path.to_path_buf(), path.with_extension("vmsd")];
+    let policy = crate::sandbox::Policy::load(files);
+    Ok(crate::sandbox::confined(&policy, || {
+        vmshift_vm::load(path, from.map(Into::into))
+    })??)
 }
 
 /// What the state flags let through.
