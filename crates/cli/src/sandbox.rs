@@ -52,6 +52,10 @@ pub enum Profile {
     /// file, and of the ioctls only make those they use (`KVM_RUN`,
     /// `KVM_SIGNAL_MSI`, `KVM_GET_REGS`, and the terminal's).
     Vmm,
+    /// vm boot's NBD server threads (the QEMU engine): they accept QEMU's
+    /// connections on their socket, bound already, and read and write the
+    /// open disks and overlay; they open no file and make no other socket.
+    Serve,
 }
 
 /// A command's confinement.
@@ -105,6 +109,14 @@ impl Policy {
             read_dirs: Vec::new(),
             make_dirs: Vec::new(),
             remove_dirs: Vec::new(),
+        }
+    }
+
+    /// vm boot's NBD server threads.
+    pub fn serve() -> Self {
+        Policy {
+            profile: Profile::Serve,
+            ..Policy::read()
         }
     }
 
@@ -259,7 +271,7 @@ fn kept_capabilities(profile: Profile) -> u64 {
     const CAP_DAC_OVERRIDE: u32 = 1;
     match profile {
         Profile::Write => 1 << CAP_DAC_OVERRIDE,
-        Profile::Read | Profile::Load | Profile::Vmm => 0,
+        Profile::Read | Profile::Load | Profile::Vmm | Profile::Serve => 0,
     }
 }
 
@@ -634,7 +646,12 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
             );
         }
     }
-    if profile == Profile::Read {
+    if profile == Profile::Serve {
+        // Connections on the socket bound before.
+        denied.remove(&libc::SYS_accept);
+        denied.remove(&libc::SYS_accept4);
+    }
+    if matches!(profile, Profile::Read | Profile::Serve) {
         let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
         out.push(program(opens, libc::EACCES)?);
     }
@@ -897,6 +914,44 @@ mod tests {
         assert!(!THREAD_CONFINED.with(|c| c.get()));
         std::fs::read(&beside).unwrap();
         std::fs::write(dir.path().join("made"), b"x").unwrap();
+    }
+
+    #[test]
+    fn an_nbd_server_thread_accepts_on_its_socket_and_does_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"x").unwrap();
+        let s2 = sock.clone();
+        let server = std::thread::spawn(move || {
+            confine_thread(&Policy::serve()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut b = [0u8; 5];
+            conn.read_exact(&mut b).unwrap();
+            conn.write_all(b"pong!").unwrap();
+            let open = std::fs::File::open(&other)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let socket = std::os::unix::net::UnixStream::connect(&s2)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true")
+                .status()
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            (b, open, socket, exec)
+        });
+        let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        client.write_all(b"ping!").unwrap();
+        let mut b = [0u8; 5];
+        client.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"pong!");
+        let (got, open, socket, exec) = server.join().unwrap();
+        assert_eq!(&got, b"ping!");
+        assert_eq!(open, Err(Some(libc::EACCES)));
+        assert_eq!(socket, Err(Some(libc::EPERM)), "a new socket");
+        assert_eq!(exec, Err(Some(libc::EPERM)));
     }
 
     #[test]

@@ -128,14 +128,34 @@ impl NbdServer {
     /// Serves `export` (writable when it says so) on a new Unix socket at
     /// `socket`, as [`NbdServer::start`] does.
     pub fn start_export(image: Arc<dyn NbdExport>, socket: &Path) -> Result<NbdServer> {
+        Self::start_confined(image, socket, None)
+    }
+
+    /// Serves `export` as [`NbdServer::start_export`] does, its threads
+    /// confined by `confine` (the caller's sandbox, called on the accept
+    /// thread before it accepts anyone; the client threads it starts
+    /// inherit it): the threads that read the clients' requests open,
+    /// run and connect nothing.
+    pub fn start_confined(
+        image: Arc<dyn NbdExport>,
+        socket: &Path,
+        confine: Option<fn() -> std::result::Result<(), String>>,
+    ) -> Result<NbdServer> {
         let listener = UnixListener::bind(socket)
             .map_err(|e| Error::io(socket, "creating the NBD socket", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("nbd".into())
             .spawn(move || {
+                let sandbox = confine.map_or(Ok(()), |c| c());
+                let refused = sandbox.is_err();
+                let _ = confined_tx.send(sandbox);
+                if refused {
+                    return;
+                }
                 // One thread per client, at most NBD_CONNECTIONS at once:
                 // a client past that is closed at once, so that clients
                 // cannot make the server start threads without bound.
@@ -167,6 +187,18 @@ impl NbdServer {
                 }
             })
             .map_err(|e| Error::io(socket, "starting the NBD server", e))?;
+        let sandbox = confined_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the server thread ended".into()));
+        if let Err(e) = sandbox {
+            let _ = thread.join();
+            let _ = std::fs::remove_file(socket);
+            return Err(Error::io(
+                socket,
+                "confining the NBD server",
+                std::io::Error::other(e),
+            ));
+        }
         Ok(NbdServer {
             path: socket.to_path_buf(),
             stop,

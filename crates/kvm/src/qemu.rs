@@ -482,13 +482,15 @@ pub fn boot_qemu(mut config: BootConfig, options: &QemuOptions) -> Result<BootRe
         let socket = files.dir.path().join(format!("disk{i}.sock"));
         let overlay = SharedOverlay(Mutex::new(OverlayDisk::sharing(d.image, budget.clone())));
         servers.push(
-            NbdServer::start_export(Arc::new(overlay), &socket).map_err(|e| {
-                Error::Config(format!(
-                    "serving disk {} to QEMU: {}",
-                    d.serial,
-                    crate::error::chain(&e)
-                ))
-            })?,
+            NbdServer::start_confined(Arc::new(overlay), &socket, config.confine_server).map_err(
+                |e| {
+                    Error::Config(format!(
+                        "serving disk {} to QEMU: {}",
+                        d.serial,
+                        crate::error::chain(&e)
+                    ))
+                },
+            )?,
         );
         disks.push(QemuDisk {
             socket,

@@ -126,6 +126,10 @@ pub struct BootConfig {
     /// Called once the VM is built, before its vCPUs start: the caller's
     /// sandbox (vmshift-kvm only).
     pub confine: Option<fn() -> std::result::Result<(), String>>,
+    /// Called on each disk's NBD server thread before it accepts QEMU
+    /// (the QEMU engine): the caller's sandbox for the threads that read
+    /// QEMU's requests.
+    pub confine_server: Option<fn() -> std::result::Result<(), String>>,
 }
 
 /// How the boot went.

@@ -206,6 +206,9 @@ pub struct BootRequest {
     /// file systems, grub.cfg, kernel and initramfs) from the open disks,
     /// before either engine runs.
     pub confine_reader: Option<fn() -> std::result::Result<(), String>>,
+    /// The sandbox of the threads that serve the disks to QEMU over NBD
+    /// (the QEMU engine).
+    pub confine_server: Option<fn() -> std::result::Result<(), String>>,
     /// Set to stop the boot (it then fails with an interrupted error).
     pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
@@ -402,6 +405,7 @@ pub fn prepare(target: BootTarget, req: &BootRequest) -> Result<PreparedBoot> {
             overlay_limit: req.overlay_limit,
             overlay_dir: req.overlay_dir.clone(),
             confine: req.confine,
+            confine_server: req.confine_server,
             console_log: req.console_log.clone(),
             console_echo: req.console_echo,
             expect: req.expect.clone(),

@@ -34,6 +34,13 @@ fn confine_reader() -> std::result::Result<(), String> {
     crate::sandbox::confine_thread(&crate::sandbox::Policy::read()).map_err(|e| format!("{e:#}"))
 }
 
+/// The sandbox of the threads that serve the disks to QEMU (the QEMU
+/// engine): they accept on their socket and read and write the open disks
+/// and overlay, nothing else.
+fn confine_server() -> std::result::Result<(), String> {
+    crate::sandbox::confine_thread(&crate::sandbox::Policy::serve()).map_err(|e| format!("{e:#}"))
+}
+
 /// True when `path` names a VM descriptor rather than a disk image.
 fn is_descriptor(path: &Path, from: Option<VmFormatArg>) -> bool {
     from.is_some() || DescriptorFormat::from_extension(path).is_some()
@@ -94,6 +101,7 @@ pub fn run(args: &VmBootArgs) -> Result<i32> {
         overlay_dir: args.overlay_dir.clone(),
         confine: Some(confine_vmm),
         confine_reader: Some(confine_reader),
+        confine_server: Some(confine_server),
         cancel: Some(&crate::signals::INTERRUPTED),
     };
     let prepared = vmboot::prepare(target, &request)?;
