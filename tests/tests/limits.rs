@@ -277,3 +277,266 @@ fn ova_of_10000_members_reads_and_10001_is_refused() {
     let e = String::from_utf8_lossy(&past.stderr);
     assert!(e.contains("more than 10000 members; not an OVA"), "{e}");
 }
+
+/// CRC-32C, as XFS v5 checksums its metadata.
+fn crc32c(data: &[u8]) -> u32 {
+    !data.iter().fold(!0u32, |mut c, &b| {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+        c
+    })
+}
+
+/// Stores the XFS CRC of `b` (little-endian, computed with the field
+/// zeroed) at `at`.
+fn xfs_crc(b: &mut [u8], at: usize) {
+    b[at..at + 4].fill(0);
+    let c = crc32c(b);
+    b[at..at + 4].copy_from_slice(&c.to_le_bytes());
+}
+
+/// XFS v5 with 1 KiB blocks (mkfs.xfs -p), one 2 KiB file `/f` whose
+/// data fork `xfs_btree_file` then replaces.
+fn xfs_with_one_file(d: &Path) -> u64 {
+    std::fs::write(d.join("data"), vec![0x5a; 2048]).unwrap();
+    std::fs::write(
+        d.join("proto"),
+        format!(
+            "/dev/null\n0 0\nd--755 0 0\nf ---644 0 0 {}\n$\n",
+            d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let f = std::fs::File::create(d.join("x.img")).unwrap();
+    f.set_len(400 << 20).unwrap();
+    tool_ok(
+        d,
+        "mkfs.xfs",
+        &[
+            "-q",
+            "-f",
+            "-b",
+            "size=1024",
+            "-d",
+            "agcount=2",
+            "-p",
+            "proto",
+            "x.img",
+        ],
+    );
+    // The inode number, as xfs_db lists it: offset inode type hash ….
+    let ls = tool_ok(d, "xfs_db", &["-r", "-c", "ls /", "x.img"]);
+    String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[5] == "f")
+        .map(|f| f[1].parse().unwrap())
+        .expect("/f in xfs_db ls")
+}
+
+/// Gives `/f` (inode `ino`) an extent B+tree of `leaves.len()` leaves, the
+/// i-th holding `leaves[i]` one-block extents, each extent at its own
+/// file block; the blocks are written from allocation group 0's block
+/// 100000 on (free: the file system holds one small file, its log is in
+/// group 1). Returns how many blocks the tree has (leaves and nodes).
+fn xfs_btree_file(d: &Path, ino: u64, leaves: &[usize]) -> usize {
+    const BS: usize = 1024;
+    const HDR: usize = 72;
+    const FIRST: u64 = 100_000;
+    let per_block = (BS - HDR) / 16;
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.join("x.img"))
+        .unwrap();
+    let mut next = FIRST;
+    let mut written = 0;
+    let mut block = |level: u16, body: &dyn Fn(&mut [u8]) -> u16| -> u64 {
+        let mut b = vec![0u8; BS];
+        b[0..4].copy_from_slice(b"BMA3");
+        b[4..6].copy_from_slice(&level.to_be_bytes());
+        let n = body(&mut b);
+        b[6..8].copy_from_slice(&n.to_be_bytes());
+        b[8..24].fill(0xff); // no siblings
+        b[24..32].copy_from_slice(&(next * (BS as u64 / 512)).to_be_bytes());
+        b[56..64].copy_from_slice(&ino.to_be_bytes());
+        xfs_crc(&mut b, 64);
+        img.write_all_at(&b, next * BS as u64).unwrap();
+        written += 1;
+        next += 1;
+        next - 1
+    };
+    // The inode, and where its data lies (its one extent, packed in
+    // the inode).
+    let mut found = None;
+    let mut b = vec![0u8; 512];
+    for at in (0..64u64 << 20).step_by(512) {
+        img.read_exact_at(&mut b, at).unwrap();
+        if &b[0..2] == b"IN" && u64::from_be_bytes(b[152..160].try_into().unwrap()) == ino {
+            found = Some(at);
+            break;
+        }
+    }
+    let inode_at = found.expect("the inode of /f");
+    assert_eq!(b[5], 2, "/f in extents format");
+    let lo = u64::from_be_bytes(b[184..192].try_into().unwrap());
+    let hi = u64::from_be_bytes(b[176..184].try_into().unwrap());
+    let data = ((hi & 0x1ff) << 43) | (lo >> 21);
+    // Leaves: (first file block, block number).
+    let mut level: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0u64;
+    for &n in leaves {
+        let first = off;
+        let at = block(0, &|b| {
+            for i in 0..n {
+                let o = first + i as u64;
+                // flag 0 | startoff 54 | startblock 52 | blockcount 21:
+                // every extent is one block of the file's own data.
+                let (start, count) = (data, 1u64);
+                let hi = (o << 9) | (start >> 43);
+                let lo = (start << 21) | count;
+                b[HDR + i * 16..HDR + i * 16 + 8].copy_from_slice(&hi.to_be_bytes());
+                b[HDR + i * 16 + 8..HDR + i * 16 + 16].copy_from_slice(&lo.to_be_bytes());
+            }
+            n as u16
+        });
+        level.push((first, at));
+        off += n as u64;
+    }
+    // Nodes, until the inode's root (20 pointers in a 512-byte inode)
+    // holds a level.
+    let root_max = (512 - 176 - 4) / 16;
+    let mut height = 1u16;
+    while level.len() > root_max {
+        level = level
+            .chunks(per_block)
+            .map(|kids| {
+                let at = block(height, &|b| {
+                    for (i, (key, ptr)) in kids.iter().enumerate() {
+                        b[HDR + i * 8..HDR + i * 8 + 8].copy_from_slice(&key.to_be_bytes());
+                        let p = HDR + per_block * 8 + i * 8;
+                        b[p..p + 8].copy_from_slice(&ptr.to_be_bytes());
+                    }
+                    kids.len() as u16
+                });
+                (kids[0].0, at)
+            })
+            .collect();
+        height += 1;
+    }
+    // The inode: B+tree format, the extent count, the root.
+    b[5] = 3;
+    b[56..64].copy_from_slice(&(off * BS as u64).to_be_bytes());
+    b[76..80].copy_from_slice(&(off as u32).to_be_bytes());
+    b[176..].fill(0);
+    b[176..178].copy_from_slice(&height.to_be_bytes());
+    b[178..180].copy_from_slice(&(level.len() as u16).to_be_bytes());
+    for (i, (key, ptr)) in level.iter().enumerate() {
+        b[180 + i * 8..188 + i * 8].copy_from_slice(&key.to_be_bytes());
+        let p = 180 + root_max * 8 + i * 8;
+        b[p..p + 8].copy_from_slice(&ptr.to_be_bytes());
+    }
+    xfs_crc(&mut b, 100);
+    img.write_all_at(&b, inode_at).unwrap();
+    written
+}
+
+#[test]
+fn xfs_file_of_262145_extents_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ino = xfs_with_one_file(d);
+    // 59 extents fill a 1 KiB leaf.
+    let mut leaves = vec![59; 262_145 / 59];
+    leaves.push(262_145 % 59);
+    xfs_btree_file(d, ino, &leaves);
+    let o = vmshift(d, &["guest", "cat", "-f", "raw", "x.img", "/f"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains(&format!("inode {ino}: more than 262144 extents")),
+        "{e}"
+    );
+}
+
+#[test]
+fn xfs_extent_tree_of_65536_blocks_reads_and_65537_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ino = xfs_with_one_file(d);
+    // One extent a leaf: as many leaves as make the whole tree (leaves,
+    // and 59-pointer nodes over them) 65537 blocks, then 65536.
+    let blocks = |leaves: usize| {
+        let (mut n, mut total) = (leaves, leaves);
+        while n > 20 {
+            n = n.div_ceil(59);
+            total += n;
+        }
+        total
+    };
+    let past = (60_000..).find(|&l| blocks(l) == 65_537).unwrap();
+    assert_eq!(xfs_btree_file(d, ino, &vec![1; past]), 65_537);
+    let o = vmshift(d, &["guest", "cat", "-f", "raw", "x.img", "/f"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(e.contains("has more than 65536 blocks"), "{e}");
+
+    let at = (60_000..).find(|&l| blocks(l) == 65_536).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ino = xfs_with_one_file(d);
+    assert_eq!(xfs_btree_file(d, ino, &vec![1; at]), 65_536);
+    let o = vmshift(d, &["guest", "cat", "-f", "raw", "x.img", "/f"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // xfs_db reads the same tree: one extent a leaf, no checksum error.
+    let bmap = tool_ok(
+        d,
+        "xfs_db",
+        &["-r", "-c", &format!("inode {ino}"), "-c", "bmap", "x.img"],
+    );
+    let text = String::from_utf8_lossy(&bmap.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("data offset"))
+            .count(),
+        at
+    );
+    assert!(
+        !String::from_utf8_lossy(&bmap.stderr).contains("CRC"),
+        "{}",
+        String::from_utf8_lossy(&bmap.stderr)
+    );
+    // Every extent is the file's first data block.
+    assert_eq!(o.stdout.len(), at * 1024);
+    assert!(o.stdout.iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn xfs_directory_of_1048577_entries_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\nbig d--755 0 0\n");
+    for i in 0..1_048_577 {
+        proto.push_str(&format!("f{i:07} ---644 0 0 /dev/null\n"));
+    }
+    proto.push_str("$\n$\n");
+    std::fs::write(d.join("proto"), proto).unwrap();
+    // A million inodes take 512 MiB (and XFS gives inodes a quarter of
+    // the space).
+    let f = std::fs::File::create(d.join("x.img")).unwrap();
+    f.set_len(4 << 30).unwrap();
+    tool_ok(d, "mkfs.xfs", &["-q", "-f", "-p", "proto", "x.img"]);
+    let o = vmshift(d, &["guest", "ls", "-f", "raw", "x.img", "/big"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("more than 1048576 entries, vmshift's limit for one directory"),
+        "{e}"
+    );
+}

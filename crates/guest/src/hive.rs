@@ -2134,6 +2134,32 @@ mod tests {
     }
 
     #[test]
+    fn hive_list_counts_just_past_the_limit_are_refused_at_it_read() {
+        let p = places();
+        let services = payload(p.services);
+        let viostor = payload(p.viostor);
+        let past = MAX_LIST_ENTRIES + 1;
+        let subkeys_past = walk_err(edited(|b| put32(b, services + 0x14, past)));
+        let values_past = walk_err(edited(|b| put32(b, viostor + 0x24, past)));
+        let limit = format!("more than the {MAX_LIST_ENTRIES} this reader accepts");
+        assert!(
+            subkeys_past.contains(&format!("subkey count {past} is {limit}")),
+            "{subkeys_past}"
+        );
+        assert!(
+            values_past.contains(&format!("value count {past} is {limit}")),
+            "{values_past}"
+        );
+        // At the limit the count is read, and found to disagree with the
+        // lists (which hold a few entries): a damaged hive, not the limit.
+        let subkeys_at = walk_err(edited(|b| put32(b, services + 0x14, MAX_LIST_ENTRIES)));
+        let values_at = walk_err(edited(|b| put32(b, viostor + 0x24, MAX_LIST_ENTRIES)));
+        for e in [&subkeys_at, &values_at] {
+            assert!(!e.is_empty() && !e.contains("this reader accepts"), "{e}");
+        }
+    }
+
+    #[test]
     fn hive_damaged_values_fail_naming_structure_and_offset() {
         let p = places();
         let vk = |off: u32| payload(off);

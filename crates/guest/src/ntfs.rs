@@ -360,7 +360,10 @@ impl GuestFs for NtfsVol {
                     continue;
                 }
                 if records.len() >= MAX_DIR_ENTRIES {
-                    return Err(self.err(path, "more entries than vmshift lists"));
+                    return Err(self.err(
+                        path,
+                        format!("more than {MAX_DIR_ENTRIES} entries, vmshift's limit for one directory"),
+                    ));
                 }
                 records.push((key.name().to_string_lossy(), rec));
             }

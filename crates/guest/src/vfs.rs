@@ -627,6 +627,15 @@ impl GuestFs for ExtFs {
             if name == "." || name == ".." {
                 continue;
             }
+            if out.len() >= vmshift_model::limits::DIR_ENTRIES {
+                return Err(self.err(
+                    path,
+                    format!(
+                        "more than {} entries, vmshift's limit for one directory",
+                        vmshift_model::limits::DIR_ENTRIES
+                    ),
+                ));
+            }
             let m = e.metadata().map_err(|e| self.err(path, e))?;
             out.push(ext_entry(name, &m));
         }

@@ -785,7 +785,9 @@ impl Xfs {
                 return Err(bad("entry runs past the block"));
             }
             if out.len() >= MAX_DIR_ENTRIES {
-                return Err(bad("more entries than vmshift reads in one directory"));
+                return Err(bad(&format!(
+                    "more than {MAX_DIR_ENTRIES} entries, vmshift's limit for one directory"
+                )));
             }
             out.push((b[p + 9..p + 9 + namelen].to_vec(), be64(b, p)));
             p += size;
