@@ -487,3 +487,46 @@ fn the_guests_boot_files_are_read_on_a_confined_thread() {
         );
     }
 }
+
+#[test]
+fn a_guest_kernel_past_512_mib_is_refused_and_one_of_512_mib_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A failing QEMU: the boot ends once the kernel is loaded.
+    std::fs::write(d.join("qemu"), "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(
+        d.join("qemu"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for (size, refused) in [((512u64 << 20) + 1, true), (512 << 20, false)] {
+        let tree = d.join("tree");
+        let _ = std::fs::remove_dir_all(&tree);
+        std::fs::create_dir_all(tree.join("boot/grub")).unwrap();
+        // Sparse (mke2fs -d keeps the holes): a 64 MiB disk holds it.
+        let k = std::fs::File::create(tree.join("boot/vmlinuz-6.1.0-9-amd64")).unwrap();
+        k.set_len(size).unwrap();
+        std::fs::write(
+            tree.join("boot/grub/grub.cfg"),
+            "menuentry 'Debian' {\n\tlinux /boot/vmlinuz-6.1.0-9-amd64 root=/dev/vda1\n}\n",
+        )
+        .unwrap();
+        sparse_disk(d, "d.raw", 64 << 20);
+        tool_ok(
+            d,
+            "mke2fs",
+            &["-q", "-F", "-t", "ext4", "-d", "tree", "d.raw"],
+        );
+        let o = vmshift(d, &["vm", "boot", "--qemu", "./qemu", "-f", "raw", "d.raw"]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(4), "{e}");
+        let limit = format!("is {size} bytes, more than vmshift loads (536870912)");
+        if refused {
+            assert!(e.contains(&limit), "{e}");
+        } else {
+            assert!(!e.contains("more than vmshift loads"), "{e}");
+            assert!(e.contains("kernel /boot/vmlinuz-6.1.0-9-amd64 ("), "{e}");
+        }
+        std::fs::remove_file(d.join("d.raw")).unwrap();
+    }
+}

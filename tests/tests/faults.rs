@@ -210,21 +210,20 @@ fn vm_convert_out_of_space_removes_the_folder_it_made() {
          scsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"d.vmdk\"\n",
     )
     .unwrap();
-    let (rc, err, listing, keep) = in_small_tmpfs(
-        dir.path(),
-        "echo earlier > small/keep",
-        &[
-            "vm",
-            "convert",
-            "--to",
-            "libvirt",
-            "--out",
-            "small/out",
-            "vm/vm.vmx",
-        ],
-    );
-    assert_ne!(rc, 0, "{err}");
-    assert!(err.contains("No space left on device"), "{err}");
-    assert_eq!(listing, "keep", "partial output left: {listing}");
-    assert!(keep.starts_with(&sha_of(b"earlier\n")));
+    // libvirt, and Proxmox, whose disks go in folders of their own
+    // (images/<vmid>) the failed run removes too.
+    let targets: [&[&str]; 2] = [
+        &["--to", "libvirt"],
+        &["--to", "proxmox", "--vmid", "100", "--storage", "local"],
+    ];
+    for target in targets {
+        let mut args = vec!["vm", "convert", "--out", "small/out", "vm/vm.vmx"];
+        args.extend_from_slice(target);
+        let (rc, err, listing, keep) =
+            in_small_tmpfs(dir.path(), "echo earlier > small/keep", &args);
+        assert_ne!(rc, 0, "{err}");
+        assert!(err.contains("No space left on device"), "{err}");
+        assert_eq!(listing, "keep", "partial output left: {listing}");
+        assert!(keep.starts_with(&sha_of(b"earlier\n")));
+    }
 }

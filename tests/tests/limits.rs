@@ -517,12 +517,10 @@ fn xfs_extent_tree_of_65536_blocks_reads_and_65537_is_refused() {
     assert!(o.stdout.iter().all(|&b| b == 0x5a));
 }
 
-#[test]
-fn xfs_directory_of_1048577_entries_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// An XFS file system (mkfs.xfs -p) whose `/big` holds `n` files.
+fn xfs_with_directory_of(d: &Path, n: usize) {
     let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\nbig d--755 0 0\n");
-    for i in 0..1_048_577 {
+    for i in 0..n {
         proto.push_str(&format!("f{i:07} ---644 0 0 /dev/null\n"));
     }
     proto.push_str("$\n$\n");
@@ -532,11 +530,100 @@ fn xfs_directory_of_1048577_entries_is_refused() {
     let f = std::fs::File::create(d.join("x.img")).unwrap();
     f.set_len(4 << 30).unwrap();
     tool_ok(d, "mkfs.xfs", &["-q", "-f", "-p", "proto", "x.img"]);
+}
+
+#[test]
+fn xfs_directory_of_1048576_entries_lists_and_1048577_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    xfs_with_directory_of(d, 1_048_577);
     let o = vmshift(d, &["guest", "ls", "-f", "raw", "x.img", "/big"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
         e.contains("more than 1048576 entries, vmshift's limit for one directory"),
+        "{e}"
+    );
+    std::fs::remove_file(d.join("x.img")).unwrap();
+    xfs_with_directory_of(d, 1_048_576);
+    let o = vmshift(d, &["guest", "ls", "-f", "raw", "x.img", "/big"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(names.lines().count(), 1_048_576);
+    assert_eq!(names.lines().last(), Some("f1048575"));
+}
+
+/// The byte offset of the data of `a.qcow2`'s header extension `magic`.
+fn qcow2_extension(path: &Path, magic: u32) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = be32(100) as usize; // header_length (v3)
+    loop {
+        let (m, len) = (be32(at), be32(at + 4) as usize);
+        assert_ne!(m, 0, "no extension {magic:#x}");
+        if m == magic {
+            return at as u64 + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+#[test]
+fn qcow2_bitmaps_just_past_65535_and_a_directory_past_64_mib_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_qcow2(d, "a.qcow2");
+    tool_ok(d, "qemu-img", &["bitmap", "--add", "a.qcow2", "b0"]);
+    let p = d.join("a.qcow2");
+    let ext = qcow2_extension(&p, 0x2385_2875);
+    // nb_bitmaps, then (after 4 reserved bytes) bitmap_directory_size.
+    put_be32(&p, ext, 65_536);
+    let e = info_error(d, "a.qcow2");
+    assert!(
+        e.contains("has 65536 bitmaps, more than QEMU's limit of 65535"),
+        "{e}"
+    );
+    // At the limit the header is accepted (the directory, which holds
+    // one bitmap, is read only by the commands that use bitmaps).
+    put_be32(&p, ext, 65_535);
+    let out = vmshift(d, &["info", "a.qcow2"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("more than QEMU's limit"), "at the limit: {e}");
+    put_be32(&p, ext, 1);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&((64u64 << 20) + 1).to_be_bytes(), ext + 8)
+        .unwrap();
+    let e = info_error(d, "a.qcow2");
+    assert!(e.contains("exceeds QEMU's 64 MiB limit"), "{e}");
+}
+
+#[test]
+fn qcow2_snapshot_table_just_past_64_mib_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_qcow2(d, "a.qcow2");
+    let p = d.join("a.qcow2");
+    // Snapshot entries with the longest id and name QEMU's format holds
+    // (65535 bytes each, no L1 table): 512 of them are just past 64 MiB.
+    let mut entry = vec![0u8; 40];
+    entry[12..14].copy_from_slice(&u16::MAX.to_be_bytes());
+    entry[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+    entry.extend(std::iter::repeat_n(b'i', 65_535));
+    entry.extend(std::iter::repeat_n(b'n', 65_535));
+    entry.resize(entry.len().next_multiple_of(8), 0);
+    let table_at = 1u64 << 20;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    for i in 0..512u64 {
+        f.write_all_at(&entry, table_at + i * entry.len() as u64)
+            .unwrap();
+    }
+    assert!(512 * entry.len() as u64 > 64 << 20);
+    assert!(511 * entry.len() as u64 <= 64 << 20);
+    put_be32(&p, 60, 513); // nb_snapshots
+    f.write_all_at(&table_at.to_be_bytes(), 64).unwrap(); // snapshots_offset
+    let e = info_error(d, "a.qcow2");
+    assert!(
+        e.contains("snapshot table exceeds QEMU's 64 MiB limit"),
         "{e}"
     );
 }

@@ -225,3 +225,67 @@ fn damaged_tables_are_reported_and_never_panic() {
     sparse_disk(d, "blank.raw", 1 << 20);
     assert!(vmshift_ok(d, &["part", "blank.raw"]).contains("no partition table"));
 }
+
+/// An MBR disk whose extended partition holds `n` logical partitions of
+/// 2047 sectors, one extended boot record every 2048 sectors (built here:
+/// sfdisk makes at most 60).
+fn mbr_with_logicals(path: &Path, n: u32) {
+    const STEP: u32 = 2048;
+    const EXT: u32 = 2048;
+    let mut b = vec![0u8; ((EXT + n * STEP) * 512) as usize];
+    let entry = |b: &mut [u8], at: usize, kind: u8, start: u32, count: u32| {
+        b[at + 4] = kind;
+        b[at + 8..at + 12].copy_from_slice(&start.to_le_bytes());
+        b[at + 12..at + 16].copy_from_slice(&count.to_le_bytes());
+    };
+    entry(&mut b, 446, 0x05, EXT, n * STEP);
+    b[510..512].copy_from_slice(&[0x55, 0xaa]);
+    for k in 0..n {
+        let ebr = ((EXT + k * STEP) * 512) as usize;
+        entry(&mut b, ebr + 446, 0x83, 1, STEP - 1);
+        if k + 1 < n {
+            // The next record, relative to the extended partition.
+            entry(&mut b, ebr + 462, 0x05, (k + 1) * STEP, STEP);
+        }
+        b[ebr + 510..ebr + 512].copy_from_slice(&[0x55, 0xaa]);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn mbr_of_128_logical_partitions_reads_as_partx_and_129_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mbr_with_logicals(&d.join("at.raw"), 128);
+    // partx (libblkid) reads every logical partition (sfdisk stops at 60).
+    let theirs = tool_ok(
+        d,
+        "partx",
+        &["-s", "-g", "-b", "-o", "NR,START,SECTORS", "at.raw"],
+    );
+    let theirs: Vec<(u64, u64, u64)> = String::from_utf8_lossy(&theirs.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            (f[0], f[1] * 512, f[2] * 512)
+        })
+        .filter(|(n, _, _)| *n >= 5)
+        .collect();
+    let ours: Vec<(u64, u64, u64)> = part_json(d, "at.raw")["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let n = |k: &str| p[k].as_u64().unwrap();
+            (n("number"), n("start"), n("size"))
+        })
+        .filter(|(n, _, _)| *n >= 5)
+        .collect();
+    assert_eq!(ours.len(), 128);
+    assert_eq!(ours, theirs);
+    mbr_with_logicals(&d.join("past.raw"), 129);
+    let out = vmshift(d, &["part", "past.raw"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(e.contains("more than 128 logical partitions"), "{e}");
+}

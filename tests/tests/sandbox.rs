@@ -71,6 +71,9 @@ fn capabilities(child: &Child) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// CAP_DAC_OVERRIDE and CAP_FOWNER: what a writing command keeps.
+const WRITE_CAPS: u64 = 1 << 1 | 1 << 3;
+
 /// Whether this test runs as root (with capabilities to drop).
 fn privileged() -> bool {
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -155,12 +158,12 @@ fn a_writing_command_runs_with_no_new_privs_and_seccomp() {
     // Three filters: a command that writes may open files (Landlock keeps
     // it to the target's folder).
     assert_eq!(field(&status, "Seccomp_filters"), "3");
-    // At most CAP_DAC_OVERRIDE (root writing into a folder it does not
-    // own), on every thread.
+    // At most CAP_DAC_OVERRIDE and CAP_FOWNER (root writing into a
+    // folder it does not own), on every thread.
     for (eff, prm, bnd) in capabilities(&child) {
-        assert_eq!((eff & !2, prm & !2), (0, 0));
+        assert_eq!((eff & !WRITE_CAPS, prm & !WRITE_CAPS), (0, 0));
         if privileged() {
-            assert_eq!(bnd, 2, "bounding set");
+            assert_eq!(bnd, WRITE_CAPS, "bounding set");
         }
     }
     finish(child);
@@ -237,7 +240,7 @@ fn vm_convert_copies_its_disks_confined() {
         .expect("vm convert of 512 MiB ended before its status was read");
     assert_eq!(field(&status, "NoNewPrivs"), "1");
     for (eff, prm, _) in capabilities(&child) {
-        assert_eq!((eff & !2, prm & !2), (0, 0));
+        assert_eq!((eff & !WRITE_CAPS, prm & !WRITE_CAPS), (0, 0));
     }
     finish(child);
     let out = vmshift_tests::qemu_img(
@@ -249,4 +252,34 @@ fn vm_convert_copies_its_disks_confined() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[test]
+fn root_still_reads_a_descriptor_in_another_users_home() {
+    // Its reader thread keeps CAP_DAC_READ_SEARCH (and only reads).
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("alice");
+    std::fs::create_dir(&home).unwrap();
+    let vmx = home.join("vm.vmx");
+    std::fs::write(&vmx, "displayName = \"alice-vm\"\nmemSize = \"512\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&vmx, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if privileged() {
+        // nobody's home, not root's: only the capability reads it.
+        std::os::unix::fs::chown(&vmx, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    }
+    let out = Command::new(vmshift_bin())
+        .args(["vm", "inspect", "--output", "json"])
+        .arg(&vmx)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["vm"]["name"], "alice-vm");
 }

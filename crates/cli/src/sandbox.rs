@@ -213,16 +213,37 @@ pub fn confine_thread(policy: &Policy) -> Result<()> {
 /// from opening, writing or running anything, as the whole-process
 /// sandbox does, not a memory-corruption exploit from the other threads
 /// (safe Rust is what stands against that).
-pub fn confined<T: Send>(policy: &Policy, work: impl FnOnce() -> T + Send) -> Result<T> {
+pub fn confined<T: Send, E: Into<anyhow::Error>>(
+    policy: &Policy,
+    work: impl FnOnce() -> std::result::Result<T, E> + Send,
+) -> Result<T> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| -> Result<T> {
                 confine_thread(policy)?;
-                Ok(work())
+                work().map_err(|e| {
+                    let e: anyhow::Error = e.into();
+                    // Said here, where the thread is known to be confined.
+                    if refused(&e) {
+                        e.context(RefusedOnThread)
+                    } else {
+                        e
+                    }
+                })
             })
             .join()
             .map_err(|_| anyhow!("the confined reader thread panicked"))?
     })
+}
+
+/// Marks an error a confined thread's sandbox may have caused.
+#[derive(Debug)]
+struct RefusedOnThread;
+
+impl std::fmt::Display for RefusedOnThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("on a thread confined to reading its input")
+    }
 }
 
 fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
@@ -264,14 +285,21 @@ fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
 }
 
 /// Capabilities a profile keeps (when it runs with them at all, as root):
-/// a command that writes keeps `CAP_DAC_OVERRIDE`, so that root still
-/// writes its output into a folder it does not own; nothing else keeps
-/// any.
+/// a command that writes keeps `CAP_DAC_OVERRIDE` and `CAP_FOWNER`, so
+/// that root still writes its output into a folder it does not own (and
+/// replaces a file there, sticky `/tmp` included); the descriptor reader
+/// keeps `CAP_DAC_READ_SEARCH`, so that root still reads a descriptor in
+/// another user's home (and only reads: Landlock and the open filter keep
+/// it to the descriptor's files, and `open_by_handle_at` is refused);
+/// nothing else keeps any. `--no-sandbox` keeps them all.
 fn kept_capabilities(profile: Profile) -> u64 {
     const CAP_DAC_OVERRIDE: u32 = 1;
+    const CAP_DAC_READ_SEARCH: u32 = 2;
+    const CAP_FOWNER: u32 = 3;
     match profile {
-        Profile::Write => 1 << CAP_DAC_OVERRIDE,
-        Profile::Read | Profile::Load | Profile::Vmm | Profile::Serve => 0,
+        Profile::Write => 1 << CAP_DAC_OVERRIDE | 1 << CAP_FOWNER,
+        Profile::Load => 1 << CAP_DAC_READ_SEARCH,
+        Profile::Read | Profile::Vmm | Profile::Serve => 0,
     }
 }
 
@@ -413,8 +441,11 @@ fn landlock(policy: &Policy) -> Result<RulesetStatus> {
     ];
     for (paths, access) in rules {
         // A path that does not exist gets no rule: opening or creating it
-        // fails as it would anyway (ENOENT, said by the command).
-        for path in paths.iter().filter(|p| p.exists()) {
+        // fails as it would anyway (ENOENT, said by the command). Nor does
+        // what is not a file or folder (a descriptor read from a pipe:
+        // Landlock does not confine pipes).
+        let ruled = |p: &&PathBuf| std::fs::metadata(p).is_ok_and(|m| m.is_file() || m.is_dir());
+        for path in paths.iter().filter(ruled) {
             let fd = PathFd::new(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
             ruleset = ruleset
                 .add_rule(PathBeneath::new(fd, access))
@@ -523,14 +554,9 @@ const OPENS: &[i64] = &[
     libc::SYS_open_by_handle_at,
 ];
 
-/// Calls that change files: a command that only reads does not make them.
-const READ_ONLY_NEVER: &[i64] = &[
-    libc::SYS_pwrite64,
-    libc::SYS_pwritev,
-    libc::SYS_pwritev2,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
-    libc::SYS_truncate,
+/// Calls that change the file system's names (and an open file's mode):
+/// only a command that writes makes them.
+const PATH_CHANGES: &[i64] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
@@ -545,6 +571,17 @@ const READ_ONLY_NEVER: &[i64] = &[
     libc::SYS_symlinkat,
     libc::SYS_mknod,
     libc::SYS_mknodat,
+    libc::SYS_fchmod,
+];
+
+/// Calls that change files: a command that only reads does not make them.
+const READ_ONLY_NEVER: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_truncate,
     libc::SYS_chmod,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
@@ -558,7 +595,9 @@ const READ_ONLY_NEVER: &[i64] = &[
     libc::SYS_splice,
     libc::SYS_vmsplice,
     libc::SYS_tee,
-    // A writable descriptor moved onto standard output or error.
+    // A writable descriptor moved onto standard output or error (and
+    // `dup`, which takes the lowest free number: after a close, 1).
+    libc::SYS_dup,
     libc::SYS_dup2,
     libc::SYS_dup3,
     libc::SYS_sendto,
@@ -630,8 +669,9 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
             libc::SYS_ioctl,
             vec![SeccompRule::new(others).map_err(seccomp_err)?],
         );
-        let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
-        out.push(program(opens, libc::EACCES)?);
+    }
+    if profile != Profile::Write {
+        denied.extend(PATH_CHANGES.iter().map(|n| (*n, Vec::new())));
     }
     if matches!(profile, Profile::Read | Profile::Load) {
         denied.extend(READ_ONLY_NEVER.iter().map(|n| (*n, Vec::new())));
@@ -645,15 +685,59 @@ pub fn seccomp_programs(profile: Profile) -> Result<Vec<BpfProgram>> {
                 vec![SeccompRule::new(vec![past_stderr]).map_err(seccomp_err)?],
             );
         }
+        // A descriptor copied only above standard error (`try_clone`).
+        let mut dups = Vec::new();
+        for cmd in [libc::F_DUPFD, libc::F_DUPFD_CLOEXEC] {
+            dups.push(rule(vec![
+                arg(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)?,
+                arg(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Lt, 3)?,
+            ])?);
+        }
+        denied.insert(libc::SYS_fcntl, dups);
     }
     if profile == Profile::Serve {
         // Connections on the socket bound before.
         denied.remove(&libc::SYS_accept);
         denied.remove(&libc::SYS_accept4);
     }
-    if matches!(profile, Profile::Read | Profile::Serve) {
+    if matches!(profile, Profile::Read | Profile::Serve | Profile::Vmm) {
         let opens = OPENS.iter().map(|n| (*n, Vec::new())).collect();
         out.push(program(opens, libc::EACCES)?);
+    }
+    if profile == Profile::Load {
+        // Opens for reading only (Landlock says which files; without
+        // Landlock, at least nothing is made, truncated or written).
+        let write_flags = [
+            libc::O_WRONLY,
+            libc::O_RDWR,
+            libc::O_CREAT,
+            libc::O_TRUNC,
+            libc::O_APPEND,
+            libc::O_TMPFILE & !libc::O_DIRECTORY,
+        ];
+        let mut opens: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for (call, flags_arg) in [(libc::SYS_open, 1), (libc::SYS_openat, 2)] {
+            let mut rules = Vec::new();
+            for flag in write_flags {
+                let flag = flag as u64;
+                rules.push(rule(vec![arg(
+                    flags_arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )?])?);
+            }
+            opens.insert(call, rules);
+        }
+        opens.insert(libc::SYS_creat, Vec::new());
+        opens.insert(libc::SYS_open_by_handle_at, Vec::new());
+        out.push(program(opens, libc::EACCES)?);
+        // openat2's flags are behind a pointer: the C library falls back
+        // to openat.
+        out.push(program(
+            [(libc::SYS_openat2, Vec::new())].into_iter().collect(),
+            libc::ENOSYS,
+        )?);
     }
     out.push(program(denied, libc::EPERM)?);
     Ok(out)
@@ -727,6 +811,9 @@ fn program(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProg
 /// True when `e` may be the sandbox's refusal: an `EACCES`, `EPERM` or
 /// `EXDEV` from the system in a confined process.
 pub fn refused(e: &anyhow::Error) -> bool {
+    if e.downcast_ref::<RefusedOnThread>().is_some() {
+        return true;
+    }
     active()
         && e.chain().any(|c| {
             let io = c
@@ -896,7 +983,7 @@ mod tests {
                 .status()
                 .map(|_| ())
                 .map_err(|e| e.raw_os_error());
-            (read, other.map(|_| ()), create, exec, active())
+            Ok::<_, std::io::Error>((read, other.map(|_| ()), create, exec, active()))
         })
         .unwrap();
         let (read, other, create, exec, confined_here) = r;
@@ -905,8 +992,8 @@ mod tests {
             assert_eq!(other, Err(Some(libc::EACCES)), "a file it was not given");
             assert_eq!(create, Err(Some(libc::EACCES)));
         } else {
-            // seccomp alone: no writes, so no file made.
-            assert!(create.is_err());
+            // seccomp alone: no open that makes a file.
+            assert_eq!(create, Err(Some(libc::EACCES)));
         }
         assert_eq!(exec, Err(Some(libc::EPERM)), "execve");
         assert!(confined_here);
@@ -940,18 +1027,90 @@ mod tests {
                 .status()
                 .map(|_| ())
                 .map_err(|e| e.raw_os_error());
-            (b, open, socket, exec)
+            let rename = std::fs::rename(&other, other.with_extension("moved"))
+                .map_err(|e| e.raw_os_error());
+            (b, open, socket, exec, rename)
         });
         let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         client.write_all(b"ping!").unwrap();
         let mut b = [0u8; 5];
         client.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"pong!");
-        let (got, open, socket, exec) = server.join().unwrap();
+        let (got, open, socket, exec, rename) = server.join().unwrap();
+        assert_eq!(rename, Err(Some(libc::EPERM)), "rename");
         assert_eq!(&got, b"ping!");
         assert_eq!(open, Err(Some(libc::EACCES)));
         assert_eq!(socket, Err(Some(libc::EPERM)), "a new socket");
         assert_eq!(exec, Err(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn a_reading_thread_copies_descriptors_only_above_standard_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let r = in_thread(move || {
+            let f = std::fs::File::open(&p).unwrap();
+            confine_in(&Policy::read(), false).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            // The errno of a refused copy; a copy made is closed at once.
+            let copy = |rc: i32| {
+                if rc < 0 {
+                    return Some(std::io::Error::last_os_error().raw_os_error());
+                }
+                // SAFETY: `rc` is the copy just made, owned here, closed once.
+                unsafe { libc::close(rc) };
+                None
+            };
+            // SAFETY: dup of `fd`, which `f` keeps open; no memory is touched.
+            let dup = copy(unsafe { libc::dup(fd) });
+            // SAFETY: fcntl(F_DUPFD) of `fd`, as above.
+            let low = copy(unsafe { libc::fcntl(fd, libc::F_DUPFD, 1) });
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) of `fd`, as above.
+            let low_cloexec = copy(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) });
+            let clone = f.try_clone().map(|_| ()).map_err(|e| e.raw_os_error());
+            (dup, low, low_cloexec, clone)
+        });
+        assert_eq!(r.0, Some(Some(libc::EPERM)), "dup");
+        assert_eq!(r.1, Some(Some(libc::EPERM)), "F_DUPFD to 1");
+        assert_eq!(r.2, Some(Some(libc::EPERM)), "F_DUPFD_CLOEXEC to 0");
+        assert_eq!(r.3, Ok(()), "try_clone (F_DUPFD_CLOEXEC from 3)");
+    }
+
+    #[test]
+    fn a_descriptor_reader_opens_for_reading_only_even_without_landlock() {
+        // The seccomp side alone (as on a kernel without Landlock): any
+        // open that would write, make or truncate is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"data").unwrap();
+        let r = in_thread(move || {
+            for program in seccomp_programs(Profile::Load).unwrap() {
+                seccompiler::apply_filter(&program).unwrap();
+            }
+            let read = std::fs::read(&p).map_err(|e| e.raw_os_error());
+            let err =
+                |o: std::io::Result<std::fs::File>| o.map(|_| ()).map_err(|e| e.raw_os_error());
+            let write = err(std::fs::OpenOptions::new().write(true).open(&p));
+            let append = err(std::fs::OpenOptions::new().append(true).open(&p));
+            let truncate = err(std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&p));
+            let create = err(std::fs::File::create(p.with_extension("new")));
+            (read, write, append, truncate, create)
+        });
+        assert_eq!(r.0, Ok(b"data".to_vec()));
+        for (what, got) in [
+            ("write", r.1),
+            ("append", r.2),
+            ("truncate", r.3),
+            ("create", r.4),
+        ] {
+            assert_eq!(got, Err(Some(libc::EACCES)), "{what}");
+        }
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"data");
+        assert!(!dir.path().join("f.new").exists());
     }
 
     #[test]

@@ -1161,6 +1161,19 @@ mod tests {
     }
 
     #[test]
+    fn an_initramfs_of_one_member_past_the_limit_is_refused_at_it_read() {
+        // MAX_MEMBERS headers: the trailer and the files before it.
+        let names: Vec<String> = (0..MAX_MEMBERS).map(|i| format!("f{i:07}")).collect();
+        let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let at = cpio(&files[1..]);
+        let c = scan(&at, 1 << 20).unwrap();
+        assert_eq!(c.names.len() as u64, MAX_MEMBERS - 1);
+        let past = cpio(&files);
+        let e = scan(&past, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("more than 1048576 members"), "{e}");
+    }
+
+    #[test]
     fn a_gzip_bomb_stops_at_the_limit_quickly() {
         // 8 MiB of zeros inside a member that claims 16 MiB: the scanner
         // reads the stream (never holding it) and the archive simply ends

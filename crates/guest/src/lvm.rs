@@ -363,7 +363,12 @@ fn read_mda(
     if offset == 0 || flags & 1 != 0 {
         return Ok(None);
     }
-    if tsize > MAX_METADATA || tsize > size - 512 || offset < 512 || offset >= size {
+    if tsize > MAX_METADATA {
+        return Err(format!(
+            "metadata text of {tsize} bytes, more than the {MAX_METADATA} vmshift reads"
+        ));
+    }
+    if tsize > size - 512 || offset < 512 || offset >= size {
         return Err(format!(
             "metadata text of {tsize} bytes at {offset} does not fit the {size}-byte area"
         ));
@@ -769,6 +774,34 @@ creation_time = 1700000000	# Tue
             buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
+    }
+
+    #[test]
+    fn metadata_text_past_the_limit_is_refused_at_it_read() {
+        // A metadata area of the limit and a header: its text at 512.
+        let size = MAX_METADATA + 1024;
+        let area = |tsize: u64| {
+            let mut b = vec![0u8; size as usize];
+            b[4..20].copy_from_slice(b" LVM2 x[5A%r0N*>");
+            b[40..48].copy_from_slice(&512u64.to_le_bytes());
+            b[48..56].copy_from_slice(&tsize.to_le_bytes());
+            let text_len = tsize.min(MAX_METADATA) as usize;
+            b[512..512 + text_len].fill(b'x');
+            let csum = lvm_crc(&b[512..512 + text_len]);
+            b[56..60].copy_from_slice(&csum.to_le_bytes());
+            let crc = lvm_crc(&b[4..512]);
+            b[0..4].copy_from_slice(&crc.to_le_bytes());
+            Arc::new(Mem(b)) as Arc<dyn Device>
+        };
+        let e = read_mda(&area(MAX_METADATA + 1), 0, size, 0, size).unwrap_err();
+        assert!(
+            e.contains("metadata text of 16777217 bytes, more than the 16777216"),
+            "{e}"
+        );
+        let text = read_mda(&area(MAX_METADATA), 0, size, 0, size)
+            .unwrap()
+            .unwrap();
+        assert_eq!(text.len(), MAX_METADATA as usize);
     }
 
     #[test]

@@ -784,7 +784,8 @@ impl Xfs {
             if namelen == 0 || p + size > end {
                 return Err(bad("entry runs past the block"));
             }
-            if out.len() >= MAX_DIR_ENTRIES {
+            // The list holds "." and ".." as well.
+            if out.len() >= MAX_DIR_ENTRIES + 2 {
                 return Err(bad(&format!(
                     "more than {MAX_DIR_ENTRIES} entries, vmshift's limit for one directory"
                 )));

@@ -95,7 +95,8 @@ pub const LVM_METADATA_BYTES: u64 = 16 << 20;
 pub const LVM_SEGMENTS: usize = 1 << 16;
 /// An initramfs, all its archives decompressed.
 pub const INITRAMFS_INFLATED_BYTES: u64 = 2 << 30;
-/// Members of an initramfs.
+/// Members of an initramfs: its cpio headers, over all its archives, each
+/// archive's trailer counted.
 pub const INITRAMFS_MEMBERS: u64 = 1 << 20;
 /// One registry value's data.
 pub const HIVE_VALUE_BYTES: usize = 16 << 20;

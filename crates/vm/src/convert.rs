@@ -439,7 +439,13 @@ fn convert_into(
     let mut jobs: Vec<Job> = Vec::new();
     let mut n = 0;
     // The mapping keeps the source's disks, in its order.
-    debug_assert_eq!(opened.len(), vm.disks.len());
+    if opened.len() != vm.disks.len() {
+        return Err(Error::Request(format!(
+            "internal error: the mapping made {} disks of {}",
+            vm.disks.len(),
+            opened.len()
+        )));
+    }
     for (i, slot) in opened.iter_mut().enumerate() {
         let d = vm.disks[i].clone();
         let Some(source) = &d.source else { continue };
@@ -511,13 +517,13 @@ fn convert_into(
                 note,
             ));
         }
-        let opened_disk = slot.take().unwrap_or_else(|| {
-            // Not a disk of the source (the mapping adds none): opened
-            // here, or refused by the sandbox.
-            resolver
-                .open(source)
-                .map(|(name, img)| (name, Arc::from(img)))
-        });
+        // Every disk of the source was opened before the sandbox (the
+        // mapping changes no drive's kind or source).
+        let opened_disk = slot.take().ok_or_else(|| {
+            Error::Request(format!(
+                "internal error: disks[{i}] was not opened before the sandbox"
+            ))
+        })?;
         let (input, img) = match opened_disk {
             Ok(x) => x,
             Err(e) => {
@@ -700,11 +706,20 @@ fn convert_into(
     // Write: the disks, then the descriptor that names them. A failure
     // removes what this run wrote.
     let mut written: Vec<PathBuf> = Vec::new();
+    // Folders made inside the output folder (a Proxmox storage's
+    // images/<vmid>), deepest first, removed again if the run fails.
+    let mut folders: Vec<PathBuf> = Vec::new();
     let result = (|| -> Result<()> {
         for (k, job) in jobs.iter().enumerate() {
             if let Some(parent) = job.target.parent() {
+                let new: Vec<PathBuf> = parent
+                    .ancestors()
+                    .take_while(|a| a.starts_with(&out) && *a != out && !a.exists())
+                    .map(Path::to_path_buf)
+                    .collect();
                 std::fs::create_dir_all(parent)
                     .map_err(Error::io(parent, "creating the folder"))?;
+                folders.splice(0..0, new);
                 // A symlink inside the output folder must not lead outside it.
                 let real = parent
                     .canonicalize()
@@ -744,6 +759,10 @@ fn convert_into(
     if let Err(e) = result {
         for w in &written {
             let _ = std::fs::remove_file(w);
+        }
+        // Only empty folders go (remove_dir refuses any other).
+        for f in &folders {
+            let _ = std::fs::remove_dir(f);
         }
         return Err(e);
     }

@@ -32,11 +32,18 @@ impl From<VmFormatArg> for DescriptorFormat {
 /// Reads a descriptor (its format `from`, or by extension), on a thread
 /// confined to reading it and the snapshot list beside a `.vmx`.
 pub(crate) fn load(path: &Path, from: Option<VmFormatArg>) -> Result<Loaded> {
-    let files = vec![path.to_path_buf(), path.with_extension("vmsd")];
+    let mut files = vec![path.to_path_buf()];
+    // The snapshot list beside a .vmx, when it is a plain file (a link
+    // would give the thread whatever it leads to; the loader refuses one
+    // that leads out of the VM's folder).
+    let vmsd = path.with_extension("vmsd");
+    let is_vmx =
+        DescriptorFormat::of(path, from.map(Into::into)).ok() == Some(DescriptorFormat::Vmx);
+    if is_vmx && std::fs::symlink_metadata(&vmsd).is_ok_and(|m| m.is_file()) {
+        files.push(vmsd);
+    }
     let policy = crate::sandbox::Policy::load(files);
-    Ok(crate::sandbox::confined(&policy, || {
-        vmshift_vm::load(path, from.map(Into::into))
-    })??)
+    crate::sandbox::confined(&policy, || vmshift_vm::load(path, from.map(Into::into)))
 }
 
 /// What the state flags let through.
@@ -76,6 +83,10 @@ pub fn inspect(args: &VmInspectArgs) -> Result<i32> {
     let mut l = load(&args.vm, args.from)?;
     let mut findings = l.lowered.findings.clone();
     findings.extend(l.lowered.vm.validate());
+    if !args.guest {
+        // The descriptor read: what is left is printing.
+        crate::sandbox::confine(&crate::sandbox::Policy::read())?;
+    }
     let guest = if args.guest {
         let resolver = resolver(&mut l, &args.roots, args.force_share)?;
         findings.extend(disk_findings(&l.lowered.vm, &resolver));
@@ -143,10 +154,16 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
                 args.vm.display()
             );
         }
-        let bytes = read_descriptor(&args.vm).map_err(|e| anyhow!(e.in_file(&args.vm)))?;
-        let doc =
-            vmshift_desc::xml::Document::parse(&bytes).map_err(|e| anyhow!(e.in_file(&args.vm)))?;
-        findings.extend(vmshift_desc::schema::validate_domain(&doc, dir).map_err(|e| anyhow!(e))?);
+        // On a thread that may read only the descriptor and the schema.
+        let mut policy = crate::sandbox::Policy::load(vec![args.vm.clone()]);
+        policy.read_dirs.push(dir.clone());
+        let checked = crate::sandbox::confined(&policy, || -> Result<Vec<Finding>> {
+            let bytes = read_descriptor(&args.vm).map_err(|e| anyhow!(e.in_file(&args.vm)))?;
+            let doc = vmshift_desc::xml::Document::parse(&bytes)
+                .map_err(|e| anyhow!(e.in_file(&args.vm)))?;
+            vmshift_desc::schema::validate_domain(&doc, dir).map_err(|e| anyhow!(e))
+        })?;
+        findings.extend(checked);
     }
     let l = match load(&args.vm, args.from) {
         Ok(l) => l,
@@ -195,6 +212,8 @@ pub fn validate(args: &VmValidateArgs) -> Result<i32> {
 pub fn diff(args: &VmDiffArgs) -> Result<i32> {
     let a = load(&args.a, args.from_a)?.lowered.vm;
     let b = load(&args.b, args.from_b)?.lowered.vm;
+    // Both read: what is left is comparing and printing.
+    crate::sandbox::confine(&crate::sandbox::Policy::read())?;
     let (ja, jb) = (serde_json::to_value(&a)?, serde_json::to_value(&b)?);
     let mut lines = Vec::new();
     json_diff("", &ja, &jb, &mut lines);

@@ -250,8 +250,7 @@ pub(super) struct Txn<'a> {
 
 /// QEMU's limits on the refcount table (`QCOW_MAX_REFTABLE_SIZE`) and the
 /// L1 table (`QCOW_MAX_L1_SIZE`).
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
-const MAX_L1_BYTES: u64 = 32 << 20;
+use crate::qcow2::header::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 
 pub(super) const OFFSET_MASK: u64 = crate::qcow2::reader::OFFSET_MASK;
 pub(super) const OFLAG_COPIED: u64 = crate::qcow2::reader::OFLAG_COPIED;
