@@ -248,6 +248,9 @@ impl std::fmt::Display for RefusedOnThread {
 
 fn confine_in(policy: &Policy, all_threads: bool) -> Result<()> {
     let settings = SETTINGS.get().copied().unwrap_or_default();
+    // What the copy engine reads of the cgroup (its CPU quota), while it
+    // still may.
+    vmshift_image::engine::default_threads();
     no_new_privs()?;
     if settings.off {
         say_once(

@@ -41,14 +41,22 @@ pub struct ConvertOptions {
     pub target_backing: Option<Arc<dyn ImageReader>>,
 }
 
+/// The copy's workers: as many as the CPUs this process may use (its
+/// cgroup's quota included), at most 8 — beyond that the disk, not the
+/// CPU, limits a copy, and the cap bounds memory (2 MiB windows in flight
+/// per worker). Asked once: call it before a sandbox that would keep the
+/// cgroup files from being read.
+pub fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(8)))
+}
+
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             min_sparse: 4096,
             target_is_zero: false,
-            // Beyond 8 workers the disk, not the CPU, limits a copy; the cap
-            // also bounds memory (2 MiB windows in flight per worker).
-            threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+            threads: default_threads(),
             cancel: None,
             in_order: true,
             target_backing: None,
