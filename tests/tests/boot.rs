@@ -70,6 +70,33 @@ fn fake_kernel(dir: &Path) {
     std::fs::write(dir.join("k"), k).unwrap();
 }
 
+/// An executable `qemu` in `dir` that says `line` on standard error and
+/// fails, before any guest runs.
+fn failing_qemu(dir: &Path, line: &str) -> PathBuf {
+    let qemu = dir.join("qemu");
+    std::fs::write(&qemu, format!("#!/bin/sh\necho '{line}' >&2\nexit 1\n")).unwrap();
+    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    qemu
+}
+
+/// `vmshift ARGS` in `dir` under strace, following threads and tracing
+/// the sandbox's calls: the run, and the trace.
+fn traced(dir: &Path, args: &[&str]) -> (std::process::Output, String) {
+    let bin = vmshift_tests::vmshift_bin();
+    let mut all = vec![
+        "-f",
+        "-e",
+        "trace=seccomp,landlock_restrict_self",
+        "-o",
+        "trace",
+        bin.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let out = tool(dir, "strace", &all);
+    let trace = std::fs::read_to_string(dir.join("trace")).unwrap();
+    (out, trace)
+}
+
 #[test]
 fn a_missing_or_failing_qemu_is_an_error_not_a_verdict() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,13 +123,7 @@ fn a_missing_or_failing_qemu_is_an_error_not_a_verdict() {
         stderr(&o)
     );
     // A QEMU that refuses its command line: its own words are reported.
-    std::fs::write(
-        dir.path().join("qemu"),
-        "#!/bin/sh\necho 'qemu: -machine q35: no such machine' >&2\nexit 1\n",
-    )
-    .unwrap();
-    let qemu = dir.path().join("qemu");
-    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let qemu = failing_qemu(dir.path(), "qemu: -machine q35: no such machine");
     let o = vmshift(
         dir.path(),
         &[
@@ -358,25 +379,11 @@ fn the_launcher_confines_itself_before_the_guest_runs() {
     // strace sees the filters installed (four: x32 calls, clone3, opens,
     // and the other calls and ioctls) and the probe still runs to its end
     // under them.
-    let out = tool_ok(
+    let (out, trace) = traced(
         dir.path(),
-        "strace",
-        &[
-            "-f",
-            "-e",
-            "trace=seccomp,landlock_restrict_self",
-            "-o",
-            "trace",
-            vmshift_tests::vmshift_bin().to_str().unwrap(),
-            "vm",
-            "boot",
-            "--probe",
-            "--timeout",
-            "30",
-            "d.raw",
-        ],
+        &["vm", "boot", "--probe", "--timeout", "30", "d.raw"],
     );
-    let trace = std::fs::read_to_string(dir.path().join("trace")).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
     let filters = trace
         .lines()
         .filter(|l| l.contains("seccomp(SECCOMP_SET_MODE_FILTER") && l.ends_with("= 0"))
@@ -422,31 +429,8 @@ fn the_guests_boot_files_are_read_on_a_confined_thread() {
         ],
     );
     // A QEMU that refuses to start: the boot ends there, after the read.
-    std::fs::write(d.join("qemu"), "#!/bin/sh\necho 'qemu: no' >&2\nexit 1\n").unwrap();
-    std::fs::set_permissions(
-        d.join("qemu"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let out = tool(
-        d,
-        "strace",
-        &[
-            "-f",
-            "-e",
-            "trace=seccomp,landlock_restrict_self",
-            "-o",
-            "trace",
-            vmshift_tests::vmshift_bin().to_str().unwrap(),
-            "vm",
-            "boot",
-            "--qemu",
-            "./qemu",
-            "-f",
-            "raw",
-            "d.raw",
-        ],
-    );
+    failing_qemu(d, "qemu: no");
+    let (out, trace) = traced(d, &["vm", "boot", "--qemu", "./qemu", "-f", "raw", "d.raw"]);
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{e}");
     assert!(
@@ -457,7 +441,6 @@ fn the_guests_boot_files_are_read_on_a_confined_thread() {
     // that read the guest's files (Landlock and the four filters of a
     // command that only reads), then the disk's NBD server (four filters)
     // before QEMU ran. The process itself was not: it runs QEMU.
-    let trace = std::fs::read_to_string(d.join("trace")).unwrap();
     let filters: Vec<&str> = trace
         .lines()
         .filter(|l| l.contains("seccomp(SECCOMP_SET_MODE_FILTER") && l.ends_with("= 0"))
@@ -493,12 +476,7 @@ fn a_guest_kernel_past_512_mib_is_refused_and_one_of_512_mib_is_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A failing QEMU: the boot ends once the kernel is loaded.
-    std::fs::write(d.join("qemu"), "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(
-        d.join("qemu"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    failing_qemu(d, "qemu: no");
     for (size, refused) in [((512u64 << 20) + 1, true), (512 << 20, false)] {
         let tree = d.join("tree");
         let _ = std::fs::remove_dir_all(&tree);

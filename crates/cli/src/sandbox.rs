@@ -846,6 +846,14 @@ mod tests {
         (fds[0], fds[1])
     }
 
+    /// A temporary folder holding one file `f` of `bytes`, and its path.
+    fn file_holding(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
     fn in_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(f).join().expect("the confined thread")
     }
@@ -910,9 +918,7 @@ mod tests {
 
     #[test]
     fn a_read_command_writes_only_to_stdout_and_stderr() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, b"x").unwrap();
+        let (_dir, path) = file_holding(b"x");
         let p = path.clone();
         let (write, pwrite, truncate, rename) = in_thread(move || {
             let mut f = std::fs::OpenOptions::new()
@@ -1049,9 +1055,7 @@ mod tests {
 
     #[test]
     fn a_reading_thread_copies_descriptors_only_above_standard_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, b"x").unwrap();
+        let (_dir, p) = file_holding(b"x");
         let r = in_thread(move || {
             let f = std::fs::File::open(&p).unwrap();
             confine_in(&Policy::read(), false).unwrap();
@@ -1084,9 +1088,7 @@ mod tests {
     fn a_descriptor_reader_opens_for_reading_only_even_without_landlock() {
         // The seccomp side alone (as on a kernel without Landlock): any
         // open that would write, make or truncate is refused.
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, b"data").unwrap();
+        let (dir, p) = file_holding(b"data");
         let r = in_thread(move || {
             for program in seccomp_programs(Profile::Load).unwrap() {
                 seccompiler::apply_filter(&program).unwrap();
@@ -1118,9 +1120,7 @@ mod tests {
 
     #[test]
     fn a_refused_open_is_said_to_be_the_sandbox() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, b"x").unwrap();
+        let (_dir, p) = file_holding(b"x");
         let msg = in_thread(move || {
             confine_in(&Policy::read(), false).unwrap();
             let e = std::fs::File::open(&p)
