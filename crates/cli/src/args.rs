@@ -14,8 +14,9 @@ use vmshift_model::DiskFormat;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Do not confine the process (Landlock, seccomp) once the input is
-    /// open; for debugging. no_new_privs is still set.
+    /// Do not confine the process (Landlock, seccomp, dropped
+    /// capabilities) once the input is open; for debugging. no_new_privs
+    /// is still set.
     #[arg(long, global = true)]
     pub no_sandbox: bool,
     /// Fail, instead of going on with seccomp alone, where the kernel has
