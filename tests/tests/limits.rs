@@ -627,3 +627,58 @@ fn qcow2_snapshot_table_just_past_64_mib_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn qcow2_create_at_the_l1_limit_matches_qemu_img_and_past_it_both_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 64 KiB clusters: one L1 entry covers 512 MiB; 32 MiB of L1 (4 Mi
+    // entries) covers 2 PiB.
+    let at = (1u64 << 51).to_string();
+    let past = ((1u64 << 51) + 512).to_string();
+    assert!(
+        qemu_img(d, &["create", "-q", "-f", "qcow2", "theirs.qcow2", &at])
+            .status
+            .success()
+    );
+    vmshift_ok(d, &["create", "-f", "qcow2", "ours.qcow2", &at]);
+    // What qemu-img says of both (compare would walk 2 PiB: 30 s).
+    let info = |f: &str| {
+        let o = qemu_img(d, &["info", "--output", "json", f]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            v["virtual-size"].clone(),
+            v["cluster-size"].clone(),
+            v["actual-size"].is_u64(),
+        )
+    };
+    assert_eq!(info("ours.qcow2"), info("theirs.qcow2"));
+    let len = |f: &str| std::fs::metadata(d.join(f)).unwrap().len();
+    assert_eq!(len("ours.qcow2"), len("theirs.qcow2"));
+    assert!(qemu_img(d, &["check", "ours.qcow2"]).status.success());
+    assert_eq!(
+        limit(d, &["ours.qcow2"], "qcow2-l1-table-bytes")["value"],
+        32 << 20
+    );
+
+    let theirs = qemu_img(d, &["create", "-q", "-f", "qcow2", "t2.qcow2", &past]);
+    assert!(!theirs.status.success());
+    let ours = vmshift(d, &["create", "-f", "qcow2", "o2.qcow2", &past]);
+    let e = String::from_utf8_lossy(&ours.stderr);
+    assert!(!ours.status.success());
+    assert!(
+        e.contains("o2.qcow2: a 2251799813685760-byte image needs an L1 table larger than QEMU's 32 MiB limit"),
+        "{e}"
+    );
+    assert!(
+        !e.contains(".tmp"),
+        "the temporary file is not the user's: {e}"
+    );
+    assert_eq!(
+        vmshift_tests::names_in(d)
+            .iter()
+            .filter(|n| n.contains("o2"))
+            .count(),
+        0
+    );
+}

@@ -799,7 +799,8 @@ fn copy_disk(
     spec.validate()?;
     let (out, file) = AtomicOutput::create(target, force)?;
     let mut sides = SideOutputs::new(target, force);
-    let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+    // Messages name the target (the temporary file is ours).
+    let mut writer = create_writer(file, target, &spec, &mut sides)?;
     let opts = ConvertOptions {
         cancel,
         ..ConvertOptions::default()

@@ -154,7 +154,8 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         spec.validate()?;
         let (out, file) = AtomicOutput::create(&args.target, args.force)?;
         let mut sides = SideOutputs::new(&args.target, args.force);
-        let mut writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+        // Messages name the target (the temporary file is ours).
+        let mut writer = create_writer(file, &args.target, &spec, &mut sides)?;
         // Source and outputs (the temporary files) are open: from here on
         // the outputs may only be put in place in the target's folder.
         crate::sandbox::confine(&crate::sandbox::Policy::commit(vec![

@@ -72,7 +72,8 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
     spec.validate()?;
     let (out, file) = AtomicOutput::create(&args.file, args.force)?;
     let mut sides = SideOutputs::new(&args.file, args.force);
-    let writer = create_writer(file, out.temp_path(), &spec, &mut sides)?;
+    // Messages name the target (the temporary file is ours, not the user's).
+    let writer = create_writer(file, &args.file, &spec, &mut sides)?;
     // The outputs are open: from here on they may only be put in place.
     crate::sandbox::confine(&crate::sandbox::Policy::commit(vec![
         crate::sandbox::folder_of(&args.file),
