@@ -682,3 +682,150 @@ fn qcow2_create_at_the_l1_limit_matches_qemu_img_and_past_it_both_refuse() {
         0
     );
 }
+
+/// An ext4 file system (no metadata checksums) whose `/big` is a plain
+/// (linear, unindexed) directory of `n` entries, all naming one file:
+/// mke2fs makes `/big` with that file, then its blocks are written here
+/// (mke2fs -d takes minutes for a million entries) from block 16384 on,
+/// free in the 128 MiB file system.
+fn ext4_with_directory_of(d: &Path, n: usize) {
+    let tree = d.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("big")).unwrap();
+    std::fs::write(tree.join("big/one"), b"hi\n").unwrap();
+    let f = std::fs::File::create(d.join("e.img")).unwrap();
+    f.set_len(128 << 20).unwrap();
+    tool_ok(
+        d,
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-O",
+            "^metadata_csum",
+            "-b",
+            "4096",
+            "-d",
+            "tree",
+            "e.img",
+        ],
+    );
+    // Where /big's inode is, and the file it holds.
+    let num = |out: &std::process::Output, after: &str| -> u64 {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let at = text
+            .find(after)
+            .unwrap_or_else(|| panic!("{after} in {text}"))
+            + after.len();
+        let word: String = text[at..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || *c == 'x')
+            .collect();
+        match word.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+            None => word.parse().unwrap(),
+        }
+    };
+    let imap = tool_ok(d, "debugfs", &["-R", "imap /big", "e.img"]);
+    let (dir_ino, block, offset) = (
+        num(&imap, "Inode "),
+        num(&imap, "located at block"),
+        num(&imap, "offset"),
+    );
+    let one = num(
+        &tool_ok(d, "debugfs", &["-R", "stat /big/one", "e.img"]),
+        "Inode:",
+    );
+    // The directory's blocks: ".", "..", then f0000000…, 16 bytes each.
+    const BS: usize = 4096;
+    const FIRST: u64 = 16384;
+    let entry = |b: &mut Vec<u8>, ino: u64, name: &[u8], kind: u8| {
+        let len = (8 + name.len()).next_multiple_of(4);
+        b.extend_from_slice(&(ino as u32).to_le_bytes());
+        b.extend_from_slice(&(len as u16).to_le_bytes());
+        b.push(name.len() as u8);
+        b.push(kind);
+        b.extend_from_slice(name);
+        b.resize(b.len() + len - 8 - name.len(), 0);
+    };
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut cur = Vec::with_capacity(BS);
+    entry(&mut cur, dir_ino, b".", 2);
+    entry(&mut cur, 2, b"..", 2);
+    let mut last = 12; // where the last entry of `cur` starts
+    for i in 0..n {
+        let name = format!("f{i:07}");
+        if cur.len() + 16 > BS {
+            // The last entry reaches the end of the block.
+            let len = (BS - last) as u16;
+            cur[last + 4..last + 6].copy_from_slice(&len.to_le_bytes());
+            cur.resize(BS, 0);
+            blocks.push(std::mem::take(&mut cur));
+        }
+        last = cur.len();
+        entry(&mut cur, one, name.as_bytes(), 1);
+    }
+    let len = (BS - last) as u16;
+    cur[last + 4..last + 6].copy_from_slice(&len.to_le_bytes());
+    cur.resize(BS, 0);
+    blocks.push(cur);
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.join("e.img"))
+        .unwrap();
+    img.write_all_at(&blocks.concat(), FIRST * BS as u64)
+        .unwrap();
+    // The inode: one extent over them, the size, the block count; not
+    // indexed.
+    let at = block * BS as u64 + offset;
+    let mut inode = vec![0u8; 256];
+    img.read_exact_at(&mut inode, at).unwrap();
+    let size = (blocks.len() * BS) as u64;
+    inode[4..8].copy_from_slice(&(size as u32).to_le_bytes());
+    inode[108..112].copy_from_slice(&((size >> 32) as u32).to_le_bytes());
+    inode[28..32].copy_from_slice(&((size / 512) as u32).to_le_bytes());
+    let flags = u32::from_le_bytes(inode[32..36].try_into().unwrap()) & !0x1000;
+    inode[32..36].copy_from_slice(&flags.to_le_bytes());
+    let mut extents = Vec::new();
+    extents.extend_from_slice(&0xf30au16.to_le_bytes());
+    extents.extend_from_slice(&1u16.to_le_bytes()); // entries
+    extents.extend_from_slice(&4u16.to_le_bytes()); // max
+    extents.extend_from_slice(&0u16.to_le_bytes()); // depth
+    extents.extend_from_slice(&0u32.to_le_bytes());
+    extents.extend_from_slice(&0u32.to_le_bytes()); // first logical block
+    extents.extend_from_slice(&(blocks.len() as u16).to_le_bytes());
+    extents.extend_from_slice(&0u16.to_le_bytes());
+    extents.extend_from_slice(&(FIRST as u32).to_le_bytes());
+    inode[40..40 + extents.len()].copy_from_slice(&extents);
+    img.write_all_at(&inode, at).unwrap();
+}
+
+#[test]
+fn ext4_directory_of_1048576_entries_lists_as_debugfs_and_1048577_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ext4_with_directory_of(d, 1_048_577);
+    let o = vmshift(d, &["guest", "ls", "-f", "raw", "e.img", "/big"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("more than 1048576 entries, vmshift's limit for one directory"),
+        "{e}"
+    );
+    ext4_with_directory_of(d, 1_048_576);
+    let o = vmshift(d, &["guest", "ls", "-f", "raw", "e.img", "/big"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(ours.lines().count(), 1_048_576);
+    // debugfs reads the same directory: its entries and the two dots.
+    let theirs = tool_ok(d, "debugfs", &["-R", "ls /big", "e.img"]);
+    let names = String::from_utf8_lossy(&theirs.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("(") && w.ends_with(')'))
+        .count();
+    assert_eq!(names, 1_048_576 + 2);
+}
