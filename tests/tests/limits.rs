@@ -829,3 +829,97 @@ fn ext4_directory_of_1048576_entries_lists_as_debugfs_and_1048577_is_refused() {
         .count();
     assert_eq!(names, 1_048_576 + 2);
 }
+
+#[test]
+fn qcow2_refcount_table_just_past_8_mib_is_refused_as_qemu_img_refuses_it() {
+    // 64 KiB clusters: 128 of them are 8 MiB; qemu-img opens that and
+    // refuses 129 ("Reference count table too large").
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_qcow2(d, "a.qcow2");
+    let p = d.join("a.qcow2");
+    put_be32(&p, 56, 129);
+    let e = info_error(d, "a.qcow2");
+    assert!(
+        e.contains("refcount_table_clusters") && e.contains("8 MiB refcount table limit"),
+        "{e}"
+    );
+    assert!(!qemu_img(d, &["info", "a.qcow2"]).status.success());
+    put_be32(&p, 56, 128);
+    assert!(qemu_img(d, &["info", "a.qcow2"]).status.success());
+    vmshift_ok(d, &["info", "a.qcow2"]);
+}
+
+#[test]
+fn qcow2_backing_name_of_1024_bytes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_qcow2(d, "base.qcow2");
+    let o = qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert!(o.status.success());
+    let p = d.join("top.qcow2");
+    put_be32(&p, 16, 1024); // backing_file_size
+    let e = info_error(d, "top.qcow2");
+    assert!(
+        e.contains("backing_file_size") && e.contains("longer than the 1023 bytes QEMU allows"),
+        "{e}"
+    );
+    assert!(!qemu_img(d, &["info", "top.qcow2"]).status.success());
+    // At 1023 the name is read (past its 10 bytes: another name, or
+    // another error, not the limit).
+    put_be32(&p, 16, 1023);
+    let out = vmshift(d, &["info", "top.qcow2"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("longer than the 1023"), "{e}");
+}
+
+#[test]
+fn vmdk_grain_size_and_grain_tables_just_past_their_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sparse = |name: &str| {
+        let o = qemu_img(d, &["create", "-q", "-f", "vmdk", name, "64M"]);
+        assert!(o.status.success());
+        d.join(name)
+    };
+    let put_le = |p: &Path, at: u64, v: &[u8]| {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(v, at).unwrap();
+    };
+    // grainSize (sectors, at 20) and numGTEsPerGT (at 44) of the header.
+    let g = sparse("g.vmdk");
+    put_le(&g, 20, &8192u64.to_le_bytes());
+    let e = info_error(d, "g.vmdk");
+    assert!(
+        e.contains("grainSize")
+            && e.contains("8192 sectors (expected a power of two from 1 to 4096)"),
+        "{e}"
+    );
+    put_le(&g, 20, &4096u64.to_le_bytes());
+    let out = vmshift(d, &["info", "g.vmdk"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("grainSize"), "at the limit: {e}");
+    let t = sparse("t.vmdk");
+    put_le(&t, 44, &513u32.to_le_bytes());
+    let e = info_error(d, "t.vmdk");
+    assert!(
+        e.contains("numGTEsPerGT") && e.contains("513 (expected 1 to 512)"),
+        "{e}"
+    );
+    // 512 is what qemu-img writes: the image reads.
+    put_le(&t, 44, &512u32.to_le_bytes());
+    vmshift_ok(d, &["info", "t.vmdk"]);
+}

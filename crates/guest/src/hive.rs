@@ -2169,6 +2169,8 @@ mod tests {
         let longer_than_cell = walk_err(edited(|b| put32(b, vk(p.bin) + 4, 4000)));
         let too_few_segments = walk_err(edited(|b| put16(b, payload(db) + 2, 2)));
         let huge = walk_err(edited(|b| put32(b, vk(p.bin) + 4, 0x7fff_ffff)));
+        let past = walk_err(edited(|b| put32(b, vk(p.bin) + 4, (16 << 20) + 1)));
+        let at_limit = walk_err(edited(|b| put32(b, vk(p.bin) + 4, 16 << 20)));
         let name_past_cell = walk_err(edited(|b| put16(b, vk(p.bin) + 2, 0xffff)));
         let list_past_cell = walk_err(edited(|b| put32(b, payload(p.viostor) + 0x24, 5000)));
         let value_in_header = walk_err(edited(|b| put32(b, payload(p.viostor_values), 0x1008)));
@@ -2183,6 +2185,11 @@ mod tests {
             "{too_few_segments}"
         );
         assert!(huge.contains("more than the limit"), "{huge}");
+        assert!(
+            past.contains("holds 16777217 bytes, more than the limit of 16777216"),
+            "{past}"
+        );
+        assert!(!at_limit.contains("more than the limit"), "{at_limit}");
         assert!(
             name_past_cell.contains("needs 65535 bytes"),
             "{name_past_cell}"

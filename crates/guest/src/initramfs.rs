@@ -1174,6 +1174,25 @@ mod tests {
     }
 
     #[test]
+    fn a_member_inflating_just_past_the_limit_is_refused_at_it_read_on() {
+        // One member "big": 110 header bytes, a 4-byte name padded to
+        // 116, then its data padded to 4. The limit is what all of it
+        // inflates to.
+        let archive = |filesize: u64| {
+            let mut a = cpio(&[("big", b"")]);
+            a[54..62].copy_from_slice(format!("{filesize:08x}").as_bytes());
+            a
+        };
+        let max = vmshift_model::limits::INITRAMFS_INFLATED_BYTES;
+        let past = scan(&archive(max - 116 + 1), 4096).unwrap_err();
+        assert!(past.to_string().contains("inflates to more than"), "{past}");
+        // At the limit the member is read on: the archive then ends early
+        // (its data is not there), another error.
+        let at = scan(&archive(max - 116), 4096).unwrap_err();
+        assert!(!at.to_string().contains("inflates to more than"), "{at}");
+    }
+
+    #[test]
     fn a_gzip_bomb_stops_at_the_limit_quickly() {
         // 8 MiB of zeros inside a member that claims 16 MiB: the scanner
         // reads the stream (never holding it) and the archive simply ends
