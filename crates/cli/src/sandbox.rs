@@ -84,10 +84,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A command that only reads.
-    pub fn read() -> Self {
+    /// `profile`, with no file or folder given back.
+    fn nothing(profile: Profile) -> Self {
         Policy {
-            profile: Profile::Read,
+            profile,
             write_dirs: Vec::new(),
             commit_dirs: Vec::new(),
             write_files: Vec::new(),
@@ -96,36 +96,28 @@ impl Policy {
             make_dirs: Vec::new(),
             remove_dirs: Vec::new(),
         }
+    }
+
+    /// A command that only reads.
+    pub fn read() -> Self {
+        Policy::nothing(Profile::Read)
     }
 
     /// vm boot's VMM.
     pub fn vmm() -> Self {
-        Policy {
-            profile: Profile::Vmm,
-            write_dirs: Vec::new(),
-            commit_dirs: Vec::new(),
-            write_files: Vec::new(),
-            read_files: Vec::new(),
-            read_dirs: Vec::new(),
-            make_dirs: Vec::new(),
-            remove_dirs: Vec::new(),
-        }
+        Policy::nothing(Profile::Vmm)
     }
 
     /// vm boot's NBD server threads.
     pub fn serve() -> Self {
-        Policy {
-            profile: Profile::Serve,
-            ..Policy::read()
-        }
+        Policy::nothing(Profile::Serve)
     }
 
     /// A thread that opens and reads `files`, nothing else.
     pub fn load(files: Vec<PathBuf>) -> Self {
         Policy {
-            profile: Profile::Load,
             read_files: files,
-            ..Policy::read()
+            ..Policy::nothing(Profile::Load)
         }
     }
 
@@ -141,14 +133,9 @@ impl Policy {
     /// A command that writes files in `dirs` and rewrites `files`.
     pub fn write(dirs: Vec<PathBuf>, files: Vec<PathBuf>) -> Self {
         Policy {
-            profile: Profile::Write,
             write_dirs: dirs,
-            commit_dirs: Vec::new(),
             write_files: files,
-            read_files: Vec::new(),
-            read_dirs: Vec::new(),
-            make_dirs: Vec::new(),
-            remove_dirs: Vec::new(),
+            ..Policy::nothing(Profile::Write)
         }
     }
 }

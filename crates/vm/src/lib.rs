@@ -20,6 +20,6 @@ pub mod state;
 pub use error::{Error, Result};
 pub use load::{load, DescriptorFormat, Loaded};
 pub use resolve::{
-    disk_findings, guest_disks, guest_drivers, guest_findings, open_disks, read_guest,
-    read_guest_of, DiskRoots, GuestRead, Resolver,
+    disk_findings, guest_disks, guest_drivers, guest_findings, open_disks, read_guest_of,
+    DiskRoots, GuestRead, Resolver,
 };

@@ -405,13 +405,6 @@ pub struct GuestRead {
     pub boot: vmshift_guest::bootpath::BootPath,
 }
 
-/// Reads the guest inside the VM's hard disks, offline: `None` when the
-/// disks do not open (`disk_findings` reports that) or hold nothing
-/// readable.
-pub fn read_guest(vm: &Vm, resolver: &Resolver) -> Option<GuestRead> {
-    read_guest_of(guest_disks(vm, resolver)?)
-}
-
 /// The VM's disks, opened through the resolver, for [`read_guest_of`]
 /// (`None` when one does not open).
 pub fn guest_disks(vm: &Vm, resolver: &Resolver) -> Option<Vec<std::sync::Arc<dyn ImageReader>>> {
@@ -424,8 +417,9 @@ pub fn guest_disks(vm: &Vm, resolver: &Resolver) -> Option<Vec<std::sync::Arc<dy
     )
 }
 
-/// [`read_guest`] on disks already open (so that a caller can confine
-/// itself between opening them and reading what the guest wrote).
+/// Reads the guest inside the VM's hard disks, opened already (so that a
+/// caller confines itself between opening them and reading what the
+/// guest wrote), offline: `None` when they hold nothing readable.
 pub fn read_guest_of(disks: Vec<std::sync::Arc<dyn ImageReader>>) -> Option<GuestRead> {
     let found = vmshift_guest::vfs::scan(&disks).ok()?;
     let guests = vmshift_guest::inspect::inspect(&found).ok()?;
